@@ -1,0 +1,79 @@
+// Package corpus loads the sample HL7 v2 messages of the shared test data
+// (../shared/testdata/hl7/simhospital-messages.hl7 beside the repository):
+// messages whose segments end in CR, separated by blank lines.
+package corpus
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// EnvPath names the environment variable that overrides the corpus path.
+const EnvPath = "HL7MAIL_CORPUS"
+
+const rel = "../shared/testdata/hl7/simhospital-messages.hl7"
+
+// Path returns the corpus file: $HL7MAIL_CORPUS, or the shared test data
+// found beside the first folder at or above the working directory that holds
+// go.mod.
+func Path() (string, error) {
+	if p := os.Getenv(EnvPath); p != "" {
+		return p, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			p := filepath.Join(dir, rel)
+			if _, err := os.Stat(p); err != nil {
+				return "", fmt.Errorf("corpus: %w (set %s)", err, EnvPath)
+			}
+			return p, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("corpus: no go.mod above the working directory (set " + EnvPath + ")")
+		}
+		dir = parent
+	}
+}
+
+// Load reads the messages of the corpus at path, each ending in CR.
+func Load(path string) ([][]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("corpus: %w", err)
+	}
+	return Split(data), nil
+}
+
+// Split cuts data into messages at blank lines, trims white space around each
+// and makes each end in one CR.
+func Split(data []byte) [][]byte {
+	var out [][]byte
+	for _, m := range bytes.Split(data, []byte("\n\n")) {
+		m = bytes.TrimSpace(m)
+		if len(m) == 0 {
+			continue
+		}
+		msg := make([]byte, len(m)+1)
+		copy(msg, m)
+		msg[len(m)] = '\r'
+		out = append(out, msg)
+	}
+	return out
+}
+
+// Default loads the corpus at Path().
+func Default() ([][]byte, error) {
+	p, err := Path()
+	if err != nil {
+		return nil, err
+	}
+	return Load(p)
+}

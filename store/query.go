@@ -1,0 +1,128 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Filter selects messages for List. Zero fields match everything.
+type Filter struct {
+	Partner   string
+	Direction Direction
+	State     State
+	ControlID string
+	// Limit bounds the number of messages (default 1000); newest first.
+	Limit int
+}
+
+const messageColumns = `id, direction, partner, control_id, message_type, message_id, state,
+	duplicate_of, size, sha256, received, updated`
+
+// List returns the messages matching f, newest first, without payloads.
+func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
+	var where []string
+	var args []any
+	for _, c := range []struct {
+		col string
+		val string
+	}{{"partner", f.Partner}, {"direction", string(f.Direction)}, {"state", string(f.State)}, {"control_id", f.ControlID}} {
+		if c.val != "" {
+			where = append(where, c.col+" = ?")
+			args = append(args, c.val)
+		}
+	}
+	q := "SELECT " + messageColumns + " FROM messages"
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	limit := f.Limit
+	if limit <= 0 {
+		limit = 1000
+	}
+	q += " ORDER BY id DESC LIMIT ?"
+	args = append(args, limit)
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("store: list: %w", err)
+	}
+	defer rows.Close()
+	var out []Message
+	for rows.Next() {
+		m, err := scanMessage(rows.Scan)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: list: %w", err)
+	}
+	return out, nil
+}
+
+// Get returns the message with id, payload included.
+func (s *Store) Get(ctx context.Context, id int64) (Message, error) {
+	var payload []byte
+	m, err := scanMessage(func(dest ...any) error {
+		return s.db.QueryRowContext(ctx, "SELECT "+messageColumns+", payload FROM messages WHERE id = ?", id).
+			Scan(append(dest, &payload)...)
+	})
+	if errors.Is(err, sql.ErrNoRows) {
+		return Message{}, fmt.Errorf("%w: %d", ErrNotFound, id)
+	}
+	if err != nil {
+		return Message{}, err
+	}
+	m.Payload = payload
+	return m, nil
+}
+
+func scanMessage(scan func(dest ...any) error) (Message, error) {
+	var m Message
+	var dup sql.NullInt64
+	var received, updated int64
+	err := scan(&m.ID, &m.Direction, &m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.State,
+		&dup, &m.Size, &m.SHA256, &received, &updated)
+	if err != nil {
+		if errors.Is(err, sql.ErrNoRows) {
+			return m, err
+		}
+		return m, fmt.Errorf("store: read message: %w", err)
+	}
+	m.DuplicateOf = dup.Int64
+	m.Received = time.UnixMicro(received)
+	m.Updated = time.UnixMicro(updated)
+	return m, nil
+}
+
+// CommitStats describe the group commits made since Open.
+type CommitStats struct {
+	Commits  int64         // transactions committed (or failed)
+	Messages int64         // messages in them
+	Total    time.Duration // time spent committing
+}
+
+type commitStats struct {
+	mu sync.Mutex
+	CommitStats
+}
+
+func (c *commitStats) record(n int, d time.Duration) {
+	c.mu.Lock()
+	c.Commits++
+	c.Messages += int64(n)
+	c.Total += d
+	c.mu.Unlock()
+}
+
+// Stats returns the commit statistics.
+func (s *Store) Stats() CommitStats {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	return s.stats.CommitStats
+}
