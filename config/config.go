@@ -1,0 +1,299 @@
+// Package config reads partners.yaml, hl7mail's one configuration file: who
+// we are, where the store, router, mail servers and dashboard are, and the
+// partners we exchange HL7 with (one surrogate MLLP listener each,
+// draft-ietf-ediint-hl7-02 §6.3 figure 9).
+//
+// Decoding is strict (an unknown key is an error) and validation reports
+// every problem at once, each with its line.
+package config
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the whole of partners.yaml.
+type Config struct {
+	// Self is this hospital's own identity and keys.
+	Self Self `yaml:"self"`
+	// Store is the folder of the spool database and the journals, relative
+	// to the config file (default var/hl7mail).
+	Store string `yaml:"store"`
+	// Router is the internal HL7 router (interface engine) that inbound
+	// messages are delivered to over MLLP.
+	Router Router `yaml:"router"`
+	// SMTP is the submission server for outbound mail.
+	SMTP MailServer `yaml:"smtp"`
+	// IMAP is the account inbound mail is fetched from.
+	IMAP IMAP `yaml:"imap"`
+	// Dashboard is the web page and metrics endpoint.
+	Dashboard Dashboard `yaml:"dashboard"`
+	// Partners are the remote parties; at least one is required.
+	Partners []Partner `yaml:"partners"`
+
+	// File is the path the configuration was read from.
+	File string `yaml:"-"`
+}
+
+// Self is this site's identity.
+type Self struct {
+	// Name names this site in logs and MDNs (Reporting-UA); required.
+	Name string `yaml:"name"`
+	// Email is the address mail is sent from and received at; required.
+	Email string `yaml:"email"`
+	// PGPKey is our armored OpenPGP private key; required when any partner
+	// uses security: pgp.
+	PGPKey string `yaml:"pgp_key"`
+	// SMIMECert and SMIMEKey are our PEM certificate and private key;
+	// required when any partner uses security: smime.
+	SMIMECert string `yaml:"smime_cert"`
+	SMIMEKey  string `yaml:"smime_key"`
+	// PassphraseFile or PassphraseEnv hold the passphrase of the private
+	// keys, if they are protected. Never inline.
+	PassphraseFile string `yaml:"passphrase_file"`
+	PassphraseEnv  string `yaml:"passphrase_env"`
+}
+
+// Router is the internal HL7 router.
+type Router struct {
+	// Addr is host:port of the router's MLLP listener for inbound messages.
+	Addr string `yaml:"addr"`
+	// AckTimeout is how long to wait for the router's ACK (default 30s).
+	AckTimeout Duration `yaml:"ack_timeout"`
+}
+
+// MailServer is an SMTP or IMAP server and the account on it.
+type MailServer struct {
+	// Addr is host:port; required.
+	Addr string `yaml:"addr"`
+	// TLS is starttls (default), tls (implicit TLS) or none (loopback only).
+	TLS string `yaml:"tls"`
+	// Username for AUTH/LOGIN; when set, a password is required.
+	Username string `yaml:"username"`
+	// PasswordFile or PasswordEnv hold the password. Never inline.
+	PasswordFile string `yaml:"password_file"`
+	PasswordEnv  string `yaml:"password_env"`
+}
+
+// IMAP is the inbound account.
+type IMAP struct {
+	MailServer `yaml:",inline"`
+	// Mailbox is watched for partner mail (default INBOX).
+	Mailbox string `yaml:"mailbox"`
+	// Processed receives handled mail (default HL7/Processed).
+	Processed string `yaml:"processed"`
+	// Quarantine receives rejected mail (default HL7/Quarantine).
+	Quarantine string `yaml:"quarantine"`
+	// Poll is the polling interval where IDLE is absent, and the interval of
+	// the UID search made while idling (default 30s).
+	Poll Duration `yaml:"poll"`
+}
+
+// Dashboard is the operator web page.
+type Dashboard struct {
+	// Addr is host:port (default 127.0.0.1:8025).
+	Addr string `yaml:"addr"`
+	// TokenFile holds the bearer token required on non-loopback addresses.
+	TokenFile string `yaml:"token_file"`
+}
+
+// Partner is a remote party reached by mail.
+type Partner struct {
+	// Name identifies the partner in logs, the store and the CLI; required,
+	// unique, letters, digits, '-', '_' and '.'.
+	Name string `yaml:"name"`
+	// Listen is host:port of this partner's surrogate MLLP listener;
+	// required and unique.
+	Listen string `yaml:"listen"`
+	// Email is the partner's address; required and unique.
+	Email string `yaml:"email"`
+	// Security is pgp, smime or none (none needs AllowUnencrypted).
+	Security string `yaml:"security"`
+	// AllowUnencrypted must be true for security: none, so that mail never
+	// leaves unencrypted by accident.
+	AllowUnencrypted bool `yaml:"allow_unencrypted"`
+	// PGPKey is the partner's armored public key (security: pgp).
+	PGPKey string `yaml:"pgp_key"`
+	// SMIMECert is the partner's PEM certificate (security: smime).
+	SMIMECert string `yaml:"smime_cert"`
+	// MDN is the receipt asked for: signed (default), unsigned or none.
+	MDN string `yaml:"mdn"`
+	// MDNTimeout is when a missing receipt raises an alert (default 1h).
+	MDNTimeout Duration `yaml:"mdn_timeout"`
+	// ExpireAfter is how long delivery is retried (default 120h).
+	ExpireAfter Duration `yaml:"expire_after"`
+	// Router overrides router.addr for this partner's inbound messages.
+	Router string `yaml:"router"`
+	// ContentType of the MIME-EDI entity: application/edi-hl7 (default) or
+	// application/x-edi-hl7 (draft-ietf-ediint-hl7-02 §2.6).
+	ContentType string `yaml:"content_type"`
+	// MaxConnections bounds simultaneous router connections to the
+	// surrogate (default 16).
+	MaxConnections int `yaml:"max_connections"`
+	// IdleTimeout closes a router connection silent for this long
+	// (default 10m).
+	IdleTimeout Duration `yaml:"idle_timeout"`
+	// MaxMessageSize bounds one HL7 message in bytes (default 1 MiB).
+	MaxMessageSize int `yaml:"max_message_size"`
+}
+
+// Defaults.
+const (
+	DefaultStore          = "var/hl7mail"
+	DefaultAckTimeout     = 30 * time.Second
+	DefaultPoll           = 30 * time.Second
+	DefaultDashboard      = "127.0.0.1:8025"
+	DefaultMDNTimeout     = time.Hour
+	DefaultExpireAfter    = 120 * time.Hour
+	DefaultMaxConnections = 16
+	DefaultIdleTimeout    = 10 * time.Minute
+	DefaultMaxMessageSize = 1 << 20
+	DefaultContentType    = "application/edi-hl7"
+)
+
+// Duration is a time.Duration written as "30s", "1h" or "120h".
+type Duration time.Duration
+
+// UnmarshalYAML parses a duration; a bad one is reported with its line
+// together with the other problems of the file.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil || v < 0 {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: bad duration %q (use e.g. 30s, 15m, 2h)", n.Line, n.Value)}}
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration as text.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Load reads and validates the configuration at path. On any problem it
+// returns an *Error listing all of them.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse decodes and validates data read from path (used to resolve relative
+// paths and to name the file in problems).
+func Parse(path string, data []byte) (*Config, error) {
+	c := &Config{File: path}
+	e := &Error{File: path}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		e.add(problemFromYAML(err))
+		return nil, e
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil {
+		if te, ok := err.(*yaml.TypeError); ok {
+			for _, msg := range te.Errors {
+				e.add(problemFromYAML(fmt.Errorf("%s", msg)))
+			}
+		} else {
+			e.add(problemFromYAML(err))
+		}
+	}
+	c.applyDefaults()
+	v := validator{c: c, e: e, lines: nodeLines(&root)}
+	v.validate()
+	if len(e.Problems) > 0 {
+		return nil, e
+	}
+	return c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.Store == "" {
+		c.Store = DefaultStore
+	}
+	if c.Router.AckTimeout == 0 {
+		c.Router.AckTimeout = Duration(DefaultAckTimeout)
+	}
+	for _, s := range []*MailServer{&c.SMTP, &c.IMAP.MailServer} {
+		if s.TLS == "" {
+			s.TLS = "starttls"
+		}
+	}
+	if c.IMAP.Mailbox == "" {
+		c.IMAP.Mailbox = "INBOX"
+	}
+	if c.IMAP.Processed == "" {
+		c.IMAP.Processed = "HL7/Processed"
+	}
+	if c.IMAP.Quarantine == "" {
+		c.IMAP.Quarantine = "HL7/Quarantine"
+	}
+	if c.IMAP.Poll == 0 {
+		c.IMAP.Poll = Duration(DefaultPoll)
+	}
+	if c.Dashboard.Addr == "" {
+		c.Dashboard.Addr = DefaultDashboard
+	}
+	for i := range c.Partners {
+		p := &c.Partners[i]
+		if p.MDN == "" {
+			p.MDN = "signed"
+		}
+		if p.MDNTimeout == 0 {
+			p.MDNTimeout = Duration(DefaultMDNTimeout)
+		}
+		if p.ExpireAfter == 0 {
+			p.ExpireAfter = Duration(DefaultExpireAfter)
+		}
+		if p.ContentType == "" {
+			p.ContentType = DefaultContentType
+		}
+		if p.MaxConnections == 0 {
+			p.MaxConnections = DefaultMaxConnections
+		}
+		if p.IdleTimeout == 0 {
+			p.IdleTimeout = Duration(DefaultIdleTimeout)
+		}
+		if p.MaxMessageSize == 0 {
+			p.MaxMessageSize = DefaultMaxMessageSize
+		}
+	}
+}
+
+// Path resolves p relative to the folder of the configuration file.
+func (c *Config) Path(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(filepath.Dir(c.File), p)
+}
+
+// StoreDir is the absolute or config-relative store folder.
+func (c *Config) StoreDir() string { return c.Path(c.Store) }
+
+// RouterFor returns the router address for inbound messages of partner p.
+func (c *Config) RouterFor(p *Partner) string {
+	if p.Router != "" {
+		return p.Router
+	}
+	return c.Router.Addr
+}
+
+// Partner returns the partner named name, or nil.
+func (c *Config) Partner(name string) *Partner {
+	for i := range c.Partners {
+		if c.Partners[i].Name == name {
+			return &c.Partners[i]
+		}
+	}
+	return nil
+}

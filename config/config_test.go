@@ -1,0 +1,168 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestShippedExample(t *testing.T) {
+	c, err := Load("../partners.yaml")
+	if err != nil {
+		t.Fatalf("Load(partners.yaml): %v", err)
+	}
+	if len(c.Partners) != 2 || c.Partners[0].Name != "tucker-lab" || c.Partners[0].Listen != "127.0.0.1:9012" {
+		t.Errorf("partners = %+v", c.Partners)
+	}
+	lab := c.Partner("tucker-lab")
+	if lab.MDNTimeout.D() != time.Hour || lab.ExpireAfter.D() != 120*time.Hour || c.RouterFor(lab) != "127.0.0.1:6662" {
+		t.Errorf("tucker-lab = %+v", lab)
+	}
+	clinic := c.Partner("northside-clinic")
+	if c.RouterFor(clinic) != "127.0.0.1:6661" || clinic.ContentType != DefaultContentType || clinic.MaxConnections != 16 {
+		t.Errorf("northside-clinic = %+v", clinic)
+	}
+	if got, want := c.StoreDir(), filepath.Join("..", "var/hl7mail"); got != want {
+		t.Errorf("StoreDir = %q, want %q", got, want)
+	}
+}
+
+const minimal = `self: {name: h, email: edi@h.test}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@p.test, security: none, allow_unencrypted: true}
+`
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse("x.yaml", []byte(minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := c.Partners[0]
+	if c.Store != DefaultStore || c.Router.AckTimeout.D() != DefaultAckTimeout || c.IMAP.Mailbox != "INBOX" ||
+		c.IMAP.Poll.D() != DefaultPoll || c.Dashboard.Addr != DefaultDashboard || p.MDN != "signed" ||
+		p.IdleTimeout.D() != DefaultIdleTimeout || p.MaxMessageSize != DefaultMaxMessageSize {
+		t.Errorf("defaults not applied: %+v", c)
+	}
+}
+
+// broken has one problem on most lines; the test expects each at its line.
+const broken = `self:
+  name: h
+  email: not-an-address
+  passphrase_file: a
+  passphrase_env: B
+router: {addr: 127.0.0.1, ack_timeout: 5 seconds}
+smtp: {addr: mail.example:587, tls: none, username: u}
+imap: {addr: 127.0.0.1:1143, tls: sometimes}
+dashboard: {addr: 0.0.0.0:8025}
+partners:
+  - name: lab
+    listen: 127.0.0.1:9012
+    email: lab@p.test
+    security: pgp
+    mdn: maybe
+    expire_after: -1h
+    listn: 127.0.0.1:1
+  - name: lab
+    listen: 127.0.0.2:9012
+    email: LAB@p.test
+    security: none
+  - name: bad name
+    listen: 127.0.0.1:70000
+    email: c@p.test
+    security: smime
+    content_type: text/plain
+`
+
+func TestBrokenReportsEverything(t *testing.T) {
+	_, err := Parse("broken.yaml", []byte(broken))
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("Parse(broken) error = %v, want *Error", err)
+	}
+	out := err.Error()
+	t.Log("\n" + out)
+	want := []string{
+		"broken.yaml:3: self.email: \"not-an-address\" is not a valid address",
+		"broken.yaml:4: self.passphrase_file: self.passphrase_file and self.passphrase_env are both set",
+		"broken.yaml:6: bad duration \"5 seconds\"",
+		"broken.yaml:6: router.addr: \"127.0.0.1\" is not host:port",
+		"broken.yaml:7: smtp.tls: tls: none is allowed only for loopback addresses, not mail.example",
+		"broken.yaml:7: smtp.password_file: smtp.password_file or smtp.password_env is required with a username",
+		"broken.yaml:8: imap.tls: unknown value \"sometimes\"",
+		"broken.yaml:9: dashboard.token_file: required when the dashboard listens on 0.0.0.0",
+		"broken.yaml:14: partner lab: partners[0].pgp_key: required with security: pgp",
+		"broken.yaml:15: partner lab: partners[0].mdn: unknown value \"maybe\"",
+		"broken.yaml:16: bad duration \"-1h\"",
+		"broken.yaml:17: unknown key \"listn\" (did you mean \"listen\"?)",
+		"broken.yaml:18: partner lab: partners[1].name: already used by the partner on line 11",
+		"broken.yaml:19: partner lab: partners[1].listen: port 9012 is already used by partner lab",
+		"broken.yaml:20: partner lab: partners[1].email: LAB@p.test is already the address of partner lab",
+		"broken.yaml:21: partner lab: partners[1].security: security: none would send HL7 unencrypted",
+		"broken.yaml:22: partners[2].name: \"bad name\" is not a valid name",
+		"broken.yaml:23: partner bad name: partners[2].listen: bad port \"70000\"",
+		"broken.yaml:25: partner bad name: partners[2].smime_cert: required with security: smime",
+		"broken.yaml:26: partner bad name: partners[2].content_type: unknown value \"text/plain\"",
+		"self.pgp_key: required because a partner uses security: pgp",
+		"self.smime_cert: self.smime_cert and self.smime_key are required",
+	}
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("missing problem %q", w)
+		}
+	}
+	if n := len(e.Problems); n != len(want) {
+		t.Errorf("%d problems reported, want %d", n, len(want))
+	}
+}
+
+func TestSyntaxError(t *testing.T) {
+	_, err := Parse("s.yaml", []byte("self:\n  name: [unclosed\n"))
+	if err == nil || !strings.HasPrefix(err.Error(), "s.yaml:") {
+		t.Errorf("Parse(syntax error) = %v, want s.yaml:line: ...", err)
+	}
+}
+
+func TestNoPartners(t *testing.T) {
+	_, err := Parse("n.yaml", []byte(strings.Split(minimal, "partners:")[0]))
+	if err == nil || !strings.Contains(err.Error(), "at least one partner is required") {
+		t.Errorf("Parse(no partners) = %v", err)
+	}
+}
+
+func TestCheckFiles(t *testing.T) {
+	dir := t.TempDir()
+	cfg := strings.Replace(minimal, "self: {name: h, email: edi@h.test}",
+		"self: {name: h, email: edi@h.test, pgp_key: keys/self.asc, passphrase_env: HL7MAIL_TEST_UNSET}", 1)
+	cfg = strings.Replace(cfg, "tls: none}\nimap", "tls: none, username: u, password_file: keys/smtp}\nimap", 1)
+	path := filepath.Join(dir, "partners.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.CheckFiles()
+	if err == nil {
+		t.Fatal("CheckFiles with missing files = nil")
+	}
+	for _, w := range []string{":1: self.pgp_key:", "keys/self.asc: no such file", "HL7MAIL_TEST_UNSET is not set", ":3: smtp.password_file:"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("CheckFiles = %v, want it to mention %q", err, w)
+		}
+	}
+	os.MkdirAll(filepath.Join(dir, "keys"), 0o700)
+	os.WriteFile(filepath.Join(dir, "keys/self.asc"), []byte("k"), 0o600)
+	os.WriteFile(filepath.Join(dir, "keys/smtp"), []byte("p"), 0o600)
+	t.Setenv("HL7MAIL_TEST_UNSET", "x")
+	if err := c.CheckFiles(); err != nil {
+		t.Errorf("CheckFiles with all files present = %v", err)
+	}
+}

@@ -1,0 +1,454 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/mail"
+	"os"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Problem is one thing wrong with a configuration.
+type Problem struct {
+	Line    int    // 1-based line in the file, 0 when unknown
+	Partner string // the partner concerned, if any
+	Field   string // e.g. "partners[1].listen"
+	Msg     string
+	Hint    string // a likely fix, if any
+}
+
+func (p Problem) String() string {
+	var b strings.Builder
+	if p.Partner != "" {
+		fmt.Fprintf(&b, "partner %s: ", p.Partner)
+	}
+	if p.Field != "" {
+		fmt.Fprintf(&b, "%s: ", p.Field)
+	}
+	b.WriteString(p.Msg)
+	if p.Hint != "" {
+		fmt.Fprintf(&b, " (%s)", p.Hint)
+	}
+	return b.String()
+}
+
+// Error lists every problem found in a configuration file.
+type Error struct {
+	File     string
+	Problems []Problem
+}
+
+func (e *Error) add(p Problem) { e.Problems = append(e.Problems, p) }
+
+// Error prints one problem a line, as file:line: text, in line order.
+func (e *Error) Error() string {
+	ps := append([]Problem(nil), e.Problems...)
+	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Line < ps[j].Line })
+	lines := make([]string, len(ps))
+	for i, p := range ps {
+		if p.Line > 0 {
+			lines[i] = fmt.Sprintf("%s:%d: %s", e.File, p.Line, p)
+		} else {
+			lines[i] = fmt.Sprintf("%s: %s", e.File, p)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+var (
+	yamlLine     = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+	unknownField = regexp.MustCompile(`^field (\S+) not found in type config\.(\w+)$`)
+)
+
+// knownKeys maps the Go type names yaml reports to their YAML keys.
+var knownKeys = map[string]reflect.Type{
+	"Config": reflect.TypeFor[Config](), "Self": reflect.TypeFor[Self](), "Router": reflect.TypeFor[Router](),
+	"MailServer": reflect.TypeFor[MailServer](), "IMAP": reflect.TypeFor[IMAP](),
+	"Dashboard": reflect.TypeFor[Dashboard](), "Partner": reflect.TypeFor[Partner](),
+}
+
+func keysOf(t reflect.Type) []string {
+	var keys []string
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if opts == "inline" {
+			keys = append(keys, keysOf(f.Type)...)
+			continue
+		}
+		if tag != "" && tag != "-" {
+			keys = append(keys, tag)
+		}
+	}
+	return keys
+}
+
+// problemFromYAML turns a yaml error ("line 5: field foo not found in type
+// config.Partner") into a Problem with a readable message.
+func problemFromYAML(err error) Problem {
+	msg := err.Error()
+	p := Problem{Msg: msg}
+	if m := yamlLine.FindStringSubmatch(msg); m != nil {
+		p.Line, _ = strconv.Atoi(m[1])
+		p.Msg = m[2]
+	}
+	if m := unknownField.FindStringSubmatch(p.Msg); m != nil {
+		p.Msg = fmt.Sprintf("unknown key %q", m[1])
+		if t, ok := knownKeys[m[2]]; ok {
+			keys := keysOf(t)
+			if best := closest(m[1], keys); best != "" {
+				p.Hint = fmt.Sprintf("did you mean %q?", best)
+			} else {
+				p.Hint = "known keys: " + strings.Join(keys, ", ")
+			}
+		}
+	}
+	return p
+}
+
+// closest returns the key within edit distance 2 of s, if any.
+func closest(s string, keys []string) string {
+	best, bestD := "", 3
+	for _, k := range keys {
+		if d := editDistance(s, k); d < bestD {
+			best, bestD = k, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+// nodeLines maps field paths ("partners[1].listen") to their lines.
+func nodeLines(root *yaml.Node) map[string]int {
+	lines := map[string]int{}
+	var walk func(n *yaml.Node, path string)
+	walk = func(n *yaml.Node, path string) {
+		switch n.Kind {
+		case yaml.DocumentNode:
+			for _, c := range n.Content {
+				walk(c, path)
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k := n.Content[i]
+				p := k.Value
+				if path != "" {
+					p = path + "." + k.Value
+				}
+				lines[p] = k.Line
+				walk(n.Content[i+1], p)
+			}
+		case yaml.SequenceNode:
+			for i, c := range n.Content {
+				p := fmt.Sprintf("%s[%d]", path, i)
+				lines[p] = c.Line
+				walk(c, p)
+			}
+		}
+	}
+	walk(root, "")
+	return lines
+}
+
+type validator struct {
+	c     *Config
+	e     *Error
+	lines map[string]int
+}
+
+// lineOf returns the line of path, or of its nearest ancestor present.
+func (v *validator) lineOf(path string) int {
+	for path != "" {
+		if l, ok := v.lines[path]; ok {
+			return l
+		}
+		i := strings.LastIndexAny(path, ".[")
+		if i < 0 {
+			break
+		}
+		path = path[:i]
+	}
+	return 0
+}
+
+func (v *validator) addf(path, partner, hint, format string, args ...any) {
+	v.addfAt(path, path, partner, hint, format, args...)
+}
+
+// addfAt reports a problem of field path at the line of linePath: a missing
+// key is reported at the line of the setting that requires it.
+func (v *validator) addfAt(linePath, path, partner, hint, format string, args ...any) {
+	v.e.add(Problem{Line: v.lineOf(linePath), Partner: partner, Field: path, Msg: fmt.Sprintf(format, args...), Hint: hint})
+}
+
+var partnerName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+func (v *validator) validate() {
+	c := v.c
+	if c.Self.Name == "" {
+		v.addf("self.name", "", "", "required")
+	}
+	v.email("self.email", "", c.Self.Email)
+	v.secret("self.passphrase", "", c.Self.PassphraseFile, c.Self.PassphraseEnv, false)
+	v.addr("router.addr", "", c.Router.Addr, true)
+	v.positive("router.ack_timeout", "", c.Router.AckTimeout)
+	v.server("smtp", &c.SMTP)
+	v.server("imap", &c.IMAP.MailServer)
+	v.positive("imap.poll", "", c.IMAP.Poll)
+	v.addr("dashboard.addr", "", c.Dashboard.Addr, true)
+	if host, _, err := net.SplitHostPort(c.Dashboard.Addr); err == nil && !isLoopback(host) && c.Dashboard.TokenFile == "" {
+		v.addf("dashboard.token_file", "", "or listen on 127.0.0.1", "required when the dashboard listens on %s, not loopback", host)
+	}
+	if len(c.Partners) == 0 {
+		v.addf("partners", "", "see the shipped partners.yaml", "at least one partner is required")
+	}
+
+	names := map[string]int{}
+	emails := map[string]int{}
+	ports := map[string]string{}
+	if _, port, err := net.SplitHostPort(c.Dashboard.Addr); err == nil {
+		ports[port] = "dashboard.addr"
+	}
+	needPGP, needSMIME := false, false
+	for i := range c.Partners {
+		p := &c.Partners[i]
+		f := func(field string) string { return fmt.Sprintf("partners[%d].%s", i, field) }
+		who := p.Name
+		switch {
+		case p.Name == "":
+			v.addf(f("name"), "", "", "required")
+			who = fmt.Sprintf("#%d", i+1)
+		case !partnerName.MatchString(p.Name):
+			v.addf(f("name"), "", "use letters, digits, '-', '_' and '.'", "%q is not a valid name", p.Name)
+		}
+		if j, dup := names[p.Name]; dup && p.Name != "" {
+			v.addf(f("name"), who, "partner names must be unique", "already used by the partner on line %d", v.lineOf(fmt.Sprintf("partners[%d]", j)))
+		} else {
+			names[p.Name] = i
+		}
+		if v.email(f("email"), who, p.Email) {
+			key := strings.ToLower(p.Email)
+			if j, dup := emails[key]; dup {
+				v.addf(f("email"), who, "each partner needs its own address", "%s is already the address of partner %s", p.Email, c.Partners[j].Name)
+			} else {
+				emails[key] = i
+			}
+			if strings.EqualFold(p.Email, c.Self.Email) {
+				v.addf(f("email"), who, "", "%s is our own address (self.email)", p.Email)
+			}
+		}
+		if v.addr(f("listen"), who, p.Listen, true) {
+			_, port, _ := net.SplitHostPort(p.Listen)
+			if other, dup := ports[port]; dup {
+				v.addf(f("listen"), who, "each partner needs its own listen port", "port %s is already used by %s", port, other)
+			} else {
+				ports[port] = "partner " + who
+			}
+		}
+		if p.Router != "" {
+			v.addr(f("router"), who, p.Router, true)
+		}
+		switch p.Security {
+		case "pgp":
+			needPGP = true
+			if p.PGPKey == "" {
+				v.addfAt(f("security"), f("pgp_key"), who, "the partner's armored public key", "required with security: pgp")
+			}
+		case "smime":
+			needSMIME = true
+			if p.SMIMECert == "" {
+				v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate", "required with security: smime")
+			}
+		case "none":
+			if !p.AllowUnencrypted {
+				v.addf(f("security"), who, "set allow_unencrypted: true if this is really wanted",
+					"security: none would send HL7 unencrypted over the Internet")
+			}
+		case "":
+			v.addf(f("security"), who, "pgp, smime or none", "required")
+		default:
+			v.addf(f("security"), who, "pgp, smime or none", "unknown value %q", p.Security)
+		}
+		switch p.MDN {
+		case "signed", "unsigned", "none":
+		default:
+			v.addf(f("mdn"), who, "signed, unsigned or none", "unknown value %q", p.MDN)
+		}
+		switch p.ContentType {
+		case "application/edi-hl7", "application/x-edi-hl7":
+		default:
+			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
+		}
+		v.positive(f("mdn_timeout"), who, p.MDNTimeout)
+		v.positive(f("expire_after"), who, p.ExpireAfter)
+		v.positive(f("idle_timeout"), who, p.IdleTimeout)
+		if p.MaxConnections < 0 {
+			v.addf(f("max_connections"), who, "", "must be positive")
+		}
+		if p.MaxMessageSize < 0 {
+			v.addf(f("max_message_size"), who, "", "must be positive")
+		}
+	}
+	if needPGP && c.Self.PGPKey == "" {
+		v.addf("self.pgp_key", "", "hl7mail keygen -kind pgp writes one", "required because a partner uses security: pgp")
+	}
+	if needSMIME && (c.Self.SMIMECert == "" || c.Self.SMIMEKey == "") {
+		v.addf("self.smime_cert", "", "hl7mail keygen -kind smime writes both", "self.smime_cert and self.smime_key are required because a partner uses security: smime")
+	}
+}
+
+func (v *validator) server(name string, s *MailServer) {
+	hostOK := v.addr(name+".addr", "", s.Addr, true)
+	switch s.TLS {
+	case "starttls", "tls":
+	case "none":
+		if host, _, err := net.SplitHostPort(s.Addr); hostOK && err == nil && !isLoopback(host) {
+			v.addf(name+".tls", "", "use starttls or tls", "tls: none is allowed only for loopback addresses, not %s", host)
+		}
+	default:
+		v.addf(name+".tls", "", "starttls, tls or none", "unknown value %q", s.TLS)
+	}
+	v.secret(name+".password", "", s.PasswordFile, s.PasswordEnv, s.Username != "")
+}
+
+// secret checks a *_file / *_env pair.
+func (v *validator) secret(path, who, file, env string, required bool) {
+	switch {
+	case file != "" && env != "":
+		v.addf(path+"_file", who, "keep one", "%s_file and %s_env are both set", path, path)
+	case required && file == "" && env == "":
+		v.addf(path+"_file", who, "passwords are never written inline", "%s_file or %s_env is required with a username", path, path)
+	}
+}
+
+func (v *validator) email(path, who, addr string) bool {
+	if addr == "" {
+		v.addf(path, who, "", "required")
+		return false
+	}
+	a, err := mail.ParseAddress(addr)
+	if err != nil || a.Address != addr {
+		v.addf(path, who, "a bare address like lab@partner.example", "%q is not a valid address", addr)
+		return false
+	}
+	return true
+}
+
+func (v *validator) addr(path, who, addr string, required bool) bool {
+	if addr == "" {
+		if required {
+			v.addf(path, who, "host:port", "required")
+		}
+		return false
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		v.addf(path, who, "host:port, e.g. 127.0.0.1:9012", "%q is not host:port", addr)
+		return false
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		v.addf(path, who, "1 to 65535", "bad port %q", port)
+		return false
+	}
+	if host == "" {
+		v.addf(path, who, "e.g. 127.0.0.1", "no host in %q", addr)
+		return false
+	}
+	return true
+}
+
+func (v *validator) positive(path, who string, d Duration) {
+	if d <= 0 {
+		v.addf(path, who, "", "must be a positive duration")
+	}
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// CheckFiles checks that the key, certificate, password and token files the
+// configuration names exist, are regular files and can be read, and that
+// the environment variables it names are set. It returns an *Error listing
+// every problem, or nil.
+func (c *Config) CheckFiles() error {
+	var root yaml.Node
+	lines := map[string]int{}
+	if data, err := os.ReadFile(c.File); err == nil && yaml.Unmarshal(data, &root) == nil {
+		lines = nodeLines(&root)
+	}
+	v := validator{c: c, e: &Error{File: c.File}, lines: lines}
+	file := func(path, who, name string) {
+		if name == "" {
+			return
+		}
+		p := c.Path(name)
+		st, err := os.Stat(p)
+		if err != nil {
+			v.addf(path, who, "", "%v", err)
+			return
+		}
+		if !st.Mode().IsRegular() {
+			v.addf(path, who, "", "%s is not a regular file", p)
+			return
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			v.addf(path, who, "", "%v", err)
+			return
+		}
+		f.Close()
+	}
+	env := func(path, name string) {
+		if name != "" && os.Getenv(name) == "" {
+			v.addf(path, "", "", "environment variable %s is not set", name)
+		}
+	}
+	file("self.pgp_key", "", c.Self.PGPKey)
+	file("self.smime_cert", "", c.Self.SMIMECert)
+	file("self.smime_key", "", c.Self.SMIMEKey)
+	file("self.passphrase_file", "", c.Self.PassphraseFile)
+	env("self.passphrase_env", c.Self.PassphraseEnv)
+	file("smtp.password_file", "", c.SMTP.PasswordFile)
+	env("smtp.password_env", c.SMTP.PasswordEnv)
+	file("imap.password_file", "", c.IMAP.PasswordFile)
+	env("imap.password_env", c.IMAP.PasswordEnv)
+	file("dashboard.token_file", "", c.Dashboard.TokenFile)
+	for i, p := range c.Partners {
+		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
+		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
+	}
+	if len(v.e.Problems) > 0 {
+		return v.e
+	}
+	return nil
+}
