@@ -65,7 +65,6 @@ const (
 	ErrRequiredField     = "101"
 	ErrDataType          = "102"
 	ErrUnsupportedType   = "200"
-	ErrApplicationRecord = "206"
 	ErrApplicationIntern = "207"
 )
 
@@ -74,7 +73,6 @@ var errorCodeText = map[string]string{
 	ErrRequiredField:     "Required field missing",
 	ErrDataType:          "Data type error",
 	ErrUnsupportedType:   "Unsupported message type",
-	ErrApplicationRecord: "Application record locked",
 	ErrApplicationIntern: "Application internal error",
 }
 

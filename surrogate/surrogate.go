@@ -1,0 +1,381 @@
+// Package surrogate runs the MLLP listeners that stand in for remote
+// partners (draft-ietf-ediint-hl7-02 §6.3, figure 9): the router connects to
+// a partner's surrogate as if the partner were a local system, and the
+// surrogate answers each message with an accept ACK (§6.5.1) once the
+// message is durably stored — CA when stored, CE when it could not be stored
+// (send again), CR when it is not acceptable (do not send again).
+package surrogate
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("surrogate: server closed")
+
+// Spool takes durable responsibility for a message; *store.Store is one.
+type Spool interface {
+	Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error)
+}
+
+// Options configure a Server. Partner and Spool are required.
+type Options struct {
+	Partner        string        // partner name, recorded with each message
+	Spool          Spool         // where messages are stored before CA
+	Logger         *slog.Logger  // default slog.Default()
+	MaxMessageSize int           // bytes (default mllp.DefaultMaxSize)
+	MaxConnections int           // simultaneous connections (default 16)
+	IdleTimeout    time.Duration // close a silent connection (default 10m)
+	CommitTimeout  time.Duration // longest wait for the store before CE (default 10s)
+	WriteTimeout   time.Duration // longest wait to write an ACK (default 30s)
+	IDs            *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
+}
+
+// Server is one partner's surrogate listener.
+type Server struct {
+	opts     Options
+	log      *slog.Logger
+	mu       sync.Mutex
+	ln       net.Listener
+	conns    map[*conn]struct{}
+	closing  atomic.Bool
+	wg       sync.WaitGroup
+	nextConn atomic.Uint64
+	panics   atomic.Int64
+}
+
+// New returns a Server; it listens once Serve or ListenAndServe is called.
+func New(opts Options) (*Server, error) {
+	if opts.Partner == "" || opts.Spool == nil {
+		return nil, errors.New("surrogate: Options.Partner and Options.Spool are required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MaxMessageSize <= 0 {
+		opts.MaxMessageSize = mllp.DefaultMaxSize
+	}
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = 16
+	}
+	if opts.IdleTimeout <= 0 {
+		opts.IdleTimeout = 10 * time.Minute
+	}
+	if opts.CommitTimeout <= 0 {
+		opts.CommitTimeout = 10 * time.Second
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 30 * time.Second
+	}
+	if opts.IDs == nil {
+		opts.IDs = hl7.NewIDGen("HM", time.Now())
+	}
+	return &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{}}, nil
+}
+
+// Listen opens a TCP listener on addr with keepalive probes, so that a router
+// that vanished without closing is noticed.
+func Listen(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: time.Minute, Interval: 15 * time.Second, Count: 4}}
+	return lc.Listen(ctx, "tcp", addr)
+}
+
+// ListenAndServe listens on addr and serves.
+func (s *Server) ListenAndServe(addr string) error {
+	ln, err := Listen(context.Background(), addr)
+	if err != nil {
+		return fmt.Errorf("surrogate %s: %w", s.opts.Partner, err)
+	}
+	return s.Serve(ln)
+}
+
+// Serve accepts connections on ln until Shutdown or Close; it then returns
+// ErrServerClosed.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closing.Load() {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.ln = ln
+	s.mu.Unlock()
+	s.log.Info("surrogate listening", "addr", ln.Addr().String())
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("surrogate %s: accept: %w", s.opts.Partner, err)
+		}
+		delay = 0
+		s.startConn(nc)
+	}
+}
+
+func (s *Server) startConn(nc net.Conn) {
+	id := "c" + strconv.FormatUint(s.nextConn.Add(1), 10)
+	c := &conn{s: s, nc: nc, log: s.log.With("conn", id)}
+	s.mu.Lock()
+	if s.closing.Load() {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if len(s.conns) >= s.opts.MaxConnections {
+		s.mu.Unlock()
+		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", s.opts.MaxConnections)
+		nc.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go c.serve()
+}
+
+// Shutdown stops accepting, lets every connection finish the message it is
+// committing and answer it, closes idle connections, and waits for all of
+// them until ctx ends; then it closes what is left and returns ctx.Err().
+// Messages half received when Shutdown starts are not answered; the router
+// sends them again.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.closing.Store(true)
+	s.mu.Lock()
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	for c := range s.conns {
+		c.interrupt()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.Close()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close closes the listener and every connection at once.
+func (s *Server) Close() error {
+	s.closing.Store(true)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var err error
+	if s.ln != nil {
+		err = s.ln.Close()
+	}
+	for c := range s.conns {
+		c.nc.Close()
+	}
+	return err
+}
+
+// Panics returns how many connection panics were recovered.
+func (s *Server) Panics() int64 { return s.panics.Load() }
+
+// Connections returns the number of open router connections.
+func (s *Server) Connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+type conn struct {
+	s   *Server
+	nc  net.Conn
+	log *slog.Logger
+	mu  sync.Mutex
+	// busy is set while a received message is being stored and answered;
+	// Shutdown lets that finish.
+	busy bool
+}
+
+// interrupt makes an idle connection's pending read return at once.
+func (c *conn) interrupt() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.busy {
+		c.nc.SetReadDeadline(time.Now())
+	}
+}
+
+// beginRead arms the idle timeout for the next frame; it reports false when
+// the server is shutting down.
+func (c *conn) beginRead() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.s.closing.Load() {
+		return false
+	}
+	c.busy = false
+	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.IdleTimeout))
+	return true
+}
+
+func (c *conn) setBusy() {
+	c.mu.Lock()
+	c.busy = true
+	c.mu.Unlock()
+}
+
+func (c *conn) serve() {
+	s := c.s
+	var current *hl7.Header
+	defer func() {
+		if v := recover(); v != nil {
+			s.panics.Add(1)
+			c.log.Error("panic in connection; closing it", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			if current != nil {
+				c.answer(current, hl7.CommitError, "internal error, send again", hl7.ErrApplicationIntern)
+			}
+		}
+		c.nc.Close()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.wg.Done()
+	}()
+	c.log.Info("router connected", "remote", c.nc.RemoteAddr().String())
+	rd := mllp.NewReader(c.nc, s.opts.MaxMessageSize)
+	for {
+		current = nil
+		if !c.beginRead() {
+			c.log.Info("connection closed for shutdown")
+			return
+		}
+		frame, err := rd.ReadFrame()
+		c.setBusy()
+		if rd.Junk > 0 {
+			c.log.Warn("skipped bytes before a start block", "bytes", rd.Junk)
+		}
+		if err != nil {
+			if !c.frameError(err) {
+				return
+			}
+			continue
+		}
+		h, perr := hl7.ParseHeader(frame)
+		current = h
+		if perr != nil {
+			c.log.Warn("message rejected", "reason", perr.Error(), "size", len(frame))
+			c.answer(h, hl7.CommitReject, perr.Error(), rejectCode(perr))
+			continue
+		}
+		c.handle(h, frame)
+	}
+}
+
+// frameError handles a read error; it reports whether to go on reading.
+func (c *conn) frameError(err error) bool {
+	var fe *mllp.FrameError
+	switch {
+	case errors.Is(err, io.EOF):
+		c.log.Info("router disconnected")
+		return false
+	case errors.As(err, &fe) && (errors.Is(err, mllp.ErrTooLarge) || errors.Is(err, mllp.ErrNoEndBlock)):
+		h, _ := hl7.ParseHeader(fe.Prefix)
+		reason := "frame has no end block"
+		if errors.Is(err, mllp.ErrTooLarge) {
+			reason = fmt.Sprintf("message of %d bytes exceeds the limit of %d", fe.Size, c.s.opts.MaxMessageSize)
+		}
+		attrs := []any{"reason", reason, "size", fe.Size}
+		if h != nil {
+			attrs = append(attrs, "control_id", h.ControlID)
+		}
+		c.log.Warn("message rejected", attrs...)
+		c.answer(h, hl7.CommitReject, reason, hl7.ErrApplicationIntern)
+		return true
+	case c.s.closing.Load():
+		c.log.Info("connection closed for shutdown")
+	case isTimeout(err):
+		c.log.Info("closing idle connection", "idle_timeout", c.s.opts.IdleTimeout.String())
+	default:
+		c.log.Warn("connection ended", "err", err)
+	}
+	return false
+}
+
+// handle stores a well-formed message and answers it.
+func (c *conn) handle(h *hl7.Header, frame []byte) {
+	log := c.log.With("control_id", h.ControlID)
+	ctx, cancel := context.WithTimeout(context.Background(), c.s.opts.CommitTimeout)
+	defer cancel()
+	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{
+		Direction:   store.Outbound,
+		Partner:     c.s.opts.Partner,
+		ControlID:   h.ControlID,
+		MessageType: h.MessageType,
+		Payload:     bytes.Clone(frame),
+	})
+	if err != nil {
+		log.Error("message not stored; answering CE", "err", err)
+		c.answer(h, hl7.CommitError, "message could not be stored, send it again later", hl7.ErrApplicationIntern)
+		return
+	}
+	if res.DuplicateOf != 0 {
+		log.Info("duplicate accepted, will not be sent again", "id", res.ID, "duplicate_of", res.DuplicateOf)
+	} else {
+		log.Info("message accepted", "id", res.ID, "type", h.MessageCode()+"^"+h.TriggerEvent(), "size", len(frame))
+	}
+	c.answer(h, hl7.CommitAccept, "", "")
+}
+
+// answer writes the accept ACK with code to the router, if MSH-15 asks for it.
+func (c *conn) answer(h *hl7.Header, code hl7.AckCode, text, errCode string) {
+	if h != nil {
+		code = h.AcceptCode(code)
+		if !h.AckWanted(code) {
+			return
+		}
+	}
+	ack := hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: c.s.opts.IDs.Next(), Text: text, ErrorCode: errCode})
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
+	if err := mllp.WriteFrame(c.nc, ack); err != nil {
+		c.log.Warn("ACK not written", "code", string(code), "err", err)
+	}
+}
+
+// rejectCode maps a header parse error to an HL7 error code (table 0357).
+func rejectCode(err error) string {
+	if errors.Is(err, hl7.ErrMissingField) {
+		return hl7.ErrRequiredField
+	}
+	return hl7.ErrSegmentSequence
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded)
+}

@@ -1,0 +1,408 @@
+package surrogate
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(bytes.TrimSpace(p))); return len(p), nil }
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// start runs a surrogate on 127.0.0.1:0 and checks at the end that no panic
+// was recovered.
+func start(t *testing.T, opts Options) (*Server, string) {
+	t.Helper()
+	if opts.Partner == "" {
+		opts.Partner = "lab"
+	}
+	if opts.Logger == nil {
+		opts.Logger = testLogger(t)
+	}
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := Listen(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ln) }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-served; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+		if n := s.Panics(); n != 0 && !t.Failed() && !strings.Contains(t.Name(), "Panic") {
+			t.Errorf("%d panics recovered", n)
+		}
+	})
+	return s, ln.Addr().String()
+}
+
+func openStore(t *testing.T) *store.Store {
+	t.Helper()
+	st, err := store.Open(store.Options{Dir: t.TempDir(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+func dial(t *testing.T, addr string) *mllp.Client {
+	t.Helper()
+	c, err := mllp.Dial(context.Background(), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func send(t *testing.T, c *mllp.Client, msg string) *hl7.Header {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	reply, err := c.Send(ctx, []byte(msg))
+	if err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	return parseAck(t, reply)
+}
+
+// ack is an acknowledgement read back: its header and MSA fields.
+func parseAck(t *testing.T, reply []byte) *hl7.Header {
+	t.Helper()
+	h, err := hl7.ParseHeader(reply)
+	if err != nil || !h.IsAck() {
+		t.Fatalf("reply %q is not an ACK: %v", reply, err)
+	}
+	return h
+}
+
+// msa returns the fields of the MSA segment of reply.
+func msa(t *testing.T, c *mllp.Client, msg string) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	reply, err := c.Send(ctx, []byte(msg))
+	if err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	return msaOf(t, reply)
+}
+
+func msaOf(t *testing.T, reply []byte) []string {
+	t.Helper()
+	h := parseAck(t, reply)
+	for _, seg := range strings.Split(string(reply), "\r") {
+		if strings.HasPrefix(seg, "MSA"+string(h.Delims.Field)) {
+			return strings.Split(seg, string(h.Delims.Field))
+		}
+	}
+	t.Fatalf("no MSA in %q", reply)
+	return nil
+}
+
+func oru(id, msh15 string) string {
+	return "MSH|^~\\&|HIS|GH|LAB|TL|20261123||ORU^R01|" + id + "|P|2.3|||" + msh15 + "\rPID|1||123\rOBX|1|NM|x||1\r"
+}
+
+func TestCorpus(t *testing.T) {
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st})
+	const conns = 4
+	var wg sync.WaitGroup
+	for w := 0; w < conns; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := dial(t, addr)
+			for i := w; i < len(msgs); i += conns {
+				req, _ := hl7.ParseHeader(msgs[i])
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				reply, err := c.Send(ctx, msgs[i])
+				cancel()
+				if err != nil {
+					t.Errorf("message %d: %v", i, err)
+					return
+				}
+				f := msaOf(t, reply)
+				ack, _ := hl7.ParseHeader(reply)
+				if f[1] != "CA" || f[2] != req.ControlID || ack.SendingApp != req.ReceivingApp || ack.ReceivingApp != req.SendingApp {
+					t.Errorf("message %d: ACK %q", i, reply)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	list, err := st.List(context.Background(), store.Filter{Limit: 5000})
+	if err != nil || len(list) != len(msgs) {
+		t.Fatalf("stored %d messages (%v), want %d", len(list), err, len(msgs))
+	}
+	byID := map[string][]byte{}
+	for _, m := range msgs {
+		h, _ := hl7.ParseHeader(m)
+		byID[h.ControlID] = m
+	}
+	for _, m := range list {
+		full, _ := st.Get(context.Background(), m.ID)
+		if !bytes.Equal(full.Payload, byID[m.ControlID]) || m.State != store.Queued || m.Partner != "lab" {
+			t.Fatalf("stored message %d differs from corpus message with control ID %s", m.ID, m.ControlID)
+		}
+	}
+}
+
+func TestRejects(t *testing.T) {
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st, MaxMessageSize: 200})
+	c := dial(t, addr)
+	tests := []struct {
+		name, msg      string
+		code, id, text string
+	}{
+		{"not HL7", "hello world", "CR", "", "not an HL7 v2 message"},
+		{"no control ID", "MSH|^~\\&|A|B|C|D|2020||ORU^R01||P|2.3|||AL\r", "CR", "", "MSH-10"},
+		{"bad delimiters", "MSH|^^~\\|A\r", "CR", "", "delimiters"},
+		{"too large", oru("big", "AL") + strings.Repeat("OBX|2|TX|||"+strings.Repeat("x", 50)+"\r", 5), "CR", "big", "exceeds the limit of 200"},
+		{"after rejects, still served", oru("ok", "AL"), "CA", "ok", ""},
+	}
+	for _, tt := range tests {
+		f := msa(t, c, tt.msg)
+		if f[1] != tt.code || f[2] != tt.id || len(f) > 3 != (tt.text != "") || tt.text != "" && !strings.Contains(f[3], tt.text) {
+			t.Errorf("%s: MSA = %q, want %s|%s|...%s", tt.name, f, tt.code, tt.id, tt.text)
+		}
+	}
+	list, _ := st.List(context.Background(), store.Filter{})
+	if len(list) != 1 || list[0].ControlID != "ok" {
+		t.Errorf("stored %+v, want only the accepted message", list)
+	}
+}
+
+// TestMissingEndBlock: a frame cut short by the start of the next one is
+// rejected and the next one is served.
+func TestMissingEndBlock(t *testing.T) {
+	_, addr := start(t, Options{Spool: openStore(t)})
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.Write([]byte("\x0b" + oru("cut", "AL") + "\x0b" + oru("whole", "AL") + "\x1c\r"))
+	rd := mllp.NewReader(nc, 0)
+	nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for _, want := range []string{"MSA|CR|cut|frame has no end block", "MSA|CA|whole"} {
+		reply, err := rd.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(reply), "\r"+want) {
+			t.Errorf("reply %q, want %q", reply, want)
+		}
+	}
+}
+
+type failingSpool struct{ err error }
+
+func (f failingSpool) Accept(context.Context, store.NewMessage) (store.Accepted, error) {
+	return store.Accepted{}, f.err
+}
+
+func TestStoreFailureAnswersCE(t *testing.T) {
+	_, addr := start(t, Options{Spool: failingSpool{errors.New("store: commit: database or disk is full (13)")}})
+	c := dial(t, addr)
+	f := msa(t, c, oru("d1", "AL"))
+	if f[1] != "CE" || f[2] != "d1" || !strings.Contains(f[3], "send it again") || strings.Contains(f[3], "disk") {
+		t.Errorf("MSA = %q, want CE with a generic reason", f)
+	}
+	// v2.5: the reason goes in an ERR segment.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	reply, _ := c.Send(ctx, []byte("MSH|^~\\&|A|B|C|D|2020||ADT^A01^ADT_A01|d2|P|2.5|||AL\r"))
+	if !strings.Contains(string(reply), "\rMSA|CE|d2\rERR|||207^") {
+		t.Errorf("v2.5 CE = %q", reply)
+	}
+}
+
+// TestAckPolicy checks MSH-15 and original mode: a message that wants no
+// answer gets none, the next one is answered.
+func TestAckPolicy(t *testing.T) {
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st})
+	c := dial(t, addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, m := range []string{oru("ne", "NE"), oru("er", "ER"),
+		"MSH|^~\\&|LAB|TL|HIS|GH|2020||ACK^R01|a1|P|2.3\rMSA|AA|x\r"} {
+		if err := c.Write(ctx, []byte(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f := msa(t, c, oru("su", "SU")); f[1] != "CA" || f[2] != "su" {
+		t.Errorf("after unanswered messages, MSA = %q, want CA for su", f)
+	}
+	if f := msa(t, c, oru("orig", "")); f[1] != "AA" || f[2] != "orig" {
+		t.Errorf("original mode MSA = %q, want AA", f)
+	}
+	list, _ := st.List(ctx, store.Filter{})
+	if len(list) != 5 {
+		t.Errorf("stored %d messages, want 5 (answered or not, all are kept)", len(list))
+	}
+}
+
+func TestDuplicate(t *testing.T) {
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st})
+	c := dial(t, addr)
+	for i := 0; i < 2; i++ {
+		if f := msa(t, c, oru("dup", "AL")); f[1] != "CA" {
+			t.Errorf("send %d: MSA = %q, want CA", i, f)
+		}
+	}
+	list, _ := st.List(context.Background(), store.Filter{})
+	if len(list) != 2 || list[0].State != store.Duplicate || list[0].DuplicateOf != list[1].ID {
+		t.Errorf("stored %+v, want the resend marked duplicate of the first", list)
+	}
+}
+
+func TestConnectionLimit(t *testing.T) {
+	_, addr := start(t, Options{Spool: openStore(t), MaxConnections: 1})
+	first := dial(t, addr)
+	msa(t, first, oru("1", "AL"))
+	second, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	second.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := second.Read(make([]byte, 1)); n != 0 || err == nil || isTimeout(err) {
+		t.Errorf("second connection read = %d, %v; want closed", n, err)
+	}
+	if f := msa(t, first, oru("2", "AL")); f[1] != "CA" {
+		t.Errorf("first connection after refusal: %q", f)
+	}
+}
+
+func TestIdleTimeout(t *testing.T) {
+	s, addr := start(t, Options{Spool: openStore(t), IdleTimeout: 50 * time.Millisecond})
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := nc.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Errorf("idle connection read = %v, want closed by server", err)
+	}
+	for s.Connections() != 0 {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// blockingSpool holds each Accept until released.
+type blockingSpool struct {
+	entered chan struct{}
+	release chan struct{}
+	inner   Spool
+}
+
+func (b *blockingSpool) Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error) {
+	b.entered <- struct{}{}
+	<-b.release
+	return b.inner.Accept(ctx, m)
+}
+
+// TestShutdown: a message being committed when Shutdown starts is finished
+// and answered CA; idle connections are closed; Serve returns.
+func TestShutdown(t *testing.T) {
+	st := openStore(t)
+	spool := &blockingSpool{entered: make(chan struct{}, 1), release: make(chan struct{}), inner: st}
+	s, addr := start(t, Options{Spool: spool})
+	busy, idle := dial(t, addr), dial(t, addr)
+	_ = idle
+	replies := make(chan []byte, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		r, err := busy.Send(ctx, []byte(oru("inflight", "AL")))
+		if err != nil {
+			t.Error(err)
+		}
+		replies <- bytes.Clone(r)
+	}()
+	<-spool.entered
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		shut <- s.Shutdown(ctx)
+	}()
+	// Shutdown waits for the in-flight commit.
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned %v before the in-flight message was answered", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(spool.release)
+	if f := msaOf(t, <-replies); f[1] != "CA" || f[2] != "inflight" {
+		t.Errorf("in-flight message answered %q, want CA", f)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+	if n := s.Connections(); n != 0 {
+		t.Errorf("%d connections open after Shutdown", n)
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Error("listener still accepts after Shutdown")
+	}
+	list, _ := st.List(context.Background(), store.Filter{})
+	if len(list) != 1 {
+		t.Errorf("stored %d messages, want 1", len(list))
+	}
+}
+
+type panickingSpool struct{}
+
+func (panickingSpool) Accept(context.Context, store.NewMessage) (store.Accepted, error) {
+	panic("spool exploded")
+}
+
+func TestPanicRecovered(t *testing.T) {
+	s, addr := start(t, Options{Spool: panickingSpool{}, Logger: slog.New(slog.DiscardHandler)})
+	c := dial(t, addr)
+	if f := msa(t, c, oru("p1", "AL")); f[1] != "CE" || f[2] != "p1" {
+		t.Errorf("after panic MSA = %q, want CE", f)
+	}
+	if s.Panics() != 1 {
+		t.Errorf("Panics() = %d, want 1", s.Panics())
+	}
+	// The server goes on accepting.
+	c2 := dial(t, addr)
+	msa(t, c2, oru("p2", "AL"))
+	if s.Panics() != 2 {
+		t.Errorf("Panics() = %d, want 2", s.Panics())
+	}
+}
