@@ -248,3 +248,32 @@ func FuzzParseHeader(f *testing.F) {
 		}
 	})
 }
+
+func TestSplit(t *testing.T) {
+	a := "MSH|^~\\&|A||||||ORU^R01|1|P|2.3\rPID|1\r"
+	b := "MSH|^~\\&|B||||||ADT^A01|2|P|2.3\rEVN|A01 \r"
+	tests := []struct {
+		in   string
+		want []string
+	}{
+		{a + b, []string{a, b}},
+		{strings.ReplaceAll(a+b, "\r", "\n"), []string{a, b}},
+		{strings.ReplaceAll(a, "\r", "\r\n") + "\r\n\r\n" + strings.ReplaceAll(b, "\r", "\r\n"), []string{a, b}},
+		{"\x0b" + a + "\x1c\r\x0b" + b + "\x1c\r", []string{a, b}},
+		{"preamble\n" + a + "\n\n", []string{a}},
+		{strings.TrimSuffix(a, "\r"), []string{a}},
+		{"", nil},
+	}
+	for _, tt := range tests {
+		got := Split([]byte(tt.in))
+		if len(got) != len(tt.want) {
+			t.Errorf("Split(%q) = %q, want %q", tt.in, got, tt.want)
+			continue
+		}
+		for i := range got {
+			if string(got[i]) != tt.want[i] {
+				t.Errorf("Split(%q)[%d] = %q, want %q", tt.in, i, got[i], tt.want[i])
+			}
+		}
+	}
+}

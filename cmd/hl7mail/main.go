@@ -1,0 +1,59 @@
+// Command hl7mail is the HL7-over-email gateway: it stands beside a
+// hospital's HL7 router and makes every remote partner reachable by mail look
+// like a local MLLP server (draft-ietf-ediint-hl7-02 §6.3, figure 9).
+//
+// Run "hl7mail help" for the commands.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+// command is one subcommand: it parses its own flags and returns the exit code.
+type command struct {
+	name, summary string
+	run           func(args []string, stdout, stderr io.Writer) int
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "run the gateway: surrogate listeners, store, mail", runServe},
+		{"check", "validate partners.yaml and the files it names", runCheck},
+		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
+		{"messages", "list stored messages (no payloads)", runMessages},
+		{"bench", "measure ACK latency and throughput against a baseline", runBench},
+	}
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(args[1:], stdout, stderr)
+		}
+	}
+	fmt.Fprintf(stderr, "hl7mail: unknown command %q\n\n", args[0])
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "hl7mail: HL7 v2 over secure Internet mail, beside your HL7 router.")
+	fmt.Fprintln(w, "\nUsage: hl7mail <command> [flags]\n\nCommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun \"hl7mail <command> -h\" for a command's flags.")
+}

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+func runMessages(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("messages", "[-config FILE] [flags]", `
+Lists the messages in the store, newest first: id, direction, partner, MSH-10
+control ID, message type, Message-ID, state and times. Never payloads. Works
+whether or not hl7mail serve is running.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	asJSON := fs.Bool("json", false, "print a JSON array")
+	partner := fs.String("partner", "", "only this partner")
+	state := fs.String("state", "", "only this state (queued, duplicate, ...)")
+	dir := fs.String("direction", "", "only this direction: out (router → partner) or in")
+	controlID := fs.String("control-id", "", "only this MSH-10 control ID")
+	limit := fs.Int("limit", 100, "at most this many messages")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
+		fmt.Fprintf(stderr, "hl7mail messages: no store in %s (has hl7mail serve run?)\n", cfg.StoreDir())
+		return 1
+	}
+	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail messages:", err)
+		return 1
+	}
+	defer st.Close()
+	list, err := st.List(context.Background(), store.Filter{Partner: *partner, State: store.State(*state),
+		Direction: store.Direction(*dir), ControlID: *controlID, Limit: *limit})
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail messages:", err)
+		return 1
+	}
+	if *asJSON {
+		if list == nil {
+			list = []store.Message{}
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(list); err != nil {
+			fmt.Fprintln(stderr, "hl7mail messages:", err)
+			return 1
+		}
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tDIR\tPARTNER\tCONTROL-ID\tTYPE\tSTATE\tMESSAGE-ID\tRECEIVED\tUPDATED")
+	for _, m := range list {
+		state := string(m.State)
+		if m.DuplicateOf != 0 {
+			state += fmt.Sprintf(" (of %d)", m.DuplicateOf)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Direction, m.Partner, m.ControlID,
+			m.MessageType, state, dash(m.MessageID), m.Received.Format(time.DateTime), m.Updated.Format(time.DateTime))
+	}
+	tw.Flush()
+	return 0
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/gateway"
+)
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("serve", "[-config FILE]", `
+Runs the gateway: one surrogate MLLP listener per partner of the
+configuration, answering CA once each message is stored. Stops on SIGINT or
+SIGTERM, finishing the messages being stored.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	format := fs.String("log-format", "auto", "log format: auto (text on a terminal, else JSON), json, text")
+	grace := fs.Duration("shutdown-timeout", 30*time.Second, "how long to let in-flight messages finish on shutdown")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	log, err := newLogger(stderr, *level, *format)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail serve:", err)
+		return 2
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err == nil {
+		err = cfg.CheckFiles()
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Logger: log})
+	if err != nil {
+		log.Error("start failed", "err", err)
+		return 1
+	}
+	<-ctx.Done()
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), *grace)
+	defer cancel()
+	if err := g.Shutdown(sctx); err != nil {
+		log.Error("shutdown", "err", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,209 @@
+// Package integration runs the built hl7mail binary against real outside
+// parts: Debian's python3-hl7 (mllp_send) as a foreign MLLP peer, and kill -9
+// of the running process. The packages come from integration/deps.sh, which
+// "make test" runs first; with HL7MAIL_REQUIRE_REAL=1 (set by "make test"
+// and in CI) a missing package fails the test instead of skipping it.
+package integration
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// binary is the hl7mail binary built once for all tests.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "hl7mail-integration")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "hl7mail")
+	build := exec.Command("go", "build", "-race", "-o", binary, "../cmd/hl7mail")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build hl7mail:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// requireTool returns the path of an outside program, or skips the test
+// when it is missing (fails instead when HL7MAIL_REQUIRE_REAL or CI is set).
+func requireTool(t *testing.T, path string) string {
+	t.Helper()
+	if _, err := os.Stat(path); err != nil {
+		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
+			t.Fatalf("%s is missing: run integration/deps.sh (make test does)", path)
+		}
+		t.Skipf("%s is missing: run integration/deps.sh or make test", path)
+	}
+	return path
+}
+
+// freePort returns a loopback address that was free a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// instance is one hl7mail configuration and, while it runs, its process.
+type instance struct {
+	t       *testing.T
+	dir     string
+	config  string
+	listen  map[string]string // partner → surrogate address
+	cmd     *exec.Cmd
+	log     *lockedBuffer
+	exited  chan error
+	started int
+}
+
+// newInstance writes a configuration with the given partners (unencrypted,
+// loopback only: these tests exercise the surrogate side).
+func newInstance(t *testing.T, partners ...string) *instance {
+	t.Helper()
+	dir := t.TempDir()
+	in := &instance{t: t, dir: dir, config: filepath.Join(dir, "partners.yaml"), listen: map[string]string{}}
+	var b strings.Builder
+	fmt.Fprintf(&b, `self: {name: test-hospital, email: edi@hospital.test}
+store: var
+router: {addr: %s}
+smtp: {addr: %s, tls: none}
+imap: {addr: %s, tls: none}
+dashboard: {addr: %s}
+partners:
+`, freePort(t), freePort(t), freePort(t), freePort(t))
+	for _, p := range partners {
+		addr := freePort(t)
+		in.listen[p] = addr
+		fmt.Fprintf(&b, "  - {name: %s, listen: %s, email: %s@partner.test, security: none, allow_unencrypted: true}\n", p, addr, p)
+	}
+	if err := os.WriteFile(in.config, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(in.stop)
+	return in
+}
+
+// start runs "hl7mail serve" and waits until every surrogate accepts.
+func (in *instance) start() {
+	t := in.t
+	t.Helper()
+	in.started++
+	in.log = &lockedBuffer{}
+	in.cmd = exec.Command(binary, "serve", "-config", in.config, "-log-format", "json")
+	in.cmd.Stdout, in.cmd.Stderr = in.log, in.log
+	if err := in.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	in.exited = make(chan error, 1)
+	go func() { in.exited <- in.cmd.Wait() }()
+	deadline := time.Now().Add(30 * time.Second)
+	for _, addr := range in.listen {
+		for {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			select {
+			case err := <-in.exited:
+				t.Fatalf("hl7mail serve exited: %v\n%s", err, in.log)
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("surrogate %s not listening after 30s\n%s", addr, in.log)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// kill ends the process with SIGKILL: no shutdown, no flush.
+func (in *instance) kill() {
+	in.cmd.Process.Kill()
+	<-in.exited
+	in.cmd = nil
+}
+
+// stop ends the process with SIGTERM and checks it shut down cleanly and
+// logged no panic.
+func (in *instance) stop() {
+	if in.cmd == nil {
+		return
+	}
+	in.cmd.Process.Signal(os.Interrupt)
+	select {
+	case err := <-in.exited:
+		if err != nil {
+			in.t.Errorf("hl7mail serve exit: %v\n%s", err, in.log)
+		}
+	case <-time.After(30 * time.Second):
+		in.cmd.Process.Kill()
+		in.t.Errorf("hl7mail serve did not stop within 30s")
+	}
+	if strings.Contains(in.log.String(), "panic") {
+		in.t.Errorf("panic logged:\n%s", in.log)
+	}
+	in.cmd = nil
+}
+
+// storedMessage is one entry of "hl7mail messages -json".
+type storedMessage struct {
+	ID          int64  `json:"id"`
+	Direction   string `json:"direction"`
+	Partner     string `json:"partner"`
+	ControlID   string `json:"control_id"`
+	State       string `json:"state"`
+	DuplicateOf int64  `json:"duplicate_of"`
+	SHA256      []byte `json:"sha256"`
+}
+
+// messages runs "hl7mail messages -json".
+func (in *instance) messages() []storedMessage {
+	in.t.Helper()
+	out, err := exec.Command(binary, "messages", "-config", in.config, "-json", "-limit", "100000").Output()
+	if err != nil {
+		in.t.Fatalf("hl7mail messages: %v", err)
+	}
+	var list []storedMessage
+	if err := json.Unmarshal(out, &list); err != nil {
+		in.t.Fatalf("hl7mail messages -json: %v\n%s", err, out)
+	}
+	return list
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
