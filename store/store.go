@@ -108,8 +108,32 @@ type Store struct {
 	reqs   chan *acceptReq
 	quit   chan struct{}
 	done   chan struct{}
+	ckDone chan struct{}
 	writer *sql.Conn
+	stmts  writerStmts
 	stats  commitStats
+}
+
+// writerStmts are prepared once on the writer connection. The writer owns
+// that connection, so it runs its transactions with these statements rather
+// than database/sql's Tx, which would prepare every statement again.
+type writerStmts struct {
+	begin, find, insert, commit, rollback *sql.Stmt
+}
+
+func (w *writerStmts) prepare(ctx context.Context, c *sql.Conn) error {
+	for _, p := range []struct {
+		dst   **sql.Stmt
+		query string
+	}{{&w.begin, "BEGIN IMMEDIATE"}, {&w.find, findOriginal}, {&w.insert, insertMessage},
+		{&w.commit, "COMMIT"}, {&w.rollback, "ROLLBACK"}} {
+		st, err := c.PrepareContext(ctx, p.query)
+		if err != nil {
+			return fmt.Errorf("store: prepare %q: %w", p.query, err)
+		}
+		*p.dst = st
+	}
+	return nil
 }
 
 type acceptReq struct {
@@ -141,7 +165,10 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("store: create folder: %w", err)
 	}
 	q := url.Values{}
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)",
+		// Checkpoints run in the background (checkpointLoop), not inside
+		// the commit that acknowledges a message.
+		"wal_autocheckpoint(0)", "journal_size_limit(67108864)"} {
 		q.Add("_pragma", p)
 	}
 	q.Set("_txlock", "immediate")
@@ -160,12 +187,19 @@ func Open(opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: writer connection: %w", err)
 	}
+	var stmts writerStmts
+	if err := stmts.prepare(ctx, w); err != nil {
+		w.Close()
+		db.Close()
+		return nil, err
+	}
 	s := &Store{
-		dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
-		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}),
+		stmts: stmts, dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
+		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}), ckDone: make(chan struct{}),
 		writer: w,
 	}
 	go s.writeLoop()
+	go s.checkpointLoop()
 	return s, nil
 }
 
@@ -186,8 +220,7 @@ var schema = []string{
 		received      INTEGER NOT NULL,
 		updated       INTEGER NOT NULL
 	);
-	CREATE INDEX messages_dedupe ON messages(partner, direction, control_id);
-	CREATE INDEX messages_state ON messages(state, partner, id);`,
+	CREATE INDEX messages_dedupe ON messages(partner, direction, control_id);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -266,6 +299,28 @@ func (s *Store) writeLoop() {
 	}
 }
 
+// checkpointInterval is how often the WAL is copied into the database.
+const checkpointInterval = 2 * time.Second
+
+// checkpointLoop copies committed WAL frames into the database file from a
+// connection of its own. A passive checkpoint never blocks the writer, so
+// acknowledgements do not wait for it.
+func (s *Store) checkpointLoop() {
+	defer close(s.ckDone)
+	t := time.NewTicker(checkpointInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.quit:
+			return
+		case <-t.C:
+			if _, err := s.db.Exec("PRAGMA wal_checkpoint(PASSIVE)"); err != nil {
+				s.log.Warn("store checkpoint failed", "err", err)
+			}
+		}
+	}
+}
+
 // fill adds the requests already waiting to batch, up to the batch limit.
 // It does not wait: a lone request is committed at once, and requests that
 // arrive during a commit form the next batch.
@@ -306,38 +361,40 @@ func (s *Store) commit(batch []*acceptReq) {
 	}
 }
 
-func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) error {
+func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) (err error) {
 	ctx := context.Background()
-	tx, err := s.writer.BeginTx(ctx, nil)
-	if err != nil {
+	st := &s.stmts
+	if _, err := st.begin.ExecContext(ctx); err != nil {
 		return fmt.Errorf("store: begin: %w", err)
 	}
+	defer func() {
+		if err != nil {
+			st.rollback.ExecContext(ctx)
+		}
+	}()
 	now := s.now().UnixMicro()
 	for i, r := range batch {
 		var orig int64
-		err := tx.QueryRowContext(ctx, findOriginal, r.m.Partner, r.m.Direction, r.m.ControlID, r.hash[:]).Scan(&orig)
+		err := st.find.QueryRowContext(ctx, r.m.Partner, r.m.Direction, r.m.ControlID, r.hash[:]).Scan(&orig)
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
-			tx.Rollback()
 			return fmt.Errorf("store: look up duplicate: %w", err)
 		}
 		state, dup := Queued, sql.NullInt64{}
 		if orig != 0 {
 			state, dup = Duplicate, sql.NullInt64{Int64: orig, Valid: true}
 		}
-		out, err := tx.ExecContext(ctx, insertMessage, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
+		out, err := st.insert.ExecContext(ctx, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
 			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, now, now)
 		if err != nil {
-			tx.Rollback()
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		id, err := out.LastInsertId()
 		if err != nil {
-			tx.Rollback()
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		res[i] = acceptRes{a: Accepted{ID: id, DuplicateOf: orig}}
 	}
-	if err := tx.Commit(); err != nil {
+	if _, err := st.commit.ExecContext(ctx); err != nil {
 		return fmt.Errorf("store: commit: %w", err)
 	}
 	return nil
@@ -348,6 +405,12 @@ func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) error {
 func (s *Store) Close() error {
 	close(s.quit)
 	<-s.done
+	<-s.ckDone
+	for _, st := range []*sql.Stmt{s.stmts.begin, s.stmts.find, s.stmts.insert, s.stmts.commit, s.stmts.rollback} {
+		st.Close()
+	}
 	s.writer.Close()
+	// A last full checkpoint leaves a small WAL behind.
+	s.db.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
 	return s.db.Close()
 }

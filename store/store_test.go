@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"testing"
 
@@ -228,4 +229,26 @@ func BenchmarkAcceptParallel(b *testing.B) {
 	})
 	st := s.Stats()
 	b.ReportMetric(float64(st.Messages)/float64(max(st.Commits, 1)), "msgs/commit")
+}
+
+func BenchmarkAcceptSerial(b *testing.B) {
+	msgs, err := corpus.Default()
+	if err != nil {
+		b.Fatal(err)
+	}
+	dir := os.Getenv("HL7MAIL_BENCH_DIR")
+	if dir == "" {
+		dir = b.TempDir()
+	}
+	s, err := Open(Options{Dir: dir, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	for i := 0; b.Loop(); i++ {
+		if _, err := s.Accept(ctx, msg("lab", fmt.Sprint(i), string(msgs[i%len(msgs)]))); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -1,5 +1,84 @@
 package main
 
-import "io"
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
 
-func runBench(args []string, stdout, stderr io.Writer) int { return 2 }
+	"github.com/hl7mail/hl7mail/internal/bench"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+)
+
+func runBench(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("bench", "[flags]", `
+Measures how fast a surrogate answers CA: latency (p50, p99) and messages per
+second at each connection count, beside a baseline measured in the same run
+(a bare MLLP server that fsyncs each message before answering). Messages come
+from the HL7 sample corpus; the store lives in a scratch folder on the disk
+being measured.`, stderr)
+	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
+	n := fs.Int("n", 5000, "messages per measured run")
+	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
+	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	var conns []int
+	for _, c := range strings.Split(*connsFlag, ",") {
+		v, err := strconv.Atoi(strings.TrimSpace(c))
+		if err != nil || v < 1 {
+			fmt.Fprintf(stderr, "hl7mail bench: bad -conns %q\n", *connsFlag)
+			return 2
+		}
+		conns = append(conns, v)
+	}
+	var msgs [][]byte
+	var err error
+	if *corpusPath != "" {
+		msgs, err = corpus.Load(*corpusPath)
+	} else {
+		msgs, err = corpus.Default()
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail bench:", err)
+		return 1
+	}
+	scratch := *dir
+	if scratch == "" {
+		if scratch, err = os.MkdirTemp("", "hl7mail-bench"); err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench:", err)
+			return 1
+		}
+		defer os.RemoveAll(scratch)
+	}
+	fmt.Fprintf(stdout, "CA latency and throughput: %d messages per run from %d corpus messages, %d CPUs, store in %s\n\n",
+		*n, len(msgs), runtime.NumCPU(), scratch)
+	results, err := bench.Run(context.Background(), bench.Options{Conns: conns, Messages: *n, Dir: scratch, Corpus: msgs})
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail bench:", err)
+		return 1
+	}
+	bench.Print(stdout, results)
+	fmt.Fprintln(stdout, "\ntargets: p99 at 1 connection within 1.5x the baseline; at least 5,000 msgs/s at 16 connections")
+	for i := 1; i < len(results); i += 2 {
+		b, h := results[i-1], results[i]
+		switch h.Conns {
+		case 1:
+			fmt.Fprintf(stdout, "  p99 at 1 connection: %.2fx the baseline: %s\n", float64(h.P99)/float64(b.P99), verdict(float64(h.P99) <= 1.5*float64(b.P99)))
+		case 16:
+			fmt.Fprintf(stdout, "  rate at 16 connections: %.0f msgs/s: %s\n", h.PerSecond, verdict(h.PerSecond >= 5000))
+		}
+	}
+	return 0
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "NOT met"
+}

@@ -1,0 +1,45 @@
+# hl7mail — see README.md. `make test` installs what the tests need
+# (integration/deps.sh: Debian packages, as root) and runs every test.
+GO ?= go
+GOFLAGS_TEST ?= -race -shuffle=on -count=1
+FUZZTIME ?= 30s
+
+.PHONY: build test check fmt-check vet fuzz bench demo deps clean
+
+build:
+	$(GO) build -o bin/hl7mail ./cmd/hl7mail
+
+deps:
+	bash integration/deps.sh
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+# Every test, the real-part tests included (they fail, not skip, when a
+# package is missing).
+test: deps fmt-check vet
+	HL7MAIL_REQUIRE_REAL=1 $(GO) test $(GOFLAGS_TEST) -timeout 15m ./...
+
+check: fmt-check vet
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 ./...
+
+# Runs each fuzz target for FUZZTIME; new failing inputs land in testdata/fuzz.
+fuzz:
+	$(GO) test -run=^$$ -fuzz=FuzzParseHeader -fuzztime=$(FUZZTIME) ./hl7
+	$(GO) test -run=^$$ -fuzz=FuzzReadFrame -fuzztime=$(FUZZTIME) ./mllp
+	$(GO) test -run=^$$ -fuzz=FuzzRoundTrip -fuzztime=$(FUZZTIME) ./mllp
+
+# Go benchmarks, then the CA latency/throughput table against the fsync baseline.
+bench:
+	$(GO) test -run=^$$ -bench=. -benchmem ./...
+	$(GO) run ./cmd/hl7mail bench
+
+demo: build
+	bash integration/demo.sh
+
+clean:
+	rm -rf bin var

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the outside programs the tests run against, from Debian's
+# packages, when they are missing: python3-hl7 (mllp_send and an asyncio MLLP
+# server), GnuPG and OpenSSL. Needs root (or sudo) when anything is missing;
+# exits non-zero when a package cannot be installed, so that the tests fail
+# rather than skip.
+set -euo pipefail
+
+declare -A need=(
+  [/usr/bin/mllp_send]=python3-hl7
+  [/usr/bin/gpg]=gnupg
+  [/usr/bin/openssl]=openssl
+)
+missing=()
+for path in "${!need[@]}"; do
+  [ -x "$path" ] || missing+=("${need[$path]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "integration/deps.sh: installing ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "integration/deps.sh: need root to install ${missing[*]}" >&2; exit 1; }
+  sudo=sudo
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+for path in "${!need[@]}"; do
+  [ -x "$path" ] || { echo "integration/deps.sh: $path still missing after install" >&2; exit 1; }
+done

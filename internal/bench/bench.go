@@ -1,0 +1,355 @@
+// Package bench measures how fast a surrogate answers CA, beside a baseline
+// measured in the same run: a bare MLLP server that appends each message to
+// a file and fsyncs it before answering. The ratio between the two is what
+// the store and the surrogate cost on top of the unavoidable fsync.
+package bench
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/store"
+	"github.com/hl7mail/hl7mail/surrogate"
+)
+
+// Result is one measured run.
+type Result struct {
+	Server     string
+	Conns      int
+	Messages   int
+	Elapsed    time.Duration
+	P50, P99   time.Duration
+	PerCommit  float64 // messages per fsync
+	PerSecond  float64
+	Unexpected int // answers other than CA
+}
+
+// Drive sends n messages (cycling through msgs) to addr over conns
+// connections, each waiting for the answer before sending the next, and
+// measures every round trip.
+func Drive(ctx context.Context, addr string, conns, n int, msgs [][]byte) (Result, error) {
+	lat := make([][]time.Duration, conns)
+	bad := make([]int, conns)
+	errs := make(chan error, conns)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < conns; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := mllp.Dial(ctx, addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			for i := w; i < n; i += conns {
+				t0 := time.Now()
+				reply, err := c.Send(ctx, msgs[i%len(msgs)])
+				if err != nil {
+					errs <- err
+					return
+				}
+				lat[w] = append(lat[w], time.Since(t0))
+				if !isCA(reply) {
+					bad[w]++
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	if err := <-errs; err != nil {
+		return Result{}, err
+	}
+	all := slices.Concat(lat...)
+	slices.Sort(all)
+	r := Result{Conns: conns, Messages: len(all), Elapsed: elapsed,
+		P50: all[len(all)/2], P99: all[len(all)*99/100], PerSecond: float64(len(all)) / elapsed.Seconds()}
+	for _, b := range bad {
+		r.Unexpected += b
+	}
+	return r, nil
+}
+
+func isCA(reply []byte) bool {
+	h, err := hl7.ParseHeader(reply)
+	if err != nil {
+		return false
+	}
+	f := string(h.Delims.Field)
+	return slices.ContainsFunc(splitCR(reply), func(s string) bool {
+		return len(s) >= 6 && s[:6] == "MSA"+f+"CA"
+	})
+}
+
+func splitCR(b []byte) []string {
+	var out []string
+	for len(b) > 0 {
+		i := 0
+		for i < len(b) && b[i] != '\r' {
+			i++
+		}
+		out = append(out, string(b[:i]))
+		if i < len(b) {
+			i++
+		}
+		b = b[i:]
+	}
+	return out
+}
+
+// Baseline is a bare MLLP server that appends each message to one file and
+// fsyncs it before answering CA: the floor that any durable acknowledgement
+// pays.
+type Baseline struct {
+	ln    net.Listener
+	f     *os.File
+	mu    sync.Mutex
+	wg    sync.WaitGroup
+	syncs int
+}
+
+// StartBaseline starts a baseline server writing to a file in dir.
+func StartBaseline(dir string) (*Baseline, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "baseline.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	b := &Baseline{ln: ln, f: f}
+	b.wg.Add(1)
+	go b.serve()
+	return b, nil
+}
+
+// Addr is the listening address.
+func (b *Baseline) Addr() string { return b.ln.Addr().String() }
+
+func (b *Baseline) serve() {
+	defer b.wg.Done()
+	ids := hl7.NewIDGen("BL", time.Now())
+	for {
+		nc, err := b.ln.Accept()
+		if err != nil {
+			return
+		}
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			defer nc.Close()
+			rd := mllp.NewReader(nc, 0)
+			for {
+				frame, err := rd.ReadFrame()
+				if err != nil {
+					return
+				}
+				h, _ := hl7.ParseHeader(frame)
+				b.mu.Lock()
+				_, werr := b.f.Write(frame)
+				if werr == nil {
+					werr = b.f.Sync()
+				}
+				b.syncs++
+				b.mu.Unlock()
+				code := hl7.CommitAccept
+				if werr != nil {
+					code = hl7.CommitError
+				}
+				if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: ids.Next()})) != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// Close stops the server.
+func (b *Baseline) Close() error {
+	b.ln.Close()
+	b.wg.Wait()
+	return b.f.Close()
+}
+
+// Surrogate is an in-process hl7mail surrogate with its own store.
+type Surrogate struct {
+	Store *store.Store
+	srv   *surrogate.Server
+	ln    net.Listener
+	done  chan error
+}
+
+// StartSurrogate starts a surrogate whose store lives in dir. Its records
+// are encoded as in production (JSON) and discarded.
+func StartSurrogate(dir string) (*Surrogate, error) {
+	log := slog.New(slog.NewJSONHandler(io.Discard, nil))
+	st, err := store.Open(store.Options{Dir: dir, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	srv, err := surrogate.New(surrogate.Options{Partner: "bench", Spool: st, Logger: log, MaxConnections: 64})
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	ln, err := surrogate.Listen(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	s := &Surrogate{Store: st, srv: srv, ln: ln, done: make(chan error, 1)}
+	go func() { s.done <- srv.Serve(ln) }()
+	return s, nil
+}
+
+// Addr is the listening address.
+func (s *Surrogate) Addr() string { return s.ln.Addr().String() }
+
+// Close shuts the surrogate down and closes its store.
+func (s *Surrogate) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := s.srv.Shutdown(ctx)
+	if serr := <-s.done; !errors.Is(serr, surrogate.ErrServerClosed) {
+		err = errors.Join(err, serr)
+	}
+	return errors.Join(err, s.Store.Close())
+}
+
+// Options configure Run.
+type Options struct {
+	Conns    []int    // connection counts to measure (default 1 and 16)
+	Messages int      // messages per measured run (default 5000)
+	Warmup   int      // messages sent before measuring (default 200)
+	Dir      string   // scratch folder on the disk to measure (required)
+	Corpus   [][]byte // messages to send (required)
+}
+
+// Run measures the baseline and hl7mail at each connection count, one after
+// the other so that they share the machine fairly, and returns the results
+// in pairs: baseline, hl7mail.
+func Run(ctx context.Context, opts Options) ([]Result, error) {
+	if len(opts.Conns) == 0 {
+		opts.Conns = []int{1, 16}
+	}
+	if opts.Messages <= 0 {
+		opts.Messages = 5000
+	}
+	if opts.Warmup <= 0 {
+		opts.Warmup = 200
+	}
+	var out []Result
+	for i, conns := range opts.Conns {
+		dir := filepath.Join(opts.Dir, fmt.Sprint(i))
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, err
+		}
+		base, err := StartBaseline(dir)
+		if err != nil {
+			return nil, err
+		}
+		r, err := measure(ctx, base.Addr(), conns, opts)
+		base.Close()
+		if err != nil {
+			return nil, fmt.Errorf("baseline: %w", err)
+		}
+		r.Server, r.PerCommit = "baseline (fsync each)", 1
+		out = append(out, r)
+
+		sur, err := StartSurrogate(filepath.Join(dir, "store"))
+		if err != nil {
+			return nil, err
+		}
+		before := sur.Store.Stats()
+		r, err = measure(ctx, sur.Addr(), conns, opts)
+		after := sur.Store.Stats()
+		sur.Close()
+		if err != nil {
+			return nil, fmt.Errorf("hl7mail: %w", err)
+		}
+		r.Server = "hl7mail surrogate"
+		if c := after.Commits - before.Commits; c > 0 {
+			r.PerCommit = float64(after.Messages-before.Messages) / float64(c)
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// measure warms a server up, then measures it. Every message sent is new
+// (its control ID is made unique), so the store stores rather than marks
+// duplicates.
+func measure(ctx context.Context, addr string, conns int, opts Options) (Result, error) {
+	run := time.Now().UnixNano()
+	if _, err := Drive(ctx, addr, conns, opts.Warmup, Unique(opts.Corpus, opts.Warmup, fmt.Sprintf("W%x", run))); err != nil {
+		return Result{}, err
+	}
+	return Drive(ctx, addr, conns, opts.Messages, Unique(opts.Corpus, opts.Messages, fmt.Sprintf("M%x", run)))
+}
+
+// Unique returns n messages taken in turn from msgs, each with the control
+// ID (MSH-10) prefix-i.
+func Unique(msgs [][]byte, n int, prefix string) [][]byte {
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = withControlID(msgs[i%len(msgs)], fmt.Sprintf("%s-%d", prefix, i))
+	}
+	return out
+}
+
+func withControlID(m []byte, id string) []byte {
+	h, err := hl7.ParseHeader(m)
+	if err != nil {
+		return m
+	}
+	end := bytes.IndexByte(m, '\r')
+	if end < 0 {
+		end = len(m)
+	}
+	fs := []byte{h.Delims.Field}
+	fields := bytes.Split(m[:end], fs)
+	if len(fields) < 10 {
+		return m
+	}
+	fields[9] = []byte(id)
+	return append(bytes.Join(fields, fs), m[end:]...)
+}
+
+// Print writes results as a table with each hl7mail figure as a ratio to
+// the baseline measured just before it, and the targets.
+func Print(w io.Writer, results []Result) {
+	fmt.Fprintf(w, "%-22s %5s %7s %9s %9s %9s %10s %10s %11s\n",
+		"server", "conns", "msgs", "msgs/s", "p50", "p99", "p99/base", "rate/base", "msgs/fsync")
+	var base Result
+	for _, r := range results {
+		p99r, rater := "", ""
+		if r.Server == "hl7mail surrogate" && base.Conns == r.Conns {
+			p99r = fmt.Sprintf("%.2fx", float64(r.P99)/float64(base.P99))
+			rater = fmt.Sprintf("%.2fx", r.PerSecond/base.PerSecond)
+		} else {
+			base = r
+		}
+		fmt.Fprintf(w, "%-22s %5d %7d %9.0f %9s %9s %10s %10s %11.1f\n", r.Server, r.Conns, r.Messages, r.PerSecond,
+			r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), p99r, rater, r.PerCommit)
+		if r.Unexpected > 0 {
+			fmt.Fprintf(w, "  warning: %d answers were not CA\n", r.Unexpected)
+		}
+	}
+}
