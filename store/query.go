@@ -24,7 +24,11 @@ const messageColumns = `id, direction, partner, control_id, message_type, messag
 	duplicate_of, size, sha256, received, updated`
 
 // List returns the messages matching f, newest first, without payloads.
+// It sees every message accepted before the call.
 func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
 	var where []string
 	var args []any
 	for _, c := range []struct {
@@ -67,6 +71,9 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 
 // Get returns the message with id, payload included.
 func (s *Store) Get(ctx context.Context, id int64) (Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return Message{}, err
+	}
 	var payload []byte
 	m, err := scanMessage(func(dest ...any) error {
 		return s.db.QueryRowContext(ctx, "SELECT "+messageColumns+", payload FROM messages WHERE id = ?", id).
@@ -102,7 +109,7 @@ func scanMessage(scan func(dest ...any) error) (Message, error) {
 
 // CommitStats describe the group commits made since Open.
 type CommitStats struct {
-	Commits  int64         // transactions committed (or failed)
+	Commits  int64         // syncs of the spool log (or failed attempts)
 	Messages int64         // messages in them
 	Total    time.Duration // time spent committing
 }

@@ -1,11 +1,12 @@
-// Package store is hl7mail's durable spool: an embedded SQLite database
-// (WAL journal, synchronous=FULL) holding every message hl7mail has taken
-// responsibility for, with its state.
+// Package store is hl7mail's durable spool: every message hl7mail has
+// taken responsibility for, with its state.
 //
-// Writes that acknowledge a message go through one writer goroutine that
-// commits waiting requests together, so that many connections share one
-// fsync (group commit). Accept returns only after the commit is on disk,
-// which is what lets a surrogate answer CA (draft-ietf-ediint-hl7-02 §6.5.1).
+// Accept appends messages to a write-ahead spool log and fdatasyncs it before
+// it returns, committing the messages that arrive together with one sync
+// (group commit); that is what lets a surrogate answer CA
+// (draft-ietf-ediint-hl7-02 §6.5.1). An ingester copies the log into an
+// embedded SQLite database (WAL journal, synchronous=FULL, one writer), which
+// every query reads; Open replays what the database lacks after a crash.
 package store
 
 import (
@@ -18,6 +19,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -64,9 +67,7 @@ type NewMessage struct {
 
 // Accepted is the outcome of Accept.
 type Accepted struct {
-	ID int64
-	// DuplicateOf is the id of the earlier message this one repeats, or 0.
-	DuplicateOf int64
+	ID int64 // the message's id, in the order messages were accepted
 }
 
 // Message is a stored message. Payload is filled only by Get.
@@ -92,31 +93,54 @@ type Options struct {
 	Dir string
 	// Logger receives the store's records (default slog.Default()).
 	Logger *slog.Logger
-	// MaxBatch bounds how many messages share one commit (default 256).
+	// MaxBatch bounds how many messages share one sync (default 256).
 	MaxBatch int
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
 }
 
-// Store is the spool database. Its methods are safe for concurrent use.
+// Store is the spool. Its methods are safe for concurrent use.
 type Store struct {
-	dir    string
-	db     *sql.DB
-	log    *slog.Logger
-	now    func() time.Time
-	max    int
-	reqs   chan *acceptReq
-	quit   chan struct{}
-	done   chan struct{}
-	ckDone chan struct{}
+	dir  string
+	db   *sql.DB
+	log  *slog.Logger
+	now  func() time.Time
+	max  int
+	reqs chan *acceptReq
+	quit chan struct{}
+	done chan struct{} // writeLoop has ended
+
+	// commitMu is held by whoever appends to the spool log: the writer
+	// goroutine, or an Accept that finds it free and commits on its own
+	// goroutine (sparing two goroutine handoffs when the store is not busy).
+	commitMu  sync.Mutex
+	spool     *spoolLog // guarded by commitMu
+	nextSeq   int64     // guarded by commitMu
+	logClosed bool      // guarded by commitMu
+	appended  atomic.Int64
+	// durable is the highest id known to be synced in the database file:
+	// the spool log may be reused only when it reaches the last id appended.
+	durable atomic.Int64
+
+	ingest      chan []logRecord
+	ingestDone  chan struct{}
+	kick        chan struct{} // a query waits for the ingester
+	pauseIngest atomic.Bool // tests: leave records in the log only
+	ingMu       sync.Mutex
+	ingested    int64         // guarded by ingMu: highest id in the database
+	ingestedCh  chan struct{} // guarded by ingMu: closed when ingested advances
+	ingestErr   error         // guarded by ingMu
+	ckDone      chan struct{}
+
 	writer *sql.Conn
 	stmts  writerStmts
 	stats  commitStats
 }
 
-// writerStmts are prepared once on the writer connection. The writer owns
-// that connection, so it runs its transactions with these statements rather
-// than database/sql's Tx, which would prepare every statement again.
+// writerStmts are prepared once on the database writer connection. The
+// ingester owns that connection, so it runs its transactions with these
+// statements rather than database/sql's Tx, which would prepare every
+// statement again.
 type writerStmts struct {
 	begin, find, insert, commit, rollback *sql.Stmt
 }
@@ -136,6 +160,14 @@ func (w *writerStmts) prepare(ctx context.Context, c *sql.Conn) error {
 	return nil
 }
 
+func (w *writerStmts) close() {
+	for _, st := range []*sql.Stmt{w.begin, w.find, w.insert, w.commit, w.rollback} {
+		if st != nil {
+			st.Close()
+		}
+	}
+}
+
 type acceptReq struct {
 	m    NewMessage
 	hash [32]byte
@@ -147,7 +179,8 @@ type acceptRes struct {
 	err error
 }
 
-// Open opens (creating if needed) the store in opts.Dir.
+// Open opens (creating if needed) the store in opts.Dir and replays into the
+// database any message the spool log holds that the database lacks.
 func Open(opts Options) (*Store, error) {
 	if opts.Dir == "" {
 		return nil, errors.New("store: Options.Dir is required")
@@ -167,40 +200,89 @@ func Open(opts Options) (*Store, error) {
 	q := url.Values{}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)",
 		// Checkpoints run in the background (checkpointLoop), not inside
-		// the commit that acknowledges a message.
+		// the ingester's commits.
 		"wal_autocheckpoint(0)", "journal_size_limit(67108864)"} {
 		q.Add("_pragma", p)
 	}
-	q.Set("_txlock", "immediate")
 	dsn := "file:" + filepath.Join(opts.Dir, FileName) + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
-	ctx := context.Background()
-	if err := migrate(ctx, db); err != nil {
-		db.Close()
-		return nil, err
-	}
-	w, err := db.Conn(ctx)
-	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("store: writer connection: %w", err)
-	}
-	var stmts writerStmts
-	if err := stmts.prepare(ctx, w); err != nil {
-		w.Close()
-		db.Close()
-		return nil, err
-	}
 	s := &Store{
-		stmts: stmts, dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
-		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}), ckDone: make(chan struct{}),
-		writer: w,
+		dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
+		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}),
+		ingest: make(chan []logRecord, 1024), ingestDone: make(chan struct{}), kick: make(chan struct{}, 1), ingestedCh: make(chan struct{}),
+		ckDone: make(chan struct{}),
+	}
+	if err := s.open(); err != nil {
+		s.stmts.close()
+		if s.writer != nil {
+			s.writer.Close()
+		}
+		if s.spool != nil {
+			s.spool.close()
+		}
+		db.Close()
+		return nil, err
 	}
 	go s.writeLoop()
+	go s.ingestLoop()
 	go s.checkpointLoop()
 	return s, nil
+}
+
+func (s *Store) open() error {
+	ctx := context.Background()
+	if err := migrate(ctx, s.db); err != nil {
+		return err
+	}
+	w, err := s.db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("store: writer connection: %w", err)
+	}
+	s.writer = w
+	// The ingester's commits need not sync: every message is already synced
+	// in the spool log, which is reused only after a checkpoint has synced
+	// the database (checkpointLoop). A process crash loses no committed
+	// transaction either way.
+	if _, err := w.ExecContext(ctx, "PRAGMA synchronous = NORMAL"); err != nil {
+		return fmt.Errorf("store: writer connection: %w", err)
+	}
+	if err := s.stmts.prepare(ctx, w); err != nil {
+		return err
+	}
+	spool, recs, err := openSpoolLog(filepath.Join(s.dir, spoolLogName))
+	if err != nil {
+		return err
+	}
+	s.spool = spool
+	var maxID int64
+	if err := s.db.QueryRowContext(ctx, "SELECT COALESCE(MAX(id), 0) FROM messages").Scan(&maxID); err != nil {
+		return fmt.Errorf("store: read last id: %w", err)
+	}
+	var replay []logRecord
+	for _, r := range recs {
+		if r.seq > maxID {
+			replay = append(replay, r)
+		}
+	}
+	if len(replay) > 0 {
+		if err := s.insert(replay); err != nil {
+			return fmt.Errorf("store: replay spool log: %w", err)
+		}
+		s.log.Info("store replayed messages from the spool log", "messages", len(replay),
+			"first_id", replay[0].seq, "last_id", replay[len(replay)-1].seq)
+		maxID = replay[len(replay)-1].seq
+	}
+	// Whatever the database holds now survived the last stop: the log can
+	// be written from the start again.
+	spool.reset()
+	s.nextSeq = maxID + 1
+	s.appended.Store(maxID)
+	s.ingested = maxID
+	s.durable.Store(maxID)
+	return nil
 }
 
 // schema lists the migrations; user_version counts those applied.
@@ -251,12 +333,23 @@ func migrate(ctx context.Context, db *sql.DB) error {
 	return nil
 }
 
-// Accept stores m durably and returns its id once the commit is on disk.
-// A message repeating an earlier one (same partner, direction, control ID
-// and payload) is stored in state Duplicate. When ctx ends first an error is
-// returned; the message may still be committed later.
+// Accept stores m durably and returns its id once it is on disk. A message
+// repeating an earlier one (same partner, direction, control ID and payload)
+// is kept in state Duplicate and never sent. When ctx ends first an error is
+// returned; the message may still be stored.
 func (s *Store) Accept(ctx context.Context, m NewMessage) (Accepted, error) {
 	req := &acceptReq{m: m, hash: sha256.Sum256(m.Payload), res: make(chan acceptRes, 1)}
+	if s.commitMu.TryLock() {
+		if s.logClosed {
+			s.commitMu.Unlock()
+			return Accepted{}, ErrClosed
+		}
+		// Requests already queued share this sync.
+		s.commit(s.fill([]*acceptReq{req}))
+		s.commitMu.Unlock()
+		r := <-req.res
+		return r.a, r.err
+	}
 	select {
 	case s.reqs <- req:
 	case <-s.quit:
@@ -270,6 +363,16 @@ func (s *Store) Accept(ctx context.Context, m NewMessage) (Accepted, error) {
 	case <-ctx.Done():
 		return Accepted{}, fmt.Errorf("store: wait for commit: %w", ctx.Err())
 	case <-s.done:
+		// The writer has ended. Holding commitMu, no fast-path commit is
+		// under way: commit what is queued (req with it) unless the log is
+		// closed, then req has its answer or never will.
+		s.commitMu.Lock()
+		if !s.logClosed {
+			if batch := s.fill(nil); len(batch) > 0 {
+				s.commit(batch)
+			}
+		}
+		s.commitMu.Unlock()
 		select {
 		case r := <-req.res:
 			return r.a, r.err
@@ -285,9 +388,13 @@ func (s *Store) writeLoop() {
 	for {
 		select {
 		case r := <-s.reqs:
+			s.commitMu.Lock()
 			s.commit(s.fill(append(batch[:0], r)))
+			s.commitMu.Unlock()
 		case <-s.quit:
 			// Commit what was queued before Close.
+			s.commitMu.Lock()
+			defer s.commitMu.Unlock()
 			for {
 				batch = s.fill(batch[:0])
 				if len(batch) == 0 {
@@ -303,8 +410,7 @@ func (s *Store) writeLoop() {
 const checkpointInterval = 2 * time.Second
 
 // checkpointLoop copies committed WAL frames into the database file from a
-// connection of its own. A passive checkpoint never blocks the writer, so
-// acknowledgements do not wait for it.
+// connection of its own. A passive checkpoint never blocks the ingester.
 func (s *Store) checkpointLoop() {
 	defer close(s.ckDone)
 	t := time.NewTicker(checkpointInterval)
@@ -314,10 +420,26 @@ func (s *Store) checkpointLoop() {
 		case <-s.quit:
 			return
 		case <-t.C:
-			if _, err := s.db.Exec("PRAGMA wal_checkpoint(PASSIVE)"); err != nil {
-				s.log.Warn("store checkpoint failed", "err", err)
-			}
+			s.checkpoint("PASSIVE")
+			s.maybeResetLog()
 		}
+	}
+}
+
+// checkpoint runs a WAL checkpoint of the given mode. A checkpoint syncs
+// the WAL before copying it and the database after; when it copied every
+// frame, all that was ingested before it started is durable.
+func (s *Store) checkpoint(mode string) {
+	s.ingMu.Lock()
+	ingested := s.ingested
+	s.ingMu.Unlock()
+	var busy, frames, copied int
+	err := s.db.QueryRow("PRAGMA wal_checkpoint(" + mode + ")").Scan(&busy, &frames, &copied)
+	switch {
+	case err != nil:
+		s.log.Warn("store checkpoint failed", "err", err)
+	case busy == 0 && frames == copied:
+		s.durable.Store(ingested)
 	}
 }
 
@@ -336,32 +458,163 @@ func (s *Store) fill(batch []*acceptReq) []*acceptReq {
 	return batch
 }
 
-const (
-	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
-		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
-	insertMessage = `INSERT INTO messages (direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
-)
-
-// commit writes batch in one transaction and answers every request.
+// commit appends batch to the spool log with one sync, answers every
+// request and hands the records to the ingester. Called under commitMu.
 func (s *Store) commit(batch []*acceptReq) {
 	start := time.Now()
-	res := make([]acceptRes, len(batch))
-	err := s.commitTx(batch, res)
-	s.stats.record(len(batch), time.Since(start))
+	now := s.now().UnixMicro()
+	recs := make([]logRecord, len(batch))
 	for i, r := range batch {
-		if err != nil {
-			r.res <- acceptRes{err: err}
-			continue
-		}
-		r.res <- res[i]
+		recs[i] = logRecord{seq: s.nextSeq + int64(i), time: now, m: r.m, hash: r.hash}
 	}
+	err := s.spool.append(recs)
+	s.stats.record(len(batch), time.Since(start))
 	if err != nil {
 		s.log.Error("store commit failed", "messages", len(batch), "err", err)
+		for _, r := range batch {
+			r.res <- acceptRes{err: err}
+		}
+		return
+	}
+	s.nextSeq += int64(len(batch))
+	s.appended.Store(s.nextSeq - 1)
+	for i, r := range batch {
+		r.res <- acceptRes{a: Accepted{ID: recs[i].seq}}
+	}
+	select {
+	case s.ingest <- recs:
+	case <-s.ingestDone:
+		// Closing with the database failing: the records stay in the
+		// spool log and are replayed at Open.
 	}
 }
 
-func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) (err error) {
+// ingestDelay is how long the ingester gathers records before writing them
+// to the database in one transaction. Each database commit is an fsync of
+// its own; gathering keeps them off the disk that acknowledgements wait on.
+// A query waiting for the database cuts the delay short.
+const ingestDelay = 50 * time.Millisecond
+
+// ingestLoop copies committed records into the database, retrying while the
+// database fails; the records stay in the spool log until they are in.
+func (s *Store) ingestLoop() {
+	defer close(s.ingestDone)
+	var pending []logRecord
+	timer := time.NewTimer(ingestDelay)
+	timer.Stop()
+	for recs := range s.ingest {
+		pending = append(pending[:0], recs...)
+		timer.Reset(ingestDelay)
+	gather:
+		for len(pending) < 4096 {
+			select {
+			case r, ok := <-s.ingest:
+				if !ok {
+					break gather
+				}
+				pending = append(pending, r...)
+			case <-s.kick:
+				break gather
+			case <-timer.C:
+				break gather
+			case <-s.quit:
+				break gather
+			}
+		}
+		timer.Stop()
+		if !s.ingestWithRetry(pending) {
+			return
+		}
+	}
+}
+
+// ingestWithRetry inserts recs until it succeeds; it reports false when the
+// store is closing with recs not inserted (they are replayed at Open).
+func (s *Store) ingestWithRetry(recs []logRecord) bool {
+	delay := 10 * time.Millisecond
+	for {
+		var err error
+		if s.pauseIngest.Load() {
+			err = errors.New("ingest paused")
+		} else {
+			err = s.insert(recs)
+		}
+		s.ingMu.Lock()
+		s.ingestErr = err
+		if err == nil {
+			s.ingested = recs[len(recs)-1].seq
+			close(s.ingestedCh)
+			s.ingestedCh = make(chan struct{})
+		}
+		s.ingMu.Unlock()
+		if err == nil {
+			return true
+		}
+		if !s.pauseIngest.Load() {
+			s.log.Error("store: messages not yet in the database; retrying (they are safe in the spool log)",
+				"messages", len(recs), "err", err, "delay", delay)
+		}
+		select {
+		case <-time.After(delay):
+			delay = min(2*delay, 5*time.Second)
+		case <-s.quit:
+			return false
+		}
+	}
+}
+
+// resetLogSize is the spool log size past which the log is written from
+// the start again, once every record in it is synced in the database.
+const resetLogSize = 8 << 20
+
+func (s *Store) maybeResetLog() {
+	// Never wait for commitMu here: a commit may be waiting on the ingest
+	// channel. The next batch tries again.
+	if !s.commitMu.TryLock() {
+		return
+	}
+	defer s.commitMu.Unlock()
+	if s.logClosed || s.spool.size < resetLogSize || s.durable.Load() != s.nextSeq-1 {
+		return
+	}
+	s.spool.reset()
+}
+
+// waitIngested waits until every message accepted so far is in the
+// database, so that queries see them.
+func (s *Store) waitIngested(ctx context.Context) error {
+	target := s.appended.Load()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		s.ingMu.Lock()
+		got, ch, ierr := s.ingested, s.ingestedCh, s.ingestErr
+		s.ingMu.Unlock()
+		if got >= target {
+			return nil
+		}
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("store: %d accepted messages not yet in the database (last error: %v): %w", target-got, ierr, ctx.Err())
+		}
+	}
+}
+
+const (
+	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
+		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
+	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
+		size, sha256, payload, received, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+)
+
+// insert writes recs into the database in one transaction, marking
+// duplicates. Only the ingester (or Open, before it starts) calls it.
+func (s *Store) insert(recs []logRecord) (err error) {
 	ctx := context.Background()
 	st := &s.stmts
 	if _, err := st.begin.ExecContext(ctx); err != nil {
@@ -372,8 +625,7 @@ func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) (err error) {
 			st.rollback.ExecContext(ctx)
 		}
 	}()
-	now := s.now().UnixMicro()
-	for i, r := range batch {
+	for _, r := range recs {
 		var orig int64
 		err := st.find.QueryRowContext(ctx, r.m.Partner, r.m.Direction, r.m.ControlID, r.hash[:]).Scan(&orig)
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
@@ -382,17 +634,13 @@ func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) (err error) {
 		state, dup := Queued, sql.NullInt64{}
 		if orig != 0 {
 			state, dup = Duplicate, sql.NullInt64{Int64: orig, Valid: true}
+			s.log.Info("duplicate stored; it will not be sent", "id", r.seq, "duplicate_of", orig,
+				"partner", r.m.Partner, "control_id", r.m.ControlID)
 		}
-		out, err := st.insert.ExecContext(ctx, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
-			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, now, now)
-		if err != nil {
+		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
+			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
-		id, err := out.LastInsertId()
-		if err != nil {
-			return fmt.Errorf("store: insert: %w", err)
-		}
-		res[i] = acceptRes{a: Accepted{ID: id, DuplicateOf: orig}}
 	}
 	if _, err := st.commit.ExecContext(ctx); err != nil {
 		return fmt.Errorf("store: commit: %w", err)
@@ -400,17 +648,22 @@ func (s *Store) commitTx(batch []*acceptReq, res []acceptRes) (err error) {
 	return nil
 }
 
-// Close commits what is queued, stops the writer and closes the database.
-// Close must not be called twice.
+// Close commits what is queued, waits until it is in the database, stops
+// the background work and closes the files. Close must not be called twice.
 func (s *Store) Close() error {
 	close(s.quit)
 	<-s.done
+	s.commitMu.Lock()
+	s.logClosed = true
+	s.commitMu.Unlock()
+	close(s.ingest)
+	<-s.ingestDone
 	<-s.ckDone
-	for _, st := range []*sql.Stmt{s.stmts.begin, s.stmts.find, s.stmts.insert, s.stmts.commit, s.stmts.rollback} {
-		st.Close()
-	}
+	s.stmts.close()
 	s.writer.Close()
-	// A last full checkpoint leaves a small WAL behind.
-	s.db.Exec("PRAGMA wal_checkpoint(TRUNCATE)")
+	// A last full checkpoint syncs everything ingested and leaves a small
+	// WAL behind. Records it does not cover are replayed at Open.
+	s.checkpoint("TRUNCATE")
+	s.spool.close()
 	return s.db.Close()
 }

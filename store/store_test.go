@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -39,7 +41,7 @@ func TestAcceptSurvivesReopen(t *testing.T) {
 	ctx := context.Background()
 	payload := "MSH|^~\\&|A|B|C|D|2020||ORU^R01|1|P|2.3\rOBX|1|\rNTE|bare\rCR\r"
 	a, err := s.Accept(ctx, msg("lab", "1", payload))
-	if err != nil || a.ID == 0 || a.DuplicateOf != 0 {
+	if err != nil || a.ID == 0 {
 		t.Fatalf("Accept = %+v, %v", a, err)
 	}
 	if err := s.Close(); err != nil {
@@ -81,10 +83,10 @@ func TestDuplicates(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if a.DuplicateOf != tt.wantDup {
-			t.Errorf("Accept(%s %s %s %q).DuplicateOf = %d, want %d", tt.m.Direction, tt.m.Partner, tt.m.ControlID, tt.m.Payload, a.DuplicateOf, tt.wantDup)
-		}
 		m, _ := s.Get(ctx, a.ID)
+		if m.DuplicateOf != tt.wantDup {
+			t.Errorf("Accept(%s %s %s %q): DuplicateOf = %d, want %d", tt.m.Direction, tt.m.Partner, tt.m.ControlID, tt.m.Payload, m.DuplicateOf, tt.wantDup)
+		}
 		if want := map[bool]State{true: Duplicate, false: Queued}[tt.wantDup != 0]; m.State != want {
 			t.Errorf("state of %d = %s, want %s", a.ID, m.State, want)
 		}
@@ -140,26 +142,144 @@ func TestGroupCommit(t *testing.T) {
 	}
 }
 
-// TestCommitFailure makes the database refuse one message: the batch holding
-// it fails as a whole with an error, nothing of it is stored, and the store
-// goes on accepting.
+// TestCommitFailure makes the spool log write fail, as on a full disk: the
+// batch fails with an error, nothing of it is stored, and the store goes on
+// accepting.
 func TestCommitFailure(t *testing.T) {
 	s := open(t, t.TempDir())
 	defer s.Close()
 	ctx := context.Background()
-	if _, err := s.db.ExecContext(ctx, `CREATE TRIGGER fail BEFORE INSERT ON messages WHEN NEW.control_id = 'FAIL'
-		BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END`); err != nil {
+	s.commitMu.Lock()
+	s.spool.failNext = errors.New("no space left on device")
+	s.commitMu.Unlock()
+	if _, err := s.Accept(ctx, msg("lab", "FAIL", "x")); err == nil || !strings.Contains(err.Error(), "no space left") {
+		t.Fatalf("Accept on a full disk = %v, want the write error", err)
+	}
+	ok, err := s.Accept(ctx, msg("lab", "OK", "y"))
+	if err != nil {
+		t.Fatalf("Accept after failure: %v", err)
+	}
+	list, _ := s.List(ctx, Filter{})
+	if len(list) != 1 || list[0].ControlID != "OK" || list[0].ID != ok.ID {
+		t.Errorf("stored %+v, want only the message accepted after the failure", list)
+	}
+}
+
+// TestReplay accepts messages that never reach the database (as when the
+// process dies right after the sync) and checks that Open replays them,
+// duplicates marked, in order.
+func TestReplay(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	ctx := context.Background()
+	first, _ := s.Accept(ctx, msg("lab", "1", "A"))
+	if _, err := s.List(ctx, Filter{}); err != nil { // first is in the database
 		t.Fatal(err)
 	}
-	if _, err := s.Accept(ctx, msg("lab", "FAIL", "x")); err == nil {
-		t.Fatal("Accept of refused message succeeded")
+	s.pauseIngest.Store(true)
+	var ids []int64
+	for _, m := range []NewMessage{msg("lab", "2", "B"), msg("lab", "1", "A"), msg("clinic", "3", "C")} {
+		a, err := s.Accept(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, a.ID)
 	}
-	if list, _ := s.List(ctx, Filter{}); len(list) != 0 {
-		t.Errorf("refused message stored: %+v", list)
+	s.Close()
+	// The log is emptied only once all of it is in the database: it still
+	// holds the first message too, which replay skips.
+	if n := logRecords(t, dir); n != 4 {
+		t.Fatalf("spool log holds %d records after Close with ingest paused, want 4", n)
 	}
-	if _, err := s.Accept(ctx, msg("lab", "OK", "y")); err != nil {
-		t.Errorf("Accept after failure: %v", err)
+	s = open(t, dir)
+	defer func() { s.Close() }()
+	list, err := s.List(ctx, Filter{})
+	if err != nil || len(list) != 4 {
+		t.Fatalf("after replay List = %d messages, %v; want 4", len(list), err)
 	}
+	got := map[int64]Message{}
+	for _, m := range list {
+		got[m.ID] = m
+	}
+	if m := got[ids[1]]; m.State != Duplicate || m.DuplicateOf != first.ID {
+		t.Errorf("replayed resend = %+v, want duplicate of %d", m, first.ID)
+	}
+	if m, _ := s.Get(ctx, ids[2]); string(m.Payload) != "C" || m.Partner != "clinic" || m.State != Queued {
+		t.Errorf("replayed message = %+v", m)
+	}
+	// New ids continue after the replayed ones.
+	a, _ := s.Accept(ctx, msg("lab", "4", "D"))
+	if a.ID != ids[2]+1 {
+		t.Errorf("next id = %d, want %d", a.ID, ids[2]+1)
+	}
+	// Opening again replays nothing twice.
+	s.Close()
+	s = open(t, dir)
+	if list, _ := s.List(ctx, Filter{}); len(list) != 5 {
+		t.Errorf("after a second Open: %d messages, want 5", len(list))
+	}
+}
+
+// TestTornTail cuts and corrupts the end of the spool log, as a crash in the
+// middle of a write leaves it: complete records are replayed, the torn one
+// is dropped, and the store works on.
+func TestTornTail(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tear func(b []byte, end int) // end: where the records end
+		want int
+	}{
+		{"cut in the last record", func(b []byte, end int) { clear(b[end-5 : end]) }, 2},
+		{"flipped byte in the last record", func(b []byte, end int) { b[end-3] ^= 0xff }, 2},
+		{"nothing torn", func(b []byte, end int) {}, 3},
+		{"garbage header after the records", func(b []byte, end int) { copy(b[end:], []byte{0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4}) }, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := open(t, dir)
+			s.pauseIngest.Store(true)
+			for i := 0; i < 3; i++ {
+				s.Accept(context.Background(), msg("lab", fmt.Sprint(i), strings.Repeat("x", 50)))
+			}
+			s.Close()
+			path := filepath.Join(dir, spoolLogName)
+			l, _, err := openSpoolLog(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			end := int(l.size)
+			l.close()
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.tear(b, end)
+			os.WriteFile(path, b, 0o600)
+			s = open(t, dir)
+			defer s.Close()
+			list, err := s.List(context.Background(), Filter{})
+			if err != nil || len(list) != tc.want {
+				t.Fatalf("after a torn tail: %d messages, %v; want %d", len(list), err, tc.want)
+			}
+			if _, err := s.Accept(context.Background(), msg("lab", "after", "y")); err != nil {
+				t.Fatal(err)
+			}
+			if list, _ := s.List(context.Background(), Filter{}); len(list) != tc.want+1 {
+				t.Errorf("after accepting again: %d messages, want %d", len(list), tc.want+1)
+			}
+		})
+	}
+}
+
+// logRecords counts the records in a closed store's spool log.
+func logRecords(t *testing.T, dir string) int {
+	t.Helper()
+	l, recs, err := openSpoolLog(filepath.Join(dir, spoolLogName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.close()
+	return len(recs)
 }
 
 func TestClose(t *testing.T) {

@@ -344,11 +344,7 @@ func (c *conn) handle(h *hl7.Header, frame []byte) {
 		c.answer(h, hl7.CommitError, "message could not be stored, send it again later", hl7.ErrApplicationIntern)
 		return
 	}
-	if res.DuplicateOf != 0 {
-		log.Info("duplicate accepted, will not be sent again", "id", res.ID, "duplicate_of", res.DuplicateOf)
-	} else {
-		log.Info("message accepted", "id", res.ID, "type", h.MessageCode()+"^"+h.TriggerEvent(), "size", len(frame))
-	}
+	log.Info("message accepted", "id", res.ID, "type", h.MessageCode()+"^"+h.TriggerEvent(), "size", len(frame))
 	c.answer(h, hl7.CommitAccept, "", "")
 }
 

@@ -21,7 +21,7 @@ second at each connection count, beside a baseline measured in the same run
 from the HL7 sample corpus; the store lives in a scratch folder on the disk
 being measured.`, stderr)
 	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
-	n := fs.Int("n", 5000, "messages per measured run")
+	n := fs.Int("n", 20000, "messages per measured run (long enough to include checkpoints)")
 	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
 	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
 	if code := parse(fs, args); code >= 0 {

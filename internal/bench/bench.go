@@ -236,7 +236,7 @@ func (s *Surrogate) Close() error {
 // Options configure Run.
 type Options struct {
 	Conns    []int    // connection counts to measure (default 1 and 16)
-	Messages int      // messages per measured run (default 5000)
+	Messages int      // messages per measured run (default 20000)
 	Warmup   int      // messages sent before measuring (default 200)
 	Dir      string   // scratch folder on the disk to measure (required)
 	Corpus   [][]byte // messages to send (required)
@@ -250,7 +250,7 @@ func Run(ctx context.Context, opts Options) ([]Result, error) {
 		opts.Conns = []int{1, 16}
 	}
 	if opts.Messages <= 0 {
-		opts.Messages = 5000
+		opts.Messages = 20000
 	}
 	if opts.Warmup <= 0 {
 		opts.Warmup = 200
