@@ -125,7 +125,7 @@ type Store struct {
 	ingest      chan []logRecord
 	ingestDone  chan struct{}
 	kick        chan struct{} // a query waits for the ingester
-	pauseIngest atomic.Bool // tests: leave records in the log only
+	pauseIngest atomic.Bool   // tests: leave records in the log only
 	ingMu       sync.Mutex
 	ingested    int64         // guarded by ingMu: highest id in the database
 	ingestedCh  chan struct{} // guarded by ingMu: closed when ingested advances
@@ -434,7 +434,7 @@ func (s *Store) checkpoint(mode string) {
 	ingested := s.ingested
 	s.ingMu.Unlock()
 	var busy, frames, copied int
-	err := s.db.QueryRow("PRAGMA wal_checkpoint(" + mode + ")").Scan(&busy, &frames, &copied)
+	err := s.db.QueryRow("PRAGMA wal_checkpoint("+mode+")").Scan(&busy, &frames, &copied)
 	switch {
 	case err != nil:
 		s.log.Warn("store checkpoint failed", "err", err)
