@@ -191,6 +191,24 @@ func (in *instance) messages() []storedMessage {
 	return list
 }
 
+// waitMessages polls "hl7mail messages" until it lists want messages (the
+// read-only view trails the running instance by a fraction of a second)
+// and returns them; it fails after 20 seconds.
+func (in *instance) waitMessages(want int, ok func([]storedMessage) bool) []storedMessage {
+	in.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		list := in.messages()
+		if len(list) == want && (ok == nil || ok(list)) {
+			return list
+		}
+		if time.Now().After(deadline) {
+			in.t.Fatalf("hl7mail messages lists %d messages after 20s, want %d", len(list), want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer

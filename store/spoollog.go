@@ -8,6 +8,8 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"path/filepath"
+	"sort"
 	"syscall"
 )
 
@@ -32,13 +34,12 @@ import (
 // A record that is short or fails its checksum ends the log: it is the tail
 // of a write that never completed, so it was never acknowledged.
 //
-// The file is zero-filled ahead (preallocSize) and written in place from the
-// start again once emptied, so that a sync flushes only data: a file that
-// grows needs a journal commit on every sync, which on ext4 also writes out
-// every other file's dirty data. Records left from an earlier pass through
-// the file have smaller ids, and reading stops at the first id that does not
-// increase.
-const spoolLogName = "spool.log"
+// The log is a set of segment files, each zero-filled ahead and written in
+// place, so that a sync flushes only data: a file that grows needs a journal
+// commit on every sync, which on ext4 also writes out other files' dirty
+// data. A full segment is left for another whose records are all synced in
+// the database; records left from an earlier pass through a segment have
+// smaller ids, and reading stops at the first id that does not increase.
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -111,29 +112,80 @@ func decodeRecord(body []byte) (logRecord, error) {
 	return r, nil
 }
 
-// preallocSize is how much of the log file is zero-filled ahead.
-const preallocSize = 16 << 20
+// segmentSize is the size each segment file is zero-filled to. Writing
+// moves to another segment when the active one is full.
+const segmentSize = 16 << 20
 
-// spoolLog is the open log file. Its methods are called under the store's
-// commitMu.
-type spoolLog struct {
+// segment is one file of the spool log.
+type segment struct {
 	f    *os.File
-	size int64 // where the next record goes: the bytes in use
-	buf  []byte
+	path string
+	last int64 // highest id written to it since it was last reused
+}
+
+// spoolLog is the log: segment files spool-N.log, one of them active. Its
+// methods are called under the store's commitMu.
+type spoolLog struct {
+	dir     string
+	segSize int64
+	segs    []*segment
+	active  int
+	size    int64 // bytes in use in the active segment
+	buf     []byte
 	// failNext, when set (in tests), makes the next append fail as a full
 	// disk would.
 	failNext error
 }
 
-// openSpoolLog opens the log at path, returns the records it holds and cuts
-// off an incomplete tail.
-func openSpoolLog(path string) (*spoolLog, []logRecord, error) {
+// openSpoolLog opens the segments in dir (creating two when there are
+// none) and returns the records they hold, in id order. Writing starts over
+// at the first segment: the caller replays the records first.
+func openSpoolLog(dir string, segSize int64) (*spoolLog, []logRecord, error) {
+	if segSize <= 0 {
+		segSize = segmentSize
+	}
+	l := &spoolLog{dir: dir, segSize: segSize}
+	paths, err := filepath.Glob(filepath.Join(dir, "spool-*.log"))
+	if err != nil {
+		return nil, nil, err
+	}
+	sort.Strings(paths)
+	var recs []logRecord
+	for _, p := range paths {
+		seg, segRecs, _, err := openSegment(p)
+		if err != nil {
+			l.close()
+			return nil, nil, err
+		}
+		l.segs = append(l.segs, seg)
+		recs = append(recs, segRecs...)
+	}
+	for len(l.segs) < 2 {
+		if err := l.addSegment(); err != nil {
+			l.close()
+			return nil, nil, err
+		}
+	}
+	for _, seg := range l.segs {
+		if err := preallocate(seg.f, segSize); err != nil {
+			l.close()
+			return nil, nil, err
+		}
+	}
+	sort.Slice(recs, func(i, j int) bool { return recs[i].seq < recs[j].seq })
+	return l, recs, nil
+}
+
+// openSegment opens a segment file and reads its records: they run while
+// each is complete, checks out and has a larger id than the one before.
+// end is where they end.
+func openSegment(path string) (*segment, []logRecord, int64, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, nil, fmt.Errorf("store: open spool log: %w", err)
+		return nil, nil, 0, fmt.Errorf("store: open spool log: %w", err)
 	}
 	var recs []logRecord
-	var good, prev int64
+	var end, prev int64
 	br := bufio.NewReaderSize(f, 1<<20)
 	hdr := make([]byte, logHeader)
 	for {
@@ -157,70 +209,119 @@ func openSpoolLog(path string) (*spoolLog, []logRecord, error) {
 		}
 		prev = r.seq
 		recs = append(recs, r)
-		good += logHeader + int64(n)
+		end += logHeader + int64(n)
 	}
-	l := &spoolLog{f: f, size: good}
-	if err := l.prealloc(); err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	return l, recs, nil
+	return &segment{f: f, path: path}, recs, end, nil
 }
 
-// prealloc zero-fills the file up to preallocSize and syncs it, so that
-// later writes within it change no file metadata.
-func (l *spoolLog) prealloc() error {
-	st, err := l.f.Stat()
+// addSegment creates the next segment file, zero-filled.
+func (l *spoolLog) addSegment() error {
+	p := filepath.Join(l.dir, fmt.Sprintf("spool-%d.log", len(l.segs)))
+	seg, _, _, err := openSegment(p)
+	if err != nil {
+		return err
+	}
+	if err := preallocate(seg.f, l.segSize); err != nil {
+		seg.f.Close()
+		return err
+	}
+	if err := syncDir(l.dir); err != nil {
+		seg.f.Close()
+		return err
+	}
+	l.segs = append(l.segs, seg)
+	return nil
+}
+
+// preallocate zero-fills f up to size and syncs it, so that later writes
+// within it change no file metadata.
+func preallocate(f *os.File, size int64) error {
+	st, err := f.Stat()
 	if err != nil {
 		return fmt.Errorf("store: spool log: %w", err)
 	}
-	if st.Size() >= preallocSize {
+	if st.Size() >= size {
 		return nil
 	}
 	zeros := make([]byte, 1<<20)
-	for off := st.Size(); off < preallocSize; off += int64(len(zeros)) {
-		if _, err := l.f.WriteAt(zeros[:min(int64(len(zeros)), preallocSize-off)], off); err != nil {
+	for off := st.Size(); off < size; off += int64(len(zeros)) {
+		if _, err := f.WriteAt(zeros[:min(int64(len(zeros)), size-off)], off); err != nil {
 			return fmt.Errorf("store: preallocate spool log: %w", err)
 		}
 	}
-	if err := l.f.Sync(); err != nil {
+	if err := f.Sync(); err != nil {
 		return fmt.Errorf("store: preallocate spool log: %w", err)
 	}
 	return nil
 }
 
-// append writes recs in one write at the end of the records in use and
-// syncs them. On failure the records in use are unchanged: the next append
-// writes over whatever part of the failed one reached the file.
-func (l *spoolLog) append(recs []logRecord) error {
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// append writes recs in one write after the records in use and syncs them.
+// When the active segment is full, writing moves to a segment whose records
+// all have ids up to durable (they are synced in the database), or to a new
+// segment when none is. On failure the records in use are unchanged: the
+// next append writes over whatever part of the failed one reached the file.
+func (l *spoolLog) append(recs []logRecord, durable int64) error {
 	l.buf = l.buf[:0]
 	for i := range recs {
 		l.buf = recs[i].appendTo(l.buf)
 	}
+	if l.size > 0 && l.size+int64(len(l.buf)) > l.segSize {
+		if err := l.rotate(durable); err != nil {
+			return err
+		}
+	}
 	err := l.failNext
 	l.failNext = nil
+	seg := l.segs[l.active]
 	if err == nil {
-		_, err = l.f.WriteAt(l.buf, l.size)
+		_, err = seg.f.WriteAt(l.buf, l.size)
 	}
 	if err == nil {
-		err = fdatasync(l.f)
+		err = fdatasync(seg.f)
 	}
 	if err != nil {
 		return fmt.Errorf("store: spool log write: %w", err)
 	}
 	l.size += int64(len(l.buf))
+	seg.last = recs[len(recs)-1].seq
 	if cap(l.buf) > 4<<20 {
 		l.buf = nil
 	}
 	return nil
 }
 
-// reset starts writing at the beginning again, once every record is synced
-// in the database. The old records stay until overwritten; their ids are
-// smaller, so reading stops at them.
-func (l *spoolLog) reset() { l.size = 0 }
+// rotate makes the next reusable segment active.
+func (l *spoolLog) rotate(durable int64) error {
+	for i := 1; i < len(l.segs); i++ {
+		j := (l.active + i) % len(l.segs)
+		if l.segs[j].last <= durable {
+			l.active, l.size = j, 0
+			return nil
+		}
+	}
+	if err := l.addSegment(); err != nil {
+		return err
+	}
+	l.active, l.size = len(l.segs)-1, 0
+	return nil
+}
 
-func (l *spoolLog) close() error { return l.f.Close() }
+func (l *spoolLog) close() error {
+	var errs []error
+	for _, seg := range l.segs {
+		errs = append(errs, seg.f.Close())
+	}
+	return errors.Join(errs...)
+}
 
 // fdatasync flushes the file's data (and the metadata needed to read it).
 func fdatasync(f *os.File) error {

@@ -19,8 +19,11 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -49,6 +52,12 @@ const (
 
 // ErrClosed is returned by Accept after Close.
 var ErrClosed = errors.New("store: closed")
+
+// ErrLocked is returned by Open when another process has the store open.
+var ErrLocked = errors.New("store: in use by another hl7mail process")
+
+// ErrReadOnly is returned by Accept on a store opened with OpenReadOnly.
+var ErrReadOnly = errors.New("store: opened read-only")
 
 // ErrNotFound is returned when no message has the given id.
 var ErrNotFound = errors.New("store: no such message")
@@ -97,18 +106,23 @@ type Options struct {
 	MaxBatch int
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
+
+	segmentSize int64 // spool log segment size (tests)
 }
 
 // Store is the spool. Its methods are safe for concurrent use.
 type Store struct {
-	dir  string
-	db   *sql.DB
-	log  *slog.Logger
-	now  func() time.Time
-	max  int
-	reqs chan *acceptReq
-	quit chan struct{}
-	done chan struct{} // writeLoop has ended
+	dir         string
+	segmentSize int64
+	lock        *os.File // held (flock) while the store is open for writing
+	readOnly    bool
+	db          *sql.DB
+	log         *slog.Logger
+	now         func() time.Time
+	max         int
+	reqs        chan *acceptReq
+	quit        chan struct{}
+	done        chan struct{} // writeLoop has ended
 
 	// commitMu is held by whoever appends to the spool log: the writer
 	// goroutine, or an Accept that finds it free and commits on its own
@@ -197,6 +211,10 @@ func Open(opts Options) (*Store, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: create folder: %w", err)
 	}
+	lock, err := lockDir(opts.Dir)
+	if err != nil {
+		return nil, err
+	}
 	q := url.Values{}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)",
 		// Checkpoints run in the background (checkpointLoop), not inside
@@ -207,10 +225,12 @@ func Open(opts Options) (*Store, error) {
 	dsn := "file:" + filepath.Join(opts.Dir, FileName) + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
 	s := &Store{
-		dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
+		lock: lock,
+		dir:  opts.Dir, segmentSize: opts.segmentSize, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
 		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}),
 		ingest: make(chan []logRecord, 1024), ingestDone: make(chan struct{}), kick: make(chan struct{}, 1), ingestedCh: make(chan struct{}),
 		ckDone: make(chan struct{}),
@@ -224,6 +244,7 @@ func Open(opts Options) (*Store, error) {
 			s.spool.close()
 		}
 		db.Close()
+		lock.Close()
 		return nil, err
 	}
 	go s.writeLoop()
@@ -252,7 +273,7 @@ func (s *Store) open() error {
 	if err := s.stmts.prepare(ctx, w); err != nil {
 		return err
 	}
-	spool, recs, err := openSpoolLog(filepath.Join(s.dir, spoolLogName))
+	spool, recs, err := openSpoolLog(s.dir, s.segmentSize)
 	if err != nil {
 		return err
 	}
@@ -275,9 +296,14 @@ func (s *Store) open() error {
 			"first_id", replay[0].seq, "last_id", replay[len(replay)-1].seq)
 		maxID = replay[len(replay)-1].seq
 	}
-	// Whatever the database holds now survived the last stop: the log can
-	// be written from the start again.
-	spool.reset()
+	// Sync the database before the log is written over.
+	var busy, frames, copied int
+	if err := s.db.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &frames, &copied); err != nil {
+		return fmt.Errorf("store: checkpoint: %w", err)
+	}
+	if busy != 0 {
+		return errors.New("store: checkpoint at open was blocked: is another hl7mail using this store?")
+	}
 	s.nextSeq = maxID + 1
 	s.appended.Store(maxID)
 	s.ingested = maxID
@@ -338,6 +364,9 @@ func migrate(ctx context.Context, db *sql.DB) error {
 // is kept in state Duplicate and never sent. When ctx ends first an error is
 // returned; the message may still be stored.
 func (s *Store) Accept(ctx context.Context, m NewMessage) (Accepted, error) {
+	if s.readOnly {
+		return Accepted{}, ErrReadOnly
+	}
 	req := &acceptReq{m: m, hash: sha256.Sum256(m.Payload), res: make(chan acceptRes, 1)}
 	if s.commitMu.TryLock() {
 		if s.logClosed {
@@ -421,7 +450,6 @@ func (s *Store) checkpointLoop() {
 			return
 		case <-t.C:
 			s.checkpoint("PASSIVE")
-			s.maybeResetLog()
 		}
 	}
 }
@@ -467,7 +495,7 @@ func (s *Store) commit(batch []*acceptReq) {
 	for i, r := range batch {
 		recs[i] = logRecord{seq: s.nextSeq + int64(i), time: now, m: r.m, hash: r.hash}
 	}
-	err := s.spool.append(recs)
+	err := s.spool.append(recs, s.durable.Load())
 	s.stats.record(len(batch), time.Since(start))
 	if err != nil {
 		s.log.Error("store commit failed", "messages", len(batch), "err", err)
@@ -563,26 +591,12 @@ func (s *Store) ingestWithRetry(recs []logRecord) bool {
 	}
 }
 
-// resetLogSize is the spool log size past which the log is written from
-// the start again, once every record in it is synced in the database.
-const resetLogSize = 8 << 20
-
-func (s *Store) maybeResetLog() {
-	// Never wait for commitMu here: a commit may be waiting on the ingest
-	// channel. The next batch tries again.
-	if !s.commitMu.TryLock() {
-		return
-	}
-	defer s.commitMu.Unlock()
-	if s.logClosed || s.spool.size < resetLogSize || s.durable.Load() != s.nextSeq-1 {
-		return
-	}
-	s.spool.reset()
-}
-
 // waitIngested waits until every message accepted so far is in the
 // database, so that queries see them.
 func (s *Store) waitIngested(ctx context.Context) error {
+	if s.readOnly {
+		return nil
+	}
 	target := s.appended.Load()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -641,6 +655,9 @@ func (s *Store) insert(recs []logRecord) (err error) {
 			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
+		// A batch is milliseconds of CPU: yield between rows so that the
+		// goroutines answering routers are not kept waiting for a CPU.
+		runtime.Gosched()
 	}
 	if _, err := st.commit.ExecContext(ctx); err != nil {
 		return fmt.Errorf("store: commit: %w", err)
@@ -648,9 +665,49 @@ func (s *Store) insert(recs []logRecord) (err error) {
 	return nil
 }
 
+// lockDir takes the store's lock file, so that one process at a time
+// writes to a store.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "hl7mail.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("store: lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		pid, _ := os.ReadFile(f.Name())
+		f.Close()
+		return nil, fmt.Errorf("%w (held by process %s)", ErrLocked, strings.TrimSpace(string(pid)))
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	return f, nil
+}
+
+// OpenReadOnly opens the store in dir for queries only, whether or not
+// another process has it open for writing. It sees the messages that
+// process has moved into the database (within a fraction of a second of
+// accepting them); after a crash, messages still only in the spool log
+// appear once the store is opened for writing again.
+func OpenReadOnly(dir string) (*Store, error) {
+	path := filepath.Join(dir, FileName)
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	q := url.Values{}
+	q.Set("mode", "ro")
+	q.Add("_pragma", "busy_timeout(10000)")
+	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("store: open: %w", err)
+	}
+	return &Store{dir: dir, db: db, readOnly: true}, nil
+}
+
 // Close commits what is queued, waits until it is in the database, stops
 // the background work and closes the files. Close must not be called twice.
 func (s *Store) Close() error {
+	if s.readOnly {
+		return s.db.Close()
+	}
 	close(s.quit)
 	<-s.done
 	s.commitMu.Lock()
@@ -665,5 +722,7 @@ func (s *Store) Close() error {
 	// WAL behind. Records it does not cover are replayed at Open.
 	s.checkpoint("TRUNCATE")
 	s.spool.close()
-	return s.db.Close()
+	err := s.db.Close()
+	s.lock.Close()
+	return err
 }

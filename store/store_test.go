@@ -242,13 +242,13 @@ func TestTornTail(t *testing.T) {
 				s.Accept(context.Background(), msg("lab", fmt.Sprint(i), strings.Repeat("x", 50)))
 			}
 			s.Close()
-			path := filepath.Join(dir, spoolLogName)
-			l, _, err := openSpoolLog(path)
+			path := filepath.Join(dir, "spool-0.log")
+			seg, _, end64, err := openSegment(path)
 			if err != nil {
 				t.Fatal(err)
 			}
-			end := int(l.size)
-			l.close()
+			end := int(end64)
+			seg.f.Close()
 			b, err := os.ReadFile(path)
 			if err != nil {
 				t.Fatal(err)
@@ -274,7 +274,7 @@ func TestTornTail(t *testing.T) {
 // logRecords counts the records in a closed store's spool log.
 func logRecords(t *testing.T, dir string) int {
 	t.Helper()
-	l, recs, err := openSpoolLog(filepath.Join(dir, spoolLogName))
+	l, recs, err := openSpoolLog(dir, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,5 +370,90 @@ func BenchmarkAcceptSerial(b *testing.B) {
 		if _, err := s.Accept(ctx, msg("lab", fmt.Sprint(i), string(msgs[i%len(msgs)]))); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestSegments fills small log segments: while the database is synced,
+// writing cycles through the two segments; while it is not (ingest paused),
+// new segments are added and nothing is written over; every message is
+// there after a reopen.
+func TestSegments(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(Options{Dir: dir, Logger: slog.New(slog.DiscardHandler), segmentSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	payload := strings.Repeat("p", 300)
+	n := 0
+	accept := func(count int) {
+		for i := 0; i < count; i++ {
+			n++
+			if _, err := s.Accept(ctx, msg("lab", fmt.Sprint(n), payload)); err != nil {
+				t.Fatal(err)
+			}
+			if n%5 == 0 { // ingested and synced now and then
+				s.List(ctx, Filter{Limit: 1})
+				s.checkpoint("PASSIVE")
+			}
+		}
+	}
+	accept(100) // 100 × ~350 bytes: about nine segments' worth
+	if segs := segmentFiles(t, dir); segs > 3 {
+		t.Errorf("%d segment files with the database kept in sync, want at most 3", segs)
+	}
+	s.pauseIngest.Store(true)
+	for i := 0; i < 40; i++ {
+		n++
+		if _, err := s.Accept(ctx, msg("lab", fmt.Sprint(n), payload)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if segs := segmentFiles(t, dir); segs < 4 {
+		t.Errorf("%d segment files while nothing is synced, want new ones added", segs)
+	}
+	s.Close()
+	s, err = Open(Options{Dir: dir, Logger: slog.New(slog.DiscardHandler), segmentSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	list, err := s.List(ctx, Filter{Limit: 1000})
+	if err != nil || len(list) != n {
+		t.Fatalf("after reopen %d messages, %v; want %d", len(list), err, n)
+	}
+}
+
+func segmentFiles(t *testing.T, dir string) int {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(dir, "spool-*.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(m)
+}
+
+// TestLock: a second writer is refused; a read-only view works beside the
+// writer and sees what it accepted.
+func TestLock(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	defer s.Close()
+	if _, err := Open(Options{Dir: dir}); !errors.Is(err, ErrLocked) {
+		t.Errorf("second Open = %v, want ErrLocked", err)
+	}
+	ctx := context.Background()
+	s.Accept(ctx, msg("lab", "1", "A"))
+	s.List(ctx, Filter{}) // in the database now
+	ro, err := OpenReadOnly(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if list, err := ro.List(ctx, Filter{}); err != nil || len(list) != 1 {
+		t.Errorf("read-only List = %d, %v; want 1", len(list), err)
+	}
+	if _, err := ro.Accept(ctx, msg("lab", "2", "B")); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("read-only Accept = %v, want ErrReadOnly", err)
 	}
 }

@@ -38,7 +38,7 @@ whether or not hl7mail serve is running.`, stderr)
 		fmt.Fprintf(stderr, "hl7mail messages: no store in %s (has hl7mail serve run?)\n", cfg.StoreDir())
 		return 1
 	}
-	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
+	st, err := store.OpenReadOnly(cfg.StoreDir())
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail messages:", err)
 		return 1
