@@ -1,6 +1,7 @@
 package hl7
 
 import (
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
@@ -193,4 +194,43 @@ func (g *IDGen) Next() string {
 	n := g.n
 	g.mu.Unlock()
 	return g.prefix + strconv.FormatUint(n, 36)
+}
+
+// AckResult is what an acknowledgement says.
+type AckResult struct {
+	Header    *Header
+	Code      AckCode // MSA-1
+	ControlID string  // MSA-2: the control ID of the message acknowledged
+	Text      string  // MSA-3, if any
+}
+
+// Accepted reports whether the code is CA or AA.
+func (r AckResult) Accepted() bool { return r.Code == CommitAccept || r.Code == ApplicationAccept }
+
+// ErrNotAck means a message is not an acknowledgement with an MSA segment.
+var ErrNotAck = errors.New("not an acknowledgement (no MSA segment)")
+
+// ParseAck reads the MSH and MSA segments of an acknowledgement.
+func ParseAck(msg []byte) (AckResult, error) {
+	h, err := ParseHeader(msg)
+	if err != nil {
+		return AckResult{}, err
+	}
+	f := string(h.Delims.Field)
+	for _, seg := range strings.FieldsFunc(string(msg), func(r rune) bool { return r == '\r' || r == '\n' }) {
+		rest, ok := strings.CutPrefix(seg, "MSA"+f)
+		if !ok {
+			continue
+		}
+		fields := strings.Split(rest, f)
+		r := AckResult{Header: h, Code: AckCode(fields[0])}
+		if len(fields) > 1 {
+			r.ControlID = fields[1]
+		}
+		if len(fields) > 2 {
+			r.Text = fields[2]
+		}
+		return r, nil
+	}
+	return AckResult{}, ErrNotAck
 }

@@ -277,3 +277,25 @@ func TestSplit(t *testing.T) {
 		}
 	}
 }
+
+func TestParseAck(t *testing.T) {
+	tests := []struct {
+		in       string
+		code, id string
+		text     string
+		accepted bool
+		wantErr  error
+	}{
+		{"MSH|^~\\&|A|B|C|D|2020||ACK|1|P|2.3\rMSA|CA|77\r", "CA", "77", "", true, nil},
+		{"MSH|^~\\&|A|B|C|D|2020||ACK|1|P|2.3\rMSA|AR|77|no such patient\r", "AR", "77", "no such patient", false, nil},
+		{"MSH#$*@%#A#B#C#D#2020##ACK#1#P#2.5\nMSA#AA#x9\nERR###207\n", "AA", "x9", "", true, nil},
+		{"MSH|^~\\&|A|B|C|D|2020||ACK|1|P|2.3\r", "", "", "", false, ErrNotAck},
+		{"garbage", "", "", "", false, ErrNotHL7},
+	}
+	for _, tt := range tests {
+		r, err := ParseAck([]byte(tt.in))
+		if !errors.Is(err, tt.wantErr) || string(r.Code) != tt.code || r.ControlID != tt.id || r.Text != tt.text || r.Accepted() != tt.accepted {
+			t.Errorf("ParseAck(%q) = %+v, %v; want %s %s %q, %v", tt.in, r, err, tt.code, tt.id, tt.text, tt.wantErr)
+		}
+	}
+}

@@ -13,22 +13,16 @@ import (
 	"testing"
 
 	"github.com/hl7mail/hl7mail/internal/corpus"
+	"github.com/hl7mail/hl7mail/internal/testlog"
 )
 
 func open(t *testing.T, dir string) *Store {
 	t.Helper()
-	s, err := Open(Options{Dir: dir, Logger: slog.New(slog.NewTextHandler(tWriter{t}, nil))})
+	s, err := Open(Options{Dir: dir, Logger: testlog.New(t, slog.LevelInfo)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return s
-}
-
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(string(bytes.TrimSpace(p)))
-	return len(p), nil
 }
 
 func msg(partner, id string, payload string) NewMessage {

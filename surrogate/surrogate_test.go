@@ -13,19 +13,13 @@ import (
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/corpus"
+	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/store"
 )
 
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(string(bytes.TrimSpace(p)))
-	return len(p), nil
-}
-
 func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return testlog.New(t, slog.LevelWarn)
 }
 
 // start runs a surrogate on 127.0.0.1:0 and checks at the end that no panic
@@ -80,7 +74,8 @@ func dial(t *testing.T, addr string) *mllp.Client {
 	return c
 }
 
-func send(t *testing.T, c *mllp.Client, msg string) *hl7.Header {
+// msa sends msg and returns what the acknowledgement says.
+func msa(t *testing.T, c *mllp.Client, msg string) hl7.AckResult {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -88,41 +83,16 @@ func send(t *testing.T, c *mllp.Client, msg string) *hl7.Header {
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
-	return parseAck(t, reply)
+	return ackOf(t, reply)
 }
 
-// ack is an acknowledgement read back: its header and MSA fields.
-func parseAck(t *testing.T, reply []byte) *hl7.Header {
+func ackOf(t *testing.T, reply []byte) hl7.AckResult {
 	t.Helper()
-	h, err := hl7.ParseHeader(reply)
-	if err != nil || !h.IsAck() {
+	r, err := hl7.ParseAck(reply)
+	if err != nil || !r.Header.IsAck() {
 		t.Fatalf("reply %q is not an ACK: %v", reply, err)
 	}
-	return h
-}
-
-// msa returns the fields of the MSA segment of reply.
-func msa(t *testing.T, c *mllp.Client, msg string) []string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	reply, err := c.Send(ctx, []byte(msg))
-	if err != nil {
-		t.Fatalf("Send: %v", err)
-	}
-	return msaOf(t, reply)
-}
-
-func msaOf(t *testing.T, reply []byte) []string {
-	t.Helper()
-	h := parseAck(t, reply)
-	for _, seg := range strings.Split(string(reply), "\r") {
-		if strings.HasPrefix(seg, "MSA"+string(h.Delims.Field)) {
-			return strings.Split(seg, string(h.Delims.Field))
-		}
-	}
-	t.Fatalf("no MSA in %q", reply)
-	return nil
+	return r
 }
 
 func oru(id, msh15 string) string {
@@ -152,9 +122,8 @@ func TestCorpus(t *testing.T) {
 					t.Errorf("message %d: %v", i, err)
 					return
 				}
-				f := msaOf(t, reply)
-				ack, _ := hl7.ParseHeader(reply)
-				if f[1] != "CA" || f[2] != req.ControlID || ack.SendingApp != req.ReceivingApp || ack.ReceivingApp != req.SendingApp {
+				a := ackOf(t, reply)
+				if a.Code != hl7.CommitAccept || a.ControlID != req.ControlID || a.Header.SendingApp != req.ReceivingApp || a.Header.ReceivingApp != req.SendingApp {
 					t.Errorf("message %d: ACK %q", i, reply)
 				}
 			}
@@ -193,9 +162,9 @@ func TestRejects(t *testing.T) {
 		{"after rejects, still served", oru("ok", "AL"), "CA", "ok", ""},
 	}
 	for _, tt := range tests {
-		f := msa(t, c, tt.msg)
-		if f[1] != tt.code || f[2] != tt.id || len(f) > 3 != (tt.text != "") || tt.text != "" && !strings.Contains(f[3], tt.text) {
-			t.Errorf("%s: MSA = %q, want %s|%s|...%s", tt.name, f, tt.code, tt.id, tt.text)
+		a := msa(t, c, tt.msg)
+		if string(a.Code) != tt.code || a.ControlID != tt.id || (a.Text != "") != (tt.text != "") || !strings.Contains(a.Text, tt.text) {
+			t.Errorf("%s: ACK = %+v, want %s|%s|...%s", tt.name, a, tt.code, tt.id, tt.text)
 		}
 	}
 	list, _ := st.List(context.Background(), store.Filter{})
@@ -236,9 +205,9 @@ func (f failingSpool) Accept(context.Context, store.NewMessage) (store.Accepted,
 func TestStoreFailureAnswersCE(t *testing.T) {
 	_, addr := start(t, Options{Spool: failingSpool{errors.New("store: commit: database or disk is full (13)")}})
 	c := dial(t, addr)
-	f := msa(t, c, oru("d1", "AL"))
-	if f[1] != "CE" || f[2] != "d1" || !strings.Contains(f[3], "send it again") || strings.Contains(f[3], "disk") {
-		t.Errorf("MSA = %q, want CE with a generic reason", f)
+	a := msa(t, c, oru("d1", "AL"))
+	if a.Code != hl7.CommitError || a.ControlID != "d1" || !strings.Contains(a.Text, "send it again") || strings.Contains(a.Text, "disk") {
+		t.Errorf("ACK = %+v, want CE with a generic reason", a)
 	}
 	// v2.5: the reason goes in an ERR segment.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -263,11 +232,11 @@ func TestAckPolicy(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if f := msa(t, c, oru("su", "SU")); f[1] != "CA" || f[2] != "su" {
-		t.Errorf("after unanswered messages, MSA = %q, want CA for su", f)
+	if a := msa(t, c, oru("su", "SU")); a.Code != "CA" || a.ControlID != "su" {
+		t.Errorf("after unanswered messages, MSA = %+v, want CA for su", a)
 	}
-	if f := msa(t, c, oru("orig", "")); f[1] != "AA" || f[2] != "orig" {
-		t.Errorf("original mode MSA = %q, want AA", f)
+	if a := msa(t, c, oru("orig", "")); a.Code != "AA" || a.ControlID != "orig" {
+		t.Errorf("original mode MSA = %+v, want AA", a)
 	}
 	list, _ := st.List(ctx, store.Filter{})
 	if len(list) != 5 {
@@ -280,8 +249,8 @@ func TestDuplicate(t *testing.T) {
 	_, addr := start(t, Options{Spool: st})
 	c := dial(t, addr)
 	for i := 0; i < 2; i++ {
-		if f := msa(t, c, oru("dup", "AL")); f[1] != "CA" {
-			t.Errorf("send %d: MSA = %q, want CA", i, f)
+		if a := msa(t, c, oru("dup", "AL")); a.Code != hl7.CommitAccept {
+			t.Errorf("send %d: ACK = %+v, want CA", i, a)
 		}
 	}
 	list, _ := st.List(context.Background(), store.Filter{})
@@ -303,8 +272,8 @@ func TestConnectionLimit(t *testing.T) {
 	if n, err := second.Read(make([]byte, 1)); n != 0 || err == nil || isTimeout(err) {
 		t.Errorf("second connection read = %d, %v; want closed", n, err)
 	}
-	if f := msa(t, first, oru("2", "AL")); f[1] != "CA" {
-		t.Errorf("first connection after refusal: %q", f)
+	if a := msa(t, first, oru("2", "AL")); a.Code != hl7.CommitAccept {
+		t.Errorf("first connection after refusal: %+v", a)
 	}
 }
 
@@ -369,8 +338,8 @@ func TestShutdown(t *testing.T) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	close(spool.release)
-	if f := msaOf(t, <-replies); f[1] != "CA" || f[2] != "inflight" {
-		t.Errorf("in-flight message answered %q, want CA", f)
+	if a := ackOf(t, <-replies); a.Code != hl7.CommitAccept || a.ControlID != "inflight" {
+		t.Errorf("in-flight message answered %+v, want CA", a)
 	}
 	if err := <-shut; err != nil {
 		t.Errorf("Shutdown = %v", err)
@@ -396,8 +365,8 @@ func (panickingSpool) Accept(context.Context, store.NewMessage) (store.Accepted,
 func TestPanicRecovered(t *testing.T) {
 	s, addr := start(t, Options{Spool: panickingSpool{}, Logger: slog.New(slog.DiscardHandler)})
 	c := dial(t, addr)
-	if f := msa(t, c, oru("p1", "AL")); f[1] != "CE" || f[2] != "p1" {
-		t.Errorf("after panic MSA = %q, want CE", f)
+	if a := msa(t, c, oru("p1", "AL")); a.Code != "CE" || a.ControlID != "p1" {
+		t.Errorf("after panic MSA = %+v, want CE", a)
 	}
 	if s.Panics() != 1 {
 		t.Errorf("Panics() = %d, want 1", s.Panics())

@@ -16,10 +16,7 @@ and exits 0.`, stderr)
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
-	cfg, err := config.Load(*cfgPath)
-	if err == nil {
-		err = cfg.CheckFiles()
-	}
+	cfg, err := loadChecked(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
@@ -29,4 +26,16 @@ and exits 0.`, stderr)
 		fmt.Fprintf(stdout, "  %-20s listen %-21s → %s (%s)\n", p.Name, p.Listen, p.Email, p.Security)
 	}
 	return 0
+}
+
+// loadChecked loads the configuration and checks the files it names.
+func loadChecked(path string) (*config.Config, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.CheckFiles(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
 }

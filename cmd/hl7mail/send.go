@@ -111,18 +111,11 @@ message was accepted (CA or AA), 1 otherwise.`, stderr)
 
 // ackCode returns MSA-1 of an acknowledgement, or "?".
 func ackCode(reply []byte) string {
-	h, err := hl7.ParseHeader(reply)
+	r, err := hl7.ParseAck(reply)
 	if err != nil {
 		return "?"
 	}
-	f := string(h.Delims.Field)
-	for _, seg := range strings.Split(string(reply), "\r") {
-		if rest, ok := strings.CutPrefix(seg, "MSA"+f); ok {
-			code, _, _ := strings.Cut(rest, f)
-			return code
-		}
-	}
-	return "?"
+	return string(r.Code)
 }
 
 func isTimeout(err error) bool {

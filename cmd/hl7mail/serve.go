@@ -8,7 +8,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/gateway"
 )
 
@@ -29,10 +28,7 @@ SIGTERM, finishing the messages being stored.`, stderr)
 		fmt.Fprintln(stderr, "hl7mail serve:", err)
 		return 2
 	}
-	cfg, err := config.Load(*cfgPath)
-	if err == nil {
-		err = cfg.CheckFiles()
-	}
+	cfg, err := loadChecked(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1

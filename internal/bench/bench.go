@@ -86,30 +86,8 @@ func Drive(ctx context.Context, addr string, conns, n int, msgs [][]byte) (Resul
 }
 
 func isCA(reply []byte) bool {
-	h, err := hl7.ParseHeader(reply)
-	if err != nil {
-		return false
-	}
-	f := string(h.Delims.Field)
-	return slices.ContainsFunc(splitCR(reply), func(s string) bool {
-		return len(s) >= 6 && s[:6] == "MSA"+f+"CA"
-	})
-}
-
-func splitCR(b []byte) []string {
-	var out []string
-	for len(b) > 0 {
-		i := 0
-		for i < len(b) && b[i] != '\r' {
-			i++
-		}
-		out = append(out, string(b[:i]))
-		if i < len(b) {
-			i++
-		}
-		b = b[i:]
-	}
-	return out
+	r, err := hl7.ParseAck(reply)
+	return err == nil && r.Code == hl7.CommitAccept
 }
 
 // Baseline is a bare MLLP server that appends each message to one file and
