@@ -23,6 +23,7 @@ func commands() []command {
 		{"check", "validate partners.yaml and the files it names", runCheck},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
 		{"messages", "list stored messages (no payloads)", runMessages},
+		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
 	}
 }
