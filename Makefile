@@ -32,6 +32,8 @@ fuzz:
 	$(GO) test -run=^$$ -fuzz=FuzzParseHeader -fuzztime=$(FUZZTIME) ./hl7
 	$(GO) test -run=^$$ -fuzz=FuzzReadFrame -fuzztime=$(FUZZTIME) ./mllp
 	$(GO) test -run=^$$ -fuzz=FuzzRoundTrip -fuzztime=$(FUZZTIME) ./mllp
+	for f in FuzzMultipartParts FuzzParseMDN FuzzParseBundle FuzzDecodeEDI FuzzPGPOpen FuzzSMIMEOpen; do \
+		$(GO) test -run=^$$ -fuzz=^$$f\$$ -fuzztime=$(FUZZTIME) ./security || exit 1; done
 
 # Go benchmarks, then the CA latency/throughput table against the fsync baseline.
 bench:

@@ -1,0 +1,432 @@
+package security
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	netmail "net/mail"
+	"strings"
+
+	"github.com/emersion/go-message/textproto"
+)
+
+// Message disposition notifications (RFC 8098; draft-ietf-ediint-hl7-02
+// §4.1.3 tables 4 and 5), the headers that ask for them, and the
+// multipart/related bundle of an HL7 response with the MDN for its request
+// (§4.1.4).
+
+const (
+	typeMultipartReport  = "multipart/report"
+	typeMultipartRelated = "multipart/related"
+	typeDispositionNote  = "message/disposition-notification"
+	// TypeEDIResponse is the type parameter of the response bundle.
+	TypeEDIResponse = "application/x-edi-response"
+)
+
+// Disposition types (table 4) and modifiers (table 5).
+const (
+	Processed  = "processed"
+	Failed     = "failed"
+	Dispatched = "dispatched"
+	Deleted    = "deleted"
+	Denied     = "denied"
+
+	ModError      = "error"
+	ModWarning    = "warning"
+	ModSuperseded = "superseded"
+	ModExpired    = "expired"
+)
+
+var dispositionTypes = map[string]bool{Processed: true, Failed: true, Dispatched: true, Deleted: true, Denied: true,
+	"displayed": true}
+var dispositionModifiers = map[string]bool{ModError: true, ModWarning: true, ModSuperseded: true, ModExpired: true,
+	"mailbox-terminated": true}
+
+// Disposition is the Disposition field of an MDN.
+type Disposition struct {
+	Type     string // processed, failed, dispatched, deleted, denied
+	Modifier string // error, warning, superseded, expired, or empty
+}
+
+// String writes the field value, always sent automatically.
+func (d Disposition) String() string {
+	s := "automatic-action/MDN-sent-automatically; " + d.Type
+	if d.Modifier != "" {
+		s += "/" + d.Modifier
+	}
+	return s
+}
+
+// OK reports whether the disposition is a plain processed.
+func (d Disposition) OK() bool { return d.Type == Processed && d.Modifier == "" }
+
+func parseDisposition(v string) (Disposition, error) {
+	_, status, ok := strings.Cut(v, ";")
+	if !ok {
+		return Disposition{}, malformed("Disposition %q has no disposition type", v)
+	}
+	status = strings.ToLower(strings.TrimSpace(status))
+	t, mod, _ := strings.Cut(status, "/")
+	t, mod = strings.TrimSpace(t), strings.TrimSpace(mod)
+	if !dispositionTypes[t] {
+		return Disposition{}, malformed("Disposition type %q", t)
+	}
+	if mod != "" {
+		// Several modifiers may be listed; the first known one is kept.
+		first := strings.TrimSpace(strings.Split(mod, ",")[0])
+		if !dispositionModifiers[first] {
+			return Disposition{}, malformed("Disposition modifier %q", first)
+		}
+		mod = first
+	}
+	return Disposition{Type: t, Modifier: mod}, nil
+}
+
+// MDN is a message disposition notification.
+type MDN struct {
+	ReportingUA       string // "host; product"
+	OriginalRecipient string // address, optional
+	FinalRecipient    string // address
+	OriginalMessageID string // with its angle brackets
+	Disposition       Disposition
+	MIC               *MIC   // Received-Content-MIC, when the request was signed
+	Error             string // Error field: the reason for failed or processed/error
+	Text              string // the human-readable part
+}
+
+// Entity returns the MDN as a multipart/report MIME entity in canonical form.
+func (m *MDN) Entity() ([]byte, error) {
+	if m.FinalRecipient == "" || m.OriginalMessageID == "" || m.Disposition.Type == "" {
+		return nil, fmt.Errorf("security: MDN needs Final-Recipient, Original-Message-ID and a disposition")
+	}
+	var fields bytes.Buffer
+	field := func(k, v string) {
+		fields.WriteString(k + ": " + oneLine(v) + "\r\n")
+	}
+	field("Reporting-UA", m.ReportingUA)
+	if m.OriginalRecipient != "" {
+		field("Original-Recipient", "rfc822; "+m.OriginalRecipient)
+	}
+	field("Final-Recipient", "rfc822; "+m.FinalRecipient)
+	field("Original-Message-ID", m.OriginalMessageID)
+	field("Disposition", m.Disposition.String())
+	if m.MIC != nil {
+		field("Received-Content-MIC", m.MIC.String())
+	}
+	if m.Error != "" {
+		field("Error", m.Error)
+	}
+	text := m.Text
+	if text == "" {
+		text = defaultText(m.Disposition)
+	}
+	boundary := newBoundary()
+	var b bytes.Buffer
+	writeEntityHeader(&b, typeMultipartReport, map[string]string{"report-type": "disposition-notification", "boundary": boundary})
+	b.WriteString("--" + boundary + "\r\n")
+	writeEntityHeader(&b, "text/plain", map[string]string{"charset": "us-ascii"}, "Content-Transfer-Encoding: 7bit")
+	b.WriteString(oneLine(text) + "\r\n")
+	b.WriteString("\r\n--" + boundary + "\r\n")
+	writeEntityHeader(&b, typeDispositionNote, nil, "Content-Transfer-Encoding: 7bit")
+	b.Write(fields.Bytes())
+	b.WriteString("\r\n--" + boundary + "--\r\n")
+	return b.Bytes(), nil
+}
+
+func defaultText(d Disposition) string {
+	switch {
+	case d.OK():
+		return "The message has been received and processed."
+	case d.Type == Processed:
+		return "The message has been received; processing reported " + d.Modifier + "."
+	case d.Type == Deleted:
+		return "The message has been deleted (" + d.Modifier + ")."
+	}
+	return "The message has been " + d.Type + "."
+}
+
+// oneLine keeps a field value on one line of printable ASCII.
+func oneLine(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < ' ' || r > '~' {
+			return ' '
+		}
+		return r
+	}, s)
+}
+
+// ParseMDN reads a multipart/report; report-type=disposition-notification
+// entity.
+func ParseMDN(entity []byte) (*MDN, error) {
+	h, body, err := splitEntity(entity)
+	if err != nil {
+		return nil, err
+	}
+	ct, params, err := contentType(h)
+	if err != nil {
+		return nil, err
+	}
+	if ct != typeMultipartReport || !strings.EqualFold(params["report-type"], "disposition-notification") {
+		return nil, malformed("MDN is %s; report-type=%q", ct, params["report-type"])
+	}
+	parts, err := multipartParts(body, params["boundary"])
+	if err != nil {
+		return nil, err
+	}
+	m := &MDN{}
+	found := false
+	for _, p := range parts {
+		ph, _, err := splitEntity(p)
+		if err != nil {
+			return nil, err
+		}
+		pct, _, err := contentType(ph)
+		if err != nil {
+			return nil, err
+		}
+		switch pct {
+		case "text/plain":
+			if m.Text == "" {
+				t, err := decodedBody(p)
+				if err != nil {
+					return nil, err
+				}
+				m.Text = strings.TrimSpace(string(t))
+			}
+		case typeDispositionNote:
+			if found {
+				return nil, malformed("MDN has two disposition-notification parts")
+			}
+			found = true
+			b, err := decodedBody(p)
+			if err != nil {
+				return nil, err
+			}
+			if err := m.readFields(b); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if !found {
+		return nil, malformed("MDN has no message/disposition-notification part")
+	}
+	return m, nil
+}
+
+func (m *MDN) readFields(b []byte) error {
+	// Fields are header-like; a blank line ends a group (RFC 8098 §3.1).
+	fh, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(append(bytes.TrimLeft(b, "\r\n"), "\r\n\r\n"...))))
+	if err != nil {
+		return malformed("disposition-notification fields: %v", err)
+	}
+	m.ReportingUA = fh.Get("Reporting-UA")
+	m.OriginalRecipient = addressOf(fh.Get("Original-Recipient"))
+	m.FinalRecipient = addressOf(fh.Get("Final-Recipient"))
+	m.OriginalMessageID = strings.TrimSpace(fh.Get("Original-Message-ID"))
+	m.Error = strings.TrimSpace(fh.Get("Error"))
+	if m.FinalRecipient == "" {
+		return malformed("MDN without Final-Recipient")
+	}
+	d := fh.Get("Disposition")
+	if d == "" {
+		return malformed("MDN without Disposition")
+	}
+	if m.Disposition, err = parseDisposition(d); err != nil {
+		return err
+	}
+	if v := fh.Get("Received-Content-MIC"); v != "" {
+		mic, err := ParseMIC(v)
+		if err != nil {
+			return err
+		}
+		m.MIC = &mic
+	}
+	return nil
+}
+
+// addressOf returns the address of "rfc822; addr".
+func addressOf(v string) string {
+	v = strings.TrimSpace(v)
+	if t, addr, ok := strings.Cut(v, ";"); ok && strings.EqualFold(strings.TrimSpace(t), "rfc822") {
+		return strings.TrimSpace(addr)
+	}
+	return v
+}
+
+// MDNRequest is what a sender asks for with Disposition-Notification-To and
+// Disposition-Notification-Options (RFC 8098 §2.1; RFC 3335 §4, RFC 4130
+// §7.3).
+type MDNRequest struct {
+	To string // the address the MDN is asked for at
+	// Protocol is the signed-receipt-protocol: pgp-signature or
+	// pkcs7-signature; empty for an unsigned receipt.
+	Protocol string
+	// MICAlgs are the signed-receipt-micalg values in order of preference.
+	MICAlgs []string
+	// Required is true when the signed receipt was asked for as required.
+	Required bool
+}
+
+// Headers returns the two header field values.
+func (r MDNRequest) Headers() (to, options string) {
+	if r.Protocol == "" {
+		return r.To, ""
+	}
+	imp := "optional"
+	if r.Required {
+		imp = "required"
+	}
+	algs := r.MICAlgs
+	if len(algs) == 0 {
+		algs = []string{"sha-256"}
+	}
+	return r.To, fmt.Sprintf("signed-receipt-protocol=%s, %s; signed-receipt-micalg=%s, %s",
+		imp, r.Protocol, imp, strings.Join(algs, ", "))
+}
+
+// ParseMDNRequest reads the request from a mail header: nil when none was
+// made. The draft's older "0,<protocol>" syntax is accepted as well.
+func ParseMDNRequest(h textproto.Header) (*MDNRequest, error) {
+	to := h.Get("Disposition-Notification-To")
+	if to == "" {
+		return nil, nil
+	}
+	addr, err := netmail.ParseAddress(to)
+	if err != nil {
+		return nil, malformed("Disposition-Notification-To %q: %v", to, err)
+	}
+	r := &MDNRequest{To: addr.Address}
+	opts := h.Get("Disposition-Notification-Options")
+	for _, p := range strings.Split(opts, ";") {
+		name, v, ok := strings.Cut(p, "=")
+		if !ok {
+			continue
+		}
+		vals := strings.Split(v, ",")
+		for i := range vals {
+			vals[i] = strings.ToLower(strings.TrimSpace(vals[i]))
+		}
+		if len(vals) < 2 {
+			return nil, malformed("Disposition-Notification-Options %q", opts)
+		}
+		imp := vals[0]
+		required := imp == "required" || imp == "1"
+		switch strings.ToLower(strings.TrimSpace(name)) {
+		case "signed-receipt-protocol":
+			r.Protocol, r.Required = vals[1], r.Required || required
+		case "signed-receipt-micalg":
+			r.MICAlgs = vals[1:]
+		}
+	}
+	return r, nil
+}
+
+// Bundle is an HL7 response bundled with the MDN for its request.
+type Bundle struct {
+	// Response is the MIME-EDI entity of the HL7 response (DecodeEDI reads
+	// it), nil when the bundle carries only the MDN.
+	Response []byte
+	MDN      *MDN
+}
+
+// BuildBundle returns the multipart/related; type="application/x-edi-
+// response" entity: the HL7 response entity first, the MDN second
+// (draft-ietf-ediint-hl7-02 §4.1.4). It is then signed as a whole.
+func BuildBundle(response, mdn []byte) []byte {
+	boundary := newBoundary()
+	var b bytes.Buffer
+	writeEntityHeader(&b, typeMultipartRelated, map[string]string{"type": TypeEDIResponse, "boundary": boundary})
+	b.WriteString("--" + boundary + "\r\n")
+	b.Write(Canonical(response))
+	b.WriteString("\r\n--" + boundary + "\r\n")
+	b.Write(Canonical(mdn))
+	b.WriteString("\r\n--" + boundary + "--\r\n")
+	return b.Bytes()
+}
+
+// ParseBundle reads a response bundle. The type parameter is matched
+// without regard to case (the draft writes application/x-EDI-response).
+func ParseBundle(entity []byte) (*Bundle, error) {
+	h, body, err := splitEntity(entity)
+	if err != nil {
+		return nil, err
+	}
+	ct, params, err := contentType(h)
+	if err != nil {
+		return nil, err
+	}
+	if ct != typeMultipartRelated || !strings.EqualFold(params["type"], TypeEDIResponse) {
+		return nil, malformed("bundle is %s; type=%q", ct, params["type"])
+	}
+	parts, err := multipartParts(body, params["boundary"])
+	if err != nil {
+		return nil, err
+	}
+	b := &Bundle{}
+	for _, p := range parts {
+		ph, _, err := splitEntity(p)
+		if err != nil {
+			return nil, err
+		}
+		pct, _, err := contentType(ph)
+		if err != nil {
+			return nil, err
+		}
+		switch pct {
+		case TypeEDIHL7, TypeXEDIHL7, TypeEDIConsent:
+			if b.Response != nil {
+				return nil, malformed("bundle holds two HL7 responses")
+			}
+			b.Response = p
+		case typeMultipartReport:
+			if b.MDN != nil {
+				return nil, malformed("bundle holds two MDNs")
+			}
+			if b.MDN, err = ParseMDN(p); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, malformed("bundle part of type %s", pct)
+		}
+	}
+	if b.MDN == nil {
+		return nil, malformed("bundle without an MDN")
+	}
+	return b, nil
+}
+
+// Kind is what an opened (decrypted and verified) entity carries.
+type Kind int
+
+// Kinds of content.
+const (
+	KindUnknown Kind = iota
+	KindHL7          // a MIME-EDI entity: an HL7 message
+	KindMDN          // a multipart/report MDN
+	KindBundle       // an HL7 response bundled with an MDN
+)
+
+func (k Kind) String() string {
+	return [...]string{"unknown", "hl7", "mdn", "bundle"}[k]
+}
+
+// Classify tells what an opened entity carries from its Content-Type.
+func Classify(entity []byte) Kind {
+	h, _, err := splitEntity(entity)
+	if err != nil {
+		return KindUnknown
+	}
+	ct, params, err := contentType(h)
+	if err != nil {
+		return KindUnknown
+	}
+	switch {
+	case ct == TypeEDIHL7 || ct == TypeXEDIHL7 || ct == TypeEDIConsent:
+		return KindHL7
+	case ct == typeMultipartReport && strings.EqualFold(params["report-type"], "disposition-notification"):
+		return KindMDN
+	case ct == typeMultipartRelated && strings.EqualFold(params["type"], TypeEDIResponse):
+		return KindBundle
+	}
+	return KindUnknown
+}
