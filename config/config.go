@@ -38,6 +38,8 @@ type Config struct {
 
 	// File is the path the configuration was read from.
 	File string `yaml:"-"`
+
+	lines map[string]int // field path → line, for problems found later
 }
 
 // Self is this site's identity.
@@ -140,6 +142,12 @@ type Partner struct {
 	IdleTimeout Duration `yaml:"idle_timeout"`
 	// MaxMessageSize bounds one HL7 message in bytes (default 1 MiB).
 	MaxMessageSize int `yaml:"max_message_size"`
+	// KeyTransport is how S/MIME content keys are encrypted to this
+	// partner: oaep (RSA-OAEP-SHA256, default) or pkcs1v15 for partners
+	// whose software needs it.
+	KeyTransport string `yaml:"key_transport"`
+	// AcceptConsent allows application/edi-consent from this partner.
+	AcceptConsent bool `yaml:"accept_consent"`
 }
 
 // Defaults.
@@ -208,7 +216,8 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 	}
 	c.applyDefaults()
-	v := validator{c: c, e: e, lines: nodeLines(&root)}
+	c.lines = nodeLines(&root)
+	v := validator{c: c, e: e, lines: c.lines}
 	v.validate()
 	if len(e.Problems) > 0 {
 		return nil, e
@@ -265,6 +274,9 @@ func (c *Config) applyDefaults() {
 		}
 		if p.MaxMessageSize == 0 {
 			p.MaxMessageSize = DefaultMaxMessageSize
+		}
+		if p.KeyTransport == "" {
+			p.KeyTransport = "oaep"
 		}
 	}
 }

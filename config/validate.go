@@ -42,6 +42,7 @@ func (p Problem) String() string {
 type Error struct {
 	File     string
 	Problems []Problem
+	lines    map[string]int
 }
 
 func (e *Error) add(p Problem) { e.Problems = append(e.Problems, p) }
@@ -299,6 +300,11 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("mdn"), who, "signed, unsigned or none", "unknown value %q", p.MDN)
 		}
+		switch p.KeyTransport {
+		case "oaep", "pkcs1v15":
+		default:
+			v.addf(f("key_transport"), who, "oaep or pkcs1v15", "unknown value %q", p.KeyTransport)
+		}
 		switch p.ContentType {
 		case "application/edi-hl7", "application/x-edi-hl7":
 		default:
@@ -396,17 +402,33 @@ func isLoopback(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// Problems returns an empty problem list for this configuration, to which
+// checks made outside this package (loading keys) add problems that carry
+// the line of their field.
+func (c *Config) Problems() *Error {
+	return &Error{File: c.File, lines: c.lines}
+}
+
+// Addf adds a problem of field (e.g. "partners[1].pgp_key") for partner.
+func (e *Error) Addf(field, partner, hint, format string, args ...any) {
+	v := validator{e: e, lines: e.lines}
+	v.addf(field, partner, hint, format, args...)
+}
+
+// Err returns e when it holds problems, and nil otherwise.
+func (e *Error) Err() error {
+	if len(e.Problems) == 0 {
+		return nil
+	}
+	return e
+}
+
 // CheckFiles checks that the key, certificate, password and token files the
 // configuration names exist, are regular files and can be read, and that
 // the environment variables it names are set. It returns an *Error listing
 // every problem, or nil.
 func (c *Config) CheckFiles() error {
-	var root yaml.Node
-	lines := map[string]int{}
-	if data, err := os.ReadFile(c.File); err == nil && yaml.Unmarshal(data, &root) == nil {
-		lines = nodeLines(&root)
-	}
-	v := validator{c: c, e: &Error{File: c.File}, lines: lines}
+	v := validator{c: c, e: c.Problems(), lines: c.lines}
 	file := func(path, who, name string) {
 		if name == "" {
 			return
@@ -447,8 +469,5 @@ func (c *Config) CheckFiles() error {
 		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
 		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
 	}
-	if len(v.e.Problems) > 0 {
-		return v.e
-	}
-	return nil
+	return v.e.Err()
 }

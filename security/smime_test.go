@@ -182,3 +182,23 @@ func FuzzSMIMEOpen(f *testing.F) {
 		}
 	})
 }
+
+// TestSMIMEWeakKey: a signature by a certificate with an RSA key under 2048
+// bits is refused, even from the expected partner.
+func TestSMIMEWeakKey(t *testing.T) {
+	smimeCerts(t)
+	key, cert, err := GenerateCert(CertOptions{Name: "Weak", Email: "weak@partner.test", RSABits: 1024, NotBefore: now.Add(-time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	edi, _ := EncodeEDI([]byte("MSH|^~\\&|A\r"), EDIOptions{})
+	signed, _, err := SMIMESign(edi, cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, _ := SMIMEEncrypt(signed, []*x509.Certificate{sLab.cert}, OAEPSHA256)
+	keys := SMIMEKeys{Cert: sLab.cert, Key: sLab.key, Partners: []*x509.Certificate{cert}}
+	if _, err := SMIMEOpen(mail(enc), keys, cert, now); !errors.Is(err, ErrWeakAlgorithm) {
+		t.Errorf("SMIMEOpen(RSA-1024 signer) = %v, want ErrWeakAlgorithm", err)
+	}
+}

@@ -3,23 +3,30 @@ package main
 import (
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/gateway"
 )
 
 func runCheck(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("check", "[-config FILE]", `
-Validates the configuration and the key, certificate, password and token files
-it names. Prints every problem with its line and exits 1, or prints a summary
+Validates the configuration and the files it names: it loads every key and
+certificate (ours with the passphrase, the partners'), checks that each names
+the partner's address and has not expired, and warns of any that expire within
+30 days. Prints every problem with its line and exits 1, or prints a summary
 and exits 0.`, stderr)
 	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
-	cfg, err := loadChecked(*cfgPath)
+	cfg, keys, err := loadChecked(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
+	}
+	for _, w := range keys.Warnings {
+		fmt.Fprintln(stderr, "warning:", w)
 	}
 	fmt.Fprintf(stdout, "%s: OK, %d partners\n", *cfgPath, len(cfg.Partners))
 	for _, p := range cfg.Partners {
@@ -28,14 +35,19 @@ and exits 0.`, stderr)
 	return 0
 }
 
-// loadChecked loads the configuration and checks the files it names.
-func loadChecked(path string) (*config.Config, error) {
+// loadChecked loads the configuration, checks the files it names and loads
+// the keys and certificates.
+func loadChecked(path string) (*config.Config, *gateway.Keys, error) {
 	cfg, err := config.Load(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := cfg.CheckFiles(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return cfg, nil
+	keys, err := gateway.LoadKeys(cfg, time.Now())
+	if err != nil {
+		return nil, nil, err
+	}
+	return cfg, keys, nil
 }

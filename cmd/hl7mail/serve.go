@@ -28,10 +28,13 @@ SIGTERM, finishing the messages being stored.`, stderr)
 		fmt.Fprintln(stderr, "hl7mail serve:", err)
 		return 2
 	}
-	cfg, err := loadChecked(*cfgPath)
+	cfg, keys, err := loadChecked(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
+	}
+	for _, w := range keys.Warnings {
+		log.Warn("key or certificate expires soon", "detail", w)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()

@@ -1,0 +1,184 @@
+package gateway
+
+import (
+	"crypto"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/security"
+)
+
+// ExpiryWarning is how long before a key or certificate expires that it is
+// reported.
+const ExpiryWarning = 30 * 24 * time.Hour
+
+// Keys are the keys and certificates a configuration names, loaded.
+type Keys struct {
+	PGPSelf       *openpgp.Entity
+	SMIMECert     *x509.Certificate
+	SMIMEKey      crypto.Signer
+	PGPPartners   map[string]*openpgp.Entity   // by partner name
+	SMIMEPartners map[string]*x509.Certificate // by partner name
+	// Warnings name keys and certificates that expire within ExpiryWarning.
+	Warnings []string
+}
+
+// PGP returns the keys that open PGP mail.
+func (k *Keys) PGP() security.PGPKeys {
+	var list openpgp.EntityList
+	for _, e := range k.PGPPartners {
+		list = append(list, e)
+	}
+	return security.PGPKeys{Self: k.PGPSelf, Partners: list}
+}
+
+// SMIME returns the keys that open S/MIME mail.
+func (k *Keys) SMIME() security.SMIMEKeys {
+	var list []*x509.Certificate
+	for _, c := range k.SMIMEPartners {
+		list = append(list, c)
+	}
+	return security.SMIMEKeys{Cert: k.SMIMECert, Key: k.SMIMEKey, Partners: list}
+}
+
+// LoadKeys reads every key and certificate the configuration names. It
+// reports all problems at once as a *config.Error (unreadable, wrong kind,
+// protected without passphrase, expired, no address matching the partner).
+func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
+	k := &Keys{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{}}
+	e := cfg.Problems()
+	pass, err := passphrase(cfg)
+	if err != nil {
+		e.Addf("self.passphrase_file", "", "", "%v", err)
+	}
+	if cfg.Self.PGPKey != "" {
+		if k.PGPSelf, err = security.LoadPGPKey(cfg.Path(cfg.Self.PGPKey), pass); err != nil {
+			e.Addf("self.pgp_key", "", "", "%v", err)
+		} else if k.PGPSelf.PrivateKey == nil {
+			e.Addf("self.pgp_key", "", "our own key must include the private key", "%s holds a public key only", cfg.Self.PGPKey)
+			k.PGPSelf = nil
+		} else {
+			k.checkPGP("self.pgp_key", "", k.PGPSelf, now, e)
+		}
+	}
+	if cfg.Self.SMIMECert != "" && cfg.Self.SMIMEKey != "" {
+		cert, cerr := security.LoadCert(cfg.Path(cfg.Self.SMIMECert))
+		key, kerr := security.LoadKey(cfg.Path(cfg.Self.SMIMEKey))
+		switch {
+		case cerr != nil:
+			e.Addf("self.smime_cert", "", "", "%v", cerr)
+		case kerr != nil:
+			e.Addf("self.smime_key", "", "", "%v", kerr)
+		case !samePublicKey(cert, key):
+			e.Addf("self.smime_key", "", "", "the key does not belong to the certificate %s", cfg.Self.SMIMECert)
+		default:
+			k.SMIMECert, k.SMIMEKey = cert, key
+			k.checkCert("self.smime_cert", "", cert, now, e)
+		}
+	}
+	for i, p := range cfg.Partners {
+		field := func(f string) string { return fmt.Sprintf("partners[%d].%s", i, f) }
+		switch p.Security {
+		case "pgp":
+			ent, err := security.LoadPGPKey(cfg.Path(p.PGPKey), nil)
+			if err != nil {
+				e.Addf(field("pgp_key"), p.Name, "", "%v", err)
+				continue
+			}
+			if !pgpHasEmail(ent, p.Email) {
+				e.Addf(field("pgp_key"), p.Name, "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
+			}
+			k.PGPPartners[p.Name] = ent
+			k.checkPGP(field("pgp_key"), p.Name, ent, now, e)
+		case "smime":
+			cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
+			if err != nil {
+				e.Addf(field("smime_cert"), p.Name, "", "%v", err)
+				continue
+			}
+			if !certHasEmail(cert, p.Email) {
+				e.Addf(field("smime_cert"), p.Name, "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
+			}
+			k.SMIMEPartners[p.Name] = cert
+			k.checkCert(field("smime_cert"), p.Name, cert, now, e)
+		}
+	}
+	if err := e.Err(); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func passphrase(cfg *config.Config) ([]byte, error) {
+	switch {
+	case cfg.Self.PassphraseFile != "":
+		b, err := os.ReadFile(cfg.Path(cfg.Self.PassphraseFile))
+		if err != nil {
+			return nil, err
+		}
+		return []byte(strings.TrimRight(string(b), "\r\n")), nil
+	case cfg.Self.PassphraseEnv != "":
+		return []byte(os.Getenv(cfg.Self.PassphraseEnv)), nil
+	}
+	return nil, nil
+}
+
+func (k *Keys) checkPGP(field, partner string, ent *openpgp.Entity, now time.Time, e *config.Error) {
+	sig, _ := ent.PrimarySelfSignature()
+	if sig == nil || sig.KeyLifetimeSecs == nil || *sig.KeyLifetimeSecs == 0 {
+		return
+	}
+	expires := ent.PrimaryKey.CreationTime.Add(time.Duration(*sig.KeyLifetimeSecs) * time.Second)
+	k.checkExpiry(field, partner, "OpenPGP key "+security.Fingerprint(ent), expires, now, e)
+}
+
+func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Time, e *config.Error) {
+	if now.Before(c.NotBefore) {
+		e.Addf(field, partner, "", "certificate %s is not valid before %s", c.Subject, c.NotBefore.Format(time.DateOnly))
+		return
+	}
+	k.checkExpiry(field, partner, "certificate "+c.Subject.String(), c.NotAfter, now, e)
+}
+
+func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) {
+	switch {
+	case now.After(expires):
+		e.Addf(field, partner, "renew it and exchange the new one", "%s expired on %s", what, expires.Format(time.DateOnly))
+	case expires.Sub(now) < ExpiryWarning:
+		who := "self"
+		if partner != "" {
+			who = "partner " + partner
+		}
+		k.Warnings = append(k.Warnings, fmt.Sprintf("%s: %s: %s expires on %s", who, field, what, expires.Format(time.DateOnly)))
+	}
+}
+
+func pgpHasEmail(ent *openpgp.Entity, email string) bool {
+	for _, id := range ent.Identities {
+		if id.UserId != nil && strings.EqualFold(id.UserId.Email, email) {
+			return true
+		}
+	}
+	return false
+}
+
+func certHasEmail(c *x509.Certificate, email string) bool {
+	for _, a := range c.EmailAddresses {
+		if strings.EqualFold(a, email) {
+			return true
+		}
+	}
+	return false
+}
+
+func samePublicKey(c *x509.Certificate, key crypto.Signer) bool {
+	type equaler interface{ Equal(crypto.PublicKey) bool }
+	pub, ok := key.Public().(equaler)
+	return ok && pub.Equal(c.PublicKey)
+}
