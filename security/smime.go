@@ -111,6 +111,13 @@ func base64Part(contentType string, params map[string]string, filename string, d
 	return b.Bytes(), nil
 }
 
+// github.com/smallstep/pkcs7 keeps its encryption settings and its default
+// digest in package variables. hl7mail sets none of them: it uses the
+// package for SignedData only, choosing the digest on each SignedData
+// (SetDigestAlgorithm), and does its enveloped data itself (cms.go). So its
+// use here is safe from several goroutines and from other users of the
+// package in the same program.
+
 // SMIMESign signs entity (canonicalized first) with a detached CMS
 // SignedData (SHA-256, carrying the signer's certificate) and returns the
 // multipart/signed entity (RFC 8551 §3.5.3) and the MIC of what was signed.
