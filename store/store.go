@@ -48,6 +48,13 @@ const (
 	// Duplicate: a resend of a message already stored (same partner,
 	// direction, control ID and payload); kept as evidence, never sent.
 	Duplicate State = "duplicate"
+	// Sent: handed to the SMTP server; its receipt is pending.
+	Sent State = "sent"
+	// Failed: refused for good (an SMTP 5xx reply, or no usable key).
+	Failed State = "failed"
+	// Expired: not delivered within the partner's expire_after
+	// (deleted/expired, draft-ietf-ediint-hl7-02 §4.1.3 table 5).
+	Expired State = "expired"
 )
 
 // ErrClosed is returned by Accept after Close.
@@ -149,6 +156,11 @@ type Store struct {
 	writer *sql.Conn
 	stmts  writerStmts
 	stats  commitStats
+
+	// updater makes the state changes of delivery, each synced
+	// (synchronous=FULL) before it returns; updMu serializes its use.
+	updMu   sync.Mutex
+	updater *sql.Conn
 }
 
 // writerStmts are prepared once on the database writer connection. The
@@ -240,6 +252,9 @@ func Open(opts Options) (*Store, error) {
 		if s.writer != nil {
 			s.writer.Close()
 		}
+		if s.updater != nil {
+			s.updater.Close()
+		}
 		if s.spool != nil {
 			s.spool.close()
 		}
@@ -272,6 +287,9 @@ func (s *Store) open() error {
 	}
 	if err := s.stmts.prepare(ctx, w); err != nil {
 		return err
+	}
+	if s.updater, err = s.db.Conn(ctx); err != nil {
+		return fmt.Errorf("store: updater connection: %w", err)
 	}
 	spool, recs, err := openSpoolLog(s.dir, s.segmentSize)
 	if err != nil {
@@ -329,6 +347,24 @@ var schema = []string{
 		updated       INTEGER NOT NULL
 	);
 	CREATE INDEX messages_dedupe ON messages(partner, direction, control_id);`,
+	// 2: delivery. Queued outbound messages are found through a partial
+	// index; pending holds what a receipt must match (§6.4 tables 6, 7).
+	`ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE messages ADD COLUMN next_attempt INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE messages ADD COLUMN last_error TEXT NOT NULL DEFAULT '';
+	CREATE INDEX messages_queued ON messages(partner, id) WHERE state = 'queued';
+	CREATE TABLE pending (
+		message_id TEXT    PRIMARY KEY,
+		id         INTEGER NOT NULL REFERENCES messages(id),
+		partner    TEXT    NOT NULL,
+		control_id TEXT    NOT NULL,
+		mic        TEXT    NOT NULL,
+		sent       INTEGER NOT NULL,
+		due        INTEGER NOT NULL,
+		state      TEXT    NOT NULL,
+		updated    INTEGER NOT NULL
+	);
+	CREATE INDEX pending_due ON pending(state, due);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -718,6 +754,7 @@ func (s *Store) Close() error {
 	<-s.ckDone
 	s.stmts.close()
 	s.writer.Close()
+	s.updater.Close()
 	// A last full checkpoint syncs everything ingested and leaves a small
 	// WAL behind. Records it does not cover are replayed at Open.
 	s.checkpoint("TRUNCATE")

@@ -1,0 +1,158 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Delivery state changes. Each is one transaction on the updater
+// connection (synchronous=FULL): durable when the method returns.
+
+// Pending is a receipt hl7mail waits for (draft-ietf-ediint-hl7-02 §6.4).
+type Pending struct {
+	MessageID string    `json:"message_id"`
+	ID        int64     `json:"id"`
+	Partner   string    `json:"partner"`
+	ControlID string    `json:"control_id"`
+	MIC       string    `json:"mic"` // as written in an MDN: "<base64>, sha-256"
+	Sent      time.Time `json:"sent"`
+	Due       time.Time `json:"due"`
+	State     string    `json:"state"` // waiting, matched, mismatch, overdue
+}
+
+// Pending states.
+const (
+	PendingWaiting  = "waiting"
+	PendingMatched  = "matched"
+	PendingMismatch = "mismatch"
+	PendingOverdue  = "overdue"
+)
+
+// update runs f in one synced transaction on the updater connection.
+func (s *Store) update(ctx context.Context, f func(tx *sql.Tx, now int64) error) error {
+	if s.readOnly {
+		return ErrReadOnly
+	}
+	s.updMu.Lock()
+	defer s.updMu.Unlock()
+	tx, err := s.updater.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("store: begin: %w", err)
+	}
+	if err := f(tx, s.now().UnixMicro()); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("store: commit: %w", err)
+	}
+	return nil
+}
+
+// expectOne returns a check that an update of message id changed one row.
+func expectOne(id int64) func(sql.Result, error) error {
+	return func(res sql.Result, err error) error {
+		if err != nil {
+			return fmt.Errorf("store: update %d: %w", id, err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return fmt.Errorf("%w: %d", ErrNotFound, id)
+		}
+		return nil
+	}
+}
+
+// NextQueued returns the oldest queued outbound message of partner that is
+// due at now, payload included, or ErrNotFound. Messages leave in the order
+// they were accepted: a message waiting for a retry holds back those after
+// it.
+func (s *Store) NextQueued(ctx context.Context, partner string, now time.Time) (Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return Message{}, err
+	}
+	var id, next int64
+	err := s.db.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
+		AND direction = 'out' ORDER BY id LIMIT 1`, partner).Scan(&id, &next)
+	if errors.Is(err, sql.ErrNoRows) || err == nil && next > now.UnixMicro() {
+		return Message{}, ErrNotFound
+	}
+	if err != nil {
+		return Message{}, fmt.Errorf("store: next queued: %w", err)
+	}
+	return s.Get(ctx, id)
+}
+
+// SetMessageID records the Message-ID a message is sent with, before the
+// first attempt, so that every attempt uses the same one.
+func (s *Store) SetMessageID(ctx context.Context, id int64, messageID string) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`, messageID, now, id))
+	})
+}
+
+// MarkSent records that the SMTP server took the message, and the receipt
+// now awaited.
+func (s *Store) MarkSent(ctx context.Context, id int64, p Pending) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
+			last_error = '', updated = ? WHERE id = ?`, now, id)); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, `INSERT INTO pending (message_id, id, partner, control_id, mic, sent, due, state, updated)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, p.MessageID, id, p.Partner, p.ControlID, p.MIC,
+			p.Sent.UnixMicro(), p.Due.UnixMicro(), PendingWaiting, now)
+		if err != nil {
+			return fmt.Errorf("store: pending: %w", err)
+		}
+		return nil
+	})
+}
+
+// MarkRetry records a failed attempt and when to try again.
+func (s *Store) MarkRetry(ctx context.Context, id int64, reason string, next time.Time) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET attempts = attempts + 1, last_error = ?,
+			next_attempt = ?, updated = ? WHERE id = ?`, reason, next.UnixMicro(), now, id))
+	})
+}
+
+// MarkFinal ends a message's delivery as Failed or Expired with a reason.
+func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason string) error {
+	if state != Failed && state != Expired {
+		return fmt.Errorf("store: %s is not a final state", state)
+	}
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ?`,
+			state, reason, now, id))
+	})
+}
+
+// Delivery returns the attempts, next attempt and last error of a message.
+func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time.Time, lastError string, err error) {
+	var n int64
+	err = s.db.QueryRowContext(ctx, `SELECT attempts, next_attempt, last_error FROM messages WHERE id = ?`, id).
+		Scan(&attempts, &n, &lastError)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, time.Time{}, "", fmt.Errorf("%w: %d", ErrNotFound, id)
+	}
+	return attempts, time.UnixMicro(n), lastError, err
+}
+
+// PendingByMessageID returns the pending receipt for a Message-ID.
+func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pending, error) {
+	var p Pending
+	var sent, due int64
+	err := s.db.QueryRowContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due, state FROM pending
+		WHERE message_id = ?`, messageID).Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State)
+	if errors.Is(err, sql.ErrNoRows) {
+		return p, fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
+	}
+	if err != nil {
+		return p, fmt.Errorf("store: pending: %w", err)
+	}
+	p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
+	return p, nil
+}

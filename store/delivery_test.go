@@ -1,0 +1,82 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/internal/testlog"
+)
+
+func TestDeliveryStates(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	ctx := context.Background()
+	now := time.Now()
+	a, _ := s.Accept(ctx, msg("lab", "1", "A"))
+	b, _ := s.Accept(ctx, msg("lab", "2", "B"))
+	c, _ := s.Accept(ctx, msg("clinic", "3", "C"))
+
+	if m, err := s.NextQueued(ctx, "lab", now); err != nil || m.ID != a.ID || string(m.Payload) != "A" {
+		t.Fatalf("NextQueued(lab) = %+v, %v; want %d", m, err, a.ID)
+	}
+	// A retry later holds back the partner's queue, in order.
+	if err := s.MarkRetry(ctx, a.ID, "451 try later", now.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.NextQueued(ctx, "lab", now); !errors.Is(err, ErrNotFound) {
+		t.Errorf("NextQueued during a retry wait = %v, want ErrNotFound", err)
+	}
+	if m, err := s.NextQueued(ctx, "lab", now.Add(2*time.Minute)); err != nil || m.ID != a.ID {
+		t.Errorf("NextQueued after the wait = %+v, %v", m, err)
+	}
+	if m, err := s.NextQueued(ctx, "clinic", now); err != nil || m.ID != c.ID {
+		t.Errorf("other partners go on: %+v, %v", m, err)
+	}
+	if err := s.SetMessageID(ctx, a.ID, "<1@hospital.test>"); err != nil {
+		t.Fatal(err)
+	}
+	p := Pending{MessageID: "<1@hospital.test>", Partner: "lab", ControlID: "1", MIC: "abc=, sha-256", Sent: now, Due: now.Add(time.Hour)}
+	if err := s.MarkSent(ctx, a.ID, p); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := s.NextQueued(ctx, "lab", now); m.ID != b.ID {
+		t.Errorf("after sending a, NextQueued = %d, want %d", m.ID, b.ID)
+	}
+	if err := s.MarkFinal(ctx, b.ID, Failed, "550 no such user"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkFinal(ctx, b.ID, Queued, "x"); err == nil {
+		t.Error("MarkFinal(queued) accepted")
+	}
+	if err := s.MarkRetry(ctx, 999, "x", now); !errors.Is(err, ErrNotFound) {
+		t.Errorf("MarkRetry(999) = %v", err)
+	}
+	s.Close()
+
+	// All of it survives a reopen.
+	s, err := Open(Options{Dir: dir, Logger: testlog.New(t, slog.LevelInfo)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ma, _ := s.Get(ctx, a.ID)
+	mb, _ := s.Get(ctx, b.ID)
+	if ma.State != Sent || ma.MessageID != "<1@hospital.test>" || mb.State != Failed {
+		t.Errorf("after reopen: a %s %s, b %s", ma.State, ma.MessageID, mb.State)
+	}
+	attempts, _, lastErr, _ := s.Delivery(ctx, b.ID)
+	if attempts != 0 || lastErr != "550 no such user" {
+		t.Errorf("Delivery(b) = %d %q", attempts, lastErr)
+	}
+	attempts, _, _, _ = s.Delivery(ctx, a.ID)
+	if attempts != 2 {
+		t.Errorf("Delivery(a) attempts = %d, want 2 (one retry, one send)", attempts)
+	}
+	got, err := s.PendingByMessageID(ctx, "<1@hospital.test>")
+	if err != nil || got.ID != a.ID || got.State != PendingWaiting || got.MIC != p.MIC || !got.Due.Equal(p.Due.Truncate(time.Microsecond)) {
+		t.Errorf("PendingByMessageID = %+v, %v", got, err)
+	}
+}
