@@ -20,7 +20,7 @@ type Pending struct {
 	MIC       string    `json:"mic"` // as written in an MDN: "<base64>, sha-256"
 	Sent      time.Time `json:"sent"`
 	Due       time.Time `json:"due"`
-	State     string    `json:"state"` // waiting, matched, mismatch, overdue
+	State     string    `json:"state"` // waiting, matched, mismatch, overdue, cancelled
 }
 
 // Pending states.
@@ -29,6 +29,8 @@ const (
 	PendingMatched  = "matched"
 	PendingMismatch = "mismatch"
 	PendingOverdue  = "overdue"
+	// PendingCancelled: the message failed or expired; no receipt is due.
+	PendingCancelled = "cancelled"
 )
 
 // update runs f in one synced transaction on the updater connection.
@@ -85,29 +87,34 @@ func (s *Store) NextQueued(ctx context.Context, partner string, now time.Time) (
 	return s.Get(ctx, id)
 }
 
-// SetMessageID records the Message-ID a message is sent with, before the
-// first attempt, so that every attempt uses the same one.
-func (s *Store) SetMessageID(ctx context.Context, id int64, messageID string) error {
+// Prepare records, before the first attempt, the Message-ID every attempt
+// of the message uses and, when a receipt is expected (p not nil), the
+// receipt it awaits (state waiting). Calling it again for a later attempt
+// changes nothing.
+func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pending) error {
 	return s.update(ctx, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`, messageID, now, id))
-	})
-}
-
-// MarkSent records that the SMTP server took the message, and the receipt
-// now awaited.
-func (s *Store) MarkSent(ctx context.Context, id int64, p Pending) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
-		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
-			last_error = '', updated = ? WHERE id = ?`, now, id)); err != nil {
+		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`,
+			messageID, now, id)); err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO pending (message_id, id, partner, control_id, mic, sent, due, state, updated)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, p.MessageID, id, p.Partner, p.ControlID, p.MIC,
+		if p == nil {
+			return nil
+		}
+		_, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO pending (message_id, id, partner, control_id, mic, sent, due,
+			state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, messageID, id, p.Partner, p.ControlID, p.MIC,
 			p.Sent.UnixMicro(), p.Due.UnixMicro(), PendingWaiting, now)
 		if err != nil {
 			return fmt.Errorf("store: pending: %w", err)
 		}
 		return nil
+	})
+}
+
+// MarkSent records that the SMTP server took the message.
+func (s *Store) MarkSent(ctx context.Context, id int64) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
+			last_error = '', updated = ? WHERE id = ?`, now, id))
 	})
 }
 
@@ -125,8 +132,13 @@ func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason str
 		return fmt.Errorf("store: %s is not a final state", state)
 	}
 	return s.update(ctx, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ?`,
-			state, reason, now, id))
+		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ?`,
+			state, reason, now, id)); err != nil {
+			return err
+		}
+		// No receipt will come for what was never delivered.
+		_, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, updated = ? WHERE id = ?`, PendingCancelled, now, id)
+		return err
 	})
 }
 

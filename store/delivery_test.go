@@ -35,11 +35,17 @@ func TestDeliveryStates(t *testing.T) {
 	if m, err := s.NextQueued(ctx, "clinic", now); err != nil || m.ID != c.ID {
 		t.Errorf("other partners go on: %+v, %v", m, err)
 	}
-	if err := s.SetMessageID(ctx, a.ID, "<1@hospital.test>"); err != nil {
+	p := Pending{MessageID: "<1@hospital.test>", Partner: "lab", ControlID: "1", MIC: "abc=, sha-256", Sent: now, Due: now.Add(time.Hour)}
+	for i := 0; i < 2; i++ { // a second attempt prepares again: no change
+		if err := s.Prepare(ctx, a.ID, p.MessageID, &p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.MarkSent(ctx, a.ID); err != nil {
 		t.Fatal(err)
 	}
-	p := Pending{MessageID: "<1@hospital.test>", Partner: "lab", ControlID: "1", MIC: "abc=, sha-256", Sent: now, Due: now.Add(time.Hour)}
-	if err := s.MarkSent(ctx, a.ID, p); err != nil {
+	pb := Pending{MessageID: "<2@hospital.test>", Partner: "lab", ControlID: "2", MIC: "x", Sent: now, Due: now}
+	if err := s.Prepare(ctx, b.ID, pb.MessageID, &pb); err != nil {
 		t.Fatal(err)
 	}
 	if m, _ := s.NextQueued(ctx, "lab", now); m.ID != b.ID {
@@ -74,6 +80,9 @@ func TestDeliveryStates(t *testing.T) {
 	attempts, _, _, _ = s.Delivery(ctx, a.ID)
 	if attempts != 2 {
 		t.Errorf("Delivery(a) attempts = %d, want 2 (one retry, one send)", attempts)
+	}
+	if pb, _ := s.PendingByMessageID(ctx, "<2@hospital.test>"); pb.State != PendingCancelled {
+		t.Errorf("pending of the failed message: %s, want cancelled", pb.State)
 	}
 	got, err := s.PendingByMessageID(ctx, "<1@hospital.test>")
 	if err != nil || got.ID != a.ID || got.State != PendingWaiting || got.MIC != p.MIC || !got.Due.Equal(p.Due.Truncate(time.Microsecond)) {

@@ -1,0 +1,400 @@
+// Package mailbox is hl7mail's mail side (draft-ietf-ediint-hl7-02 §6.2 to
+// §6.4): the sender that takes stored messages to partners over SMTP, and
+// the inbound handling of partner mail.
+package mailbox
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/emersion/go-message/mail"
+	"github.com/emersion/go-message/textproto"
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// Sealer holds the keys that wrap HL7 for partners.
+type Sealer struct {
+	PGPSelf       *openpgp.Entity
+	SMIMECert     *x509.Certificate
+	SMIMEKey      crypto.Signer
+	PGPPartners   map[string]*openpgp.Entity   // by partner name
+	SMIMEPartners map[string]*x509.Certificate // by partner name
+}
+
+// ErrNoKey means a partner's key or ours is missing: the message cannot be
+// sent safely and is not sent at all.
+var ErrNoKey = errors.New("no key to seal the message with")
+
+// Seal returns the MIME entity that carries payload to p: MIME-EDI, signed
+// and then encrypted with p's suite, and the MIC of what was signed. A
+// partner with security none gets the bare MIME-EDI entity (config allows
+// that only with allow_unencrypted).
+func (s *Sealer) Seal(p *config.Partner, payload []byte, now time.Time) ([]byte, security.MIC, error) {
+	edi, err := security.EncodeEDI(payload, security.EDIOptions{ContentType: p.ContentType})
+	if err != nil {
+		return nil, security.MIC{}, err
+	}
+	switch p.Security {
+	case "pgp":
+		to := s.PGPPartners[p.Name]
+		if s.PGPSelf == nil || to == nil {
+			return nil, security.MIC{}, ErrNoKey
+		}
+		signed, mic, err := security.PGPSign(edi, s.PGPSelf, now)
+		if err != nil {
+			return nil, mic, err
+		}
+		enc, err := security.PGPEncrypt(signed, []*openpgp.Entity{to}, now)
+		return enc, mic, err
+	case "smime":
+		to := s.SMIMEPartners[p.Name]
+		if s.SMIMECert == nil || to == nil {
+			return nil, security.MIC{}, ErrNoKey
+		}
+		signed, mic, err := security.SMIMESign(edi, s.SMIMECert, s.SMIMEKey)
+		if err != nil {
+			return nil, mic, err
+		}
+		kt := security.OAEPSHA256
+		if p.KeyTransport == "pkcs1v15" {
+			kt = security.PKCS1v15
+		}
+		enc, err := security.SMIMEEncrypt(signed, []*x509.Certificate{to}, kt)
+		return enc, mic, err
+	case "none":
+		if !p.AllowUnencrypted {
+			return nil, security.MIC{}, fmt.Errorf("partner %s: security none without allow_unencrypted", p.Name)
+		}
+		return edi, security.ComputeMIC(edi), nil
+	}
+	return nil, security.MIC{}, fmt.Errorf("partner %s: unknown security %q", p.Name, p.Security)
+}
+
+// Submitter hands a mail to an SMTP server.
+type Submitter interface {
+	Submit(ctx context.Context, from string, to []string, mail []byte) error
+}
+
+// SMTPSubmitter submits over SMTP with go-smtp.
+type SMTPSubmitter struct {
+	Addr string
+	// TLS is starttls, tls (implicit) or none (loopback only; config
+	// enforces it).
+	TLS       string
+	TLSConfig *tls.Config // nil: verify the server's certificate for its host name
+	Username  string
+	Password  string
+	Timeout   time.Duration // for the whole exchange (default 2m)
+}
+
+// Submit sends one mail. An *smtp.SMTPError carries the server's reply.
+func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte) error {
+	timeout := s.Timeout
+	if timeout == 0 {
+		timeout = 2 * time.Minute
+	}
+	d := net.Dialer{Timeout: 30 * time.Second}
+	conn, err := d.DialContext(ctx, "tcp", s.Addr)
+	if err != nil {
+		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+	}
+	conn.SetDeadline(time.Now().Add(timeout))
+	tlsConfig := s.TLSConfig
+	if tlsConfig == nil {
+		host, _, _ := net.SplitHostPort(s.Addr)
+		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	}
+	var c *smtp.Client
+	switch s.TLS {
+	case "tls":
+		c = smtp.NewClient(tls.Client(conn, tlsConfig))
+	case "none":
+		c = smtp.NewClient(conn)
+	default:
+		c, err = smtp.NewClientStartTLS(conn, tlsConfig)
+		if err != nil {
+			conn.Close()
+			return fmt.Errorf("smtp %s: STARTTLS: %w", s.Addr, err)
+		}
+	}
+	defer c.Close()
+	if s.Username != "" {
+		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
+			return fmt.Errorf("smtp %s: AUTH: %w", s.Addr, err)
+		}
+	}
+	if err := c.SendMail(from, to, bytes.NewReader(m)); err != nil {
+		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+	}
+	return c.Quit()
+}
+
+// Permanent reports whether a submission error is final: an SMTP 5xx reply.
+// Anything else (4xx, network, TLS, timeout) is worth retrying.
+func Permanent(err error) bool {
+	var se *smtp.SMTPError
+	return errors.As(err, &se) && se.Code >= 500 && se.Code < 600
+}
+
+// SenderOptions configure a Sender. Config, Store, Sealer, Submitter and
+// Journal are required.
+type SenderOptions struct {
+	Config    *config.Config
+	Store     *store.Store
+	Sealer    *Sealer
+	Submitter Submitter
+	Journal   *journal.Journal // the outgoing journal
+	Logger    *slog.Logger     // default slog.Default()
+	Now       func() time.Time // default time.Now
+	// RetryBase is the wait after the first failed attempt, doubling each
+	// time up to RetryMax (defaults 30s and 30m). Zero in tests.
+	RetryBase, RetryMax time.Duration
+	// Poll is how often each partner's queue is looked at without a Notify
+	// (default 5s).
+	Poll time.Duration
+}
+
+// Sender takes stored outbound messages to their partners, one goroutine
+// per partner, in the order they were accepted.
+type Sender struct {
+	o    SenderOptions
+	log  *slog.Logger
+	wake map[string]chan struct{}
+}
+
+// NewSender returns a Sender; Run starts it.
+func NewSender(o SenderOptions) (*Sender, error) {
+	if o.Config == nil || o.Store == nil || o.Sealer == nil || o.Submitter == nil || o.Journal == nil {
+		return nil, errors.New("mailbox: SenderOptions.Config, Store, Sealer, Submitter and Journal are required")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.RetryMax == 0 {
+		o.RetryMax = 30 * time.Minute
+	}
+	if o.Poll == 0 {
+		o.Poll = 5 * time.Second
+	}
+	s := &Sender{o: o, log: o.Logger, wake: map[string]chan struct{}{}}
+	for _, p := range o.Config.Partners {
+		s.wake[p.Name] = make(chan struct{}, 1)
+	}
+	return s, nil
+}
+
+// Notify tells the sender that partner has a new message.
+func (s *Sender) Notify(partner string) {
+	if ch, ok := s.wake[partner]; ok {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run delivers until ctx ends.
+func (s *Sender) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	for i := range s.o.Config.Partners {
+		p := &s.o.Config.Partners[i]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.runPartner(ctx, p)
+		}()
+	}
+	wg.Wait()
+}
+
+func (s *Sender) runPartner(ctx context.Context, p *config.Partner) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.wake[p.Name]:
+		}
+		for ctx.Err() == nil {
+			m, err := s.o.Store.NextQueued(ctx, p.Name, s.o.Now())
+			if errors.Is(err, store.ErrNotFound) {
+				break
+			}
+			if err != nil {
+				if ctx.Err() == nil {
+					s.log.Error("queue not readable", "partner", p.Name, "err", err)
+				}
+				break
+			}
+			if !s.deliver(ctx, p, m) {
+				break // wait before the next attempt
+			}
+		}
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		t.Reset(s.o.Poll)
+	}
+}
+
+// deliver makes one attempt at m; it reports whether the partner's queue
+// may go on at once.
+func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message) bool {
+	// What happened is recorded even when shutdown begins meanwhile: a mail
+	// the server took but the store does not know of would be sent twice.
+	ctx = context.WithoutCancel(ctx)
+	now := s.o.Now()
+	log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
+	if age := now.Sub(m.Received); age > p.ExpireAfter.D() {
+		reason := fmt.Sprintf("not delivered within expire_after %s", p.ExpireAfter.D())
+		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Expired, reason); err != nil {
+			log.Error("store", "err", err)
+			return false
+		}
+		log.Error("ALERT message expired (deleted/expired)", "age", age.Round(time.Second).String())
+		return true
+	}
+	sealed, mic, err := s.o.Sealer.Seal(p, m.Payload, now)
+	if err != nil {
+		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, "cannot seal: "+err.Error()); err != nil {
+			log.Error("store", "err", err)
+			return false
+		}
+		log.Error("ALERT message failed: cannot seal", "err", err)
+		return true
+	}
+	msgID := m.MessageID
+	if msgID == "" {
+		msgID = newMessageID(m.ID, s.o.Config.Self.Email)
+	}
+	mailBytes, err := s.compose(p, m, msgID, now, sealed)
+	if err != nil {
+		log.Error("compose", "err", err)
+		return false
+	}
+	var pending *store.Pending
+	if p.MDN != "none" {
+		pending = &store.Pending{Partner: p.Name, ControlID: m.ControlID, MIC: mic.String(), Sent: now,
+			Due: now.Add(p.MDNTimeout.D())}
+	}
+	if err := s.o.Store.Prepare(ctx, m.ID, msgID, pending); err != nil {
+		log.Error("store", "err", err)
+		return false
+	}
+	if _, err := s.o.Journal.Append(s.o.Config.Self.Email, now, mailBytes); err != nil {
+		log.Error("outgoing journal not written; not sending", "err", err)
+		return false
+	}
+	err = s.o.Submitter.Submit(ctx, s.o.Config.Self.Email, []string{p.Email}, mailBytes)
+	switch {
+	case err == nil:
+		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
+			log.Error("store", "err", err)
+			return false
+		}
+		log.Info("mail submitted", "message_id", msgID, "mic", mic.String())
+		return true
+	case Permanent(err):
+		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, err.Error()); err != nil {
+			log.Error("store", "err", err)
+			return false
+		}
+		log.Error("ALERT message failed: refused by the SMTP server", "message_id", msgID, "err", err)
+		return true
+	default:
+		attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)
+		next := now.Add(s.backoff(attempts))
+		if err := s.o.Store.MarkRetry(ctx, m.ID, err.Error(), next); err != nil {
+			log.Error("store", "err", err)
+		}
+		log.Warn("mail not submitted; will retry", "message_id", msgID, "err", err, "attempt", attempts+1,
+			"next", next.Format(time.RFC3339))
+		return false
+	}
+}
+
+func (s *Sender) backoff(attempts int) time.Duration {
+	d := s.o.RetryBase
+	for i := 0; i < attempts && d < s.o.RetryMax; i++ {
+		d *= 2
+	}
+	return min(d, s.o.RetryMax)
+}
+
+// compose puts the mail header before the sealed entity. The Subject names
+// the message type and control ID only: no patient data.
+func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now time.Time, sealed []byte) ([]byte, error) {
+	var h mail.Header
+	h.SetAddressList("From", []*mail.Address{{Name: s.o.Config.Self.Name, Address: s.o.Config.Self.Email}})
+	h.SetAddressList("To", []*mail.Address{{Address: p.Email}})
+	h.SetDate(now)
+	h.SetMessageID(strings.Trim(msgID, "<>"))
+	subject := "HL7 " + m.MessageType + " " + m.ControlID
+	if req, err := hl7.ParseHeader(m.Payload); err == nil && req.IsAck() {
+		subject = "HL7 acknowledgement " + m.ControlID
+	}
+	h.SetSubject(subject)
+	h.Set("MIME-Version", "1.0")
+	switch p.MDN {
+	case "signed":
+		proto := "pgp-signature"
+		if p.Security == "smime" {
+			proto = "pkcs7-signature"
+		}
+		to, opts := security.MDNRequest{To: s.o.Config.Self.Email, Protocol: proto}.Headers()
+		h.Set("Disposition-Notification-To", to)
+		h.Set("Disposition-Notification-Options", opts)
+	case "unsigned":
+		h.Set("Disposition-Notification-To", s.o.Config.Self.Email)
+	}
+	var b bytes.Buffer
+	if err := textproto.WriteHeader(&b, h.Header.Header); err != nil {
+		return nil, err
+	}
+	out := bytes.TrimSuffix(b.Bytes(), []byte("\r\n")) // the sealed entity's header follows
+	out = append(out, sealed...)
+	// SMTP ends the data with a line end; the journal holds what was sent.
+	if !bytes.HasSuffix(out, []byte("\r\n")) {
+		out = append(out, '\r', '\n')
+	}
+	return out, nil
+}
+
+// newMessageID returns a unique Message-ID in the domain of our address.
+func newMessageID(id int64, self string) string {
+	var r [8]byte
+	rand.Read(r[:])
+	domain := "hl7mail.invalid"
+	if _, d, ok := strings.Cut(self, "@"); ok && d != "" {
+		domain = d
+	}
+	return fmt.Sprintf("<hl7mail.%d.%s@%s>", id, hex.EncodeToString(r[:]), domain)
+}

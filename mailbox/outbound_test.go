@@ -1,0 +1,387 @@
+package mailbox
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/emersion/go-message/textproto"
+	"github.com/emersion/go-smtp"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// received is one mail the test SMTP server took.
+type received struct {
+	from string
+	to   []string
+	data []byte
+}
+
+// smtpServer is an in-process go-smtp server that records mail and can be
+// told to refuse it.
+type smtpServer struct {
+	mu       sync.Mutex
+	mails    []received
+	tempFail int  // reply 451 to this many DATA commands
+	permFail bool // reply 550 to every DATA command
+	got      chan struct{}
+}
+
+func (b *smtpServer) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{b: b}, nil }
+
+type session struct {
+	b   *smtpServer
+	cur received
+}
+
+func (s *session) Reset()        { s.cur = received{} }
+func (s *session) Logout() error { return nil }
+func (s *session) Mail(from string, _ *smtp.MailOptions) error {
+	s.cur.from = from
+	return nil
+}
+func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+	s.cur.to = append(s.cur.to, to)
+	return nil
+}
+func (s *session) Data(r io.Reader) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	s.b.mu.Lock()
+	defer s.b.mu.Unlock()
+	if s.b.permFail {
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user here"}
+	}
+	if s.b.tempFail > 0 {
+		s.b.tempFail--
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try again later"}
+	}
+	s.cur.data = data
+	s.b.mails = append(s.b.mails, s.cur)
+	select {
+	case s.b.got <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// serve starts the server on addr ("127.0.0.1:0" for any port).
+func (b *smtpServer) serve(t *testing.T, addr string) string {
+	t.Helper()
+	srv := smtp.NewServer(b)
+	srv.Domain = "localhost"
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+func (b *smtpServer) count() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.mails)
+}
+
+// fixture is a hospital instance's sending side with a PGP and an S/MIME
+// partner.
+type fixture struct {
+	cfg      *config.Config
+	st       *store.Store
+	journal  string
+	sealer   *Sealer
+	labKey   *openpgp.Entity
+	clinic   security.SMIMEKeys
+	hospital *openpgp.Entity
+	hospCert *x509.Certificate
+}
+
+func newFixture(t *testing.T, now func() time.Time) *fixture {
+	t.Helper()
+	f := &fixture{}
+	var err error
+	f.cfg, err = config.Parse(filepath.Join(t.TempDir(), "partners.yaml"), []byte(`self: {name: General Hospital, email: edi@hospital.test, pgp_key: k, smime_cert: c, smime_key: k}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@partner.test, security: pgp, pgp_key: x, mdn_timeout: 1h, expire_after: 100h}
+  - {name: clinic, listen: 127.0.0.1:9013, email: edi@clinic.test, security: smime, smime_cert: x, mdn: unsigned}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := func(name, email string) *openpgp.Entity {
+		e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: name, Email: email})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	f.hospital, f.labKey = gen("H", "edi@hospital.test"), gen("Lab", "lab@partner.test")
+	hkey, hcert, err := security.GenerateCert(security.CertOptions{Name: "H", Email: "edi@hospital.test", RSABits: 2048})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ckey, ccert, err := security.GenerateCert(security.CertOptions{Name: "Clinic", Email: "edi@clinic.test", RSABits: 2048})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.hospCert = hcert
+	f.clinic = security.SMIMEKeys{Cert: ccert, Key: ckey, Partners: []*x509.Certificate{hcert}}
+	f.sealer = &Sealer{PGPSelf: f.hospital, SMIMECert: hcert, SMIMEKey: hkey,
+		PGPPartners: map[string]*openpgp.Entity{"lab": f.labKey}, SMIMEPartners: map[string]*x509.Certificate{"clinic": ccert}}
+	dir := t.TempDir()
+	f.st, err = store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn), Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.st.Close() })
+	f.journal = filepath.Join(dir, "outgoing.mbox")
+	return f
+}
+
+// run starts a Sender submitting to addr and returns its stop function.
+func (f *fixture) run(t *testing.T, addr string, now func() time.Time) (*Sender, func()) {
+	t.Helper()
+	j, err := journal.Open(f.journal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewSender(SenderOptions{Config: f.cfg, Store: f.st, Sealer: f.sealer, Journal: j,
+		Submitter: &SMTPSubmitter{Addr: addr, TLS: "none", Timeout: 10 * time.Second},
+		Logger:    testlog.New(t, slog.LevelInfo), Now: now, Poll: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	return s, func() { cancel(); <-done; j.Close() }
+}
+
+func (f *fixture) accept(t *testing.T, partner, id string) []byte {
+	t.Helper()
+	payload := []byte("MSH|^~\\&|HIS|GH|LAB|TL|20261123||ORU^R01|" + id + "|P|2.3|||AL\rPID|1||123\rOBX|1|NM|x||" + id + "\r")
+	if _, err := f.st.Accept(context.Background(), store.NewMessage{Direction: store.Outbound, Partner: partner,
+		ControlID: id, MessageType: "ORU^R01", Payload: payload}); err != nil {
+		t.Fatal(err)
+	}
+	return payload
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func header(t *testing.T, m []byte) textproto.Header {
+	t.Helper()
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(m)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func TestSendBothSuites(t *testing.T) {
+	f := newFixture(t, nil)
+	srv := &smtpServer{got: make(chan struct{}, 1)}
+	addr := srv.serve(t, "127.0.0.1:0")
+	want := map[string][]byte{}
+	for i := 1; i <= 3; i++ {
+		want[fmt.Sprint(i)] = f.accept(t, "lab", fmt.Sprint(i))
+	}
+	for i := 4; i <= 5; i++ {
+		want[fmt.Sprint(i)] = f.accept(t, "clinic", fmt.Sprint(i))
+	}
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	waitFor(t, "five mails", func() bool { return srv.count() == 5 })
+	stop()
+
+	ctx := context.Background()
+	journalled, err := journal.Read(f.journal)
+	if err != nil || len(journalled) != 5 {
+		t.Fatalf("journal: %d entries, %v", len(journalled), err)
+	}
+	byMessageID := map[string][]byte{}
+	for _, e := range journalled {
+		h := header(t, e.Mail)
+		byMessageID[h.Get("Message-Id")] = e.Mail
+	}
+	lastLab := 0
+	for i, m := range srv.mails {
+		h := header(t, m.data)
+		if m.from != "edi@hospital.test" || h.Get("Message-Id") == "" || !strings.HasPrefix(h.Get("Subject"), "HL7 ORU^R01 ") {
+			t.Errorf("mail %d: from %s, header %v", i, m.from, h.Map())
+		}
+		if j := byMessageID[h.Get("Message-Id")]; !bytes.Equal(j, m.data) {
+			n := 0
+			for n < len(j) && n < len(m.data) && j[n] == m.data[n] {
+				n++
+			}
+			t.Errorf("mail %d: journal entry (%d bytes) differs from what the server received (%d bytes) at %d: %q vs %q",
+				i, len(j), len(m.data), n, j[max(0, n-20):min(len(j), n+20)], m.data[max(0, n-20):min(len(m.data), n+20)])
+		}
+		var o *security.Opened
+		switch m.to[0] {
+		case "lab@partner.test":
+			o, err = security.PGPOpen(m.data, security.PGPKeys{Self: f.labKey, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
+			if req, err := security.ParseMDNRequest(h); err != nil || req == nil || req.To != "edi@hospital.test" || req.Protocol != "pgp-signature" {
+				t.Errorf("mail %d: MDN request %+v, %v", i, req, err)
+			}
+		case "edi@clinic.test":
+			o, err = security.SMIMEOpen(m.data, f.clinic, f.hospCert, time.Now())
+			if req, _ := security.ParseMDNRequest(h); req == nil || req.Protocol != "" {
+				t.Errorf("mail %d: unsigned MDN request %+v", i, req)
+			}
+		}
+		if err != nil {
+			t.Fatalf("mail %d to %v: open: %v", i, m.to, err)
+		}
+		payload, _, err := security.DecodeEDI(o.Entity, security.Accept{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := strings.TrimPrefix(h.Get("Subject"), "HL7 ORU^R01 ")
+		if !bytes.Equal(payload, want[id]) {
+			t.Errorf("mail %d: payload %q, want %q", i, payload, want[id])
+		}
+		if m.to[0] == "lab@partner.test" {
+			n := 0
+			fmt.Sscan(id, &n)
+			if n < lastLab {
+				t.Errorf("lab mails out of order: %d after %d", n, lastLab)
+			}
+			lastLab = n
+		}
+		p, err := f.st.PendingByMessageID(ctx, h.Get("Message-Id"))
+		if err != nil || p.MIC != o.MIC.String() || p.State != store.PendingWaiting || p.ControlID != id {
+			t.Errorf("mail %d: pending %+v, %v; opened MIC %s", i, p, err, o.MIC)
+		}
+	}
+	list, _ := f.st.List(ctx, store.Filter{})
+	for _, m := range list {
+		if m.State != store.Sent || m.MessageID == "" {
+			t.Errorf("message %s: state %s, Message-ID %q", m.ControlID, m.State, m.MessageID)
+		}
+	}
+}
+
+func TestSendRetriesThen451(t *testing.T) {
+	f := newFixture(t, nil)
+	srv := &smtpServer{tempFail: 2, got: make(chan struct{}, 1)}
+	addr := srv.serve(t, "127.0.0.1:0")
+	f.accept(t, "lab", "r1")
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	waitFor(t, "the mail after two 451 replies", func() bool { return srv.count() == 1 })
+	stop()
+	list, _ := f.st.List(context.Background(), store.Filter{})
+	attempts, _, lastErr, _ := f.st.Delivery(context.Background(), list[0].ID)
+	if list[0].State != store.Sent || attempts != 3 || lastErr != "" {
+		t.Errorf("after retries: %s, %d attempts, %q", list[0].State, attempts, lastErr)
+	}
+	entries, _ := journal.Read(f.journal)
+	ids := map[string]bool{}
+	for _, e := range entries {
+		h := header(t, e.Mail)
+		ids[h.Get("Message-Id")] = true
+	}
+	if len(entries) != 3 || len(ids) != 1 {
+		t.Errorf("journal: %d attempts with %d Message-IDs, want 3 with one", len(entries), len(ids))
+	}
+}
+
+func TestSend550Fails(t *testing.T) {
+	f := newFixture(t, nil)
+	srv := &smtpServer{permFail: true}
+	addr := srv.serve(t, "127.0.0.1:0")
+	f.accept(t, "lab", "p1")
+	f.accept(t, "lab", "p2")
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	ctx := context.Background()
+	waitFor(t, "both messages failed", func() bool {
+		list, _ := f.st.List(ctx, store.Filter{State: store.Failed})
+		return len(list) == 2
+	})
+	stop()
+	list, _ := f.st.List(ctx, store.Filter{})
+	_, _, lastErr, _ := f.st.Delivery(ctx, list[0].ID)
+	p, _ := f.st.PendingByMessageID(ctx, list[0].MessageID)
+	if !strings.Contains(lastErr, "550") || !strings.Contains(lastErr, "no such user") || p.State != store.PendingCancelled {
+		t.Errorf("failed message: last error %q, pending %s", lastErr, p.State)
+	}
+}
+
+func TestSendExpires(t *testing.T) {
+	t0 := time.Now().Add(-200 * time.Hour)
+	f := newFixture(t, func() time.Time { return t0 })
+	f.accept(t, "lab", "old")
+	srv := &smtpServer{}
+	addr := srv.serve(t, "127.0.0.1:0")
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	waitFor(t, "the old message expired", func() bool {
+		list, _ := f.st.List(context.Background(), store.Filter{State: store.Expired})
+		return len(list) == 1
+	})
+	stop()
+	if srv.count() != 0 {
+		t.Errorf("an expired message was sent")
+	}
+}
+
+// TestSendServerDownThenUp: with no SMTP server the message waits; once the
+// server is there it is delivered, once.
+func TestSendServerDownThenUp(t *testing.T) {
+	f := newFixture(t, nil)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	f.accept(t, "lab", "d1")
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	ctx := context.Background()
+	waitFor(t, "two failed attempts", func() bool {
+		list, _ := f.st.List(ctx, store.Filter{})
+		n, _, _, _ := f.st.Delivery(ctx, list[0].ID)
+		return n >= 2
+	})
+	srv := &smtpServer{}
+	srv.serve(t, addr)
+	waitFor(t, "delivery after the server came up", func() bool { return srv.count() == 1 })
+	time.Sleep(50 * time.Millisecond)
+	stop()
+	if srv.count() != 1 {
+		t.Errorf("%d mails, want exactly 1", srv.count())
+	}
+}
