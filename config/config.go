@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -308,4 +309,25 @@ func (c *Config) Partner(name string) *Partner {
 		}
 	}
 	return nil
+}
+
+// Secret reads a password or passphrase from file (relative to the
+// configuration, trailing line ends removed) or from the environment
+// variable env; it returns "" when neither is named.
+func (c *Config) Secret(file, env string) (string, error) {
+	switch {
+	case file != "":
+		b, err := os.ReadFile(c.Path(file))
+		if err != nil {
+			return "", err
+		}
+		return strings.TrimRight(string(b), "\r\n"), nil
+	case env != "":
+		v, ok := os.LookupEnv(env)
+		if !ok {
+			return "", fmt.Errorf("environment variable %s is not set", env)
+		}
+		return v, nil
+	}
+	return "", nil
 }

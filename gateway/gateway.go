@@ -1,6 +1,7 @@
 // Package gateway assembles one hl7mail instance from its configuration: the
-// store and one surrogate listener per partner (draft-ietf-ediint-hl7-02
-// §6.3, figure 9). It starts everything or nothing, and stops in reverse.
+// store, the journals, one surrogate listener per partner
+// (draft-ietf-ediint-hl7-02 §6.3, figure 9) and the sender that mails what
+// they store. It starts everything or nothing, and stops in reverse.
 package gateway
 
 import (
@@ -9,26 +10,44 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
 )
 
-// Options configure New. Config is required.
+// Options configure Start. Config and Keys are required.
 type Options struct {
 	Config *config.Config
+	Keys   *Keys        // from LoadKeys
 	Logger *slog.Logger // default slog.Default()
+	// Submitter replaces SMTP submission (tests); default: the smtp section.
+	Submitter mailbox.Submitter
+	// RetryBase is the sender's first retry wait (default 30s).
+	RetryBase time.Duration
 }
+
+// Journal file names in the store folder.
+const (
+	OutgoingJournal = "outgoing.mbox"
+	IncomingJournal = "incoming.mbox"
+)
 
 // Gateway is a running hl7mail instance.
 type Gateway struct {
 	cfg        *config.Config
 	log        *slog.Logger
 	store      *store.Store
+	outgoing   *journal.Journal
+	sender     *mailbox.Sender
+	stopSender context.CancelFunc
+	senderDone chan struct{}
 	surrogates []*partnerListener
 	wg         sync.WaitGroup
 }
@@ -43,8 +62,8 @@ type partnerListener struct {
 // part fails to start, what was started is stopped again and the error
 // returned.
 func Start(ctx context.Context, opts Options) (*Gateway, error) {
-	if opts.Config == nil {
-		return nil, errors.New("gateway: Options.Config is required")
+	if opts.Config == nil || opts.Keys == nil {
+		return nil, errors.New("gateway: Options.Config and Options.Keys are required")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -56,12 +75,37 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		return nil, err
 	}
 	g.store = st
+	if g.outgoing, err = journal.Open(filepath.Join(cfg.StoreDir(), OutgoingJournal)); err != nil {
+		st.Close()
+		return nil, err
+	}
+	submitter := opts.Submitter
+	if submitter == nil {
+		password, err := cfg.Secret(cfg.SMTP.PasswordFile, cfg.SMTP.PasswordEnv)
+		if err != nil {
+			g.rollback()
+			return nil, fmt.Errorf("smtp password: %w", err)
+		}
+		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, Username: cfg.SMTP.Username, Password: password}
+	}
+	k := opts.Keys
+	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
+		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase),
+		Logger: opts.Logger.With("component", "sender"),
+		Sealer: &mailbox.Sealer{PGPSelf: k.PGPSelf, SMIMECert: k.SMIMECert, SMIMEKey: k.SMIMEKey,
+			PGPPartners: k.PGPPartners, SMIMEPartners: k.SMIMEPartners},
+	})
+	if err != nil {
+		g.rollback()
+		return nil, err
+	}
+	spool := notifyingSpool{st: st, notify: g.sender.Notify}
 	ids := hl7.NewIDGen("HM", time.Now())
 	for i := range cfg.Partners {
 		p := &cfg.Partners[i]
 		srv, err := surrogate.New(surrogate.Options{
 			Partner:        p.Name,
-			Spool:          st,
+			Spool:          spool,
 			Logger:         opts.Logger.With("component", "surrogate"),
 			MaxMessageSize: p.MaxMessageSize,
 			MaxConnections: p.MaxConnections,
@@ -79,6 +123,12 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
 	}
+	sctx, cancel := context.WithCancel(context.Background())
+	g.stopSender, g.senderDone = cancel, make(chan struct{})
+	go func() {
+		defer close(g.senderDone)
+		g.sender.Run(sctx)
+	}()
 	for _, pl := range g.surrogates {
 		g.wg.Add(1)
 		go func() {
@@ -97,7 +147,31 @@ func (g *Gateway) rollback() {
 	for _, pl := range g.surrogates {
 		pl.ln.Close()
 	}
+	if g.outgoing != nil {
+		g.outgoing.Close()
+	}
 	g.store.Close()
+}
+
+func retryBase(d time.Duration) time.Duration {
+	if d == 0 {
+		return 30 * time.Second
+	}
+	return d
+}
+
+// notifyingSpool stores a message and wakes the sender for its partner.
+type notifyingSpool struct {
+	st     *store.Store
+	notify func(partner string)
+}
+
+func (n notifyingSpool) Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error) {
+	a, err := n.st.Accept(ctx, m)
+	if err == nil {
+		n.notify(m.Partner)
+	}
+	return a, err
 }
 
 // Shutdown stops the surrogates (each finishing the messages it is
@@ -115,7 +189,10 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}
 	wg.Wait()
 	g.wg.Wait()
-	errs = append(errs, g.store.Close())
+	// The sender finishes the attempt it is making.
+	g.stopSender()
+	<-g.senderDone
+	errs = append(errs, g.outgoing.Close(), g.store.Close())
 	g.log.Info("hl7mail stopped")
 	return errors.Join(errs...)
 }

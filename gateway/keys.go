@@ -4,7 +4,6 @@ import (
 	"crypto"
 	"crypto/x509"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 
@@ -116,17 +115,11 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 }
 
 func passphrase(cfg *config.Config) ([]byte, error) {
-	switch {
-	case cfg.Self.PassphraseFile != "":
-		b, err := os.ReadFile(cfg.Path(cfg.Self.PassphraseFile))
-		if err != nil {
-			return nil, err
-		}
-		return []byte(strings.TrimRight(string(b), "\r\n")), nil
-	case cfg.Self.PassphraseEnv != "":
-		return []byte(os.Getenv(cfg.Self.PassphraseEnv)), nil
+	p, err := cfg.Secret(cfg.Self.PassphraseFile, cfg.Self.PassphraseEnv)
+	if p == "" {
+		return nil, err
 	}
-	return nil, nil
+	return []byte(p), err
 }
 
 func (k *Keys) checkPGP(field, partner string, ent *openpgp.Entity, now time.Time, e *config.Error) {

@@ -6,101 +6,34 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
 	"github.com/emersion/go-message/textproto"
-	"github.com/emersion/go-smtp"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/internal/testmail"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
 
-// received is one mail the test SMTP server took.
-type received struct {
-	from string
-	to   []string
-	data []byte
-}
-
-// smtpServer is an in-process go-smtp server that records mail and can be
-// told to refuse it.
-type smtpServer struct {
-	mu       sync.Mutex
-	mails    []received
-	tempFail int  // reply 451 to this many DATA commands
-	permFail bool // reply 550 to every DATA command
-	got      chan struct{}
-}
-
-func (b *smtpServer) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{b: b}, nil }
-
-type session struct {
-	b   *smtpServer
-	cur received
-}
-
-func (s *session) Reset()        { s.cur = received{} }
-func (s *session) Logout() error { return nil }
-func (s *session) Mail(from string, _ *smtp.MailOptions) error {
-	s.cur.from = from
-	return nil
-}
-func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
-	s.cur.to = append(s.cur.to, to)
-	return nil
-}
-func (s *session) Data(r io.Reader) error {
-	data, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
-	s.b.mu.Lock()
-	defer s.b.mu.Unlock()
-	if s.b.permFail {
-		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user here"}
-	}
-	if s.b.tempFail > 0 {
-		s.b.tempFail--
-		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try again later"}
-	}
-	s.cur.data = data
-	s.b.mails = append(s.b.mails, s.cur)
-	select {
-	case s.b.got <- struct{}{}:
-	default:
-	}
-	return nil
-}
-
-// serve starts the server on addr ("127.0.0.1:0" for any port).
-func (b *smtpServer) serve(t *testing.T, addr string) string {
+// newSMTP starts a test SMTP server on addr.
+func newSMTP(t *testing.T, addr string) (*testmail.SMTP, string) {
 	t.Helper()
-	srv := smtp.NewServer(b)
-	srv.Domain = "localhost"
-	ln, err := net.Listen("tcp", addr)
+	srv := &testmail.SMTP{}
+	a, err := srv.Serve(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
-	return ln.Addr().String()
-}
-
-func (b *smtpServer) count() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return len(b.mails)
+	return srv, a
 }
 
 // fixture is a hospital instance's sending side with a PGP and an S/MIME
@@ -212,8 +145,7 @@ func header(t *testing.T, m []byte) textproto.Header {
 
 func TestSendBothSuites(t *testing.T) {
 	f := newFixture(t, nil)
-	srv := &smtpServer{got: make(chan struct{}, 1)}
-	addr := srv.serve(t, "127.0.0.1:0")
+	srv, addr := newSMTP(t, "127.0.0.1:0")
 	want := map[string][]byte{}
 	for i := 1; i <= 3; i++ {
 		want[fmt.Sprint(i)] = f.accept(t, "lab", fmt.Sprint(i))
@@ -223,7 +155,7 @@ func TestSendBothSuites(t *testing.T) {
 	}
 	_, stop := f.run(t, addr, nil)
 	defer stop()
-	waitFor(t, "five mails", func() bool { return srv.count() == 5 })
+	waitFor(t, "five mails", func() bool { return srv.Count() == 5 })
 	stop()
 
 	ctx := context.Background()
@@ -237,34 +169,34 @@ func TestSendBothSuites(t *testing.T) {
 		byMessageID[h.Get("Message-Id")] = e.Mail
 	}
 	lastLab := 0
-	for i, m := range srv.mails {
-		h := header(t, m.data)
-		if m.from != "edi@hospital.test" || h.Get("Message-Id") == "" || !strings.HasPrefix(h.Get("Subject"), "HL7 ORU^R01 ") {
-			t.Errorf("mail %d: from %s, header %v", i, m.from, h.Map())
+	for i, m := range srv.Mails() {
+		h := header(t, m.Data)
+		if m.From != "edi@hospital.test" || h.Get("Message-Id") == "" || !strings.HasPrefix(h.Get("Subject"), "HL7 ORU^R01 ") {
+			t.Errorf("mail %d: from %s, header %v", i, m.From, h.Map())
 		}
-		if j := byMessageID[h.Get("Message-Id")]; !bytes.Equal(j, m.data) {
+		if j := byMessageID[h.Get("Message-Id")]; !bytes.Equal(j, m.Data) {
 			n := 0
-			for n < len(j) && n < len(m.data) && j[n] == m.data[n] {
+			for n < len(j) && n < len(m.Data) && j[n] == m.Data[n] {
 				n++
 			}
 			t.Errorf("mail %d: journal entry (%d bytes) differs from what the server received (%d bytes) at %d: %q vs %q",
-				i, len(j), len(m.data), n, j[max(0, n-20):min(len(j), n+20)], m.data[max(0, n-20):min(len(m.data), n+20)])
+				i, len(j), len(m.Data), n, j[max(0, n-20):min(len(j), n+20)], m.Data[max(0, n-20):min(len(m.Data), n+20)])
 		}
 		var o *security.Opened
-		switch m.to[0] {
+		switch m.To[0] {
 		case "lab@partner.test":
-			o, err = security.PGPOpen(m.data, security.PGPKeys{Self: f.labKey, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
+			o, err = security.PGPOpen(m.Data, security.PGPKeys{Self: f.labKey, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
 			if req, err := security.ParseMDNRequest(h); err != nil || req == nil || req.To != "edi@hospital.test" || req.Protocol != "pgp-signature" {
 				t.Errorf("mail %d: MDN request %+v, %v", i, req, err)
 			}
 		case "edi@clinic.test":
-			o, err = security.SMIMEOpen(m.data, f.clinic, f.hospCert, time.Now())
+			o, err = security.SMIMEOpen(m.Data, f.clinic, f.hospCert, time.Now())
 			if req, _ := security.ParseMDNRequest(h); req == nil || req.Protocol != "" {
 				t.Errorf("mail %d: unsigned MDN request %+v", i, req)
 			}
 		}
 		if err != nil {
-			t.Fatalf("mail %d to %v: open: %v", i, m.to, err)
+			t.Fatalf("mail %d to %v: open: %v", i, m.To, err)
 		}
 		payload, _, err := security.DecodeEDI(o.Entity, security.Accept{})
 		if err != nil {
@@ -274,7 +206,7 @@ func TestSendBothSuites(t *testing.T) {
 		if !bytes.Equal(payload, want[id]) {
 			t.Errorf("mail %d: payload %q, want %q", i, payload, want[id])
 		}
-		if m.to[0] == "lab@partner.test" {
+		if m.To[0] == "lab@partner.test" {
 			n := 0
 			fmt.Sscan(id, &n)
 			if n < lastLab {
@@ -297,12 +229,12 @@ func TestSendBothSuites(t *testing.T) {
 
 func TestSendRetriesThen451(t *testing.T) {
 	f := newFixture(t, nil)
-	srv := &smtpServer{tempFail: 2, got: make(chan struct{}, 1)}
-	addr := srv.serve(t, "127.0.0.1:0")
+	srv, addr := newSMTP(t, "127.0.0.1:0")
+	srv.FailTemporarily(2)
 	f.accept(t, "lab", "r1")
 	_, stop := f.run(t, addr, nil)
 	defer stop()
-	waitFor(t, "the mail after two 451 replies", func() bool { return srv.count() == 1 })
+	waitFor(t, "the mail after two 451 replies", func() bool { return srv.Count() == 1 })
 	stop()
 	list, _ := f.st.List(context.Background(), store.Filter{})
 	attempts, _, lastErr, _ := f.st.Delivery(context.Background(), list[0].ID)
@@ -322,8 +254,8 @@ func TestSendRetriesThen451(t *testing.T) {
 
 func TestSend550Fails(t *testing.T) {
 	f := newFixture(t, nil)
-	srv := &smtpServer{permFail: true}
-	addr := srv.serve(t, "127.0.0.1:0")
+	srv, addr := newSMTP(t, "127.0.0.1:0")
+	srv.FailPermanently()
 	f.accept(t, "lab", "p1")
 	f.accept(t, "lab", "p2")
 	_, stop := f.run(t, addr, nil)
@@ -346,8 +278,7 @@ func TestSendExpires(t *testing.T) {
 	t0 := time.Now().Add(-200 * time.Hour)
 	f := newFixture(t, func() time.Time { return t0 })
 	f.accept(t, "lab", "old")
-	srv := &smtpServer{}
-	addr := srv.serve(t, "127.0.0.1:0")
+	srv, addr := newSMTP(t, "127.0.0.1:0")
 	_, stop := f.run(t, addr, nil)
 	defer stop()
 	waitFor(t, "the old message expired", func() bool {
@@ -355,7 +286,7 @@ func TestSendExpires(t *testing.T) {
 		return len(list) == 1
 	})
 	stop()
-	if srv.count() != 0 {
+	if srv.Count() != 0 {
 		t.Errorf("an expired message was sent")
 	}
 }
@@ -376,12 +307,11 @@ func TestSendServerDownThenUp(t *testing.T) {
 		n, _, _, _ := f.st.Delivery(ctx, list[0].ID)
 		return n >= 2
 	})
-	srv := &smtpServer{}
-	srv.serve(t, addr)
-	waitFor(t, "delivery after the server came up", func() bool { return srv.count() == 1 })
+	srv, _ := newSMTP(t, addr)
+	waitFor(t, "delivery after the server came up", func() bool { return srv.Count() == 1 })
 	time.Sleep(50 * time.Millisecond)
 	stop()
-	if srv.count() != 1 {
-		t.Errorf("%d mails, want exactly 1", srv.count())
+	if srv.Count() != 1 {
+		t.Errorf("%d mails, want exactly 1", srv.Count())
 	}
 }

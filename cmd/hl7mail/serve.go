@@ -14,8 +14,10 @@ import (
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("serve", "[-config FILE]", `
 Runs the gateway: one surrogate MLLP listener per partner of the
-configuration, answering CA once each message is stored. Stops on SIGINT or
-SIGTERM, finishing the messages being stored.`, stderr)
+configuration, answering CA once each message is stored, and the sender that
+mails stored messages to their partners (signed, encrypted, journalled in
+outgoing.mbox, retried while the SMTP server is unreachable). Stops on SIGINT
+or SIGTERM, finishing the messages being stored and the mail being sent.`, stderr)
 	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	format := fs.String("log-format", "auto", "log format: auto (text on a terminal, else JSON), json, text")
@@ -38,7 +40,7 @@ SIGTERM, finishing the messages being stored.`, stderr)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Logger: log})
+	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log})
 	if err != nil {
 		log.Error("start failed", "err", err)
 		return 1

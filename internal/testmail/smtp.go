@@ -1,0 +1,109 @@
+// Package testmail is an in-process SMTP server for tests: it records every
+// mail it takes and can be told to refuse mail as a real server would.
+package testmail
+
+import (
+	"io"
+	"net"
+	"sync"
+
+	"github.com/emersion/go-smtp"
+)
+
+// Mail is one mail the server took.
+type Mail struct {
+	From string
+	To   []string
+	Data []byte
+}
+
+// SMTP is the server's state. Its fields other than the mutex-guarded ones
+// are set before Serve.
+type SMTP struct {
+	mu       sync.Mutex
+	mails    []Mail
+	tempFail int  // reply 451 to this many DATA commands
+	permFail bool // reply 550 to every DATA command
+	srv      *smtp.Server
+}
+
+// Serve starts the server on addr ("127.0.0.1:0" for any port) and returns
+// its address.
+func (s *SMTP) Serve(addr string) (string, error) {
+	s.srv = smtp.NewServer(s)
+	s.srv.Domain = "localhost"
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	go s.srv.Serve(ln)
+	return ln.Addr().String(), nil
+}
+
+// Close stops the server.
+func (s *SMTP) Close() error { return s.srv.Close() }
+
+// FailTemporarily makes the next n DATA commands fail with 451.
+func (s *SMTP) FailTemporarily(n int) {
+	s.mu.Lock()
+	s.tempFail = n
+	s.mu.Unlock()
+}
+
+// FailPermanently makes every DATA command fail with 550.
+func (s *SMTP) FailPermanently() {
+	s.mu.Lock()
+	s.permFail = true
+	s.mu.Unlock()
+}
+
+// Mails returns the mails taken so far.
+func (s *SMTP) Mails() []Mail {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Mail(nil), s.mails...)
+}
+
+// Count returns how many mails were taken.
+func (s *SMTP) Count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.mails)
+}
+
+// NewSession implements smtp.Backend.
+func (s *SMTP) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{s: s}, nil }
+
+type session struct {
+	s   *SMTP
+	cur Mail
+}
+
+func (x *session) Reset()        { x.cur = Mail{} }
+func (x *session) Logout() error { return nil }
+func (x *session) Mail(from string, _ *smtp.MailOptions) error {
+	x.cur.From = from
+	return nil
+}
+func (x *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+	x.cur.To = append(x.cur.To, to)
+	return nil
+}
+func (x *session) Data(r io.Reader) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	x.s.mu.Lock()
+	defer x.s.mu.Unlock()
+	if x.s.permFail {
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user here"}
+	}
+	if x.s.tempFail > 0 {
+		x.s.tempFail--
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try again later"}
+	}
+	x.cur.Data = data
+	x.s.mails = append(x.s.mails, x.cur)
+	return nil
+}
