@@ -1,0 +1,229 @@
+package mailbox
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"net/mail"
+	"strings"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/emersion/go-message/textproto"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/security"
+)
+
+// Reason says why a mail is quarantined instead of delivered.
+type Reason string
+
+// Quarantine reasons.
+const (
+	ReasonMalformed     Reason = "malformed"      // not a readable mail
+	ReasonUnknownSender Reason = "unknown-sender" // From names no partner
+	ReasonOversize      Reason = "oversize"       // larger than allowed
+	ReasonNotEncrypted  Reason = "not-encrypted"  // plain where encryption is required
+	ReasonUndecryptable Reason = "undecryptable"  // not encrypted to us, or damaged
+	ReasonUnsigned      Reason = "unsigned"
+	ReasonBadSignature  Reason = "bad-signature"  // tampered
+	ReasonWrongSigner   Reason = "wrong-signer"   // signed by someone else than the From partner
+	ReasonUnknownSigner Reason = "unknown-signer" // signed by a key we do not know
+	ReasonExpired       Reason = "expired-key"
+	ReasonWeak          Reason = "weak-algorithm"
+	ReasonNotHL7        Reason = "not-hl7" // opened, but carries no HL7, MDN or bundle
+	ReasonReplay        Reason = "replay"  // a Message-ID already seen from the partner
+)
+
+// QuarantineError is why Open refused a mail. Partner is set when the
+// sender is a known partner (who may then get an MDN saying so).
+type QuarantineError struct {
+	Reason  Reason
+	Partner *config.Partner
+	Err     error
+}
+
+func (e *QuarantineError) Error() string {
+	if e.Err == nil {
+		return string(e.Reason)
+	}
+	return fmt.Sprintf("%s: %v", e.Reason, e.Err)
+}
+
+func (e *QuarantineError) Unwrap() error { return e.Err }
+
+// reasonFor maps the security package's errors to quarantine reasons: the
+// one place that decides what a failed verification means.
+func reasonFor(err error) Reason {
+	switch {
+	case errors.Is(err, security.ErrNotEncrypted):
+		return ReasonNotEncrypted
+	case errors.Is(err, security.ErrNotForUs):
+		return ReasonUndecryptable
+	case errors.Is(err, security.ErrUnsigned):
+		return ReasonUnsigned
+	case errors.Is(err, security.ErrBadSignature):
+		return ReasonBadSignature
+	case errors.Is(err, security.ErrWrongSigner):
+		return ReasonWrongSigner
+	case errors.Is(err, security.ErrUnknownSigner):
+		return ReasonUnknownSigner
+	case errors.Is(err, security.ErrExpired):
+		return ReasonExpired
+	case errors.Is(err, security.ErrWeakAlgorithm), errors.Is(err, security.ErrMICAlgorithm):
+		return ReasonWeak
+	case errors.Is(err, security.ErrContentType):
+		return ReasonNotHL7
+	}
+	return ReasonMalformed
+}
+
+// Disposition returns the MDN a known partner gets for a mail quarantined
+// for reason r (draft-ietf-ediint-hl7-02 §4.1.3 tables 4 and 5, with the
+// error texts of RFC 4130 §7.4.3), and false where none is sent.
+func (r Reason) Disposition() (security.Disposition, string, bool) {
+	errored := security.Disposition{Type: security.Processed, Modifier: security.ModError}
+	switch r {
+	case ReasonUndecryptable, ReasonNotEncrypted:
+		return errored, "decryption-failed", true
+	case ReasonBadSignature:
+		return errored, "integrity-check-failed", true
+	case ReasonUnsigned, ReasonWrongSigner, ReasonUnknownSigner, ReasonExpired, ReasonWeak:
+		return errored, "authentication-failed", true
+	case ReasonNotHL7, ReasonMalformed:
+		return errored, "unexpected-processing-error", true
+	case ReasonOversize:
+		return security.Disposition{Type: security.Denied}, "message too large", true
+	}
+	// Unknown senders get nothing; replays get the MDN already sent.
+	return security.Disposition{}, "", false
+}
+
+// Incoming is a mail that was opened and verified.
+type Incoming struct {
+	Partner    *config.Partner
+	From       string
+	MessageID  string
+	Subject    string
+	MDNRequest *security.MDNRequest // nil when no receipt was asked for
+	Kind       security.Kind
+	Signer     string
+	MIC        security.MIC     // of the signed entity, for our receipt
+	Payload    []byte           // KindHL7: the HL7 message
+	Header     *hl7.Header      // KindHL7: its MSH
+	MDN        *security.MDN    // KindMDN, KindBundle
+	Bundle     *security.Bundle // KindBundle
+}
+
+// Opener opens partner mail. Config and the key fields are required.
+type Opener struct {
+	Config *config.Config
+	// PGP and SMIME hold our keys and every partner's (by name in the
+	// maps of Sealer).
+	Keys *Sealer
+	// MaxSize bounds a mail in bytes (default 32 MiB).
+	MaxSize int
+	Now     func() time.Time
+}
+
+// Open reads a raw mail: who sent it, whether it is theirs, and what it
+// carries. Every refusal is a *QuarantineError.
+func (o *Opener) Open(raw []byte) (*Incoming, error) {
+	max := o.MaxSize
+	if max == 0 {
+		max = 32 << 20
+	}
+	if len(raw) > max {
+		return nil, &QuarantineError{Reason: ReasonOversize, Err: fmt.Errorf("%d bytes, limit %d", len(raw), max)}
+	}
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw)))
+	if err != nil {
+		return nil, &QuarantineError{Reason: ReasonMalformed, Err: err}
+	}
+	in := &Incoming{MessageID: strings.TrimSpace(h.Get("Message-Id")), Subject: h.Get("Subject")}
+	from, err := mail.ParseAddress(h.Get("From"))
+	if err != nil {
+		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("From: %w", err)}
+	}
+	in.From = from.Address
+	for i := range o.Config.Partners {
+		if strings.EqualFold(o.Config.Partners[i].Email, from.Address) {
+			in.Partner = &o.Config.Partners[i]
+		}
+	}
+	if in.Partner == nil {
+		return nil, &QuarantineError{Reason: ReasonUnknownSender, Err: fmt.Errorf("%s is not a partner", from.Address)}
+	}
+	p := in.Partner
+	q := func(err error) error { return &QuarantineError{Reason: reasonFor(err), Partner: p, Err: err} }
+	if in.MDNRequest, err = security.ParseMDNRequest(h); err != nil {
+		return nil, q(err)
+	}
+	now := time.Now()
+	if o.Now != nil {
+		now = o.Now()
+	}
+	var entity []byte
+	switch p.Security {
+	case "pgp":
+		var list openpgp.EntityList
+		for _, e := range o.Keys.PGPPartners {
+			list = append(list, e)
+		}
+		opened, err := security.PGPOpen(raw, security.PGPKeys{Self: o.Keys.PGPSelf, Partners: list}, o.Keys.PGPPartners[p.Name], now)
+		if err != nil {
+			return nil, q(err)
+		}
+		entity, in.MIC, in.Signer = opened.Entity, opened.MIC, opened.Signer
+	case "smime":
+		keys := security.SMIMEKeys{Cert: o.Keys.SMIMECert, Key: o.Keys.SMIMEKey}
+		for _, c := range o.Keys.SMIMEPartners {
+			keys.Partners = append(keys.Partners, c)
+		}
+		opened, err := security.SMIMEOpen(raw, keys, o.Keys.SMIMEPartners[p.Name], now)
+		if err != nil {
+			return nil, q(err)
+		}
+		entity, in.MIC, in.Signer = opened.Entity, opened.MIC, opened.Signer
+	default: // none, allowed only with allow_unencrypted
+		entity = raw
+		in.MIC = security.ComputeMIC(entity)
+	}
+	in.Kind = security.Classify(entity)
+	switch in.Kind {
+	case security.KindHL7:
+		payload, _, err := security.DecodeEDI(entity, security.Accept{Consent: p.AcceptConsent})
+		if err != nil {
+			return nil, q(err)
+		}
+		hdr, err := hl7.ParseHeader(payload)
+		if err != nil {
+			return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
+		}
+		in.Payload, in.Header = payload, hdr
+	case security.KindMDN:
+		if in.MDN, err = security.ParseMDN(entity); err != nil {
+			return nil, q(err)
+		}
+	case security.KindBundle:
+		if in.Bundle, err = security.ParseBundle(entity); err != nil {
+			return nil, q(err)
+		}
+		in.MDN = in.Bundle.MDN
+		if in.Bundle.Response != nil {
+			payload, _, err := security.DecodeEDI(in.Bundle.Response, security.Accept{Consent: p.AcceptConsent})
+			if err != nil {
+				return nil, q(err)
+			}
+			if in.Header, err = hl7.ParseHeader(payload); err != nil {
+				return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
+			}
+			in.Payload = payload
+		}
+	default:
+		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
+	}
+	return in, nil
+}
