@@ -31,12 +31,19 @@ const (
 	PendingOverdue  = "overdue"
 	// PendingCancelled: the message failed or expired; no receipt is due.
 	PendingCancelled = "cancelled"
+	// PendingError: the receipt matched but reports an error disposition.
+	PendingError = "error"
 )
 
 // update runs f in one synced transaction on the updater connection.
 func (s *Store) update(ctx context.Context, f func(tx *sql.Tx, now int64) error) error {
 	if s.readOnly {
 		return ErrReadOnly
+	}
+	// A message accepted a moment ago may still be on its way into the
+	// database: state changes see every accepted message.
+	if err := s.waitIngested(ctx); err != nil {
+		return err
 	}
 	s.updMu.Lock()
 	defer s.updMu.Unlock()
@@ -144,6 +151,9 @@ func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason str
 
 // Delivery returns the attempts, next attempt and last error of a message.
 func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time.Time, lastError string, err error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return 0, time.Time{}, "", err
+	}
 	var n int64
 	err = s.db.QueryRowContext(ctx, `SELECT attempts, next_attempt, last_error FROM messages WHERE id = ?`, id).
 		Scan(&attempts, &n, &lastError)
@@ -155,6 +165,9 @@ func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time
 
 // PendingByMessageID returns the pending receipt for a Message-ID.
 func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pending, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return Pending{}, err
+	}
 	var p Pending
 	var sent, due int64
 	err := s.db.QueryRowContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due, state FROM pending
@@ -167,4 +180,64 @@ func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pendi
 	}
 	p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
 	return p, nil
+}
+
+// SetReceipt records what a returned receipt established for the pending
+// message messageID: PendingMatched (the message becomes Acknowledged),
+// PendingMismatch or PendingError. A receipt for a receipt already matched
+// changes nothing and reports the earlier state.
+func (s *Store) SetReceipt(ctx context.Context, messageID, state string) (Pending, error) {
+	var p Pending
+	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+		var sent, due int64
+		err := tx.QueryRowContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due, state FROM pending
+			WHERE message_id = ?`, messageID).Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
+		}
+		if err != nil {
+			return err
+		}
+		p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
+		if p.State == PendingMatched {
+			return nil
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, updated = ? WHERE message_id = ?`, state, now, messageID); err != nil {
+			return err
+		}
+		p.State = state
+		if state == PendingMatched {
+			_, err = tx.ExecContext(ctx, `UPDATE messages SET state = 'acknowledged', updated = ? WHERE id = ?`, now, p.ID)
+		}
+		return err
+	})
+	return p, err
+}
+
+// Overdue marks every waiting receipt due before now as overdue and
+// returns them (each is reported once).
+func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
+	var out []Pending
+	err := s.update(ctx, func(tx *sql.Tx, nowMicro int64) error {
+		rows, err := tx.QueryContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due FROM pending
+			WHERE state = 'waiting' AND due < ?`, now.UnixMicro())
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var p Pending
+			var sent, due int64
+			if err := rows.Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due); err != nil {
+				rows.Close()
+				return err
+			}
+			p.Sent, p.Due, p.State = time.UnixMicro(sent), time.UnixMicro(due), PendingOverdue
+			out = append(out, p)
+		}
+		rows.Close()
+		_, err = tx.ExecContext(ctx, `UPDATE pending SET state = 'overdue', updated = ? WHERE state = 'waiting' AND due < ?`,
+			nowMicro, now.UnixMicro())
+		return err
+	})
+	return out, err
 }

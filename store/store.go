@@ -55,6 +55,8 @@ const (
 	// Expired: not delivered within the partner's expire_after
 	// (deleted/expired, draft-ietf-ediint-hl7-02 §4.1.3 table 5).
 	Expired State = "expired"
+	// Acknowledged: the partner's receipt matched (Message-ID and MIC).
+	Acknowledged State = "acknowledged"
 )
 
 // ErrClosed is returned by Accept after Close.

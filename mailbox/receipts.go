@@ -1,0 +1,56 @@
+package mailbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// Receipt outcomes (draft-ietf-ediint-hl7-02 §6.4).
+type Receipt int
+
+const (
+	// ReceiptMatched: Original-Message-ID and Received-Content-MIC match a
+	// message sent to this partner, with a processed disposition.
+	ReceiptMatched Receipt = iota
+	// ReceiptMICMismatch: the partner reports a different MIC than was
+	// sent: what it received is not what was signed. An alert.
+	ReceiptMICMismatch
+	// ReceiptError: matched, with an error or failure disposition.
+	ReceiptError
+	// ReceiptUnknown: no message of this partner has that Message-ID.
+	ReceiptUnknown
+)
+
+func (r Receipt) String() string {
+	return [...]string{"matched", "mic-mismatch", "error-disposition", "unknown"}[r]
+}
+
+// Reconcile matches an MDN from partner against the pending receipts: by
+// Original-Message-ID, within the partner only, then by MIC. It records the
+// outcome and returns it; the pending entry involved, if any, with it.
+func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *security.MDN) (Receipt, store.Pending, error) {
+	p, err := st.PendingByMessageID(ctx, mdn.OriginalMessageID)
+	if errors.Is(err, store.ErrNotFound) || err == nil && p.Partner != partner {
+		return ReceiptUnknown, store.Pending{}, nil
+	}
+	if err != nil {
+		return ReceiptUnknown, p, err
+	}
+	want, err := security.ParseMIC(p.MIC)
+	if err != nil {
+		return ReceiptUnknown, p, fmt.Errorf("stored MIC of %s: %w", p.MessageID, err)
+	}
+	outcome, state := ReceiptMatched, store.PendingMatched
+	switch {
+	case mdn.MIC == nil || !mdn.MIC.Equal(want):
+		outcome, state = ReceiptMICMismatch, store.PendingMismatch
+	case !mdn.Disposition.OK() && mdn.Disposition.Modifier != security.ModWarning:
+		outcome, state = ReceiptError, store.PendingError
+	}
+	p, err = st.SetReceipt(ctx, p.MessageID, state)
+	return outcome, p, err
+}
