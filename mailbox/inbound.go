@@ -138,7 +138,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	if len(raw) > max {
 		return nil, &QuarantineError{Reason: ReasonOversize, Err: fmt.Errorf("%d bytes, limit %d", len(raw), max)}
 	}
-	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw)))
+	h, err := headerOf(raw)
 	if err != nil {
 		return nil, &QuarantineError{Reason: ReasonMalformed, Err: err}
 	}
@@ -226,4 +226,9 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
 	}
 	return in, nil
+}
+
+// headerOf reads the header of a raw mail.
+func headerOf(raw []byte) (textproto.Header, error) {
+	return textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw)))
 }

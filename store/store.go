@@ -81,6 +81,10 @@ type NewMessage struct {
 	ControlID   string // MSH-10
 	MessageType string // MSH-9
 	Payload     []byte
+	// MessageID and MIC are those of the mail an inbound message came in:
+	// a replay is recognized by the first, the receipt carries the second.
+	MessageID string
+	MIC       string
 }
 
 // Accepted is the outcome of Accept.
@@ -102,6 +106,7 @@ type Message struct {
 	SHA256      []byte    `json:"sha256"`
 	Received    time.Time `json:"received"`
 	Updated     time.Time `json:"updated"`
+	MIC         string    `json:"mic,omitempty"`
 	Payload     []byte    `json:"-"`
 }
 
@@ -367,6 +372,19 @@ var schema = []string{
 		updated    INTEGER NOT NULL
 	);
 	CREATE INDEX pending_due ON pending(state, due);`,
+	// 3: inbound mail. The MIC of the mail a message came in; replays are
+	// found by partner and Message-ID; refused mail is recorded with why.
+	`ALTER TABLE messages ADD COLUMN mic TEXT NOT NULL DEFAULT '';
+	CREATE INDEX messages_inbound ON messages(partner, message_id) WHERE direction = 'in';
+	CREATE TABLE quarantine (
+		id         INTEGER PRIMARY KEY,
+		partner    TEXT    NOT NULL,
+		sender     TEXT    NOT NULL,
+		message_id TEXT    NOT NULL,
+		reason     TEXT    NOT NULL,
+		detail     TEXT    NOT NULL,
+		received   INTEGER NOT NULL
+	);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -661,7 +679,7 @@ const (
 	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+		size, sha256, payload, received, updated, message_id, mic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 )
 
 // insert writes recs into the database in one transaction, marking
@@ -690,7 +708,7 @@ func (s *Store) insert(recs []logRecord) (err error) {
 				"partner", r.m.Partner, "control_id", r.m.ControlID)
 		}
 		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
-			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time); err != nil {
+			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the

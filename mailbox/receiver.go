@@ -1,0 +1,122 @@
+package mailbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/mail"
+	"time"
+
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// Receiver handles mail fetched from partners: journal first, then open,
+// verify and store, or quarantine with a reason (draft-ietf-ediint-hl7-02
+// §6.2, §6.4). Opener, Store and Journal (the incoming journal) are required.
+type Receiver struct {
+	Opener  *Opener
+	Store   *store.Store
+	Journal *journal.Journal
+	Logger  *slog.Logger
+}
+
+// Result is what became of one mail.
+type Result struct {
+	Incoming *Incoming
+	// ID is the stored inbound message (an HL7 message, or the response of
+	// a bundle), 0 when none was stored.
+	ID int64
+	// Quarantine is set when the mail was refused; Replay when it repeats a
+	// Message-ID already received from the partner.
+	Quarantine *QuarantineError
+	Replay     bool
+	// Receipt is the outcome of the MDN the mail carried, if any.
+	Receipt *Receipt
+}
+
+// Handle processes one raw mail. An error means nothing was decided (the
+// journal or the store failed): keep the mail and try again. Otherwise the
+// mail may move on, to the processed folder or, with Result.Quarantine set,
+// to the quarantine folder.
+func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
+	log := r.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	sender := "MAILER-DAEMON"
+	if h, err := headerOf(raw); err == nil {
+		if a, err := mail.ParseAddress(h.Get("From")); err == nil {
+			sender = a.Address
+		}
+	}
+	if _, err := r.Journal.Append(sender, time.Now(), raw); err != nil {
+		return Result{}, fmt.Errorf("incoming journal: %w", err)
+	}
+	in, err := r.Opener.Open(raw)
+	var q *QuarantineError
+	if errors.As(err, &q) {
+		return r.quarantine(ctx, log, sender, raw, q, false)
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	res := Result{Incoming: in}
+	log = log.With("partner", in.Partner.Name, "message_id", in.MessageID)
+	if in.MessageID != "" && in.Payload != nil {
+		if prev, err := r.Store.FindInbound(ctx, in.Partner.Name, in.MessageID); err == nil {
+			q := &QuarantineError{Reason: ReasonReplay, Partner: in.Partner,
+				Err: fmt.Errorf("Message-ID already received as message %d", prev.ID)}
+			res, err := r.quarantine(ctx, log, sender, raw, q, true)
+			res.Incoming, res.ID = in, prev.ID
+			return res, err
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return Result{}, err
+		}
+	}
+	if in.MDN != nil {
+		outcome, p, err := Reconcile(ctx, r.Store, in.Partner.Name, in.MDN)
+		if err != nil {
+			return Result{}, err
+		}
+		res.Receipt = &outcome
+		attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
+			"disposition", in.MDN.Disposition.String()}
+		if p.ControlID != "" {
+			attrs = append(attrs, "control_id", p.ControlID)
+		}
+		if outcome == ReceiptMatched {
+			log.Info("receipt matched", attrs...)
+		} else {
+			log.Error("ALERT receipt does not match", attrs...)
+		}
+	}
+	if in.Payload != nil {
+		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
+			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
+			MessageID: in.MessageID, MIC: in.MIC.String()})
+		if err != nil {
+			return Result{}, err
+		}
+		res.ID = a.ID
+		log.Info("mail received", "id", a.ID, "control_id", in.Header.ControlID, "kind", in.Kind.String(), "signer", in.Signer)
+	}
+	return res, nil
+}
+
+func (r *Receiver) quarantine(ctx context.Context, log *slog.Logger, sender string, raw []byte, q *QuarantineError, replay bool) (Result, error) {
+	rec := store.Quarantined{Sender: sender, Reason: string(q.Reason), Detail: q.Error()}
+	if q.Partner != nil {
+		rec.Partner = q.Partner.Name
+	}
+	if h, err := headerOf(raw); err == nil {
+		rec.MessageID = h.Get("Message-Id")
+	}
+	if _, err := r.Store.Quarantine(ctx, rec); err != nil {
+		return Result{}, err
+	}
+	log.Warn("mail quarantined", "partner", rec.Partner, "sender", sender, "message_id", rec.MessageID,
+		"reason", string(q.Reason), "detail", q.Error())
+	return Result{Quarantine: q, Replay: replay}, nil
+}

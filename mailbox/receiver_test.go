@@ -1,0 +1,100 @@
+package mailbox
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+func TestReceiver(t *testing.T) {
+	l := newLabSide(t)
+	dir := t.TempDir()
+	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	jpath := filepath.Join(dir, "incoming.mbox")
+	j, err := journal.Open(jpath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	ctx := context.Background()
+
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	good, mic := l.mailFrom(t, "edi@hospital.test", l.hospital, edi, false)
+	res, err := r.Handle(ctx, good)
+	if err != nil || res.Quarantine != nil || res.ID == 0 {
+		t.Fatalf("Handle(good) = %+v, %v", res, err)
+	}
+	m, _ := st.Get(ctx, res.ID)
+	if m.Direction != store.Inbound || m.Partner != "hospital" || string(m.Payload) != orm || m.MessageID != "<m1@x.test>" ||
+		m.MIC != mic.String() || m.ControlID != "q1" || m.State != store.Queued {
+		t.Errorf("stored inbound = %+v", m)
+	}
+
+	// The same mail again is a replay: refused, pointing at the first.
+	again, err := r.Handle(ctx, good)
+	if err != nil || !again.Replay || again.Quarantine == nil || again.Quarantine.Reason != ReasonReplay || again.ID != res.ID {
+		t.Errorf("Handle(replay) = %+v, %v", again, err)
+	}
+	if list, _ := st.List(ctx, store.Filter{Direction: store.Inbound}); len(list) != 1 {
+		t.Errorf("%d inbound messages after a replay, want 1", len(list))
+	}
+
+	// Refused mail is recorded with its reason.
+	forged, _ := l.mailFrom(t, "edi@hospital.test", l.clinic, edi, false)
+	stranger, _ := l.mailFrom(t, "who@else.test", l.hospital, edi, false)
+	for _, raw := range [][]byte{forged, stranger} {
+		if res, err := r.Handle(ctx, raw); err != nil || res.Quarantine == nil {
+			t.Errorf("Handle(bad) = %+v, %v", res, err)
+		}
+	}
+	qs, _ := st.QuarantineList(ctx, 10)
+	want := map[string]string{"replay": "hospital", "wrong-signer": "hospital", "unknown-sender": ""}
+	if len(qs) != 3 {
+		t.Fatalf("quarantine records = %+v", qs)
+	}
+	for _, q := range qs {
+		if p, ok := want[q.Reason]; !ok || p != q.Partner {
+			t.Errorf("quarantine record %+v", q)
+		}
+	}
+
+	// A bundle whose MDN answers a message we sent.
+	a, _ := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "hospital", ControlID: "o1", Payload: []byte("x")})
+	sentMIC := security.ComputeMIC([]byte("what we signed"))
+	st.Prepare(ctx, a.ID, "<out1@partner.test>", &store.Pending{Partner: "hospital", ControlID: "o1", MIC: sentMIC.String(),
+		Sent: time.Now(), Due: time.Now().Add(time.Hour)})
+	mdn, _ := (&security.MDN{FinalRecipient: "edi@hospital.test", OriginalMessageID: "<out1@partner.test>",
+		Disposition: security.Disposition{Type: security.Processed}, MIC: &sentMIC}).Entity()
+	ack, _ := security.EncodeEDI([]byte("MSH|^~\\&|HIS|GH|LAB|TL|20261123||ACK^O01|a9|P|2.3\rMSA|AA|o1\r"), security.EDIOptions{})
+	bundle, _ := l.mailFrom(t, "edi@hospital.test", l.hospital, security.BuildBundle(ack, mdn), false)
+	bundle = bytes.Replace(bundle, []byte("<m1@x.test>"), []byte("<b1@x.test>"), 1)
+	res, err = r.Handle(ctx, bundle)
+	if err != nil || res.Receipt == nil || *res.Receipt != ReceiptMatched || res.ID == 0 {
+		t.Fatalf("Handle(bundle) = %+v, %v", res, err)
+	}
+	if ack, _ := st.Get(ctx, res.ID); ack.ControlID != "a9" || ack.Direction != store.Inbound {
+		t.Errorf("bundle response stored as %+v", ack)
+	}
+
+	j.Close()
+	entries, err := journal.Read(jpath)
+	if err != nil || len(entries) != 5 || !bytes.Equal(entries[0].Mail, good) {
+		t.Errorf("incoming journal: %d entries, %v", len(entries), err)
+	}
+	// With the journal gone, nothing is decided.
+	if res, err := r.Handle(ctx, good); err == nil {
+		t.Errorf("Handle with a closed journal = %+v, want an error", res)
+	}
+}
