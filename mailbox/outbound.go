@@ -241,7 +241,7 @@ func (s *Sender) runPartner(ctx context.Context, p *config.Partner) {
 		case <-s.wake[p.Name]:
 		}
 		for ctx.Err() == nil {
-			m, err := s.o.Store.NextQueued(ctx, p.Name, s.o.Now())
+			m, err := s.o.Store.NextQueued(ctx, p.Name, store.Outbound, s.o.Now())
 			if errors.Is(err, store.ErrNotFound) {
 				break
 			}

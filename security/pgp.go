@@ -240,8 +240,14 @@ func PGPOpen(mail []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time)
 	}
 	md, err := openpgp.ReadMessage(block.Body, openKeyring{self: keys.Self, signers: keys.Partners}, nil, pgpConfig(now))
 	if err != nil {
-		if errors.Is(err, pgperrors.ErrKeyIncorrect) {
+		var sessionErr pgperrors.DecryptWithSessionKeyError
+		switch {
+		case errors.Is(err, pgperrors.ErrKeyIncorrect):
 			return nil, fmt.Errorf("%w: %v", ErrNotForUs, err)
+		case errors.As(err, &sessionErr):
+			// The session key decrypted to something that does not
+			// decrypt the data: the ciphertext was altered.
+			return nil, fmt.Errorf("%w: encrypted part: %v", ErrBadSignature, err)
 		}
 		return nil, malformed("encrypted part: %v", err)
 	}

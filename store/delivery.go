@@ -74,17 +74,17 @@ func expectOne(id int64) func(sql.Result, error) error {
 	}
 }
 
-// NextQueued returns the oldest queued outbound message of partner that is
-// due at now, payload included, or ErrNotFound. Messages leave in the order
-// they were accepted: a message waiting for a retry holds back those after
-// it.
-func (s *Store) NextQueued(ctx context.Context, partner string, now time.Time) (Message, error) {
+// NextQueued returns the oldest queued message of partner in direction d
+// that is due at now, payload included, or ErrNotFound. Messages leave in
+// the order they were accepted: a message waiting for a retry holds back
+// those after it.
+func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now time.Time) (Message, error) {
 	if err := s.waitIngested(ctx); err != nil {
 		return Message{}, err
 	}
 	var id, next int64
 	err := s.db.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
-		AND direction = 'out' ORDER BY id LIMIT 1`, partner).Scan(&id, &next)
+		AND direction = ? ORDER BY id LIMIT 1`, partner, d).Scan(&id, &next)
 	if errors.Is(err, sql.ErrNoRows) || err == nil && next > now.UnixMicro() {
 		return Message{}, ErrNotFound
 	}
@@ -240,4 +240,23 @@ func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
 		return err
 	})
 	return out, err
+}
+
+// MarkDelivered records that the router acknowledged an inbound message,
+// with its acknowledgement.
+func (s *Store) MarkDelivered(ctx context.Context, id int64, ack []byte) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'delivered', attempts = attempts + 1,
+			last_error = '', response = ?, updated = ? WHERE id = ?`, ack, now, id))
+	})
+}
+
+// Response returns the router's acknowledgement of a delivered message.
+func (s *Store) Response(ctx context.Context, id int64) ([]byte, error) {
+	var b []byte
+	err := s.db.QueryRowContext(ctx, `SELECT response FROM messages WHERE id = ?`, id).Scan(&b)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("%w: %d", ErrNotFound, id)
+	}
+	return b, err
 }

@@ -19,20 +19,20 @@ func TestDeliveryStates(t *testing.T) {
 	b, _ := s.Accept(ctx, msg("lab", "2", "B"))
 	c, _ := s.Accept(ctx, msg("clinic", "3", "C"))
 
-	if m, err := s.NextQueued(ctx, "lab", now); err != nil || m.ID != a.ID || string(m.Payload) != "A" {
+	if m, err := s.NextQueued(ctx, "lab", Outbound, now); err != nil || m.ID != a.ID || string(m.Payload) != "A" {
 		t.Fatalf("NextQueued(lab) = %+v, %v; want %d", m, err, a.ID)
 	}
 	// A retry later holds back the partner's queue, in order.
 	if err := s.MarkRetry(ctx, a.ID, "451 try later", now.Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.NextQueued(ctx, "lab", now); !errors.Is(err, ErrNotFound) {
+	if _, err := s.NextQueued(ctx, "lab", Outbound, now); !errors.Is(err, ErrNotFound) {
 		t.Errorf("NextQueued during a retry wait = %v, want ErrNotFound", err)
 	}
-	if m, err := s.NextQueued(ctx, "lab", now.Add(2*time.Minute)); err != nil || m.ID != a.ID {
+	if m, err := s.NextQueued(ctx, "lab", Outbound, now.Add(2*time.Minute)); err != nil || m.ID != a.ID {
 		t.Errorf("NextQueued after the wait = %+v, %v", m, err)
 	}
-	if m, err := s.NextQueued(ctx, "clinic", now); err != nil || m.ID != c.ID {
+	if m, err := s.NextQueued(ctx, "clinic", Outbound, now); err != nil || m.ID != c.ID {
 		t.Errorf("other partners go on: %+v, %v", m, err)
 	}
 	p := Pending{MessageID: "<1@hospital.test>", Partner: "lab", ControlID: "1", MIC: "abc=, sha-256", Sent: now, Due: now.Add(time.Hour)}
@@ -48,7 +48,7 @@ func TestDeliveryStates(t *testing.T) {
 	if err := s.Prepare(ctx, b.ID, pb.MessageID, &pb); err != nil {
 		t.Fatal(err)
 	}
-	if m, _ := s.NextQueued(ctx, "lab", now); m.ID != b.ID {
+	if m, _ := s.NextQueued(ctx, "lab", Outbound, now); m.ID != b.ID {
 		t.Errorf("after sending a, NextQueued = %d, want %d", m.ID, b.ID)
 	}
 	if err := s.MarkFinal(ctx, b.ID, Failed, "550 no such user"); err != nil {

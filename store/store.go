@@ -57,6 +57,8 @@ const (
 	Expired State = "expired"
 	// Acknowledged: the partner's receipt matched (Message-ID and MIC).
 	Acknowledged State = "acknowledged"
+	// Delivered: an inbound message the router acknowledged.
+	Delivered State = "delivered"
 )
 
 // ErrClosed is returned by Accept after Close.
@@ -385,6 +387,8 @@ var schema = []string{
 		detail     TEXT    NOT NULL,
 		received   INTEGER NOT NULL
 	);`,
+	// 4: the router's acknowledgement of a delivered inbound message.
+	`ALTER TABLE messages ADD COLUMN response BLOB;`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
