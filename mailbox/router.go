@@ -1,0 +1,199 @@
+package mailbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// DelivererOptions configure a Deliverer. Config and Store are required.
+type DelivererOptions struct {
+	Config *config.Config
+	Store  *store.Store
+	Logger *slog.Logger
+	Now    func() time.Time
+	// RetryBase is the wait after the first failed delivery, doubling up
+	// to RetryMax (defaults 5s and 5m). Zero in tests.
+	RetryBase, RetryMax time.Duration
+	// Poll is how often each partner's inbound queue is looked at without
+	// a Notify (default 5s).
+	Poll time.Duration
+	// Delivered is called after the router acknowledged message m with
+	// ack, and that was recorded (to send the partner its response).
+	Delivered func(ctx context.Context, m store.Message, ack []byte)
+}
+
+// Deliverer takes inbound messages to the internal router over MLLP
+// (draft-ietf-ediint-hl7-02 §6.3), one goroutine per partner, in the order
+// they arrived. A message counts as delivered when the router answered it;
+// while the router is down or silent the message waits and is tried again.
+type Deliverer struct {
+	o    DelivererOptions
+	log  *slog.Logger
+	wake map[string]chan struct{}
+}
+
+// NewDeliverer returns a Deliverer; Run starts it.
+func NewDeliverer(o DelivererOptions) (*Deliverer, error) {
+	if o.Config == nil || o.Store == nil {
+		return nil, errors.New("mailbox: DelivererOptions.Config and Store are required")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.RetryMax == 0 {
+		o.RetryMax = 5 * time.Minute
+	}
+	if o.Poll == 0 {
+		o.Poll = 5 * time.Second
+	}
+	d := &Deliverer{o: o, log: o.Logger, wake: map[string]chan struct{}{}}
+	for _, p := range o.Config.Partners {
+		d.wake[p.Name] = make(chan struct{}, 1)
+	}
+	return d, nil
+}
+
+// Notify tells the deliverer that partner has a new inbound message.
+func (d *Deliverer) Notify(partner string) {
+	if ch, ok := d.wake[partner]; ok {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run delivers until ctx ends.
+func (d *Deliverer) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	for i := range d.o.Config.Partners {
+		p := &d.o.Config.Partners[i]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.runPartner(ctx, p)
+		}()
+	}
+	wg.Wait()
+}
+
+func (d *Deliverer) runPartner(ctx context.Context, p *config.Partner) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	var conn *mllp.Client
+	defer func() {
+		if conn != nil {
+			conn.Close()
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-d.wake[p.Name]:
+		}
+		for ctx.Err() == nil {
+			m, err := d.o.Store.NextQueued(ctx, p.Name, store.Inbound, d.o.Now())
+			if errors.Is(err, store.ErrNotFound) {
+				break
+			}
+			if err != nil {
+				if ctx.Err() == nil {
+					d.log.Error("inbound queue not readable", "partner", p.Name, "err", err)
+				}
+				break
+			}
+			var ok bool
+			conn, ok = d.deliver(ctx, p, m, conn)
+			if !ok {
+				break
+			}
+		}
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		t.Reset(d.o.Poll)
+	}
+}
+
+// deliver sends m to the router over conn (dialling when nil) and records
+// the outcome; it returns the connection to reuse and whether to go on.
+func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Message, conn *mllp.Client) (*mllp.Client, bool) {
+	log := d.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
+	addr := d.o.Config.RouterFor(p)
+	timeout := d.o.Config.Router.AckTimeout.D()
+	ack, err := func() ([]byte, error) {
+		if conn == nil {
+			dctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			c, err := mllp.Dial(dctx, addr)
+			if err != nil {
+				return nil, err
+			}
+			conn = c
+		}
+		sctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		reply, err := conn.Send(sctx, m.Payload)
+		if err != nil {
+			return nil, err
+		}
+		return bytes.Clone(reply), nil
+	}()
+	// What happened is recorded even when shutdown begins meanwhile.
+	rctx := context.WithoutCancel(ctx)
+	if err == nil {
+		if r, perr := hl7.ParseAck(ack); perr != nil || r.ControlID != m.ControlID {
+			err = fmt.Errorf("router answered with something else than an ACK for %s", m.ControlID)
+		}
+	}
+	if err != nil {
+		if conn != nil {
+			conn.Close()
+			conn = nil
+		}
+		attempts, _, _, _ := d.o.Store.Delivery(rctx, m.ID)
+		next := d.o.Now().Add(d.backoff(attempts))
+		if serr := d.o.Store.MarkRetry(rctx, m.ID, "router "+addr+": "+err.Error(), next); serr != nil {
+			log.Error("store", "err", serr)
+		}
+		log.Warn("router delivery failed; will retry", "router", addr, "err", err, "attempt", attempts+1,
+			"next", next.Format(time.RFC3339))
+		return conn, false
+	}
+	if err := d.o.Store.MarkDelivered(rctx, m.ID, ack); err != nil {
+		log.Error("store", "err", err)
+		return conn, false
+	}
+	r, _ := hl7.ParseAck(ack)
+	log.Info("delivered to router", "router", addr, "ack", string(r.Code))
+	if d.o.Delivered != nil {
+		d.o.Delivered(rctx, m, ack)
+	}
+	return conn, true
+}
+
+func (d *Deliverer) backoff(attempts int) time.Duration {
+	b := d.o.RetryBase
+	for i := 0; i < attempts && b < d.o.RetryMax; i++ {
+		b *= 2
+	}
+	return min(b, d.o.RetryMax)
+}

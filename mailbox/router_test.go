@@ -1,0 +1,197 @@
+package mailbox
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/store"
+	"github.com/hl7mail/hl7mail/surrogate"
+)
+
+// router is a stand-in HL7 router: a surrogate answering CA, with a store
+// holding what it received.
+type router struct {
+	st   *store.Store
+	srv  *surrogate.Server
+	addr string
+}
+
+func startRouter(t *testing.T, addr string) *router {
+	t.Helper()
+	st, err := store.Open(store.Options{Dir: t.TempDir(), Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, _ := surrogate.New(surrogate.Options{Partner: "router", Spool: st, Logger: testlog.New(t, slog.LevelWarn)})
+	ln, err := surrogate.Listen(context.Background(), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close(); st.Close() })
+	return &router{st: st, srv: srv, addr: ln.Addr().String()}
+}
+
+func (r *router) received(t *testing.T) []store.Message {
+	t.Helper()
+	list, err := r.st.List(context.Background(), store.Filter{Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return list
+}
+
+func delivererFixture(t *testing.T, routerAddr string) (*config.Config, *store.Store) {
+	t.Helper()
+	cfg, err := config.Parse(filepath.Join(t.TempDir(), "partners.yaml"), []byte(fmt.Sprintf(`self: {name: Lab, email: lab@partner.test}
+router: {addr: %s, ack_timeout: 300ms}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: hospital, listen: 127.0.0.1:9012, email: edi@hospital.test, security: none, allow_unencrypted: true}
+`, routerAddr)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open(store.Options{Dir: t.TempDir(), Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return cfg, st
+}
+
+func runDeliverer(t *testing.T, cfg *config.Config, st *store.Store, delivered func(context.Context, store.Message, []byte)) func() {
+	t.Helper()
+	d, err := NewDeliverer(DelivererOptions{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo),
+		Poll: 10 * time.Millisecond, Delivered: delivered})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.Run(ctx); close(done) }()
+	return func() { cancel(); <-done }
+}
+
+func inbound(t *testing.T, st *store.Store, id string) []byte {
+	t.Helper()
+	payload := []byte("MSH|^~\\&|LAB|TL|HIS|GH|20261123||ORU^R01|" + id + "|P|2.3|||AL\rPID|1||9\rOBX|1|NM|x||" + id + "\r")
+	if _, err := st.Accept(context.Background(), store.NewMessage{Direction: store.Inbound, Partner: "hospital",
+		ControlID: id, MessageType: "ORU^R01", Payload: payload, MessageID: "<" + id + "@h.test>"}); err != nil {
+		t.Fatal(err)
+	}
+	return payload
+}
+
+func TestDeliverToRouter(t *testing.T) {
+	r := startRouter(t, "127.0.0.1:0")
+	cfg, st := delivererFixture(t, r.addr)
+	var mu sync.Mutex
+	var acks []string
+	want := map[string][]byte{}
+	for i := 1; i <= 3; i++ {
+		id := fmt.Sprint("in", i)
+		want[id] = inbound(t, st, id)
+	}
+	stop := runDeliverer(t, cfg, st, func(_ context.Context, m store.Message, ack []byte) {
+		a, _ := hl7.ParseAck(ack)
+		mu.Lock()
+		acks = append(acks, m.ControlID+":"+string(a.Code))
+		mu.Unlock()
+	})
+	defer stop()
+	waitFor(t, "three deliveries", func() bool { return len(r.received(t)) == 3 })
+	stop()
+	for _, m := range r.received(t) {
+		full, _ := r.st.Get(context.Background(), m.ID)
+		if string(full.Payload) != string(want[m.ControlID]) {
+			t.Errorf("router got %q for %s", full.Payload, m.ControlID)
+		}
+	}
+	if fmt.Sprint(acks) != "[in1:CA in2:CA in3:CA]" {
+		t.Errorf("Delivered calls = %v, want in order with CA", acks)
+	}
+	list, _ := st.List(context.Background(), store.Filter{Direction: store.Inbound})
+	for _, m := range list {
+		ack, _ := st.Response(context.Background(), m.ID)
+		if a, err := hl7.ParseAck(ack); m.State != store.Delivered || err != nil || a.ControlID != m.ControlID {
+			t.Errorf("message %s: state %s, stored ACK %q", m.ControlID, m.State, ack)
+		}
+	}
+}
+
+// TestRouterDownThenUp: while the router is down the message waits; once
+// it is up the message is delivered, once.
+func TestRouterDownThenUp(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	cfg, st := delivererFixture(t, addr)
+	inbound(t, st, "d1")
+	stop := runDeliverer(t, cfg, st, nil)
+	defer stop()
+	ctx := context.Background()
+	waitFor(t, "two failed attempts", func() bool {
+		list, _ := st.List(ctx, store.Filter{})
+		n, _, _, _ := st.Delivery(ctx, list[0].ID)
+		return n >= 2
+	})
+	r := startRouter(t, addr)
+	waitFor(t, "delivery once the router is up", func() bool { return len(r.received(t)) == 1 })
+	time.Sleep(50 * time.Millisecond)
+	stop()
+	if n := len(r.received(t)); n != 1 {
+		t.Errorf("router received %d messages, want 1", n)
+	}
+}
+
+// TestRouterSilent: a router that takes the message but never answers
+// within ack_timeout is not counted as delivered.
+func TestRouterSilent(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				buf := make([]byte, 4096)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	cfg, st := delivererFixture(t, ln.Addr().String())
+	inbound(t, st, "s1")
+	stop := runDeliverer(t, cfg, st, nil)
+	defer stop()
+	ctx := context.Background()
+	waitFor(t, "a timed-out attempt", func() bool {
+		list, _ := st.List(ctx, store.Filter{})
+		n, _, lastErr, _ := st.Delivery(ctx, list[0].ID)
+		return n >= 1 && lastErr != ""
+	})
+	stop()
+	list, _ := st.List(ctx, store.Filter{})
+	if list[0].State != store.Queued {
+		t.Errorf("state after a silent router: %s, want queued", list[0].State)
+	}
+}
