@@ -45,14 +45,18 @@ type Sealer struct {
 // sent safely and is not sent at all.
 var ErrNoKey = errors.New("no key to seal the message with")
 
-// Seal returns the MIME entity that carries payload to p: MIME-EDI, signed
-// and then encrypted with p's suite, and the MIC of what was signed. A
-// partner with security none gets the bare MIME-EDI entity (config allows
-// that only with allow_unencrypted).
-func (s *Sealer) Seal(p *config.Partner, payload []byte, now time.Time) ([]byte, security.MIC, error) {
-	edi, err := security.EncodeEDI(payload, security.EDIOptions{ContentType: p.ContentType})
-	if err != nil {
-		return nil, security.MIC{}, err
+// Seal returns the MIME entity that carries payload of kind (a store kind)
+// to p, signed and then encrypted with p's suite, and the MIC of what was
+// signed. HL7 is wrapped as MIME-EDI first; a response bundle is signed as
+// it is. A partner with security none gets the unsigned entity (config
+// allows that only with allow_unencrypted).
+func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.Time) ([]byte, security.MIC, error) {
+	edi := payload
+	if kind != store.KindBundle {
+		var err error
+		if edi, err = security.EncodeEDI(payload, security.EDIOptions{ContentType: p.ContentType}); err != nil {
+			return nil, security.MIC{}, err
+		}
 	}
 	switch p.Security {
 	case "pgp":
@@ -282,7 +286,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("ALERT message expired (deleted/expired)", "age", age.Round(time.Second).String())
 		return true
 	}
-	sealed, mic, err := s.o.Sealer.Seal(p, m.Payload, now)
+	sealed, mic, err := s.o.Sealer.Seal(p, m.Payload, m.Kind, now)
 	if err != nil {
 		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, "cannot seal: "+err.Error()); err != nil {
 			log.Error("store", "err", err)
@@ -301,7 +305,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return false
 	}
 	var pending *store.Pending
-	if p.MDN != "none" {
+	if p.MDN != "none" && m.Kind != store.KindBundle {
 		pending = &store.Pending{Partner: p.Name, ControlID: m.ControlID, MIC: mic.String(), Sent: now,
 			Due: now.Add(p.MDNTimeout.D())}
 	}
@@ -358,12 +362,21 @@ func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now t
 	h.SetDate(now)
 	h.SetMessageID(strings.Trim(msgID, "<>"))
 	subject := "HL7 " + m.MessageType + " " + m.ControlID
-	if req, err := hl7.ParseHeader(m.Payload); err == nil && req.IsAck() {
+	mdn := p.MDN
+	if m.Kind == store.KindBundle {
+		// A response carries the receipt for the request and asks for none
+		// in turn (draft-ietf-ediint-hl7-02 §4.1.4).
+		subject, mdn = "HL7 response "+m.ControlID, "none"
+		if m.InReplyTo != "" {
+			h.Set("In-Reply-To", m.InReplyTo)
+			h.Set("References", m.InReplyTo)
+		}
+	} else if req, err := hl7.ParseHeader(m.Payload); err == nil && req.IsAck() {
 		subject = "HL7 acknowledgement " + m.ControlID
 	}
 	h.SetSubject(subject)
 	h.Set("MIME-Version", "1.0")
-	switch p.MDN {
+	switch mdn {
 	case "signed":
 		proto := "pgp-signature"
 		if p.Security == "smime" {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -93,9 +94,15 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 		}
 	}
 	if in.Payload != nil {
+		// A partner's request gets a response; a response in a bundle does
+		// not, or the two sides would answer each other forever.
+		kind := store.KindRequest
+		if in.Kind == security.KindBundle {
+			kind = store.KindResponse
+		}
 		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
 			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
-			MessageID: in.MessageID, MIC: in.MIC.String()})
+			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind})
 		if err != nil {
 			return Result{}, err
 		}

@@ -28,7 +28,8 @@ type DelivererOptions struct {
 	// a Notify (default 5s).
 	Poll time.Duration
 	// Delivered is called after the router acknowledged message m with
-	// ack, and that was recorded (to send the partner its response).
+	// ack (nil for a message that expects no acknowledgement), and that
+	// was recorded: to send the partner its response.
 	Delivered func(ctx context.Context, m store.Message, ack []byte)
 }
 
@@ -139,6 +140,12 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	log := d.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
 	addr := d.o.Config.RouterFor(p)
 	timeout := d.o.Config.Router.AckTimeout.D()
+	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no
+	// answer from the router: it is delivered once written.
+	wantsAck := true
+	if h, err := hl7.ParseHeader(m.Payload); err == nil && (h.IsAck() || h.AcceptAckType == "NE") {
+		wantsAck = false
+	}
 	ack, err := func() ([]byte, error) {
 		if conn == nil {
 			dctx, cancel := context.WithTimeout(ctx, timeout)
@@ -151,6 +158,9 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		}
 		sctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
+		if !wantsAck {
+			return nil, conn.Write(sctx, m.Payload)
+		}
 		reply, err := conn.Send(sctx, m.Payload)
 		if err != nil {
 			return nil, err
@@ -159,7 +169,7 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	}()
 	// What happened is recorded even when shutdown begins meanwhile.
 	rctx := context.WithoutCancel(ctx)
-	if err == nil {
+	if err == nil && wantsAck {
 		if r, perr := hl7.ParseAck(ack); perr != nil || r.ControlID != m.ControlID {
 			err = fmt.Errorf("router answered with something else than an ACK for %s", m.ControlID)
 		}
@@ -182,8 +192,11 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		log.Error("store", "err", err)
 		return conn, false
 	}
-	r, _ := hl7.ParseAck(ack)
-	log.Info("delivered to router", "router", addr, "ack", string(r.Code))
+	code := "none expected"
+	if r, err := hl7.ParseAck(ack); err == nil {
+		code = string(r.Code)
+	}
+	log.Info("delivered to router", "router", addr, "ack", code)
 	if d.o.Delivered != nil {
 		d.o.Delivered(rctx, m, ack)
 	}

@@ -27,7 +27,8 @@ import (
 //	seq     int64   message id
 //	time    int64   received, Unix microseconds
 //	dir     byte    'o' outbound, 'i' inbound
-//	partner, controlID, messageType, messageID, mic  uint16 length + bytes each
+//	partner, controlID, messageType, messageID, mic, kind, inReplyTo
+//	        uint16 length + bytes each
 //	sha256  [32]byte of the payload
 //	payload the rest
 //
@@ -63,7 +64,7 @@ func (r *logRecord) appendTo(dst []byte) []byte {
 		d = 'i'
 	}
 	dst = append(dst, d)
-	for _, s := range []string{r.m.Partner, r.m.ControlID, r.m.MessageType, r.m.MessageID, r.m.MIC} {
+	for _, s := range []string{r.m.Partner, r.m.ControlID, r.m.MessageType, r.m.MessageID, r.m.MIC, r.m.Kind, r.m.InReplyTo} {
 		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(s)))
 		dst = append(dst, s...)
 	}
@@ -79,7 +80,7 @@ var errBadRecord = errors.New("bad spool log record")
 
 func decodeRecord(body []byte) (logRecord, error) {
 	var r logRecord
-	if len(body) < 8+8+1+5*2+32 {
+	if len(body) < 8+8+1+7*2+32 {
 		return r, errBadRecord
 	}
 	r.seq = int64(binary.LittleEndian.Uint64(body))
@@ -93,7 +94,7 @@ func decodeRecord(body []byte) (logRecord, error) {
 		return r, errBadRecord
 	}
 	p := body[17:]
-	for _, dst := range []*string{&r.m.Partner, &r.m.ControlID, &r.m.MessageType, &r.m.MessageID, &r.m.MIC} {
+	for _, dst := range []*string{&r.m.Partner, &r.m.ControlID, &r.m.MessageType, &r.m.MessageID, &r.m.MIC, &r.m.Kind, &r.m.InReplyTo} {
 		if len(p) < 2 {
 			return r, errBadRecord
 		}

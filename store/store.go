@@ -87,7 +87,24 @@ type NewMessage struct {
 	// a replay is recognized by the first, the receipt carries the second.
 	MessageID string
 	MIC       string
+	// Kind says what the payload is (default KindHL7).
+	Kind string
+	// InReplyTo is the Message-ID of the mail an outbound response answers.
+	InReplyTo string
 }
+
+// Message kinds.
+const (
+	// KindHL7: an HL7 message from the router to a partner.
+	KindHL7 = "hl7"
+	// KindBundle: a response bundle to a partner (HL7 response and MDN,
+	// draft-ietf-ediint-hl7-02 §4.1.4), signed and encrypted as it is.
+	KindBundle = "bundle"
+	// KindRequest: an HL7 message from a partner; it gets a response.
+	KindRequest = "request"
+	// KindResponse: a partner's HL7 response to one of ours; it gets none.
+	KindResponse = "response"
+)
 
 // Accepted is the outcome of Accept.
 type Accepted struct {
@@ -109,6 +126,8 @@ type Message struct {
 	Received    time.Time `json:"received"`
 	Updated     time.Time `json:"updated"`
 	MIC         string    `json:"mic,omitempty"`
+	Kind        string    `json:"kind"`
+	InReplyTo   string    `json:"in_reply_to,omitempty"`
 	Payload     []byte    `json:"-"`
 }
 
@@ -389,6 +408,10 @@ var schema = []string{
 	);`,
 	// 4: the router's acknowledgement of a delivered inbound message.
 	`ALTER TABLE messages ADD COLUMN response BLOB;`,
+	// 5: what a message is (see the Kind constants) and the Message-ID of
+	// the mail it answers.
+	`ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'hl7';
+	ALTER TABLE messages ADD COLUMN in_reply_to TEXT NOT NULL DEFAULT '';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -683,7 +706,8 @@ const (
 	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated, message_id, mic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 )
 
 // insert writes recs into the database in one transaction, marking
@@ -712,7 +736,8 @@ func (s *Store) insert(recs []logRecord) (err error) {
 				"partner", r.m.Partner, "control_id", r.m.ControlID)
 		}
 		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
-			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC); err != nil {
+			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
+			kindOr(r.m.Kind), r.m.InReplyTo); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the
@@ -760,6 +785,13 @@ func OpenReadOnly(dir string) (*Store, error) {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
 	return &Store{dir: dir, db: db, readOnly: true}, nil
+}
+
+func kindOr(k string) string {
+	if k == "" {
+		return KindHL7
+	}
+	return k
 }
 
 // Close commits what is queued, waits until it is in the database, stops
