@@ -260,3 +260,22 @@ func (s *Store) Response(ctx context.Context, id int64) ([]byte, error) {
 	}
 	return b, err
 }
+
+// Value returns the named value, or "" when it was never set.
+func (s *Store) Value(ctx context.Context, key string) (string, error) {
+	var v string
+	err := s.db.QueryRowContext(ctx, `SELECT value FROM state WHERE key = ?`, key).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	return v, err
+}
+
+// SetValue sets the named value (synced before it returns).
+func (s *Store) SetValue(ctx context.Context, key, value string) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO state (key, value) VALUES (?, ?)
+			ON CONFLICT(key) DO UPDATE SET value = excluded.value`, key, value)
+		return err
+	})
+}

@@ -412,6 +412,8 @@ var schema = []string{
 	// the mail it answers.
 	`ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'hl7';
 	ALTER TABLE messages ADD COLUMN in_reply_to TEXT NOT NULL DEFAULT '';`,
+	// 6: small named values, e.g. the IMAP watcher's position.
+	`CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

@@ -1,0 +1,163 @@
+package mailbox
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-imap/v2/imapserver"
+	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
+
+	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// imapServer is go-imap's in-memory server with one account.
+type imapServer struct {
+	mem  *imapmemserver.Server
+	srv  *imapserver.Server
+	addr string
+}
+
+func startIMAP(t *testing.T, mem *imapmemserver.Server, addr string) *imapServer {
+	t.Helper()
+	if mem == nil {
+		mem = imapmemserver.New()
+		u := imapmemserver.NewUser("lab@partner.test", "secret")
+		u.Create("INBOX", nil)
+		mem.AddUser(u)
+	}
+	srv := imapserver.New(&imapserver.Options{
+		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
+			return mem.NewSession(), nil, nil
+		},
+		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
+		InsecureAuth: true,
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	s := &imapServer{mem: mem, srv: srv, addr: ln.Addr().String()}
+	t.Cleanup(func() { srv.Close() })
+	return s
+}
+
+// client logs in to the test account.
+func (s *imapServer) client(t *testing.T) *imapclient.Client {
+	t.Helper()
+	c, err := imapclient.DialInsecure(s.addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Login("lab@partner.test", "secret").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (s *imapServer) deliver(t *testing.T, mail []byte) {
+	t.Helper()
+	c := s.client(t)
+	defer c.Close()
+	cmd := c.Append("INBOX", int64(len(mail)), nil)
+	cmd.Write(mail)
+	cmd.Close()
+	if _, err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s *imapServer) count(t *testing.T, mailbox string) int {
+	t.Helper()
+	c := s.client(t)
+	defer c.Close()
+	st, err := c.Status(mailbox, &imap.StatusOptions{NumMessages: true}).Wait()
+	if err != nil {
+		return -1
+	}
+	return int(*st.NumMessages)
+}
+
+func TestWatcher(t *testing.T) {
+	l := newLabSide(t)
+	is := startIMAP(t, nil, "127.0.0.1:0")
+	dir := t.TempDir()
+	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
+	defer j.Close()
+	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	var mu sync.Mutex
+	handled := 0
+	run := func(addr string) func() {
+		w, err := NewWatcher(WatcherOptions{Addr: addr, TLS: "none", Username: "lab@partner.test", Password: "secret",
+			Mailbox: "INBOX", Processed: "HL7/Processed", Quarantine: "HL7/Quarantine", Poll: 30 * time.Second,
+			Receiver: r, Store: st, Logger: testlog.New(t, slog.LevelInfo),
+			Handled: func(Result) { mu.Lock(); handled++; mu.Unlock() }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { w.Run(ctx); close(done) }()
+		return func() { cancel(); <-done }
+	}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return handled }
+
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	good, _ := l.mailFrom(t, "edi@hospital.test", l.hospital, edi, false)
+	forged, _ := l.mailFrom(t, "edi@hospital.test", l.clinic, edi, false)
+	is.deliver(t, good)
+	is.deliver(t, forged)
+	stop := run(is.addr)
+	waitFor(t, "two mails handled", func() bool { return count() == 2 })
+	if is.count(t, "INBOX") != 0 || is.count(t, "HL7/Processed") != 1 || is.count(t, "HL7/Quarantine") != 1 {
+		t.Errorf("folders: INBOX %d, processed %d, quarantine %d", is.count(t, "INBOX"), is.count(t, "HL7/Processed"), is.count(t, "HL7/Quarantine"))
+	}
+
+	// New mail is noticed while idling, well before the 30s poll.
+	second := []byte(string(good))
+	second = []byte(strings.Replace(string(second), "<m1@x.test>", "<m2@x.test>", 1))
+	start := time.Now()
+	is.deliver(t, second)
+	waitFor(t, "the mail delivered during IDLE", func() bool { return count() == 3 })
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("IDLE took %s to notice new mail", d)
+	}
+	stop()
+
+	// A restart repeats nothing.
+	stop = run(is.addr)
+	time.Sleep(300 * time.Millisecond)
+	if n := count(); n != 3 {
+		t.Errorf("after a restart %d mails handled, want still 3", n)
+	}
+	stop()
+
+	// The server goes away and comes back: the watcher reconnects.
+	stop = run(is.addr)
+	time.Sleep(200 * time.Millisecond)
+	is.srv.Close()
+	is2 := startIMAP(t, is.mem, is.addr)
+	third := []byte(strings.Replace(string(good), "<m1@x.test>", "<m3@x.test>", 1))
+	is2.deliver(t, third)
+	waitFor(t, "the mail after the server came back", func() bool { return count() == 4 })
+	stop()
+	if list, _ := st.List(context.Background(), store.Filter{Direction: store.Inbound}); len(list) != 3 {
+		t.Errorf("%d inbound messages stored, want 3", len(list))
+	}
+}
