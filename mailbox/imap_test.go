@@ -129,7 +129,12 @@ func TestWatcher(t *testing.T) {
 		t.Errorf("folders: INBOX %d, processed %d, quarantine %d", is.count(t, "INBOX"), is.count(t, "HL7/Processed"), is.count(t, "HL7/Quarantine"))
 	}
 
-	// New mail is noticed while idling, well before the 30s poll.
+	// New mail is noticed while idling, well before the 30s poll. The
+	// in-memory server sends during IDLE only what arrives after IDLE began
+	// (an update queued just before waits for the next command, which the
+	// watcher's periodic UID search provides); so let the watcher settle
+	// into IDLE first.
+	time.Sleep(300 * time.Millisecond)
 	second := []byte(string(good))
 	second = []byte(strings.Replace(string(second), "<m1@x.test>", "<m2@x.test>", 1))
 	start := time.Now()
