@@ -1,7 +1,10 @@
-// Package gateway assembles one hl7mail instance from its configuration: the
-// store, the journals, one surrogate listener per partner
-// (draft-ietf-ediint-hl7-02 §6.3, figure 9) and the sender that mails what
-// they store. It starts everything or nothing, and stops in reverse.
+// Package gateway assembles one hl7mail instance from its configuration
+// (draft-ietf-ediint-hl7-02 §6.2 to §6.4, figure 9): the store and the
+// journals; one surrogate listener per partner; the sender that mails what
+// they store; the IMAP watcher and receiver that take partner mail in; the
+// deliverer that hands it to the router; and the responder that answers
+// with the router's response and the receipt. It starts everything or
+// nothing, and stops in reverse.
 package gateway
 
 import (
@@ -45,9 +48,10 @@ type Gateway struct {
 	log        *slog.Logger
 	store      *store.Store
 	outgoing   *journal.Journal
+	incoming   *journal.Journal
 	sender     *mailbox.Sender
-	stopSender context.CancelFunc
-	senderDone chan struct{}
+	stopMail   context.CancelFunc
+	mailWG     sync.WaitGroup // sender, deliverer, watcher
 	surrogates []*partnerListener
 	wg         sync.WaitGroup
 }
@@ -79,6 +83,10 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		st.Close()
 		return nil, err
 	}
+	if g.incoming, err = journal.Open(filepath.Join(cfg.StoreDir(), IncomingJournal)); err != nil {
+		g.rollback()
+		return nil, err
+	}
 	submitter := opts.Submitter
 	if submitter == nil {
 		password, err := cfg.Secret(cfg.SMTP.PasswordFile, cfg.SMTP.PasswordEnv)
@@ -89,11 +97,41 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, Username: cfg.SMTP.Username, Password: password}
 	}
 	k := opts.Keys
+	sealer := &mailbox.Sealer{PGPSelf: k.PGPSelf, SMIMECert: k.SMIMECert, SMIMEKey: k.SMIMEKey,
+		PGPPartners: k.PGPPartners, SMIMEPartners: k.SMIMEPartners}
 	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
 		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase),
-		Logger: opts.Logger.With("component", "sender"),
-		Sealer: &mailbox.Sealer{PGPSelf: k.PGPSelf, SMIMECert: k.SMIMECert, SMIMEKey: k.SMIMEKey,
-			PGPPartners: k.PGPPartners, SMIMEPartners: k.SMIMEPartners},
+		Logger: opts.Logger.With("component", "sender"), Sealer: sealer,
+	})
+	if err != nil {
+		g.rollback()
+		return nil, err
+	}
+	responder := &mailbox.Responder{Config: cfg, Store: st, Logger: opts.Logger.With("component", "responder"),
+		Notify: g.sender.Notify}
+	deliverer, err := mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: st,
+		Logger: opts.Logger.With("component", "deliverer"), RetryBase: retryBase(opts.RetryBase) / 6,
+		Delivered: responder.Delivered})
+	if err != nil {
+		g.rollback()
+		return nil, err
+	}
+	imapPassword, err := cfg.Secret(cfg.IMAP.PasswordFile, cfg.IMAP.PasswordEnv)
+	if err != nil {
+		g.rollback()
+		return nil, fmt.Errorf("imap password: %w", err)
+	}
+	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer}, Store: st, Journal: g.incoming,
+		Logger: opts.Logger.With("component", "receiver")}
+	watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, Username: cfg.IMAP.Username, Password: imapPassword,
+		Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
+		Poll: cfg.IMAP.Poll.D(), Receiver: receiver, Store: st, Logger: opts.Logger.With("component", "imap"),
+		Handled: func(r mailbox.Result) {
+			if r.ID != 0 && r.Incoming != nil && !r.Replay {
+				deliverer.Notify(r.Incoming.Partner.Name)
+			}
+		},
 	})
 	if err != nil {
 		g.rollback()
@@ -123,12 +161,15 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
 	}
-	sctx, cancel := context.WithCancel(context.Background())
-	g.stopSender, g.senderDone = cancel, make(chan struct{})
-	go func() {
-		defer close(g.senderDone)
-		g.sender.Run(sctx)
-	}()
+	mctx, cancel := context.WithCancel(context.Background())
+	g.stopMail = cancel
+	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run} {
+		g.mailWG.Add(1)
+		go func() {
+			defer g.mailWG.Done()
+			run(mctx)
+		}()
+	}
 	for _, pl := range g.surrogates {
 		g.wg.Add(1)
 		go func() {
@@ -147,8 +188,10 @@ func (g *Gateway) rollback() {
 	for _, pl := range g.surrogates {
 		pl.ln.Close()
 	}
-	if g.outgoing != nil {
-		g.outgoing.Close()
+	for _, j := range []*journal.Journal{g.outgoing, g.incoming} {
+		if j != nil {
+			j.Close()
+		}
 	}
 	g.store.Close()
 }
@@ -189,10 +232,11 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}
 	wg.Wait()
 	g.wg.Wait()
-	// The sender finishes the attempt it is making.
-	g.stopSender()
-	<-g.senderDone
-	errs = append(errs, g.outgoing.Close(), g.store.Close())
+	// The mail side finishes what it is doing: an attempt, a delivery,
+	// the mail in hand.
+	g.stopMail()
+	g.mailWG.Wait()
+	errs = append(errs, g.outgoing.Close(), g.incoming.Close(), g.store.Close())
 	g.log.Info("hl7mail stopped")
 	return errors.Join(errs...)
 }

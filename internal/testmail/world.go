@@ -1,0 +1,124 @@
+package testmail
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapserver"
+	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
+	"github.com/emersion/go-smtp"
+)
+
+// World is a small mail system in one process: an SMTP server that
+// delivers each mail into the INBOX of its recipients' accounts on an IMAP
+// server (go-imap's in-memory server). Accounts are named by address.
+type World struct {
+	SMTPAddr, IMAPAddr string
+
+	mu    sync.Mutex
+	users map[string]*imapmemserver.User
+	mem   *imapmemserver.Server
+	smtp  *smtp.Server
+	imap  *imapserver.Server
+	count int
+}
+
+// NewWorld starts both servers on loopback with an account (password
+// "secret") for each address.
+func NewWorld(addrs ...string) (*World, error) {
+	w := &World{users: map[string]*imapmemserver.User{}, mem: imapmemserver.New()}
+	for _, a := range addrs {
+		u := imapmemserver.NewUser(a, "secret")
+		if err := u.Create("INBOX", nil); err != nil {
+			return nil, err
+		}
+		w.users[strings.ToLower(a)] = u
+		w.mem.AddUser(u)
+	}
+	w.imap = imapserver.New(&imapserver.Options{
+		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
+			return w.mem.NewSession(), nil, nil
+		},
+		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
+		InsecureAuth: true,
+	})
+	iln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	go w.imap.Serve(iln)
+	w.IMAPAddr = iln.Addr().String()
+	w.smtp = smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return &worldSession{w: w}, nil }))
+	w.smtp.Domain = "localhost"
+	sln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		w.imap.Close()
+		return nil, err
+	}
+	go w.smtp.Serve(sln)
+	w.SMTPAddr = sln.Addr().String()
+	return w, nil
+}
+
+// Close stops both servers.
+func (w *World) Close() {
+	w.smtp.Close()
+	w.imap.Close()
+}
+
+// Delivered returns how many mails the SMTP server delivered.
+func (w *World) Delivered() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.count
+}
+
+type worldSession struct {
+	w  *World
+	to []string
+}
+
+func (s *worldSession) Reset()                               { s.to = nil }
+func (s *worldSession) Logout() error                        { return nil }
+func (s *worldSession) Mail(string, *smtp.MailOptions) error { return nil }
+func (s *worldSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	s.w.mu.Lock()
+	defer s.w.mu.Unlock()
+	if s.w.users[strings.ToLower(to)] == nil {
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user: " + to}
+	}
+	s.to = append(s.to, to)
+	return nil
+}
+
+func (s *worldSession) Data(r io.Reader) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	for _, to := range s.to {
+		s.w.mu.Lock()
+		u := s.w.users[strings.ToLower(to)]
+		s.w.mu.Unlock()
+		if _, err := u.Append("INBOX", literal{bytes.NewReader(data), int64(len(data))}, &imap.AppendOptions{}); err != nil {
+			return fmt.Errorf("deliver to %s: %w", to, err)
+		}
+	}
+	s.w.mu.Lock()
+	s.w.count++
+	s.w.mu.Unlock()
+	return nil
+}
+
+// literal is an imap.LiteralReader over bytes.
+type literal struct {
+	*bytes.Reader
+	size int64
+}
+
+func (l literal) Size() int64 { return l.size }

@@ -1,0 +1,82 @@
+// Package testrouter is a stand-in HL7 router for tests and the demo: an
+// MLLP server that records every message and answers with an application
+// acknowledgement (AA), as a receiving application would.
+package testrouter
+
+import (
+	"bytes"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/mllp"
+)
+
+// Router is a running stand-in router.
+type Router struct {
+	Addr string
+	ln   net.Listener
+	mu   sync.Mutex
+	msgs [][]byte
+	ids  *hl7.IDGen
+	got  chan struct{}
+}
+
+// Start listens on addr ("127.0.0.1:0" for any port).
+func Start(addr string) (*Router, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now()), got: make(chan struct{}, 1)}
+	go r.serve()
+	return r, nil
+}
+
+func (r *Router) serve() {
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			rd := mllp.NewReader(c, 0)
+			for {
+				frame, err := rd.ReadFrame()
+				if err != nil {
+					return
+				}
+				h, err := hl7.ParseHeader(frame)
+				r.mu.Lock()
+				r.msgs = append(r.msgs, bytes.Clone(frame))
+				r.mu.Unlock()
+				select {
+				case r.got <- struct{}{}:
+				default:
+				}
+				if err != nil || h.IsAck() || h.AcceptAckType == "NE" {
+					continue
+				}
+				ack := hl7.BuildAck(h, hl7.Ack{Code: hl7.ApplicationAccept, ControlID: r.ids.Next()})
+				if mllp.WriteFrame(c, ack) != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// Messages returns what the router received so far.
+func (r *Router) Messages() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]byte(nil), r.msgs...)
+}
+
+// Got is signalled when a message arrives.
+func (r *Router) Got() <-chan struct{} { return r.got }
+
+// Close stops the router.
+func (r *Router) Close() error { return r.ln.Close() }
