@@ -163,7 +163,10 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	g.stopMail = cancel
-	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run} {
+	sweep := func(ctx context.Context) {
+		mailbox.RunSweeper(ctx, st, opts.Logger.With("component", "sweeper"), time.Minute)
+	}
+	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run, sweep} {
 		g.mailWG.Add(1)
 		go func() {
 			defer g.mailWG.Done()
