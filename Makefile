@@ -40,8 +40,9 @@ bench:
 	$(GO) test -run=^$$ -bench=. -benchmem ./...
 	$(GO) run ./cmd/hl7mail bench
 
-demo: build
-	bash integration/demo.sh
+# The whole loop on embedded mail servers; see "hl7mail demo -h".
+demo:
+	$(GO) run ./cmd/hl7mail demo -once
 
 clean:
 	rm -rf bin var

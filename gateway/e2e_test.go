@@ -11,9 +11,8 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/internal/testmail"
-	"github.com/hl7mail/hl7mail/internal/testrouter"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/security"
@@ -24,7 +23,7 @@ import (
 type instance struct {
 	cfg    *config.Config
 	g      *Gateway
-	router *testrouter.Router
+	router *embedded.Router
 }
 
 // keyFiles writes a PGP key pair and an S/MIME key pair for email into dir
@@ -51,9 +50,9 @@ func keyFiles(t *testing.T, dir, email string) (pgpPriv, pgpPub, cert, key strin
 	return base + ".priv.asc", base + ".pub.asc", base + ".crt", base + ".key"
 }
 
-func startInstance(t *testing.T, w *testmail.World, dir, name, self, partners string, keyPriv, cert, key string) *instance {
+func startInstance(t *testing.T, w *embedded.World, dir, name, self, partners string, keyPriv, cert, key string) *instance {
 	t.Helper()
-	r, err := testrouter.Start("127.0.0.1:0")
+	r, err := embedded.StartRouter("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +96,7 @@ partners:
 // hold every mail.
 func TestTwoWays(t *testing.T) {
 	dir := t.TempDir()
-	w, err := testmail.NewWorld("edi@hospital.test", "lab@partner.test", "edi@clinic.test")
+	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test", "edi@clinic.test")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,8 +15,8 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/internal/testmail"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/security"
@@ -43,7 +43,7 @@ func TestRouterToMail(t *testing.T) {
 	pub, _ := security.ArmorPGPPublic(lab)
 	os.WriteFile(filepath.Join(dir, "self.asc"), priv, 0o600)
 	os.WriteFile(filepath.Join(dir, "lab.asc"), pub, 0o600)
-	smtpSrv := &testmail.SMTP{}
+	smtpSrv := &embedded.SMTP{}
 	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

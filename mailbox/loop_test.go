@@ -12,8 +12,8 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/internal/testmail"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -83,7 +83,7 @@ partners:
 // bundle; the hospital's pending receipt closes and the answer reaches the
 // hospital's router. Exactly two mails travel.
 func TestLoop(t *testing.T) {
-	mailSrv := &testmail.SMTP{}
+	mailSrv := &embedded.SMTP{}
 	smtpAddr, err := mailSrv.Serve("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -17,17 +17,17 @@ import (
 	"github.com/emersion/go-message/textproto"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/internal/testmail"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
 
 // newSMTP starts a test SMTP server on addr.
-func newSMTP(t *testing.T, addr string) (*testmail.SMTP, string) {
+func newSMTP(t *testing.T, addr string) (*embedded.SMTP, string) {
 	t.Helper()
-	srv := &testmail.SMTP{}
+	srv := &embedded.SMTP{}
 	a, err := srv.Serve(addr)
 	if err != nil {
 		t.Fatal(err)

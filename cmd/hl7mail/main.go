@@ -20,6 +20,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "run the gateway: surrogate listeners, store, mail", runServe},
+		{"demo", "the whole loop in one process, on embedded mail servers", runDemo},
 		{"check", "validate partners.yaml and the files it names", runCheck},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
 		{"messages", "list stored messages (no payloads)", runMessages},

@@ -1,6 +1,4 @@
-// Package testmail is an in-process SMTP server for tests: it records every
-// mail it takes and can be told to refuse mail as a real server would.
-package testmail
+package embedded
 
 import (
 	"io"

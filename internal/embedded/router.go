@@ -1,7 +1,4 @@
-// Package testrouter is a stand-in HL7 router for tests and the demo: an
-// MLLP server that records every message and answers with an application
-// acknowledgement (AA), as a receiving application would.
-package testrouter
+package embedded
 
 import (
 	"bytes"
@@ -23,8 +20,8 @@ type Router struct {
 	got  chan struct{}
 }
 
-// Start listens on addr ("127.0.0.1:0" for any port).
-func Start(addr string) (*Router, error) {
+// StartRouter listens on addr ("127.0.0.1:0" for any port).
+func StartRouter(addr string) (*Router, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
