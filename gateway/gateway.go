@@ -96,9 +96,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		}
 		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, Username: cfg.SMTP.Username, Password: password}
 	}
-	k := opts.Keys
-	sealer := &mailbox.Sealer{PGPSelf: k.PGPSelf, SMIMECert: k.SMIMECert, SMIMEKey: k.SMIMEKey,
-		PGPPartners: k.PGPPartners, SMIMEPartners: k.SMIMEPartners}
+	sealer := &opts.Keys.Sealer
 	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
 		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase),
 		Logger: opts.Logger.With("component", "sender"), Sealer: sealer,

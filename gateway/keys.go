@@ -10,6 +10,7 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
 )
 
@@ -17,40 +18,19 @@ import (
 // reported.
 const ExpiryWarning = 30 * 24 * time.Hour
 
-// Keys are the keys and certificates a configuration names, loaded.
+// Keys are the keys and certificates a configuration names, loaded: the
+// Sealer the mail side seals and opens with, and what expires soon.
 type Keys struct {
-	PGPSelf       *openpgp.Entity
-	SMIMECert     *x509.Certificate
-	SMIMEKey      crypto.Signer
-	PGPPartners   map[string]*openpgp.Entity   // by partner name
-	SMIMEPartners map[string]*x509.Certificate // by partner name
+	mailbox.Sealer
 	// Warnings name keys and certificates that expire within ExpiryWarning.
 	Warnings []string
-}
-
-// PGP returns the keys that open PGP mail.
-func (k *Keys) PGP() security.PGPKeys {
-	var list openpgp.EntityList
-	for _, e := range k.PGPPartners {
-		list = append(list, e)
-	}
-	return security.PGPKeys{Self: k.PGPSelf, Partners: list}
-}
-
-// SMIME returns the keys that open S/MIME mail.
-func (k *Keys) SMIME() security.SMIMEKeys {
-	var list []*x509.Certificate
-	for _, c := range k.SMIMEPartners {
-		list = append(list, c)
-	}
-	return security.SMIMEKeys{Cert: k.SMIMECert, Key: k.SMIMEKey, Partners: list}
 }
 
 // LoadKeys reads every key and certificate the configuration names. It
 // reports all problems at once as a *config.Error (unreadable, wrong kind,
 // protected without passphrase, expired, no address matching the partner).
 func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
-	k := &Keys{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{}}
+	k := &Keys{Sealer: mailbox.Sealer{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{}}}
 	e := cfg.Problems()
 	pass, err := passphrase(cfg)
 	if err != nil {

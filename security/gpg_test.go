@@ -90,15 +90,11 @@ func (g *gnupg) file(name string, data []byte) string {
 // parts splits an entity's multipart body (test helper).
 func parts(t *testing.T, entity []byte) [][]byte {
 	t.Helper()
-	h, body, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, params, err := contentType(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ps, err := multipartParts(body, params["boundary"])
+	ps, err := e.parts()
 	if err != nil {
 		t.Fatal(err)
 	}

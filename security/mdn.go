@@ -158,33 +158,25 @@ func oneLine(s string) string {
 // ParseMDN reads a multipart/report; report-type=disposition-notification
 // entity.
 func ParseMDN(entity []byte) (*MDN, error) {
-	h, body, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
+	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], "disposition-notification") {
+		return nil, malformed("MDN is %s; report-type=%q", e.typ, e.params["report-type"])
 	}
-	if ct != typeMultipartReport || !strings.EqualFold(params["report-type"], "disposition-notification") {
-		return nil, malformed("MDN is %s; report-type=%q", ct, params["report-type"])
-	}
-	parts, err := multipartParts(body, params["boundary"])
+	parts, err := e.parts()
 	if err != nil {
 		return nil, err
 	}
 	m := &MDN{}
 	found := false
 	for _, p := range parts {
-		ph, _, err := splitEntity(p)
+		pe, err := parseEntity(p)
 		if err != nil {
 			return nil, err
 		}
-		pct, _, err := contentType(ph)
-		if err != nil {
-			return nil, err
-		}
-		switch pct {
+		switch pe.typ {
 		case "text/plain":
 			if m.Text == "" {
 				t, err := decodedBody(p)
@@ -347,32 +339,24 @@ func BuildBundle(response, mdn []byte) []byte {
 // ParseBundle reads a response bundle. The type parameter is matched
 // without regard to case (the draft writes application/x-EDI-response).
 func ParseBundle(entity []byte) (*Bundle, error) {
-	h, body, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
+	if e.typ != typeMultipartRelated || !strings.EqualFold(e.params["type"], TypeEDIResponse) {
+		return nil, malformed("bundle is %s; type=%q", e.typ, e.params["type"])
 	}
-	if ct != typeMultipartRelated || !strings.EqualFold(params["type"], TypeEDIResponse) {
-		return nil, malformed("bundle is %s; type=%q", ct, params["type"])
-	}
-	parts, err := multipartParts(body, params["boundary"])
+	parts, err := e.parts()
 	if err != nil {
 		return nil, err
 	}
 	b := &Bundle{}
 	for _, p := range parts {
-		ph, _, err := splitEntity(p)
+		pe, err := parseEntity(p)
 		if err != nil {
 			return nil, err
 		}
-		pct, _, err := contentType(ph)
-		if err != nil {
-			return nil, err
-		}
-		switch pct {
+		switch pe.typ {
 		case TypeEDIHL7, TypeXEDIHL7, TypeEDIConsent:
 			if b.Response != nil {
 				return nil, malformed("bundle holds two HL7 responses")
@@ -386,7 +370,7 @@ func ParseBundle(entity []byte) (*Bundle, error) {
 				return nil, err
 			}
 		default:
-			return nil, malformed("bundle part of type %s", pct)
+			return nil, malformed("bundle part of type %s", pe.typ)
 		}
 	}
 	if b.MDN == nil {
@@ -412,14 +396,11 @@ func (k Kind) String() string {
 
 // Classify tells what an opened entity carries from its Content-Type.
 func Classify(entity []byte) Kind {
-	h, _, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		return KindUnknown
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return KindUnknown
-	}
+	ct, params := e.typ, e.params
 	switch {
 	case ct == TypeEDIHL7 || ct == TypeXEDIHL7 || ct == TypeEDIConsent:
 		return KindHL7

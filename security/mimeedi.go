@@ -127,6 +127,29 @@ func splitEntity(entity []byte) (textproto.Header, []byte, error) {
 	return h, body, nil
 }
 
+// mimeEntity is a MIME entity's Content-Type and body.
+type mimeEntity struct {
+	typ    string            // lower-cased media type
+	params map[string]string // its parameters
+	body   []byte
+}
+
+// parseEntity reads the header of entity and its Content-Type.
+func parseEntity(entity []byte) (mimeEntity, error) {
+	h, body, err := splitEntity(entity)
+	if err != nil {
+		return mimeEntity{}, err
+	}
+	t, params, err := contentType(h)
+	if err != nil {
+		return mimeEntity{}, err
+	}
+	return mimeEntity{typ: t, params: params, body: body}, nil
+}
+
+// parts returns the raw body parts of a multipart entity.
+func (e mimeEntity) parts() ([][]byte, error) { return multipartParts(e.body, e.params["boundary"]) }
+
 // contentType parses the Content-Type of h, lower-casing the type.
 func contentType(h textproto.Header) (string, map[string]string, error) {
 	v := h.Get("Content-Type")

@@ -206,24 +206,20 @@ type Opened struct {
 // multipart/encrypted) and the combined form (one signed and encrypted
 // OpenPGP message inside multipart/encrypted).
 func PGPOpen(mail []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time) (*Opened, error) {
-	h, body, err := splitEntity(mail)
+	e, err := parseEntity(mail)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
-	}
-	if ct != typeMultipartEncrypted {
-		if ct == typeMultipartSigned {
+	if e.typ != typeMultipartEncrypted {
+		if e.typ == typeMultipartSigned {
 			return nil, fmt.Errorf("%w: signed but not encrypted", ErrNotEncrypted)
 		}
-		return nil, fmt.Errorf("%w: Content-Type %s", ErrNotEncrypted, ct)
+		return nil, fmt.Errorf("%w: Content-Type %s", ErrNotEncrypted, e.typ)
 	}
-	if p := strings.ToLower(params["protocol"]); p != protoPGPEncrypted {
-		return nil, malformed("multipart/encrypted protocol %q, want %s", params["protocol"], protoPGPEncrypted)
+	if p := strings.ToLower(e.params["protocol"]); p != protoPGPEncrypted {
+		return nil, malformed("multipart/encrypted protocol %q, want %s", e.params["protocol"], protoPGPEncrypted)
 	}
-	parts, err := multipartParts(body, params["boundary"])
+	parts, err := e.parts()
 	if err != nil {
 		return nil, err
 	}
@@ -314,17 +310,14 @@ func combinedResult(md *openpgp.MessageDetails, plain []byte, keys PGPKeys, expe
 
 // pgpVerify verifies a multipart/signed entity (RFC 3156 §5).
 func pgpVerify(entity []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time) (*Opened, error) {
-	h, body, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
+	if e.typ != typeMultipartSigned {
+		return nil, fmt.Errorf("%w: content is %s", ErrUnsigned, e.typ)
 	}
-	if ct != typeMultipartSigned {
-		return nil, fmt.Errorf("%w: content is %s", ErrUnsigned, ct)
-	}
+	params := e.params
 	if p := strings.ToLower(params["protocol"]); p != protoPGPSignature {
 		return nil, malformed("multipart/signed protocol %q, want %s", params["protocol"], protoPGPSignature)
 	}
@@ -332,7 +325,7 @@ func pgpVerify(entity []byte, keys PGPKeys, expected *openpgp.Entity, now time.T
 	if err != nil {
 		return nil, fmt.Errorf("micalg: %w", err)
 	}
-	parts, err := multipartParts(body, params["boundary"])
+	parts, err := e.parts()
 	if err != nil {
 		return nil, err
 	}

@@ -181,14 +181,11 @@ func decodedBody(entity []byte) ([]byte, error) {
 // enveloped data it accepts multipart/signed (what hl7mail writes) and
 // opaque signed-data.
 func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time.Time) (*Opened, error) {
-	h, _, err := splitEntity(mail)
+	e, err := parseEntity(mail)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
-	}
+	ct, params := e.typ, e.params
 	if ct == typeMultipartSigned {
 		return nil, fmt.Errorf("%w: signed but not encrypted", ErrNotEncrypted)
 	}
@@ -221,14 +218,11 @@ func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time
 // smimeVerify verifies a multipart/signed entity with a CMS signature, or
 // an opaque application/pkcs7-mime; smime-type=signed-data one.
 func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now time.Time) (*Opened, error) {
-	h, body, err := splitEntity(entity)
+	e, err := parseEntity(entity)
 	if err != nil {
 		return nil, err
 	}
-	ct, params, err := contentType(h)
-	if err != nil {
-		return nil, err
-	}
+	ct, params := e.typ, e.params
 	var signed, sigDER []byte
 	var micalg crypto.Hash
 	switch ct {
@@ -240,7 +234,7 @@ func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now 
 		if micalg, err = parseDigestName(params["micalg"]); err != nil {
 			return nil, fmt.Errorf("micalg: %w", err)
 		}
-		parts, err := multipartParts(body, params["boundary"])
+		parts, err := e.parts()
 		if err != nil {
 			return nil, err
 		}
