@@ -120,7 +120,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		return nil, fmt.Errorf("imap password: %w", err)
 	}
 	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer}, Store: st, Journal: g.incoming,
-		Logger: opts.Logger.With("component", "receiver")}
+		Logger: opts.Logger.With("component", "receiver"), Notify: g.sender.Notify}
 	watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
 		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, Username: cfg.IMAP.Username, Password: imapPassword,
 		Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/mail"
+	"strings"
 	"time"
 
 	"github.com/hl7mail/hl7mail/journal"
@@ -21,6 +22,8 @@ type Receiver struct {
 	Store   *store.Store
 	Journal *journal.Journal
 	Logger  *slog.Logger
+	// Notify wakes the sender for a partner when a receipt is queued.
+	Notify func(partner string)
 }
 
 // Result is what became of one mail.
@@ -71,6 +74,9 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 				Err: fmt.Errorf("Message-ID already received as message %d", prev.ID)}
 			res, err := r.quarantine(ctx, log, sender, raw, q, true)
 			res.Incoming, res.ID = in, prev.ID
+			if err == nil {
+				err = r.resendResponse(ctx, log, in)
+			}
 			return res, err
 		} else if !errors.Is(err, store.ErrNotFound) {
 			return Result{}, err
@@ -125,5 +131,69 @@ func (r *Receiver) quarantine(ctx context.Context, log *slog.Logger, sender stri
 	}
 	log.Warn("mail quarantined", "partner", rec.Partner, "sender", sender, "message_id", rec.MessageID,
 		"reason", string(q.Reason), "detail", q.Error())
+	if q.Partner != nil && !replay {
+		if err := r.refusalReceipt(ctx, log, raw, q, rec.MessageID); err != nil {
+			return Result{}, err
+		}
+	}
 	return Result{Quarantine: q, Replay: replay}, nil
+}
+
+// refusalReceipt queues, for a known partner that asked for a receipt, the
+// MDN that says why its mail was refused (Reason.Disposition). It goes to
+// the partner's configured address, not to one taken from the mail.
+func (r *Receiver) refusalReceipt(ctx context.Context, log *slog.Logger, raw []byte, q *QuarantineError, messageID string) error {
+	d, text, ok := q.Reason.Disposition()
+	if !ok || messageID == "" {
+		return nil
+	}
+	h, err := headerOf(raw)
+	if err != nil {
+		return nil
+	}
+	if req, err := security.ParseMDNRequest(h); err != nil || req == nil {
+		return nil
+	}
+	self := r.Opener.Config.Self.Email
+	mdn := &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
+		OriginalMessageID: messageID, Disposition: d, Error: text,
+		Text: "The message was not processed: " + text + "."}
+	entity, err := mdn.Entity()
+	if err != nil {
+		return err
+	}
+	a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: q.Partner.Name,
+		ControlID: "mdn-" + strings.Trim(messageID, "<>"), MessageType: "MDN", Payload: entity,
+		Kind: store.KindBundle, InReplyTo: messageID})
+	if err != nil {
+		return err
+	}
+	log.Info("refusal receipt queued", "partner", q.Partner.Name, "response_id", a.ID, "disposition", d.String(), "error", text)
+	if r.Notify != nil {
+		r.Notify(q.Partner.Name)
+	}
+	return nil
+}
+
+// resendResponse sends again the response already sent for a request the
+// partner sent again: it evidently did not receive it.
+func (r *Receiver) resendResponse(ctx context.Context, log *slog.Logger, in *Incoming) error {
+	resp, err := r.Store.FindResponse(ctx, in.Partner.Name, in.MessageID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil // not answered yet: the answer follows the delivery
+	}
+	if err != nil {
+		return err
+	}
+	if resp.State != store.Sent && resp.State != store.Acknowledged {
+		return nil // still on its way
+	}
+	if err := r.Store.Requeue(ctx, resp.ID); err != nil {
+		return err
+	}
+	log.Info("response sent again for a repeated request", "response_id", resp.ID)
+	if r.Notify != nil {
+		r.Notify(in.Partner.Name)
+	}
+	return nil
 }

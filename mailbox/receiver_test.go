@@ -98,3 +98,61 @@ func TestReceiver(t *testing.T) {
 		t.Errorf("Handle with a closed journal = %+v, want an error", res)
 	}
 }
+
+// TestReceiverAnswers: a known partner that asked for a receipt learns why
+// its mail was refused; a stranger does not; a request sent again gets the
+// response already sent, again.
+func TestReceiverAnswers(t *testing.T) {
+	l := newLabSide(t)
+	dir := t.TempDir()
+	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
+	defer j.Close()
+	woken := 0
+	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo),
+		Notify: func(string) { woken++ }}
+	ctx := context.Background()
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+
+	forged, _ := l.mailFrom(t, "edi@hospital.test", l.clinic, edi, false)
+	stranger, _ := l.mailFrom(t, "who@else.test", l.hospital, edi, false)
+	for _, raw := range [][]byte{forged, stranger} {
+		if _, err := r.Handle(ctx, raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _ := st.List(ctx, store.Filter{Direction: store.Outbound})
+	if len(out) != 1 || out[0].Partner != "hospital" || out[0].Kind != store.KindBundle || out[0].InReplyTo != "<m1@x.test>" || woken != 1 {
+		t.Fatalf("queued receipts = %+v (woken %d); want one for the hospital", out, woken)
+	}
+	m, _ := st.Get(ctx, out[0].ID)
+	mdn, err := security.ParseMDN(m.Payload)
+	if err != nil || mdn.Disposition.Type != security.Processed || mdn.Disposition.Modifier != security.ModError ||
+		mdn.Error != "authentication-failed" || mdn.OriginalMessageID != "<m1@x.test>" {
+		t.Errorf("refusal receipt = %+v, %v", mdn, err)
+	}
+
+	// A request, its response sent, then the same request again.
+	good, _ := l.mailFrom(t, "edi@hospital.test", l.hospital, edi, false)
+	good = bytes.Replace(good, []byte("<m1@x.test>"), []byte("<r1@x.test>"), 1)
+	if res, err := r.Handle(ctx, good); err != nil || res.ID == 0 {
+		t.Fatal(res, err)
+	}
+	a, _ := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "hospital", ControlID: "resp1",
+		Payload: []byte("bundle"), Kind: store.KindBundle, InReplyTo: "<r1@x.test>"})
+	st.Prepare(ctx, a.ID, "<resp1@partner.test>", nil)
+	st.MarkSent(ctx, a.ID)
+	res, err := r.Handle(ctx, good)
+	if err != nil || !res.Replay {
+		t.Fatalf("Handle(again) = %+v, %v", res, err)
+	}
+	resp, _ := st.Get(ctx, a.ID)
+	if resp.State != store.Queued || resp.MessageID != "<resp1@partner.test>" || woken != 2 {
+		t.Errorf("response after a repeated request: state %s, Message-ID %s, woken %d; want queued again with the same Message-ID",
+			resp.State, resp.MessageID, woken)
+	}
+}

@@ -279,3 +279,30 @@ func (s *Store) SetValue(ctx context.Context, key, value string) error {
 		return err
 	})
 }
+
+// FindResponse returns the response sent to partner for the mail with
+// Message-ID inReplyTo, or ErrNotFound.
+func (s *Store) FindResponse(ctx context.Context, partner, inReplyTo string) (Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return Message{}, err
+	}
+	var id int64
+	err := s.db.QueryRowContext(ctx, `SELECT id FROM messages WHERE partner = ? AND direction = 'out' AND kind = 'bundle'
+		AND in_reply_to = ? ORDER BY id DESC LIMIT 1`, partner, inReplyTo).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Message{}, fmt.Errorf("%w: response to %s", ErrNotFound, inReplyTo)
+	}
+	if err != nil {
+		return Message{}, err
+	}
+	return s.Get(ctx, id)
+}
+
+// Requeue puts a response that was sent back in the queue, to be sent
+// again with the same Message-ID.
+func (s *Store) Requeue(ctx context.Context, id int64) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', next_attempt = 0, updated = ?
+			WHERE id = ? AND kind = 'bundle' AND state = 'sent'`, now, id))
+	})
+}
