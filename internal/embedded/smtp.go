@@ -1,10 +1,13 @@
 package embedded
 
 import (
+	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"sync"
 
+	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 )
 
@@ -18,6 +21,11 @@ type Mail struct {
 // SMTP is the server's state. Its fields other than the mutex-guarded ones
 // are set before Serve.
 type SMTP struct {
+	// TLSConfig, when set, offers STARTTLS; Users, when set, requires AUTH
+	// PLAIN with one of these username/password pairs.
+	TLSConfig *tls.Config
+	Users     map[string]string
+
 	mu       sync.Mutex
 	mails    []Mail
 	tempFail int  // reply 451 to this many DATA commands
@@ -30,6 +38,7 @@ type SMTP struct {
 func (s *SMTP) Serve(addr string) (string, error) {
 	s.srv = smtp.NewServer(s)
 	s.srv.Domain = "localhost"
+	s.srv.TLSConfig = s.TLSConfig
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return "", err
@@ -73,13 +82,36 @@ func (s *SMTP) Count() int {
 func (s *SMTP) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{s: s}, nil }
 
 type session struct {
-	s   *SMTP
-	cur Mail
+	s     *SMTP
+	cur   Mail
+	authd bool
+}
+
+// AuthMechanisms implements smtp.AuthSession.
+func (x *session) AuthMechanisms() []string {
+	if x.s.Users == nil {
+		return nil
+	}
+	return []string{sasl.Plain}
+}
+
+// Auth implements smtp.AuthSession.
+func (x *session) Auth(mech string) (sasl.Server, error) {
+	return sasl.NewPlainServer(func(_, username, password string) error {
+		if pw, ok := x.s.Users[username]; !ok || pw != password {
+			return errors.New("invalid username or password")
+		}
+		x.authd = true
+		return nil
+	}), nil
 }
 
 func (x *session) Reset()        { x.cur = Mail{} }
 func (x *session) Logout() error { return nil }
 func (x *session) Mail(from string, _ *smtp.MailOptions) error {
+	if x.s.Users != nil && !x.authd {
+		return smtp.ErrAuthRequired
+	}
 	x.cur.From = from
 	return nil
 }

@@ -1,0 +1,74 @@
+package mailbox
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/internal/embedded"
+)
+
+// serverCert makes a certificate for 127.0.0.1 and a pool trusting it.
+func serverCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "mail.test"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, pool
+}
+
+// TestSubmitStartTLSAuth submits over STARTTLS with AUTH PLAIN, as to a real
+// submission server; a wrong password and an untrusted certificate fail
+// (and are not final: the message would be retried).
+func TestSubmitStartTLSAuth(t *testing.T) {
+	cert, pool := serverCert(t)
+	srv := &embedded.SMTP{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}},
+		Users: map[string]string{"edi@hospital.test": "s3cret"}}
+	addr, err := srv.Serve("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx := context.Background()
+	mail := []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubject: x\r\n\r\nbody\r\n")
+	good := &SMTPSubmitter{Addr: addr, TLS: "starttls", TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
+		Username: "edi@hospital.test", Password: "s3cret"}
+	if err := good.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail); err != nil {
+		t.Fatalf("Submit over STARTTLS with AUTH: %v", err)
+	}
+	if got := srv.Mails(); len(got) != 1 || string(got[0].Data) != string(mail) {
+		t.Fatalf("server got %+v", got)
+	}
+	wrong := *good
+	wrong.Password = "guess"
+	err = wrong.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail)
+	if err == nil || !strings.Contains(err.Error(), "AUTH") {
+		t.Errorf("Submit with a wrong password = %v, want an AUTH error", err)
+	}
+	untrusted := &SMTPSubmitter{Addr: addr, TLS: "starttls", Username: "edi@hospital.test", Password: "s3cret"}
+	err = untrusted.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail)
+	// The handshake completes with the first command after STARTTLS.
+	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") || Permanent(err) {
+		t.Errorf("Submit to an untrusted certificate = %v, want a certificate error that is retried", err)
+	}
+	if n := srv.Count(); n != 1 {
+		t.Errorf("server took %d mails, want 1", n)
+	}
+}
