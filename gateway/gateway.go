@@ -162,7 +162,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	mctx, cancel := context.WithCancel(context.Background())
 	g.stopMail = cancel
 	sweep := func(ctx context.Context) {
-		mailbox.RunSweeper(ctx, st, opts.Logger.With("component", "sweeper"), time.Minute)
+		mailbox.RunSweeper(ctx, cfg, st, opts.Logger.With("component", "sweeper"), time.Minute)
 	}
 	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run, sweep} {
 		g.mailWG.Add(1)

@@ -88,3 +88,24 @@ func TestSweep(t *testing.T) {
 		t.Errorf("second Sweep reported %d again", len(again))
 	}
 }
+
+func TestSweepStuck(t *testing.T) {
+	l := newLabSide(t)
+	t0 := time.Now().Add(-3 * time.Hour)
+	st, err := store.Open(store.Options{Dir: t.TempDir(), Logger: testlog.New(t, slog.LevelWarn), Now: func() time.Time { return t0 }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := context.Background()
+	st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "hospital", ControlID: "waiting", Payload: []byte("x")})
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	got, err := SweepStuck(ctx, l.opener.Config, st, log, time.Now())
+	if err != nil || len(got) != 1 || !bytes.Contains(logs.Bytes(), []byte("ALERT message not delivered to the router")) {
+		t.Fatalf("SweepStuck = %+v, %v; log %s", got, err, logs.String())
+	}
+	if again, _ := SweepStuck(ctx, l.opener.Config, st, log, time.Now()); len(again) != 0 {
+		t.Errorf("SweepStuck alerted %d again", len(again))
+	}
+}

@@ -2,9 +2,11 @@ package mailbox
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -23,12 +25,43 @@ func Sweep(ctx context.Context, st *store.Store, log *slog.Logger, now time.Time
 	return overdue, nil
 }
 
+// SweepStuck raises an alert, once each, for every inbound message of a
+// partner that has waited for the router longer than the partner's
+// mdn_timeout (the partner is waiting for its receipt meanwhile). Outbound
+// messages that do not move expire by expire_after instead.
+func SweepStuck(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger, now time.Time) ([]store.Message, error) {
+	var alerted []store.Message
+	for _, p := range cfg.Partners {
+		stuck, err := st.Stuck(ctx, p.Name, store.Inbound, now.Add(-p.MDNTimeout.D()))
+		if err != nil {
+			return alerted, err
+		}
+		for _, m := range stuck {
+			key := fmt.Sprintf("alerted-stuck:%d", m.ID)
+			if v, err := st.Value(ctx, key); err != nil || v != "" {
+				continue
+			}
+			attempts, _, lastErr, _ := st.Delivery(ctx, m.ID)
+			log.Error("ALERT message not delivered to the router", "partner", p.Name, "id", m.ID, "control_id", m.ControlID,
+				"waiting", now.Sub(m.Received).Round(time.Second).String(), "attempts", attempts, "last_error", lastErr)
+			if err := st.SetValue(ctx, key, now.Format(time.RFC3339)); err != nil {
+				return alerted, err
+			}
+			alerted = append(alerted, m)
+		}
+	}
+	return alerted, nil
+}
+
 // RunSweeper sweeps every interval until ctx ends.
-func RunSweeper(ctx context.Context, st *store.Store, log *slog.Logger, interval time.Duration) {
+func RunSweeper(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		if _, err := Sweep(ctx, st, log, time.Now()); err != nil && ctx.Err() == nil {
+			log.Error("sweep", "err", err)
+		}
+		if _, err := SweepStuck(ctx, cfg, st, log, time.Now()); err != nil && ctx.Err() == nil {
 			log.Error("sweep", "err", err)
 		}
 		select {

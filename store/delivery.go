@@ -306,3 +306,26 @@ func (s *Store) Requeue(ctx context.Context, id int64) error {
 			WHERE id = ? AND kind = 'bundle' AND state = 'sent'`, now, id))
 	})
 }
+
+// Stuck returns the queued messages of partner in direction d accepted
+// before cutoff, oldest first: messages that have not moved for too long.
+func (s *Store) Stuck(ctx context.Context, partner string, d Direction, cutoff time.Time) ([]Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+` FROM messages WHERE partner = ? AND direction = ?
+		AND state = 'queued' AND received < ? ORDER BY id LIMIT 100`, partner, d, cutoff.UnixMicro())
+	if err != nil {
+		return nil, fmt.Errorf("store: stuck: %w", err)
+	}
+	defer rows.Close()
+	var out []Message
+	for rows.Next() {
+		m, err := scanMessage(rows.Scan)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
