@@ -173,10 +173,38 @@ func TestTwoWays(t *testing.T) {
 		in.g.Shutdown(ctx)
 		in.g = nil
 	}
-	for _, j := range []string{OutgoingJournal, IncomingJournal} {
-		entries, err := journal.Read(filepath.Join(hospital.cfg.StoreDir(), j))
-		if err != nil || len(entries) != 2 {
-			t.Errorf("hospital %s: %d entries, %v", j, len(entries), err)
+	// Each mail one side journalled as sent, the other journalled as
+	// received, byte for byte.
+	read := func(in *instance, name string) map[string]bool {
+		entries, err := journal.Read(filepath.Join(in.cfg.StoreDir(), name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		set := map[string]bool{}
+		for _, e := range entries {
+			set[string(e.Mail)] = true
+		}
+		return set
+	}
+	hOut, hIn := read(hospital, OutgoingJournal), read(hospital, IncomingJournal)
+	pOut, pIn := read(lab, OutgoingJournal), read(lab, IncomingJournal)
+	for m := range read(clinic, OutgoingJournal) {
+		pOut[m] = true
+	}
+	for m := range read(clinic, IncomingJournal) {
+		pIn[m] = true
+	}
+	if len(hOut) != 2 || len(hIn) != 2 {
+		t.Errorf("hospital journals: %d sent, %d received; want 2 and 2", len(hOut), len(hIn))
+	}
+	for m := range hOut {
+		if !pIn[m] {
+			t.Errorf("a mail the hospital sent is not in a partner's incoming journal as sent")
+		}
+	}
+	for m := range hIn {
+		if !pOut[m] {
+			t.Errorf("a mail the hospital received is not in a partner's outgoing journal as received")
 		}
 	}
 }

@@ -2,6 +2,7 @@ package mailbox
 
 import (
 	"context"
+	"crypto/tls"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -26,9 +27,17 @@ type imapServer struct {
 	mem  *imapmemserver.Server
 	srv  *imapserver.Server
 	addr string
+	tls  *tls.Config // client side, when the server wants STARTTLS
 }
 
 func startIMAP(t *testing.T, mem *imapmemserver.Server, addr string) *imapServer {
+	t.Helper()
+	return startIMAPWith(t, mem, addr, imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}}, nil)
+}
+
+// startIMAPWith starts the server with the given capabilities, offering
+// STARTTLS when tlsConfig is set.
+func startIMAPWith(t *testing.T, mem *imapmemserver.Server, addr string, caps imap.CapSet, tlsConfig *tls.Config) *imapServer {
 	t.Helper()
 	if mem == nil {
 		mem = imapmemserver.New()
@@ -40,8 +49,9 @@ func startIMAP(t *testing.T, mem *imapmemserver.Server, addr string) *imapServer
 		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
 			return mem.NewSession(), nil, nil
 		},
-		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
-		InsecureAuth: true,
+		Caps:         caps,
+		TLSConfig:    tlsConfig,
+		InsecureAuth: tlsConfig == nil,
 	})
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -56,7 +66,13 @@ func startIMAP(t *testing.T, mem *imapmemserver.Server, addr string) *imapServer
 // client logs in to the test account.
 func (s *imapServer) client(t *testing.T) *imapclient.Client {
 	t.Helper()
-	c, err := imapclient.DialInsecure(s.addr, nil)
+	var c *imapclient.Client
+	var err error
+	if s.tls != nil {
+		c, err = imapclient.DialStartTLS(s.addr, &imapclient.Options{TLSConfig: s.tls})
+	} else {
+		c, err = imapclient.DialInsecure(s.addr, nil)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,4 +181,48 @@ func TestWatcher(t *testing.T) {
 	if list, _ := st.List(context.Background(), store.Filter{Direction: store.Inbound}); len(list) != 3 {
 		t.Errorf("%d inbound messages stored, want 3", len(list))
 	}
+}
+
+// TestWatcherStartTLSPolling: a server with neither IDLE nor MOVE, reached
+// over STARTTLS: the watcher polls, and moves mail by COPY and EXPUNGE.
+func TestWatcherStartTLSPolling(t *testing.T) {
+	l := newLabSide(t)
+	cert, pool := serverCert(t)
+	is := startIMAPWith(t, nil, "127.0.0.1:0", imap.CapSet{imap.CapIMAP4rev1: {}},
+		&tls.Config{Certificates: []tls.Certificate{cert}})
+	is.tls = &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
+	dir := t.TempDir()
+	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
+	defer j.Close()
+	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	done := make(chan Result, 4)
+	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "starttls", TLSConfig: is.tls,
+		Username: "lab@partner.test", Password: "secret", Mailbox: "INBOX", Processed: "HL7/Processed",
+		Quarantine: "HL7/Quarantine", Poll: 200 * time.Millisecond, Receiver: r, Store: st,
+		Logger: testlog.New(t, slog.LevelInfo), Handled: func(res Result) { done <- res }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() { w.Run(ctx); close(stopped) }()
+	defer func() { cancel(); <-stopped }()
+	time.Sleep(300 * time.Millisecond) // connected and polling
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	good, _ := l.mailFrom(t, "edi@hospital.test", l.hospital, edi, false)
+	is.deliver(t, good)
+	select {
+	case res := <-done:
+		if res.ID == 0 || res.Quarantine != nil {
+			t.Errorf("handled: %+v", res)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("mail not handled by polling within 10s")
+	}
+	waitFor(t, "the mail moved", func() bool { return is.count(t, "INBOX") == 0 && is.count(t, "HL7/Processed") == 1 })
 }
