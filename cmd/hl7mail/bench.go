@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hl7mail/hl7mail/internal/bench"
 	"github.com/hl7mail/hl7mail/internal/corpus"
@@ -22,7 +23,7 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
           at each connection count, against a bare MLLP server that fsyncs
           each message before answering. The store lives in a scratch folder
           on the disk being measured.`, stderr)
-	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), or all")
+	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), e2e (the whole loop over embedded mail servers), or all")
 	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
 	n := fs.Int("n", 20000, "messages per measured run (long enough to include checkpoints)")
 	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
@@ -57,6 +58,25 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 			return 1
 		}
 		defer os.RemoveAll(scratch)
+	}
+	if *what == "e2e" || *what == "all" {
+		fmt.Fprintf(stdout, "End to end: hospital → lab (PGP) / clinic (S/MIME) → hospital, embedded SMTP and IMAP (IDLE), %d CPUs\n\n",
+			runtime.NumCPU())
+		e2eDir, err := os.MkdirTemp(scratch, "e2e")
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench:", err)
+			return 1
+		}
+		r, err := bench.E2E(context.Background(), e2eDir, msgs, 100, 10*time.Minute)
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench:", err)
+			return 1
+		}
+		bench.PrintE2E(stdout, r)
+		fmt.Fprintf(stdout, "target: median under 1s: %s\n\n", verdict(r.Out50 < time.Second && r.Back50 < time.Second))
+		if *what == "e2e" {
+			return 0
+		}
 	}
 	if *what == "crypto" || *what == "all" {
 		fmt.Fprintf(stdout, "Sealing and opening all %d corpus messages, %d CPUs\n\n", len(msgs), runtime.NumCPU())

@@ -58,12 +58,87 @@ const DraftORM = "MSH|^~\\&|OE|DR.SCHADOW|LAB|TUCKER-GENERAL|19971226175948||ORM
 	"ORC|NW|12345|||F|\rOBR||12345||||||19971226175948||7^ML||||||BLDV\r" +
 	"ORC|CH|12345-1|||F||12345|\rOBR||12345-1|||5383-5^THYROID MICROSOMAL AB^LN|\r"
 
-type site struct {
+// Env is the running demo world: the mail system, the three sites and the
+// hospital's surrogates for the lab and the clinic.
+type Env struct {
+	World                 *embedded.World
+	Hospital, Lab, Clinic *Site
+	Surrogate             map[string]string // partner → the hospital's surrogate address
+	closers               []func()
+}
+
+// Site is one running hl7mail instance and its stand-in router.
+type Site struct {
 	name, email string
 	dir         string
-	router      *embedded.Router
-	g           *gateway.Gateway
+	Router      *embedded.Router
+	Gateway     *gateway.Gateway
 	cfg         *config.Config
+}
+
+// Start sets up the mail system and the three sites in dir; logs go to
+// trace (nil: dropped). Close stops everything.
+func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
+	env := &Env{Surrogate: map[string]string{}}
+	world, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test", "edi@clinic.test")
+	if err != nil {
+		return nil, err
+	}
+	env.World = world
+	env.closers = append(env.closers, world.Close)
+	sites := []*Site{
+		{name: "hospital", email: "edi@hospital.test"},
+		{name: "lab", email: "lab@partner.test"},
+		{name: "clinic", email: "edi@clinic.test"},
+	}
+	env.Hospital, env.Lab, env.Clinic = sites[0], sites[1], sites[2]
+	for _, s := range sites {
+		s.dir = filepath.Join(dir, s.name)
+		if err := writeKeys(s.dir, s.name, s.email); err != nil {
+			env.Close()
+			return nil, err
+		}
+		if s.Router, err = embedded.StartRouter("127.0.0.1:0"); err != nil {
+			env.Close()
+			return nil, err
+		}
+		r := s.Router
+		env.closers = append(env.closers, func() { r.Close() })
+	}
+	env.Surrogate["lab"], env.Surrogate["clinic"] = freeAddr(), freeAddr()
+	partners := map[string]string{
+		"hospital": fmt.Sprintf("  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc}\n"+
+			"  - {name: clinic, listen: %s, email: edi@clinic.test, security: smime, smime_cert: ../clinic/cert.pem}\n",
+			env.Surrogate["lab"], env.Surrogate["clinic"]),
+		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", freeAddr()),
+		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", freeAddr()),
+	}
+	if trace == nil {
+		trace = io.Discard
+	}
+	for _, s := range sites {
+		if err := s.start(ctx, world, partners[s.name], trace); err != nil {
+			env.Close()
+			return nil, err
+		}
+		g := s.Gateway
+		env.closers = append(env.closers, func() { g.Shutdown(context.Background()) })
+	}
+	return env, nil
+}
+
+// Close stops the sites, the routers and the mail system.
+func (e *Env) Close() {
+	for i := len(e.closers) - 1; i >= 0; i-- {
+		e.closers[i]()
+	}
+	e.closers = nil
+}
+
+// Send sends msg to the hospital's surrogate for partner and returns the
+// code it answered with.
+func (e *Env) Send(ctx context.Context, partner string, msg []byte) (hl7.AckCode, error) {
+	return send(ctx, e.Surrogate[partner], msg)
 }
 
 // Run sets the sites up, sends the messages and reports.
@@ -76,45 +151,17 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	}
 	out := &syncWriter{w: o.Out}
 	fmt.Fprintf(out, "hl7mail demo in %s\n", o.Dir)
-	world, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test", "edi@clinic.test")
+	env, err := Start(ctx, o.Dir, out)
 	if err != nil {
 		return Summary{}, err
 	}
-	defer world.Close()
-	fmt.Fprintf(out, "mail system: SMTP %s, IMAP %s (embedded)\n", world.SMTPAddr, world.IMAPAddr)
-
-	sites := []*site{
-		{name: "hospital", email: "edi@hospital.test"},
-		{name: "lab", email: "lab@partner.test"},
-		{name: "clinic", email: "edi@clinic.test"},
+	defer env.Close()
+	h, lab, clinic := env.Hospital, env.Lab, env.Clinic
+	fmt.Fprintf(out, "mail system: SMTP %s, IMAP %s (embedded)\n", env.World.SMTPAddr, env.World.IMAPAddr)
+	for _, s := range []*Site{h, lab, clinic} {
+		fmt.Fprintf(out, "%-8s %s, router %s, store %s\n", s.name, s.email, s.Router.Addr, s.cfg.StoreDir())
 	}
-	for _, s := range sites {
-		s.dir = filepath.Join(o.Dir, s.name)
-		if err := writeKeys(s.dir, s.name, s.email); err != nil {
-			return Summary{}, err
-		}
-		if s.router, err = embedded.StartRouter("127.0.0.1:0"); err != nil {
-			return Summary{}, err
-		}
-		defer s.router.Close()
-	}
-	h, lab, clinic := sites[0], sites[1], sites[2]
-	listen := map[string]string{"lab": freeAddr(), "clinic": freeAddr()}
-	partners := map[string]string{
-		"hospital": fmt.Sprintf("  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc}\n"+
-			"  - {name: clinic, listen: %s, email: edi@clinic.test, security: smime, smime_cert: ../clinic/cert.pem}\n",
-			listen["lab"], listen["clinic"]),
-		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", freeAddr()),
-		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", freeAddr()),
-	}
-	for _, s := range sites {
-		if err := s.start(ctx, world, partners[s.name], out); err != nil {
-			return Summary{}, err
-		}
-		defer s.g.Shutdown(context.Background())
-		fmt.Fprintf(out, "%-8s %s, router %s, store %s\n", s.name, s.email, s.router.Addr, s.cfg.StoreDir())
-	}
-	fmt.Fprintf(out, "surrogates at the hospital: lab %s (PGP), clinic %s (S/MIME)\n\n", listen["lab"], listen["clinic"])
+	fmt.Fprintf(out, "surrogates at the hospital: lab %s (PGP), clinic %s (S/MIME)\n\n", env.Surrogate["lab"], env.Surrogate["clinic"])
 
 	// The §5 order goes to the lab; the corpus messages alternate.
 	type outMsg struct {
@@ -139,7 +186,7 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 		}
 		sum.Sent++
 		sent[hdr.ControlID] = m.msg
-		code, err := send(ctx, listen[m.to], m.msg)
+		code, err := env.Send(ctx, m.to, m.msg)
 		if err != nil {
 			return sum, err
 		}
@@ -172,10 +219,10 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	return sum, nil
 }
 
-func count(sum Summary, sent map[string][]byte, h, lab, clinic *site) Summary {
+func count(sum Summary, sent map[string][]byte, h, lab, clinic *Site) Summary {
 	sum.AtPartner, sum.Identical, sum.Responses, sum.Receipts = 0, 0, 0, 0
-	for _, s := range []*site{lab, clinic} {
-		for _, m := range s.router.Messages() {
+	for _, s := range []*Site{lab, clinic} {
+		for _, m := range s.Router.Messages() {
 			hdr, err := hl7.ParseHeader(m)
 			if err != nil {
 				continue
@@ -188,12 +235,12 @@ func count(sum Summary, sent map[string][]byte, h, lab, clinic *site) Summary {
 			}
 		}
 	}
-	for _, m := range h.router.Messages() {
+	for _, m := range h.Router.Messages() {
 		if a, err := hl7.ParseAck(m); err == nil && sent[a.ControlID] != nil {
 			sum.Responses++
 		}
 	}
-	list, _ := h.g.Store().List(context.Background(), store.Filter{Direction: store.Outbound, State: store.Acknowledged, Limit: 10000})
+	list, _ := h.Gateway.Store().List(context.Background(), store.Filter{Direction: store.Outbound, State: store.Acknowledged, Limit: 10000})
 	sum.Receipts = len(list)
 	return sum
 }
@@ -214,7 +261,7 @@ func send(ctx context.Context, addr string, msg []byte) (hl7.AckCode, error) {
 	return a.Code, err
 }
 
-func (s *site) start(ctx context.Context, w *embedded.World, partners string, out io.Writer) error {
+func (s *Site) start(ctx context.Context, w *embedded.World, partners string, out io.Writer) error {
 	if err := os.WriteFile(filepath.Join(s.dir, "imap-password"), []byte("secret\n"), 0o600); err != nil {
 		return err
 	}
@@ -226,7 +273,7 @@ smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 2s}
 dashboard: {addr: %s}
 partners:
-%s`, s.name, s.name, s.email, s.router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, freeAddr(), partners)
+%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, freeAddr(), partners)
 	path := filepath.Join(s.dir, "partners.yaml")
 	if err := os.WriteFile(path, []byte(cfgText), 0o600); err != nil {
 		return err
@@ -243,7 +290,7 @@ partners:
 		return err
 	}
 	s.cfg = cfg
-	s.g, err = gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, RetryBase: 100 * time.Millisecond,
+	s.Gateway, err = gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, RetryBase: 100 * time.Millisecond,
 		Logger: slog.New(&traceHandler{site: s.name, out: out})})
 	return err
 }

@@ -16,6 +16,7 @@ type Router struct {
 	ln   net.Listener
 	mu   sync.Mutex
 	msgs [][]byte
+	at   []time.Time
 	ids  *hl7.IDGen
 	got  chan struct{}
 }
@@ -48,6 +49,7 @@ func (r *Router) serve() {
 				h, err := hl7.ParseHeader(frame)
 				r.mu.Lock()
 				r.msgs = append(r.msgs, bytes.Clone(frame))
+				r.at = append(r.at, time.Now())
 				r.mu.Unlock()
 				select {
 				case r.got <- struct{}{}:
@@ -70,6 +72,13 @@ func (r *Router) Messages() [][]byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([][]byte(nil), r.msgs...)
+}
+
+// Arrivals returns what the router received so far and when.
+func (r *Router) Arrivals() ([][]byte, []time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]byte(nil), r.msgs...), append([]time.Time(nil), r.at...)
 }
 
 // Got is signalled when a message arrives.

@@ -1,0 +1,159 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/demo"
+	"github.com/hl7mail/hl7mail/mllp"
+)
+
+// E2EResult is the end-to-end run: latency, measured with one message in
+// flight at a time, from the hospital router's send to the partner
+// router's receipt (out) and from there to the response reaching the
+// hospital router (back); and the rate sustained when the whole corpus is
+// sent at once.
+type E2EResult struct {
+	LatencyMessages              int
+	Out50, Out95, Back50, Back95 time.Duration
+	BurstMessages                int
+	BurstElapsed                 time.Duration
+	PerSecond                    float64
+}
+
+// E2E runs the demo's three sites in dir over the embedded mail servers
+// (IMAP with IDLE), alternating between the lab (PGP) and the clinic
+// (S/MIME): first latency messages one at a time, then msgs all at once.
+func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout time.Duration) (E2EResult, error) {
+	env, err := demo.Start(ctx, dir, nil)
+	if err != nil {
+		return E2EResult{}, err
+	}
+	defer env.Close()
+	var res E2EResult
+	conns := map[string]*mllp.Client{}
+	for _, p := range []string{"lab", "clinic"} {
+		c, err := mllp.Dial(ctx, env.Surrogate[p])
+		if err != nil {
+			return res, err
+		}
+		defer c.Close()
+		conns[p] = c
+	}
+	send := func(partner string, m []byte) error {
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		_, err := conns[partner].Send(sctx, m)
+		return err
+	}
+	waitResponses := func(n int) error {
+		deadline := time.Now().Add(timeout)
+		for len(env.Hospital.Router.Messages()) < n {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%d of %d responses after %s", len(env.Hospital.Router.Messages()), n, timeout)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return nil
+	}
+
+	// Latency: one at a time.
+	lat := Unique(msgs, min(latency, len(msgs)), fmt.Sprintf("L%x", time.Now().UnixNano()))
+	sent := map[string]time.Time{}
+	for i, m := range lat {
+		h, _ := hl7.ParseHeader(m)
+		sent[h.ControlID] = time.Now()
+		if err := send([]string{"lab", "clinic"}[i%2], m); err != nil {
+			return res, err
+		}
+		if err := waitResponses(i + 1); err != nil {
+			return res, err
+		}
+	}
+	out, back, _ := legs(env, sent)
+	if len(out) != len(lat) {
+		return res, fmt.Errorf("%d of %d messages made the round trip", len(out), len(lat))
+	}
+	q := func(d []time.Duration, p int) time.Duration { return d[min(len(d)-1, len(d)*p/100)] }
+	res.LatencyMessages = len(out)
+	res.Out50, res.Out95, res.Back50, res.Back95 = q(out, 50), q(out, 95), q(back, 50), q(back, 95)
+
+	// Throughput: everything at once, one connection per partner.
+	burst := Unique(msgs, len(msgs), fmt.Sprintf("B%x", time.Now().UnixNano()))
+	before := len(env.Hospital.Router.Messages())
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for pi, partner := range []string{"lab", "clinic"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := pi; i < len(burst); i += 2 {
+				if err := send(partner, burst[i]); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return res, err
+	}
+	if err := waitResponses(before + len(burst)); err != nil {
+		return res, err
+	}
+	res.BurstMessages, res.BurstElapsed = len(burst), time.Since(start)
+	res.PerSecond = float64(len(burst)) / res.BurstElapsed.Seconds()
+	return res, nil
+}
+
+// legs pairs, for the messages in sent, the send time with the arrival at
+// a partner's router and the arrival of the response at the hospital's.
+func legs(env *demo.Env, sent map[string]time.Time) (out, back []time.Duration, last time.Time) {
+	atPartner := map[string]time.Time{}
+	for _, r := range []*demo.Site{env.Lab, env.Clinic} {
+		ms, ats := r.Router.Arrivals()
+		for i, m := range ms {
+			if h, err := hl7.ParseHeader(m); err == nil {
+				atPartner[h.ControlID] = ats[i]
+			}
+		}
+	}
+	ms, ats := env.Hospital.Router.Arrivals()
+	for i, m := range ms {
+		a, err := hl7.ParseAck(m)
+		if err != nil {
+			continue
+		}
+		p, ok1 := atPartner[a.ControlID]
+		s, ok2 := sent[a.ControlID]
+		if !ok1 || !ok2 {
+			continue
+		}
+		out = append(out, p.Sub(s))
+		back = append(back, ats[i].Sub(p))
+		if ats[i].After(last) {
+			last = ats[i]
+		}
+	}
+	slices.Sort(out)
+	slices.Sort(back)
+	return out, back, last
+}
+
+// PrintE2E writes the end-to-end result.
+func PrintE2E(w io.Writer, r E2EResult) {
+	fmt.Fprintf(w, "latency, one message in flight at a time (%d messages):\n", r.LatencyMessages)
+	fmt.Fprintf(w, "  %-44s %9s %9s\n", "leg", "median", "p95")
+	fmt.Fprintf(w, "  %-44s %9s %9s\n", "hospital router → partner router (by mail)", r.Out50.Round(time.Millisecond), r.Out95.Round(time.Millisecond))
+	fmt.Fprintf(w, "  %-44s %9s %9s\n", "partner router → hospital router (response)", r.Back50.Round(time.Millisecond), r.Back95.Round(time.Millisecond))
+	fmt.Fprintf(w, "throughput: %d messages sent at once, all round trips done in %s: %.0f msgs/s sustained\n",
+		r.BurstMessages, r.BurstElapsed.Round(time.Millisecond), r.PerSecond)
+}
