@@ -145,7 +145,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	in := &Incoming{MessageID: strings.TrimSpace(h.Get("Message-Id")), Subject: h.Get("Subject")}
 	from, err := mail.ParseAddress(h.Get("From"))
 	if err != nil {
-		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("From: %w", err)}
+		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("from header: %w", err)}
 	}
 	in.From = from.Address
 	for i := range o.Config.Partners {

@@ -134,6 +134,7 @@ func cmsEncrypt(content []byte, recipients []*x509.Certificate, kt KeyTransport)
 		var err error
 		switch kt {
 		case PKCS1v15:
+			//lint:ignore SA1019 kept for partners whose S/MIME software needs it (key_transport: pkcs1v15); OAEP is the default
 			ek, err = rsa.EncryptPKCS1v15(rand.Reader, pub, key)
 			alg = pkix.AlgorithmIdentifier{Algorithm: oidRSAEncryption, Parameters: nullParams}
 		default:
@@ -284,6 +285,7 @@ func decryptContentKey(ri keyTransRecipientInfo, key crypto.Decrypter) ([]byte, 
 	alg := ri.KeyEncryptionAlgorithm
 	switch {
 	case alg.Algorithm.Equal(oidRSAEncryption):
+		//lint:ignore SA1019 partners' agents still write PKCS #1 v1.5 key transport, which must be read
 		k, err := key.Decrypt(rand.Reader, ri.EncryptedKey, &rsa.PKCS1v15DecryptOptions{})
 		if err != nil {
 			return nil, fmt.Errorf("%w: content key: %v", ErrNotForUs, err)
