@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the outside programs the tests run against, from Debian's
 # packages, when they are missing: python3-hl7 (mllp_send and an asyncio MLLP
-# server), GnuPG and OpenSSL. Needs root (or sudo) when anything is missing;
+# server), GnuPG, OpenSSL, and Postfix with Dovecot (IMAP and LMTP), which
+# integration/mailservers.sh starts in a folder of their own. Needs root (or sudo) when anything is missing;
 # exits non-zero when a package cannot be installed, so that the tests fail
 # rather than skip.
 set -euo pipefail
@@ -10,6 +11,9 @@ declare -A need=(
   [/usr/bin/mllp_send]=python3-hl7
   [/usr/bin/gpg]=gnupg
   [/usr/bin/openssl]=openssl
+  [/usr/sbin/postfix]=postfix
+  [/usr/lib/dovecot/imap]=dovecot-imapd
+  [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
 )
 missing=()
 for path in "${!need[@]}"; do
@@ -24,6 +28,8 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo=sudo
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Postfix without a system configuration: the tests give it their own.
+echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 for path in "${!need[@]}"; do

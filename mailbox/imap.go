@@ -134,7 +134,8 @@ func (w *Watcher) session(ctx context.Context) error {
 			return fmt.Errorf("login: %w", err)
 		}
 	}
-	if err := w.ensureFolders(c); err != nil {
+	processed, quarantine, err := w.ensureFolders(c)
+	if err != nil {
 		return err
 	}
 	sel, err := c.Select(w.o.Mailbox, nil).Wait()
@@ -147,7 +148,7 @@ func (w *Watcher) session(ctx context.Context) error {
 	}
 	w.log.Info("IMAP watching", "uidvalidity", sel.UIDValidity, "last_uid", last, "idle", c.Caps().Has(imap.CapIdle))
 	for {
-		if last, err = w.handleNew(ctx, c, sel.UIDValidity, last); err != nil {
+		if last, err = w.handleNew(ctx, c, sel.UIDValidity, last, processed, quarantine); err != nil {
 			return err
 		}
 		if err := w.wait(ctx, c, newMail); err != nil {
@@ -156,25 +157,36 @@ func (w *Watcher) session(ctx context.Context) error {
 	}
 }
 
-func (w *Watcher) ensureFolders(c *imapclient.Client) error {
+// ensureFolders learns the server's hierarchy delimiter, writes the
+// configured folder names ("HL7/Processed") with it ("HL7.Processed" on a
+// Dovecot with Maildir), and creates the folders that are missing. It
+// returns the processed and quarantine folder names as the server knows
+// them.
+func (w *Watcher) ensureFolders(c *imapclient.Client) (processed, quarantine string, err error) {
+	delim := '/'
+	if root, err := c.List("", "", nil).Collect(); err == nil && len(root) > 0 && root[0].Delim != 0 {
+		delim = root[0].Delim
+	}
+	name := func(n string) string { return strings.ReplaceAll(n, "/", string(delim)) }
+	processed, quarantine = name(w.o.Processed), name(w.o.Quarantine)
 	list, err := c.List("", "*", nil).Collect()
 	if err != nil {
-		return fmt.Errorf("list: %w", err)
+		return "", "", fmt.Errorf("list: %w", err)
 	}
 	have := map[string]bool{}
 	for _, m := range list {
 		have[m.Mailbox] = true
 	}
-	for _, name := range []string{w.o.Processed, w.o.Quarantine} {
-		if have[name] {
+	for _, n := range []string{processed, quarantine} {
+		if have[n] {
 			continue
 		}
-		if err := c.Create(name, nil).Wait(); err != nil {
-			return fmt.Errorf("create %s: %w", name, err)
+		if err := c.Create(n, nil).Wait(); err != nil {
+			return "", "", fmt.Errorf("create %s: %w", n, err)
 		}
-		w.log.Info("IMAP folder created", "folder", name)
+		w.log.Info("IMAP folder created", "folder", n)
 	}
-	return nil
+	return processed, quarantine, nil
 }
 
 // position returns the last UID handled in this mailbox, starting over when
@@ -199,7 +211,7 @@ func (w *Watcher) key() string { return "imap:" + w.o.Addr + ":" + w.o.Username 
 
 // handleNew handles every mail above last, in UID order, and returns the
 // new last UID.
-func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity uint32, last imap.UID) (imap.UID, error) {
+func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity uint32, last imap.UID, processed, quarantine string) (imap.UID, error) {
 	var set imap.UIDSet
 	set.AddRange(last+1, 0) // last+1:*
 	found, err := c.UIDSearch(&imap.SearchCriteria{UID: []imap.UIDSet{set}}, nil).Wait()
@@ -210,7 +222,7 @@ func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity 
 		if uid <= last {
 			continue // "n:*" always matches the highest UID
 		}
-		if err := w.handleOne(ctx, c, uid); err != nil {
+		if err := w.handleOne(ctx, c, uid, processed, quarantine); err != nil {
 			return last, err
 		}
 		last = uid
@@ -221,7 +233,7 @@ func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity 
 	return last, nil
 }
 
-func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.UID) error {
+func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.UID, processed, quarantine string) error {
 	uidSet := imap.UIDSetNum(uid)
 	log := w.log.With("uid", uint32(uid))
 	sizes, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, RFC822Size: true}).Collect()
@@ -247,9 +259,9 @@ func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.
 			return fmt.Errorf("handle %d: %w", uid, err)
 		}
 	}
-	folder := w.o.Processed
+	folder := processed
 	if res.Quarantine != nil {
-		folder = w.o.Quarantine
+		folder = quarantine
 	}
 	if _, err := c.Move(uidSet, folder).Wait(); err != nil {
 		return fmt.Errorf("move %d to %s: %w", uid, folder, err)

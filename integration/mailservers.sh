@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Starts a real mail system for the integration tests, in a folder of its
+# own, on loopback ports: Postfix (SMTP) delivering over LMTP into Dovecot
+# (IMAP), with one account per address (password "secret").
+#
+#   mailservers.sh start DIR SMTP_PORT IMAP_PORT LMTP_PORT ADDRESS...
+#   mailservers.sh stop DIR
+#
+# Needs root (both servers drop to their own users) and Debian's postfix,
+# dovecot-imapd and dovecot-lmtpd (integration/deps.sh installs them).
+set -euo pipefail
+
+cmd=$1; dir=$(realpath -m "$2")
+case "$cmd" in
+stop)
+  postfix -c "$dir/postfix" stop >/dev/null 2>&1 || true
+  dovecot -c "$dir/dovecot/dovecot.conf" stop >/dev/null 2>&1 || true
+  # Take this folder out of the default main.cf again.
+  if cur=$(postconf -h alternate_config_directories 2>/dev/null); then
+    rest=$(printf '%s\n' "$cur" | tr ',' '\n' | sed 's/^ *//; s/ *$//' | grep -vx "$dir/postfix" | grep . | paste -sd, - | sed 's/,/, /g' || true)
+    postconf -e "alternate_config_directories = $rest"
+  fi
+  exit 0 ;;
+start) ;;
+*) echo "usage: $0 start|stop DIR ..." >&2; exit 2 ;;
+esac
+smtp=$3; imap=$4; lmtp=$5; shift 5
+mkdir -p "$dir/dovecot/run" "$dir/dovecot/state" "$dir/mail" "$dir/postfix"
+chmod 755 "$dir" "$dir/dovecot" "$dir/mail"
+chown nobody:nogroup "$dir/mail"
+
+# Dovecot.
+: > "$dir/dovecot/users"
+domains=()
+for a in "$@"; do
+  echo "$a:{PLAIN}secret" >> "$dir/dovecot/users"
+  domains+=("${a#*@}")
+done
+cat > "$dir/dovecot/dovecot.conf" <<CONF
+base_dir = $dir/dovecot/run
+state_dir = $dir/dovecot/state
+log_path = $dir/dovecot/log
+protocols = imap lmtp
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:$dir/mail/%u/Maildir
+first_valid_uid = 1
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $dir/dovecot/users
+}
+userdb {
+  driver = static
+  args = uid=nobody gid=nogroup home=$dir/mail/%u
+}
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $imap
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service lmtp {
+  inet_listener lmtp {
+    address = 127.0.0.1
+    port = $lmtp
+  }
+  unix_listener lmtp {
+    mode = 0600
+  }
+}
+protocol lmtp {
+  auth_username_format = %u
+}
+CONF
+dovecot -c "$dir/dovecot/dovecot.conf" </dev/null >/dev/null 2>&1
+
+# Postfix: a configuration directory of its own, which root may use only
+# when the default main.cf names it.
+grep -qs "^alternate_config_directories" /etc/postfix/main.cf || echo "alternate_config_directories =" >> /etc/postfix/main.cf
+if ! postconf -h alternate_config_directories | tr ', ' '\n\n' | grep -qx "$dir/postfix"; then
+  cur=$(postconf -h alternate_config_directories)
+  postconf -e "alternate_config_directories = ${cur:+$cur, }$dir/postfix"
+fi
+sed "s/^smtp \+inet .*/127.0.0.1:$smtp inet n - n - - smtpd/" /etc/postfix/master.cf > "$dir/postfix/master.cf"
+cat > "$dir/postfix/main.cf" <<CONF
+compatibility_level = 3.6
+queue_directory = $dir/postfix/queue
+data_directory = $dir/postfix/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mail.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+virtual_mailbox_domains = $(printf '%s\n' "${domains[@]}" | sort -u | tr '\n' ' ')
+virtual_transport = lmtp:inet:127.0.0.1:$lmtp
+maillog_file_prefixes = $dir
+maillog_file = $dir/postfix/log
+smtputf8_enable = no
+CONF
+mkdir -p "$dir/postfix/queue" "$dir/postfix/data"
+chown postfix "$dir/postfix/data"
+postfix -c "$dir/postfix" check
+postfix -c "$dir/postfix" start </dev/null >/dev/null 2>&1
+for _ in $(seq 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$smtp") 2>/dev/null && exit 0
+  sleep 0.1
+done
+echo "mailservers.sh: Postfix does not listen on 127.0.0.1:$smtp; see $dir/postfix/log" >&2
+exit 1
