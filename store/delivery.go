@@ -313,19 +313,6 @@ func (s *Store) Stuck(ctx context.Context, partner string, d Direction, cutoff t
 	if err := s.waitIngested(ctx); err != nil {
 		return nil, err
 	}
-	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+` FROM messages WHERE partner = ? AND direction = ?
+	return s.queryMessages(ctx, "stuck", "SELECT "+messageColumns+` FROM messages WHERE partner = ? AND direction = ?
 		AND state = 'queued' AND received < ? ORDER BY id LIMIT 100`, partner, d, cutoff.UnixMicro())
-	if err != nil {
-		return nil, fmt.Errorf("store: stuck: %w", err)
-	}
-	defer rows.Close()
-	var out []Message
-	for rows.Next() {
-		m, err := scanMessage(rows.Scan)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, m)
-	}
-	return out, rows.Err()
 }

@@ -50,9 +50,14 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 	}
 	q += " ORDER BY id DESC LIMIT ?"
 	args = append(args, limit)
+	return s.queryMessages(ctx, "list", q, args...)
+}
+
+// queryMessages runs a query selecting messageColumns and scans the rows.
+func (s *Store) queryMessages(ctx context.Context, what, q string, args ...any) ([]Message, error) {
 	rows, err := s.db.QueryContext(ctx, q, args...)
 	if err != nil {
-		return nil, fmt.Errorf("store: list: %w", err)
+		return nil, fmt.Errorf("store: %s: %w", what, err)
 	}
 	defer rows.Close()
 	var out []Message
@@ -64,7 +69,7 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 		out = append(out, m)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("store: list: %w", err)
+		return nil, fmt.Errorf("store: %s: %w", what, err)
 	}
 	return out, nil
 }
