@@ -16,7 +16,6 @@ import (
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
@@ -181,9 +180,9 @@ type SenderOptions struct {
 // Sender takes stored outbound messages to their partners, one goroutine
 // per partner, in the order they were accepted.
 type Sender struct {
-	o    SenderOptions
-	log  *slog.Logger
-	wake map[string]chan struct{}
+	o   SenderOptions
+	log *slog.Logger
+	q   *queue
 }
 
 // NewSender returns a Sender; Run starts it.
@@ -203,70 +202,17 @@ func NewSender(o SenderOptions) (*Sender, error) {
 	if o.Poll == 0 {
 		o.Poll = 5 * time.Second
 	}
-	s := &Sender{o: o, log: o.Logger, wake: map[string]chan struct{}{}}
-	for _, p := range o.Config.Partners {
-		s.wake[p.Name] = make(chan struct{}, 1)
-	}
-	return s, nil
+	return &Sender{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Outbound, o.Poll, o.Now, o.Logger)}, nil
 }
 
 // Notify tells the sender that partner has a new message.
-func (s *Sender) Notify(partner string) {
-	if ch, ok := s.wake[partner]; ok {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-}
+func (s *Sender) Notify(partner string) { s.q.notify(partner) }
 
 // Run delivers until ctx ends.
 func (s *Sender) Run(ctx context.Context) {
-	var wg sync.WaitGroup
-	for i := range s.o.Config.Partners {
-		p := &s.o.Config.Partners[i]
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.runPartner(ctx, p)
-		}()
-	}
-	wg.Wait()
-}
-
-func (s *Sender) runPartner(ctx context.Context, p *config.Partner) {
-	t := time.NewTimer(0)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-s.wake[p.Name]:
-		}
-		for ctx.Err() == nil {
-			m, err := s.o.Store.NextQueued(ctx, p.Name, store.Outbound, s.o.Now())
-			if errors.Is(err, store.ErrNotFound) {
-				break
-			}
-			if err != nil {
-				if ctx.Err() == nil {
-					s.log.Error("queue not readable", "partner", p.Name, "err", err)
-				}
-				break
-			}
-			if !s.deliver(ctx, p, m) {
-				break // wait before the next attempt
-			}
-		}
-		if !t.Stop() {
-			select {
-			case <-t.C:
-			default:
-			}
-		}
-		t.Reset(s.o.Poll)
-	}
+	s.q.run(ctx, func(p *config.Partner) partnerWorker {
+		return partnerWorker{step: func(ctx context.Context, m store.Message) bool { return s.deliver(ctx, p, m) }}
+	})
 }
 
 // deliver makes one attempt at m; it reports whether the partner's queue
@@ -335,7 +281,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return true
 	default:
 		attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)
-		next := now.Add(s.backoff(attempts))
+		next := now.Add(backoff(s.o.RetryBase, s.o.RetryMax, attempts))
 		if err := s.o.Store.MarkRetry(ctx, m.ID, err.Error(), next); err != nil {
 			log.Error("store", "err", err)
 		}
@@ -343,14 +289,6 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			"next", next.Format(time.RFC3339))
 		return false
 	}
-}
-
-func (s *Sender) backoff(attempts int) time.Duration {
-	d := s.o.RetryBase
-	for i := 0; i < attempts && d < s.o.RetryMax; i++ {
-		d *= 2
-	}
-	return min(d, s.o.RetryMax)
 }
 
 // compose puts the mail header before the sealed entity. The Subject names

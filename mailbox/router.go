@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -38,9 +37,9 @@ type DelivererOptions struct {
 // they arrived. A message counts as delivered when the router answered it;
 // while the router is down or silent the message waits and is tried again.
 type Deliverer struct {
-	o    DelivererOptions
-	log  *slog.Logger
-	wake map[string]chan struct{}
+	o   DelivererOptions
+	log *slog.Logger
+	q   *queue
 }
 
 // NewDeliverer returns a Deliverer; Run starts it.
@@ -60,78 +59,30 @@ func NewDeliverer(o DelivererOptions) (*Deliverer, error) {
 	if o.Poll == 0 {
 		o.Poll = 5 * time.Second
 	}
-	d := &Deliverer{o: o, log: o.Logger, wake: map[string]chan struct{}{}}
-	for _, p := range o.Config.Partners {
-		d.wake[p.Name] = make(chan struct{}, 1)
-	}
-	return d, nil
+	return &Deliverer{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Inbound, o.Poll, o.Now, o.Logger)}, nil
 }
 
 // Notify tells the deliverer that partner has a new inbound message.
-func (d *Deliverer) Notify(partner string) {
-	if ch, ok := d.wake[partner]; ok {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-}
+func (d *Deliverer) Notify(partner string) { d.q.notify(partner) }
 
-// Run delivers until ctx ends.
+// Run delivers until ctx ends. Each partner's worker keeps its router
+// connection open between messages.
 func (d *Deliverer) Run(ctx context.Context) {
-	var wg sync.WaitGroup
-	for i := range d.o.Config.Partners {
-		p := &d.o.Config.Partners[i]
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			d.runPartner(ctx, p)
-		}()
-	}
-	wg.Wait()
-}
-
-func (d *Deliverer) runPartner(ctx context.Context, p *config.Partner) {
-	t := time.NewTimer(0)
-	defer t.Stop()
-	var conn *mllp.Client
-	defer func() {
-		if conn != nil {
-			conn.Close()
-		}
-	}()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-d.wake[p.Name]:
-		}
-		for ctx.Err() == nil {
-			m, err := d.o.Store.NextQueued(ctx, p.Name, store.Inbound, d.o.Now())
-			if errors.Is(err, store.ErrNotFound) {
-				break
-			}
-			if err != nil {
-				if ctx.Err() == nil {
-					d.log.Error("inbound queue not readable", "partner", p.Name, "err", err)
+	d.q.run(ctx, func(p *config.Partner) partnerWorker {
+		var conn *mllp.Client
+		return partnerWorker{
+			step: func(ctx context.Context, m store.Message) bool {
+				var ok bool
+				conn, ok = d.deliver(ctx, p, m, conn)
+				return ok
+			},
+			stop: func() {
+				if conn != nil {
+					conn.Close()
 				}
-				break
-			}
-			var ok bool
-			conn, ok = d.deliver(ctx, p, m, conn)
-			if !ok {
-				break
-			}
+			},
 		}
-		if !t.Stop() {
-			select {
-			case <-t.C:
-			default:
-			}
-		}
-		t.Reset(d.o.Poll)
-	}
+	})
 }
 
 // deliver sends m to the router over conn (dialling when nil) and records
@@ -180,7 +131,7 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 			conn = nil
 		}
 		attempts, _, _, _ := d.o.Store.Delivery(rctx, m.ID)
-		next := d.o.Now().Add(d.backoff(attempts))
+		next := d.o.Now().Add(backoff(d.o.RetryBase, d.o.RetryMax, attempts))
 		if serr := d.o.Store.MarkRetry(rctx, m.ID, "router "+addr+": "+err.Error(), next); serr != nil {
 			log.Error("store", "err", serr)
 		}
@@ -201,12 +152,4 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		d.o.Delivered(rctx, m, ack)
 	}
 	return conn, true
-}
-
-func (d *Deliverer) backoff(attempts int) time.Duration {
-	b := d.o.RetryBase
-	for i := 0; i < attempts && b < d.o.RetryMax; i++ {
-		b *= 2
-	}
-	return min(b, d.o.RetryMax)
 }
