@@ -105,19 +105,20 @@ func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
 		r := s.Router
 		env.closers = append(env.closers, func() { r.Close() })
 	}
-	env.Surrogate["lab"], env.Surrogate["clinic"] = freeAddr(), freeAddr()
+	port := ports{}
+	env.Surrogate["lab"], env.Surrogate["clinic"] = port.free(), port.free()
 	partners := map[string]string{
 		"hospital": fmt.Sprintf("  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc}\n"+
 			"  - {name: clinic, listen: %s, email: edi@clinic.test, security: smime, smime_cert: ../clinic/cert.pem}\n",
 			env.Surrogate["lab"], env.Surrogate["clinic"]),
-		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", freeAddr()),
-		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", freeAddr()),
+		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", port.free()),
+		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", port.free()),
 	}
 	if trace == nil {
 		trace = io.Discard
 	}
 	for _, s := range sites {
-		if err := s.start(ctx, world, partners[s.name], trace); err != nil {
+		if err := s.start(ctx, world, partners[s.name], port.free(), trace); err != nil {
 			env.Close()
 			return nil, err
 		}
@@ -261,7 +262,7 @@ func send(ctx context.Context, addr string, msg []byte) (hl7.AckCode, error) {
 	return a.Code, err
 }
 
-func (s *Site) start(ctx context.Context, w *embedded.World, partners string, out io.Writer) error {
+func (s *Site) start(ctx context.Context, w *embedded.World, partners, dashboard string, out io.Writer) error {
 	if err := os.WriteFile(filepath.Join(s.dir, "imap-password"), []byte("secret\n"), 0o600); err != nil {
 		return err
 	}
@@ -273,7 +274,7 @@ smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 2s}
 dashboard: {addr: %s}
 partners:
-%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, freeAddr(), partners)
+%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, dashboard, partners)
 	path := filepath.Join(s.dir, "partners.yaml")
 	if err := os.WriteFile(path, []byte(cfgText), 0o600); err != nil {
 		return err
@@ -402,16 +403,11 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	return s.w.Write(p)
 }
 
-var (
-	portsMu sync.Mutex
-	given   = map[string]bool{}
-)
+// ports hands out loopback addresses that were free a moment ago, never
+// the same one twice within one run.
+type ports map[string]bool
 
-// freeAddr returns a loopback address that was free a moment ago and that
-// no earlier call returned.
-func freeAddr() string {
-	portsMu.Lock()
-	defer portsMu.Unlock()
+func (p ports) free() string {
 	for {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -419,8 +415,8 @@ func freeAddr() string {
 		}
 		addr := ln.Addr().String()
 		ln.Close()
-		if !given[addr] {
-			given[addr] = true
+		if !p[addr] {
+			p[addr] = true
 			return addr
 		}
 	}
