@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -17,7 +16,6 @@ import (
 	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
 
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -108,15 +106,8 @@ func (s *imapServer) count(t *testing.T, mailbox string) int {
 func TestWatcher(t *testing.T) {
 	l := newLabSide(t)
 	is := startIMAP(t, nil, "127.0.0.1:0")
-	dir := t.TempDir()
-	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
-	defer j.Close()
-	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	r, _ := l.receiver(t)
+	st := r.Store
 	var mu sync.Mutex
 	handled := 0
 	run := func(addr string) func() {
@@ -191,15 +182,8 @@ func TestWatcherStartTLSPolling(t *testing.T) {
 	is := startIMAPWith(t, nil, "127.0.0.1:0", imap.CapSet{imap.CapIMAP4rev1: {}},
 		&tls.Config{Certificates: []tls.Certificate{cert}})
 	is.tls = &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
-	dir := t.TempDir()
-	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
-	defer j.Close()
-	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	r, _ := l.receiver(t)
+	st := r.Store
 	done := make(chan Result, 4)
 	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "starttls", TLSConfig: is.tls,
 		Username: "lab@partner.test", Password: "secret", Mailbox: "INBOX", Processed: "HL7/Processed",

@@ -3,6 +3,7 @@ package mailbox
 import (
 	"bytes"
 	"errors"
+	"log/slog"
 	"path/filepath"
 	"testing"
 	"time"
@@ -10,7 +11,10 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
 )
 
 // labSide is the lab's view: partners hospital and clinic (both PGP), and
@@ -68,6 +72,24 @@ func (l *labSide) mailFrom(t *testing.T, from string, signer *openpgp.Entity, en
 	head := "From: " + from + "\r\nTo: lab@partner.test\r\nMessage-ID: <m1@x.test>\r\nSubject: HL7\r\n" +
 		"Disposition-Notification-To: " + to + "\r\nDisposition-Notification-Options: " + opts + "\r\n"
 	return append([]byte(head), entity...), mic
+}
+
+// receiver returns a Receiver for the lab with its own store and incoming
+// journal (closed at the end of the test), and the journal's path.
+func (l *labSide) receiver(t *testing.T) (*Receiver, string) {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "incoming.mbox")
+	j, err := journal.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close(); st.Close() })
+	return &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}, path
 }
 
 const orm = "MSH|^~\\&|HIS|GH|LAB|TL|20261123||ORM^O01|q1|P|2.3|||AL\rPID|1||123\r"

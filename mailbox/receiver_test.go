@@ -3,12 +3,9 @@ package mailbox
 import (
 	"bytes"
 	"context"
-	"log/slog"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -16,18 +13,8 @@ import (
 
 func TestReceiver(t *testing.T) {
 	l := newLabSide(t)
-	dir := t.TempDir()
-	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	jpath := filepath.Join(dir, "incoming.mbox")
-	j, err := journal.Open(jpath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo)}
+	r, jpath := l.receiver(t)
+	st, j := r.Store, r.Journal
 	ctx := context.Background()
 
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
@@ -104,17 +91,10 @@ func TestReceiver(t *testing.T) {
 // response already sent, again.
 func TestReceiverAnswers(t *testing.T) {
 	l := newLabSide(t)
-	dir := t.TempDir()
-	st, err := store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	j, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
-	defer j.Close()
+	r, _ := l.receiver(t)
+	st := r.Store
 	woken := 0
-	r := &Receiver{Opener: l.opener, Store: st, Journal: j, Logger: testlog.New(t, slog.LevelInfo),
-		Notify: func(string) { woken++ }}
+	r.Notify = func(string) { woken++ }
 	ctx := context.Background()
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
 
