@@ -108,7 +108,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	responder := &mailbox.Responder{Config: cfg, Store: st, Logger: opts.Logger.With("component", "responder"),
 		Notify: g.sender.Notify}
 	deliverer, err := mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: st,
-		Logger: opts.Logger.With("component", "deliverer"), RetryBase: retryBase(opts.RetryBase) / 6,
+		Logger: opts.Logger.With("component", "deliverer"), RetryBase: routerRetryBase(opts.RetryBase),
 		Delivered: responder.Delivered})
 	if err != nil {
 		g.rollback()
@@ -197,9 +197,19 @@ func (g *Gateway) rollback() {
 	g.store.Close()
 }
 
+// retryBase is the sender's first wait after a failed submission.
 func retryBase(d time.Duration) time.Duration {
 	if d == 0 {
 		return 30 * time.Second
+	}
+	return d
+}
+
+// routerRetryBase is the deliverer's first wait after the router failed: the
+// router is local, so it is tried again sooner than a mail server.
+func routerRetryBase(d time.Duration) time.Duration {
+	if d == 0 {
+		return 5 * time.Second
 	}
 	return d
 }
