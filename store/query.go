@@ -114,9 +114,8 @@ func scanMessage(scan func(dest ...any) error) (Message, error) {
 
 // CommitStats describe the group commits made since Open.
 type CommitStats struct {
-	Commits  int64         // syncs of the spool log (or failed attempts)
-	Messages int64         // messages in them
-	Total    time.Duration // time spent committing
+	Commits  int64 // syncs of the spool log (or failed attempts)
+	Messages int64 // messages in them
 }
 
 type commitStats struct {
@@ -124,11 +123,10 @@ type commitStats struct {
 	CommitStats
 }
 
-func (c *commitStats) record(n int, d time.Duration) {
+func (c *commitStats) record(n int) {
 	c.mu.Lock()
 	c.Commits++
 	c.Messages += int64(n)
-	c.Total += d
 	c.mu.Unlock()
 }
 

@@ -18,7 +18,6 @@ type Router struct {
 	msgs [][]byte
 	at   []time.Time
 	ids  *hl7.IDGen
-	got  chan struct{}
 }
 
 // StartRouter listens on addr ("127.0.0.1:0" for any port).
@@ -27,7 +26,7 @@ func StartRouter(addr string) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now()), got: make(chan struct{}, 1)}
+	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now())}
 	go r.serve()
 	return r, nil
 }
@@ -51,10 +50,6 @@ func (r *Router) serve() {
 				r.msgs = append(r.msgs, bytes.Clone(frame))
 				r.at = append(r.at, time.Now())
 				r.mu.Unlock()
-				select {
-				case r.got <- struct{}{}:
-				default:
-				}
 				if err != nil || h.IsAck() || h.AcceptAckType == "NE" {
 					continue
 				}
@@ -80,9 +75,6 @@ func (r *Router) Arrivals() ([][]byte, []time.Time) {
 	defer r.mu.Unlock()
 	return append([][]byte(nil), r.msgs...), append([]time.Time(nil), r.at...)
 }
-
-// Got is signalled when a message arrives.
-func (r *Router) Got() <-chan struct{} { return r.got }
 
 // Close stops the router.
 func (r *Router) Close() error { return r.ln.Close() }
