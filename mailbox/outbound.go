@@ -223,7 +223,11 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 	ctx = context.WithoutCancel(ctx)
 	now := s.o.Now()
 	log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
-	if age := now.Sub(m.Received); age > p.ExpireAfter.D() {
+	since := m.Received
+	if m.Retried.After(since) {
+		since = m.Retried
+	}
+	if age := now.Sub(since); age > p.ExpireAfter.D() {
 		reason := fmt.Sprintf("not delivered within expire_after %s", p.ExpireAfter.D())
 		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Expired, reason); err != nil {
 			log.Error("store", "err", err)

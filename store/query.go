@@ -21,7 +21,7 @@ type Filter struct {
 }
 
 const messageColumns = `id, direction, partner, control_id, message_type, message_id, state,
-	duplicate_of, size, sha256, received, updated, mic, kind, in_reply_to`
+	duplicate_of, size, sha256, received, updated, mic, kind, in_reply_to, retried`
 
 // List returns the messages matching f, newest first, without payloads.
 // It sees every message accepted before the call.
@@ -97,9 +97,9 @@ func (s *Store) Get(ctx context.Context, id int64) (Message, error) {
 func scanMessage(scan func(dest ...any) error) (Message, error) {
 	var m Message
 	var dup sql.NullInt64
-	var received, updated int64
+	var received, updated, retried int64
 	err := scan(&m.ID, &m.Direction, &m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.State,
-		&dup, &m.Size, &m.SHA256, &received, &updated, &m.MIC, &m.Kind, &m.InReplyTo)
+		&dup, &m.Size, &m.SHA256, &received, &updated, &m.MIC, &m.Kind, &m.InReplyTo, &retried)
 	if err != nil {
 		if errors.Is(err, sql.ErrNoRows) {
 			return m, err
@@ -109,6 +109,9 @@ func scanMessage(scan func(dest ...any) error) (Message, error) {
 	m.DuplicateOf = dup.Int64
 	m.Received = time.UnixMicro(received)
 	m.Updated = time.UnixMicro(updated)
+	if retried != 0 {
+		m.Retried = time.UnixMicro(retried)
+	}
 	return m, nil
 }
 
@@ -153,54 +156,4 @@ func (s *Store) FindInbound(ctx context.Context, partner, messageID string) (Mes
 		return Message{}, fmt.Errorf("store: find inbound: %w", err)
 	}
 	return s.Get(ctx, id)
-}
-
-// Quarantined is a mail that was refused, and why.
-type Quarantined struct {
-	ID        int64     `json:"id"`
-	Partner   string    `json:"partner"` // empty for unknown senders
-	Sender    string    `json:"sender"`
-	MessageID string    `json:"message_id"`
-	Reason    string    `json:"reason"`
-	Detail    string    `json:"detail"`
-	Received  time.Time `json:"received"`
-}
-
-// Quarantine records a refused mail (synced before it returns).
-func (s *Store) Quarantine(ctx context.Context, q Quarantined) (int64, error) {
-	var id int64
-	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
-		res, err := tx.ExecContext(ctx, `INSERT INTO quarantine (partner, sender, message_id, reason, detail, received)
-			VALUES (?, ?, ?, ?, ?, ?)`, q.Partner, q.Sender, q.MessageID, q.Reason, q.Detail, now)
-		if err != nil {
-			return fmt.Errorf("store: quarantine: %w", err)
-		}
-		id, err = res.LastInsertId()
-		return err
-	})
-	return id, err
-}
-
-// QuarantineList lists refused mail, newest first.
-func (s *Store) QuarantineList(ctx context.Context, limit int) ([]Quarantined, error) {
-	if limit <= 0 {
-		limit = 1000
-	}
-	rows, err := s.db.QueryContext(ctx, `SELECT id, partner, sender, message_id, reason, detail, received FROM quarantine
-		ORDER BY id DESC LIMIT ?`, limit)
-	if err != nil {
-		return nil, fmt.Errorf("store: quarantine list: %w", err)
-	}
-	defer rows.Close()
-	var out []Quarantined
-	for rows.Next() {
-		var q Quarantined
-		var received int64
-		if err := rows.Scan(&q.ID, &q.Partner, &q.Sender, &q.MessageID, &q.Reason, &q.Detail, &received); err != nil {
-			return nil, err
-		}
-		q.Received = time.UnixMicro(received)
-		out = append(out, q)
-	}
-	return out, rows.Err()
 }

@@ -128,7 +128,10 @@ type Message struct {
 	MIC         string    `json:"mic,omitempty"`
 	Kind        string    `json:"kind"`
 	InReplyTo   string    `json:"in_reply_to,omitempty"`
-	Payload     []byte    `json:"-"`
+	// Retried is when an operator last put the message back in its queue;
+	// expire_after counts from then.
+	Retried time.Time `json:"retried,omitzero"`
+	Payload []byte    `json:"-"`
 }
 
 // Options configure Open.
@@ -414,6 +417,26 @@ var schema = []string{
 	ALTER TABLE messages ADD COLUMN in_reply_to TEXT NOT NULL DEFAULT '';`,
 	// 6: small named values, e.g. the IMAP watcher's position.
 	`CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);`,
+	// 7: operations. Alerts an operator acknowledges; quarantined mail kept
+	// whole, so that a person can release it, with who and why.
+	`CREATE TABLE alerts (
+		id         INTEGER PRIMARY KEY,
+		raised     INTEGER NOT NULL,
+		kind       TEXT    NOT NULL,
+		partner    TEXT    NOT NULL,
+		control_id TEXT    NOT NULL,
+		message_id TEXT    NOT NULL,
+		text       TEXT    NOT NULL,
+		acked      INTEGER NOT NULL DEFAULT 0,
+		acked_by   TEXT    NOT NULL DEFAULT ''
+	);
+	CREATE INDEX alerts_open ON alerts(acked, id);
+	ALTER TABLE quarantine ADD COLUMN raw BLOB;
+	ALTER TABLE quarantine ADD COLUMN released INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE quarantine ADD COLUMN released_by TEXT NOT NULL DEFAULT '';
+	ALTER TABLE quarantine ADD COLUMN release_note TEXT NOT NULL DEFAULT '';
+	ALTER TABLE quarantine ADD COLUMN released_as INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE messages ADD COLUMN retried INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

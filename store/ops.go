@@ -1,0 +1,345 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Operations: refused mail, alerts and the per-partner summary the
+// dashboard and the operator commands show.
+
+// Quarantined is a mail that was refused, and why. Raw is filled only by
+// QuarantineGet.
+type Quarantined struct {
+	ID         int64     `json:"id"`
+	Partner    string    `json:"partner"` // empty for unknown senders
+	Sender     string    `json:"sender"`
+	MessageID  string    `json:"message_id"`
+	Reason     string    `json:"reason"`
+	Detail     string    `json:"detail"`
+	Received   time.Time `json:"received"`
+	Released   time.Time `json:"released,omitzero"`
+	ReleasedBy string    `json:"released_by,omitempty"`
+	Note       string    `json:"release_note,omitempty"`
+	ReleasedAs int64     `json:"released_as,omitempty"` // the stored message
+	Raw        []byte    `json:"-"`
+}
+
+// ErrReleased is returned when a quarantined mail was released before.
+var ErrReleased = errors.New("store: already released")
+
+// Quarantine records a refused mail, its bytes kept for a later release
+// (synced before it returns).
+func (s *Store) Quarantine(ctx context.Context, q Quarantined) (int64, error) {
+	var id int64
+	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+		res, err := tx.ExecContext(ctx, `INSERT INTO quarantine (partner, sender, message_id, reason, detail, received, raw)
+			VALUES (?, ?, ?, ?, ?, ?, ?)`, q.Partner, q.Sender, q.MessageID, q.Reason, q.Detail, now, q.Raw)
+		if err != nil {
+			return fmt.Errorf("store: quarantine: %w", err)
+		}
+		id, err = res.LastInsertId()
+		return err
+	})
+	return id, err
+}
+
+const quarantineColumns = `id, partner, sender, message_id, reason, detail, received, released, released_by,
+	release_note, released_as`
+
+func scanQuarantined(scan func(dest ...any) error, extra ...any) (Quarantined, error) {
+	var q Quarantined
+	var received, released int64
+	dest := append([]any{&q.ID, &q.Partner, &q.Sender, &q.MessageID, &q.Reason, &q.Detail, &received, &released,
+		&q.ReleasedBy, &q.Note, &q.ReleasedAs}, extra...)
+	if err := scan(dest...); err != nil {
+		return q, err
+	}
+	q.Received = time.UnixMicro(received)
+	if released != 0 {
+		q.Released = time.UnixMicro(released)
+	}
+	return q, nil
+}
+
+// QuarantineList lists refused mail, newest first.
+func (s *Store) QuarantineList(ctx context.Context, limit int) ([]Quarantined, error) {
+	if limit <= 0 {
+		limit = 1000
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+quarantineColumns+` FROM quarantine ORDER BY id DESC LIMIT ?`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: quarantine list: %w", err)
+	}
+	defer rows.Close()
+	var out []Quarantined
+	for rows.Next() {
+		q, err := scanQuarantined(rows.Scan)
+		if err != nil {
+			return nil, fmt.Errorf("store: quarantine list: %w", err)
+		}
+		out = append(out, q)
+	}
+	return out, rows.Err()
+}
+
+// QuarantineGet returns one refused mail with its bytes, or ErrNotFound.
+func (s *Store) QuarantineGet(ctx context.Context, id int64) (Quarantined, error) {
+	var raw []byte
+	q, err := scanQuarantined(func(dest ...any) error {
+		return s.db.QueryRowContext(ctx, `SELECT `+quarantineColumns+`, raw FROM quarantine WHERE id = ?`, id).Scan(dest...)
+	}, &raw)
+	if errors.Is(err, sql.ErrNoRows) {
+		return q, fmt.Errorf("%w: quarantined mail %d", ErrNotFound, id)
+	}
+	if err != nil {
+		return q, fmt.Errorf("store: quarantined mail %d: %w", id, err)
+	}
+	q.Raw = raw
+	return q, nil
+}
+
+// MarkReleased records that a person released quarantined mail id, and the
+// message it was stored as; ErrReleased when it was released before.
+func (s *Store) MarkReleased(ctx context.Context, id int64, by, note string, as int64) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		res, err := tx.ExecContext(ctx, `UPDATE quarantine SET released = ?, released_by = ?, release_note = ?,
+			released_as = ? WHERE id = ? AND released = 0`, now, by, note, as, id)
+		if err != nil {
+			return fmt.Errorf("store: release %d: %w", id, err)
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return fmt.Errorf("%w: quarantined mail %d", ErrReleased, id)
+		}
+		return nil
+	})
+}
+
+// Alert is something an operator must look at (draft-ietf-ediint-hl7-02
+// §6.4): a receipt overdue or not matching, a message failed or expired, a
+// mail quarantined, a key about to expire.
+type Alert struct {
+	ID        int64     `json:"id"`
+	Raised    time.Time `json:"raised"`
+	Kind      string    `json:"kind"`
+	Partner   string    `json:"partner,omitempty"`
+	ControlID string    `json:"control_id,omitempty"`
+	MessageID string    `json:"message_id,omitempty"`
+	Text      string    `json:"text"`
+	Acked     time.Time `json:"acked,omitzero"`
+	AckedBy   string    `json:"acked_by,omitempty"`
+}
+
+// Alert kinds.
+const (
+	AlertOverdue    = "receipt-overdue"
+	AlertMismatch   = "receipt-mismatch"
+	AlertExpired    = "expired"
+	AlertFailed     = "failed"
+	AlertQuarantine = "quarantined"
+	AlertStuck      = "router-stuck"
+	AlertKey        = "key-expiry"
+)
+
+// RaiseAlert records a (synced before it returns) and returns its id.
+func (s *Store) RaiseAlert(ctx context.Context, a Alert) (int64, error) {
+	var id int64
+	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+		res, err := tx.ExecContext(ctx, `INSERT INTO alerts (raised, kind, partner, control_id, message_id, text)
+			VALUES (?, ?, ?, ?, ?, ?)`, now, a.Kind, a.Partner, a.ControlID, a.MessageID, a.Text)
+		if err != nil {
+			return fmt.Errorf("store: alert: %w", err)
+		}
+		id, err = res.LastInsertId()
+		return err
+	})
+	return id, err
+}
+
+// Alerts lists alerts, newest first: open ones only unless all is set.
+func (s *Store) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error) {
+	if limit <= 0 {
+		limit = 1000
+	}
+	q := `SELECT id, raised, kind, partner, control_id, message_id, text, acked, acked_by FROM alerts`
+	if !all {
+		q += ` WHERE acked = 0`
+	}
+	rows, err := s.db.QueryContext(ctx, q+` ORDER BY id DESC LIMIT ?`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: alerts: %w", err)
+	}
+	defer rows.Close()
+	var out []Alert
+	for rows.Next() {
+		var a Alert
+		var raised, acked int64
+		if err := rows.Scan(&a.ID, &raised, &a.Kind, &a.Partner, &a.ControlID, &a.MessageID, &a.Text, &acked, &a.AckedBy); err != nil {
+			return nil, fmt.Errorf("store: alerts: %w", err)
+		}
+		a.Raised = time.UnixMicro(raised)
+		if acked != 0 {
+			a.Acked = time.UnixMicro(acked)
+		}
+		out = append(out, a)
+	}
+	return out, rows.Err()
+}
+
+// AckAlert marks alert id acknowledged by who. Acknowledging twice is not
+// an error; an unknown id is ErrNotFound.
+func (s *Store) AckAlert(ctx context.Context, id int64, who string) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		var acked int64
+		err := tx.QueryRowContext(ctx, `SELECT acked FROM alerts WHERE id = ?`, id).Scan(&acked)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: alert %d", ErrNotFound, id)
+		}
+		if err != nil || acked != 0 {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE alerts SET acked = ?, acked_by = ? WHERE id = ?`, now, who, id)
+		return err
+	})
+}
+
+// Retry puts a failed or expired outbound message back in its partner's
+// queue; its next attempt is at once and expire_after counts again from
+// now (Message.Retried), so that it is not expired straight away. The Message-ID is kept: a partner
+// that did receive it recognizes the resend.
+func (s *Store) Retry(ctx context.Context, id int64) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		var state string
+		err := tx.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&state)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: %d", ErrNotFound, id)
+		}
+		if err != nil {
+			return fmt.Errorf("store: retry %d: %w", id, err)
+		}
+		if State(state) != Failed && State(state) != Expired {
+			return fmt.Errorf("store: message %d is %s; only failed or expired messages are retried", id, state)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', attempts = 0, next_attempt = 0,
+			retried = ?, updated = ? WHERE id = ?`, now, now, id); err != nil {
+			return fmt.Errorf("store: retry %d: %w", id, err)
+		}
+		_, err = tx.ExecContext(ctx, `DELETE FROM pending WHERE id = ? AND state = 'cancelled'`, id)
+		return err
+	})
+}
+
+// Search returns messages whose control ID or Message-ID contains q, or
+// whose partner is q, newest first, without payloads. An empty q lists the
+// newest.
+func (s *Store) Search(ctx context.Context, q string, limit int) ([]Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	if limit <= 0 {
+		limit = 200
+	}
+	q = strings.TrimSpace(q)
+	if q == "" {
+		return s.queryMessages(ctx, "search", "SELECT "+messageColumns+" FROM messages ORDER BY id DESC LIMIT ?", limit)
+	}
+	like := "%" + strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(q) + "%"
+	return s.queryMessages(ctx, "search", "SELECT "+messageColumns+` FROM messages
+		WHERE control_id LIKE ? ESCAPE '\' OR message_id LIKE ? ESCAPE '\' OR partner = ?
+		ORDER BY id DESC LIMIT ?`, like, like, q, limit)
+}
+
+// Summary is one partner's counts.
+type Summary struct {
+	Partner          string    `json:"partner"`
+	InToday          int       `json:"in_today"`
+	OutToday         int       `json:"out_today"`
+	QueuedOut        int       `json:"queued_out"`
+	QueuedIn         int       `json:"queued_in"` // waiting for the router
+	AwaitingReceipt  int       `json:"awaiting_receipt"`
+	Overdue          int       `json:"overdue"`
+	Failed           int       `json:"failed"` // failed or expired
+	Quarantined      int       `json:"quarantined"`
+	LastActivity     time.Time `json:"last_activity,omitzero"`
+	ReceiptsMatched  int       `json:"receipts_matched"`
+	ReceiptsMismatch int       `json:"receipts_mismatch"`
+}
+
+// Summaries returns the counts of every partner that has any, keyed by
+// name. "Today" starts at since.
+func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Summary, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	out := map[string]*Summary{}
+	get := func(p string) *Summary {
+		if out[p] == nil {
+			out[p] = &Summary{Partner: p}
+		}
+		return out[p]
+	}
+	queries := []struct {
+		q    string
+		args []any
+		add  func(s *Summary, key string, n int64)
+	}{
+		{`SELECT partner, direction, count(*) FROM messages WHERE received >= ? AND kind != 'bundle'
+			GROUP BY partner, direction`, []any{since.UnixMicro()}, func(s *Summary, dir string, n int64) {
+			if Direction(dir) == Inbound {
+				s.InToday += int(n)
+			} else {
+				s.OutToday += int(n)
+			}
+		}},
+		{`SELECT partner, direction, count(*) FROM messages WHERE state = 'queued' GROUP BY partner, direction`, nil,
+			func(s *Summary, dir string, n int64) {
+				if Direction(dir) == Inbound {
+					s.QueuedIn += int(n)
+				} else {
+					s.QueuedOut += int(n)
+				}
+			}},
+		{`SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired') GROUP BY partner, state`, nil,
+			func(s *Summary, _ string, n int64) { s.Failed += int(n) }},
+		{`SELECT partner, state, count(*) FROM pending GROUP BY partner, state`, nil, func(s *Summary, st string, n int64) {
+			switch st {
+			case PendingWaiting:
+				s.AwaitingReceipt += int(n)
+			case PendingOverdue:
+				s.Overdue += int(n)
+			case PendingMatched, PendingError:
+				s.ReceiptsMatched += int(n)
+			case PendingMismatch:
+				s.ReceiptsMismatch += int(n)
+			}
+		}},
+		{`SELECT partner, '', count(*) FROM quarantine WHERE released = 0 GROUP BY partner`, nil,
+			func(s *Summary, _ string, n int64) { s.Quarantined += int(n) }},
+		{`SELECT partner, '', max(updated) FROM messages GROUP BY partner`, nil, func(s *Summary, _ string, n int64) {
+			s.LastActivity = time.UnixMicro(n)
+		}},
+	}
+	for _, q := range queries {
+		rows, err := s.db.QueryContext(ctx, q.q, q.args...)
+		if err != nil {
+			return nil, fmt.Errorf("store: summary: %w", err)
+		}
+		for rows.Next() {
+			var partner, key string
+			var n int64
+			if err := rows.Scan(&partner, &key, &n); err != nil {
+				rows.Close()
+				return nil, fmt.Errorf("store: summary: %w", err)
+			}
+			q.add(get(partner), key, n)
+		}
+		if err := rows.Close(); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
