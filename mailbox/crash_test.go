@@ -87,6 +87,10 @@ func TestSweep(t *testing.T) {
 	if again, _ := Sweep(ctx, st, log, now); len(again) != 0 {
 		t.Errorf("second Sweep reported %d again", len(again))
 	}
+	alerts, _ := st.Alerts(ctx, false, 0)
+	if len(alerts) != 1 || alerts[0].Kind != store.AlertOverdue || alerts[0].ControlID != "late" || alerts[0].MessageID != "<late@h.test>" {
+		t.Errorf("alerts = %+v, want one receipt-overdue for late", alerts)
+	}
 }
 
 func TestSweepStuck(t *testing.T) {
@@ -107,5 +111,8 @@ func TestSweepStuck(t *testing.T) {
 	}
 	if again, _ := SweepStuck(ctx, l.opener.Config, st, log, time.Now()); len(again) != 0 {
 		t.Errorf("SweepStuck alerted %d again", len(again))
+	}
+	if alerts, _ := st.Alerts(ctx, false, 0); len(alerts) != 1 || alerts[0].Kind != store.AlertStuck || alerts[0].Partner != "hospital" {
+		t.Errorf("alerts = %+v, want one router-stuck for hospital", alerts)
 	}
 }

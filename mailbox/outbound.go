@@ -233,7 +233,8 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			log.Error("store", "err", err)
 			return false
 		}
-		log.Error("ALERT message expired (deleted/expired)", "age", age.Round(time.Second).String())
+		raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertExpired, Partner: p.Name, ControlID: m.ControlID,
+			MessageID: m.MessageID, Text: "message expired (deleted/expired)"}, "age", age.Round(time.Second).String())
 		return true
 	}
 	sealed, mic, err := s.o.Sealer.Seal(p, m.Payload, m.Kind, now)
@@ -242,7 +243,8 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			log.Error("store", "err", err)
 			return false
 		}
-		log.Error("ALERT message failed: cannot seal", "err", err)
+		raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
+			Text: "message failed: cannot seal"}, "err", err)
 		return true
 	}
 	msgID := m.MessageID
@@ -281,7 +283,8 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			log.Error("store", "err", err)
 			return false
 		}
-		log.Error("ALERT message failed: refused by the SMTP server", "message_id", msgID, "err", err)
+		raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
+			MessageID: msgID, Text: "message failed: refused by the SMTP server"}, "message_id", msgID, "err", err)
 		return true
 	default:
 		attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/mail"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/journal"
@@ -24,6 +25,8 @@ type Receiver struct {
 	Logger  *slog.Logger
 	// Notify wakes the sender for a partner when a receipt is queued.
 	Notify func(partner string)
+
+	releaseMu sync.Mutex // one release at a time: each sees the last one's message
 }
 
 // Result is what became of one mail.
@@ -66,6 +69,11 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	return r.take(ctx, log, sender, raw, in)
+}
+
+// take handles a mail that opened: a replay, a receipt, a message to store.
+func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, raw []byte, in *Incoming) (Result, error) {
 	res := Result{Incoming: in}
 	log = log.With("partner", in.Partner.Name, "message_id", in.MessageID)
 	if in.MessageID != "" && in.Payload != nil {
@@ -96,7 +104,8 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 		if outcome == ReceiptMatched {
 			log.Info("receipt matched", attrs...)
 		} else {
-			log.Error("ALERT receipt does not match", attrs...)
+			raise(ctx, r.Store, log, store.Alert{Kind: store.AlertMismatch, Partner: in.Partner.Name, ControlID: p.ControlID,
+				MessageID: in.MDN.OriginalMessageID, Text: "receipt does not match"}, attrs...)
 		}
 	}
 	if in.Payload != nil {
@@ -119,18 +128,23 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 }
 
 func (r *Receiver) quarantine(ctx context.Context, log *slog.Logger, sender string, raw []byte, q *QuarantineError, replay bool) (Result, error) {
-	rec := store.Quarantined{Sender: sender, Reason: string(q.Reason), Detail: q.Error()}
+	rec := store.Quarantined{Sender: sender, Reason: string(q.Reason), Detail: q.Error(), Raw: raw}
 	if q.Partner != nil {
 		rec.Partner = q.Partner.Name
 	}
 	if h, err := headerOf(raw); err == nil {
 		rec.MessageID = h.Get("Message-Id")
 	}
-	if _, err := r.Store.Quarantine(ctx, rec); err != nil {
+	qid, err := r.Store.Quarantine(ctx, rec)
+	if err != nil {
 		return Result{}, err
 	}
-	log.Warn("mail quarantined", "partner", rec.Partner, "sender", sender, "message_id", rec.MessageID,
+	log.Warn("mail quarantined", "quarantine_id", qid, "partner", rec.Partner, "sender", sender, "message_id", rec.MessageID,
 		"reason", string(q.Reason), "detail", q.Error())
+	if _, err := r.Store.RaiseAlert(ctx, store.Alert{Kind: store.AlertQuarantine, Partner: rec.Partner, MessageID: rec.MessageID,
+		Text: fmt.Sprintf("mail quarantined (%s), quarantine id %d", q.Reason, qid)}); err != nil {
+		return Result{}, err
+	}
 	if q.Partner != nil && !replay {
 		if err := r.refusalReceipt(ctx, log, raw, q, rec.MessageID); err != nil {
 			return Result{}, err
@@ -196,4 +210,55 @@ func (r *Receiver) resendResponse(ctx context.Context, log *slog.Logger, in *Inc
 		r.Notify(in.Partner.Name)
 	}
 	return nil
+}
+
+// Release takes in quarantined mail id after a person has checked it: the
+// mail is opened again with the keys and partners configured now (after,
+// say, the partner's new key was added), and stored for the router like any
+// other mail; who released it and why is recorded. A mail that still does
+// not open stays quarantined and the error says why; a replay is never
+// released (its message was delivered already).
+func (r *Receiver) Release(ctx context.Context, id int64, by, note string) (Result, error) {
+	log := r.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if strings.TrimSpace(by) == "" || strings.TrimSpace(note) == "" {
+		return Result{}, errors.New("release: say who releases the mail and why")
+	}
+	r.releaseMu.Lock()
+	defer r.releaseMu.Unlock()
+	q, err := r.Store.QuarantineGet(ctx, id)
+	if err != nil {
+		return Result{}, err
+	}
+	if !q.Released.IsZero() {
+		return Result{}, fmt.Errorf("release: quarantined mail %d was released by %s on %s as message %d",
+			id, q.ReleasedBy, q.Released.Format(time.RFC3339), q.ReleasedAs)
+	}
+	if Reason(q.Reason) == ReasonReplay {
+		return Result{}, fmt.Errorf("release: quarantined mail %d repeats a mail already received (%s); not delivered twice", id, q.Detail)
+	}
+	if len(q.Raw) == 0 {
+		return Result{}, fmt.Errorf("release: quarantined mail %d was recorded without its bytes; take it from the incoming journal", id)
+	}
+	in, err := r.Opener.Open(q.Raw)
+	if err != nil {
+		return Result{}, fmt.Errorf("release: quarantined mail %d still does not open: %w", id, err)
+	}
+	if in.MessageID != "" {
+		if prev, err := r.Store.FindInbound(ctx, in.Partner.Name, in.MessageID); err == nil {
+			return Result{}, fmt.Errorf("release: %s was received already as message %d", in.MessageID, prev.ID)
+		}
+	}
+	res, err := r.take(ctx, log, q.Sender, q.Raw, in)
+	if err != nil {
+		return res, err
+	}
+	if err := r.Store.MarkReleased(ctx, id, by, note, res.ID); err != nil {
+		return res, err
+	}
+	log.Warn("quarantined mail released", "quarantine_id", id, "partner", in.Partner.Name, "message_id", in.MessageID,
+		"id", res.ID, "released_by", by, "reason", q.Reason)
+	return res, nil
 }

@@ -3,6 +3,7 @@ package mailbox
 import (
 	"bytes"
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -55,6 +56,13 @@ func TestReceiver(t *testing.T) {
 		if p, ok := want[q.Reason]; !ok || p != q.Partner {
 			t.Errorf("quarantine record %+v", q)
 		}
+		// The whole mail is kept, for a person to look at and release.
+		if full, err := st.QuarantineGet(ctx, q.ID); err != nil || !bytes.Contains(full.Raw, []byte(q.MessageID)) {
+			t.Errorf("quarantined mail %d kept as %d bytes, %v", q.ID, len(full.Raw), err)
+		}
+	}
+	if alerts, _ := st.Alerts(ctx, false, 0); len(alerts) != 3 || alerts[0].Kind != store.AlertQuarantine {
+		t.Errorf("alerts = %+v, want one per quarantined mail", alerts)
 	}
 
 	// A bundle whose MDN answers a message we sent.
@@ -134,5 +142,66 @@ func TestReceiverAnswers(t *testing.T) {
 	if resp.State != store.Queued || resp.MessageID != "<resp1@partner.test>" || woken != 2 {
 		t.Errorf("response after a repeated request: state %s, Message-ID %s, woken %d; want queued again with the same Message-ID",
 			resp.State, resp.MessageID, woken)
+	}
+}
+
+// TestRelease: mail quarantined because the partner signed with a key we did
+// not have yet is released once the new key is configured, and recorded
+// with who and why; a replay, a second release and a mail that still does
+// not open are refused.
+func TestRelease(t *testing.T) {
+	l := newLabSide(t)
+	r, _ := l.receiver(t)
+	st := r.Store
+	ctx := context.Background()
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	newKey, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: "hospital", Email: "edi@hospital.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := l.mailFrom(t, "edi@hospital.test", newKey, edi, false)
+	res, err := r.Handle(ctx, raw)
+	if err != nil || res.Quarantine == nil || res.Quarantine.Reason != ReasonUnknownSigner {
+		t.Fatalf("Handle(new key) = %+v, %v", res, err)
+	}
+	qs, _ := st.QuarantineList(ctx, 0)
+	qid := qs[0].ID
+	if _, err := r.Release(ctx, qid, "", ""); err == nil {
+		t.Error("release without who and why accepted")
+	}
+	if _, err := r.Release(ctx, qid, "j.smith", "checked"); err == nil || !strings.Contains(err.Error(), "unknown-signer") {
+		t.Errorf("release before the key is configured = %v, want it still refused as unknown-signer", err)
+	}
+	if list, _ := st.List(ctx, store.Filter{Direction: store.Inbound}); len(list) != 0 {
+		t.Fatalf("a refused release stored %d messages", len(list))
+	}
+
+	l.opener.Keys.PGPPartners["hospital"] = newKey // the operator configures the partner's new key
+	res, err = r.Release(ctx, qid, "j.smith", "new key confirmed by phone")
+	if err != nil || res.ID == 0 {
+		t.Fatalf("Release = %+v, %v", res, err)
+	}
+	m, _ := st.Get(ctx, res.ID)
+	if m.Direction != store.Inbound || m.State != store.Queued || m.ControlID != "q1" || m.Kind != store.KindRequest {
+		t.Errorf("released message stored as %+v", m)
+	}
+	q, _ := st.QuarantineGet(ctx, qid)
+	if q.ReleasedBy != "j.smith" || q.Note != "new key confirmed by phone" || q.ReleasedAs != res.ID {
+		t.Errorf("release recorded as %+v", q)
+	}
+	if _, err := r.Release(ctx, qid, "j.smith", "again"); err == nil {
+		t.Error("second release accepted")
+	}
+
+	// The same mail again is a replay; a replay is never released.
+	if res, err := r.Handle(ctx, raw); err != nil || !res.Replay {
+		t.Fatalf("Handle(same mail) = %+v, %v", res, err)
+	}
+	qs, _ = st.QuarantineList(ctx, 0)
+	if _, err := r.Release(ctx, qs[0].ID, "j.smith", "checked"); err == nil || !strings.Contains(err.Error(), "not delivered twice") {
+		t.Errorf("release of a replay = %v", err)
+	}
+	if list, _ := st.List(ctx, store.Filter{Direction: store.Inbound}); len(list) != 1 {
+		t.Errorf("%d inbound messages, want 1", len(list))
 	}
 }

@@ -19,7 +19,9 @@ func Sweep(ctx context.Context, st *store.Store, log *slog.Logger, now time.Time
 		return nil, err
 	}
 	for _, p := range overdue {
-		log.Error("ALERT receipt overdue", "partner", p.Partner, "control_id", p.ControlID, "message_id", p.MessageID,
+		raise(ctx, st, log, store.Alert{Kind: store.AlertOverdue, Partner: p.Partner, ControlID: p.ControlID,
+			MessageID: p.MessageID, Text: "receipt overdue"},
+			"partner", p.Partner, "control_id", p.ControlID, "message_id", p.MessageID,
 			"sent", p.Sent.Format(time.RFC3339), "due", p.Due.Format(time.RFC3339))
 	}
 	return overdue, nil
@@ -42,7 +44,9 @@ func SweepStuck(ctx context.Context, cfg *config.Config, st *store.Store, log *s
 				continue
 			}
 			attempts, _, lastErr, _ := st.Delivery(ctx, m.ID)
-			log.Error("ALERT message not delivered to the router", "partner", p.Name, "id", m.ID, "control_id", m.ControlID,
+			raise(ctx, st, log, store.Alert{Kind: store.AlertStuck, Partner: p.Name, ControlID: m.ControlID,
+				MessageID: m.MessageID, Text: "message not delivered to the router"},
+				"partner", p.Name, "id", m.ID, "control_id", m.ControlID,
 				"waiting", now.Sub(m.Received).Round(time.Second).String(), "attempts", attempts, "last_error", lastErr)
 			if err := st.SetValue(ctx, key, now.Format(time.RFC3339)); err != nil {
 				return alerted, err
