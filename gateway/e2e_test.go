@@ -64,8 +64,9 @@ store: %s-store
 router: {addr: %s, ack_timeout: 5s}
 smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none, username: %s, password_file: %s.pw, poll: 1s}
+dashboard: {addr: %s}
 partners:
-%s`, name, self, keyPriv, cert, key, name, r.Addr, w.SMTPAddr, w.IMAPAddr, self, name, partners)), 0o600)
+%s`, name, self, keyPriv, cert, key, name, r.Addr, w.SMTPAddr, w.IMAPAddr, self, name, freeAddr(t), partners)), 0o600)
 	cfg, err := config.Load(path)
 	if err != nil {
 		t.Fatal(err)

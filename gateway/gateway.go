@@ -13,11 +13,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mailbox"
@@ -34,6 +37,11 @@ type Options struct {
 	Submitter mailbox.Submitter
 	// RetryBase is the sender's first retry wait (default 30s).
 	RetryBase time.Duration
+	// Tail is the log tail the dashboard streams (nil: the page has no
+	// live log). The Logger's records should feed it (Tail.Handler).
+	Tail *dashboard.Tail
+	// NoDashboard leaves the dashboard off (tests that do not need it).
+	NoDashboard bool
 }
 
 // Journal file names in the store folder.
@@ -54,6 +62,14 @@ type Gateway struct {
 	mailWG     sync.WaitGroup // sender, deliverer, watcher
 	surrogates []*partnerListener
 	wg         sync.WaitGroup
+	receiver   *mailbox.Receiver
+	deliverer  *mailbox.Deliverer
+	smtpLink   mailbox.Link
+	imapLink   mailbox.Link
+	dash       *dashboard.Server
+	dashLn     net.Listener
+	dashWG     sync.WaitGroup
+	stopping   atomic.Bool
 }
 
 type partnerListener struct {
@@ -99,7 +115,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	sealer := &opts.Keys.Sealer
 	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
 		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase),
-		Logger: opts.Logger.With("component", "sender"), Sealer: sealer,
+		Logger: opts.Logger.With("component", "sender"), Sealer: sealer, Link: &g.smtpLink,
 	})
 	if err != nil {
 		g.rollback()
@@ -125,6 +141,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, Username: cfg.IMAP.Username, Password: imapPassword,
 		Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
 		Poll: cfg.IMAP.Poll.D(), Receiver: receiver, Store: st, Logger: opts.Logger.With("component", "imap"),
+		Link: &g.imapLink,
 		Handled: func(r mailbox.Result) {
 			if r.ID != 0 && r.Incoming != nil && !r.Replay {
 				deliverer.Notify(r.Incoming.Partner.Name)
@@ -135,6 +152,8 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, err
 	}
+	g.receiver, g.deliverer = receiver, deliverer
+	metrics := dashboard.NewMetrics()
 	spool := notifyingSpool{st: st, notify: g.sender.Notify}
 	ids := hl7.NewIDGen("HM", time.Now())
 	for i := range cfg.Partners {
@@ -147,6 +166,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			MaxConnections: p.MaxConnections,
 			IdleTimeout:    p.IdleTimeout.D(),
 			IDs:            ids,
+			Observe:        func(code hl7.AckCode, d time.Duration) { metrics.ObserveAck(p.Name, code, d) },
 		})
 		if err == nil {
 			var ln net.Listener
@@ -158,6 +178,15 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		}
 		g.rollback()
 		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
+	}
+	if !opts.NoDashboard {
+		if err := g.startDashboard(opts, metrics); err != nil {
+			g.rollback()
+			return nil, err
+		}
+	}
+	for _, w := range opts.Keys.Warnings {
+		g.keyAlert(ctx, w)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
 	g.stopMail = cancel
@@ -180,12 +209,15 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			}
 		}()
 	}
-	g.log.Info("hl7mail ready", "partners", len(cfg.Partners), "store", cfg.StoreDir())
+	g.log.Info("hl7mail ready", "partners", len(cfg.Partners), "store", cfg.StoreDir(), "dashboard", g.DashboardURL())
 	return g, nil
 }
 
 // rollback releases what Start opened before it failed.
 func (g *Gateway) rollback() {
+	if g.dashLn != nil {
+		g.dashLn.Close()
+	}
 	for _, pl := range g.surrogates {
 		pl.ln.Close()
 	}
@@ -232,6 +264,7 @@ func (n notifyingSpool) Accept(ctx context.Context, m store.NewMessage) (store.A
 // committing), then closes the store. When ctx ends first, connections are
 // closed at once; the store is closed either way.
 func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.stopping.Store(true)
 	var wg sync.WaitGroup
 	errs := make([]error, len(g.surrogates))
 	for i, pl := range g.surrogates {
@@ -247,6 +280,10 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	// the mail in hand.
 	g.stopMail()
 	g.mailWG.Wait()
+	if g.dash != nil {
+		errs = append(errs, g.dash.Shutdown(ctx))
+		g.dashWG.Wait()
+	}
 	errs = append(errs, g.outgoing.Close(), g.incoming.Close(), g.store.Close())
 	g.log.Info("hl7mail stopped")
 	return errors.Join(errs...)
@@ -272,4 +309,125 @@ func (g *Gateway) Panics() int64 {
 		n += pl.srv.Panics()
 	}
 	return n
+}
+
+// startDashboard listens on dashboard.addr and serves the page.
+func (g *Gateway) startDashboard(opts Options, metrics *dashboard.Metrics) error {
+	cfg := g.cfg
+	token := ""
+	if cfg.Dashboard.TokenFile != "" {
+		t, err := cfg.Secret(cfg.Dashboard.TokenFile, "")
+		if err != nil {
+			return fmt.Errorf("dashboard token: %w", err)
+		}
+		token = t
+	}
+	d, err := dashboard.New(dashboard.Options{Addr: cfg.Dashboard.Addr, Instance: g, Token: token, Tail: opts.Tail,
+		Metrics: metrics, Logger: opts.Logger.With("component", "dashboard")})
+	if err != nil {
+		return err
+	}
+	ln, err := d.Listen()
+	if err != nil {
+		return err
+	}
+	g.dash, g.dashLn = d, ln
+	g.dashWG.Add(1)
+	go func() {
+		defer g.dashWG.Done()
+		if err := d.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			g.log.Error("dashboard stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// keyAlert raises an alert for a key or certificate that expires soon,
+// unless one is open for it already (it is found again at each start).
+func (g *Gateway) keyAlert(ctx context.Context, warning string) {
+	g.log.Warn("ALERT key or certificate expires soon", "alert", store.AlertKey, "detail", warning)
+	open, err := g.store.Alerts(ctx, false, 0)
+	if err != nil {
+		g.log.Error("alert not recorded", "err", err)
+		return
+	}
+	for _, a := range open {
+		if a.Kind == store.AlertKey && a.Text == warning {
+			return
+		}
+	}
+	if _, err := g.store.RaiseAlert(ctx, store.Alert{Kind: store.AlertKey, Text: warning}); err != nil {
+		g.log.Error("alert not recorded", "err", err)
+	}
+}
+
+// DashboardURL returns the dashboard's address as a URL, "" when it is off.
+func (g *Gateway) DashboardURL() string {
+	if g.dashLn == nil {
+		return ""
+	}
+	return "http://" + g.dashLn.Addr().String() + "/"
+}
+
+// Config returns the instance's configuration.
+func (g *Gateway) Config() *config.Config { return g.cfg }
+
+// Connections returns the number of open router connections to partner's
+// surrogate.
+func (g *Gateway) Connections(partner string) int {
+	for _, pl := range g.surrogates {
+		if pl.partner.Name == partner {
+			return pl.srv.Connections()
+		}
+	}
+	return 0
+}
+
+// SMTPStatus returns the state of mail submission.
+func (g *Gateway) SMTPStatus() mailbox.LinkStatus { return g.smtpLink.Status() }
+
+// IMAPStatus returns the state of the IMAP watcher's connection.
+func (g *Gateway) IMAPStatus() mailbox.LinkStatus { return g.imapLink.Status() }
+
+// Retry puts failed or expired outbound message id back in its partner's
+// queue and wakes the sender.
+func (g *Gateway) Retry(ctx context.Context, id int64) error {
+	m, err := g.store.Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if m.Direction != store.Outbound {
+		return fmt.Errorf("message %d came in from %s; only outbound messages are retried", id, m.Partner)
+	}
+	if err := g.store.Retry(ctx, id); err != nil {
+		return err
+	}
+	g.log.Info("message put back in the queue by an operator", "partner", m.Partner, "id", id, "control_id", m.ControlID)
+	g.sender.Notify(m.Partner)
+	return nil
+}
+
+// Release takes in quarantined mail id (see mailbox.Receiver.Release) and
+// wakes the deliverer; it returns the stored message's id.
+func (g *Gateway) Release(ctx context.Context, id int64, by, note string) (int64, error) {
+	res, err := g.receiver.Release(ctx, id, by, note)
+	if err != nil {
+		return 0, err
+	}
+	if res.Incoming != nil {
+		g.deliverer.Notify(res.Incoming.Partner.Name)
+	}
+	return res.ID, nil
+}
+
+// Ready reports nil once the instance takes messages: the store is open
+// and every surrogate listens.
+func (g *Gateway) Ready() error {
+	if g.stopping.Load() {
+		return errors.New("shutting down")
+	}
+	if len(g.surrogates) != len(g.cfg.Partners) {
+		return errors.New("surrogates not listening")
+	}
+	return nil
 }

@@ -67,7 +67,7 @@ partners:
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := Start(context.Background(), Options{Config: cfg, Keys: keys, Logger: testlog.New(t, slog.LevelWarn), RetryBase: time.Millisecond})
+	g, err := Start(context.Background(), Options{Config: cfg, Keys: keys, Logger: testlog.New(t, slog.LevelWarn), RetryBase: time.Millisecond, NoDashboard: true})
 	if err != nil {
 		t.Fatal(err)
 	}

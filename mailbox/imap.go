@@ -40,6 +40,8 @@ type WatcherOptions struct {
 	Logger   *slog.Logger
 	// Handled is called after each mail was handled and moved.
 	Handled func(Result)
+	// Link, when set, follows the connection's state.
+	Link *Link
 }
 
 // Watcher fetches partner mail from one IMAP account (go-imap v2) and hands
@@ -80,6 +82,7 @@ func (w *Watcher) Run(ctx context.Context) {
 		if time.Since(start) > time.Minute {
 			delay = time.Second
 		}
+		w.o.Link.set(LinkDown, err)
 		w.log.Warn("IMAP session ended; reconnecting", "err", err, "delay", delay.String())
 		select {
 		case <-ctx.Done():
@@ -122,6 +125,7 @@ func (w *Watcher) dial(newMail chan<- struct{}) (*imapclient.Client, error) {
 // handle new mail and wait for more, until an error.
 func (w *Watcher) session(ctx context.Context) error {
 	newMail := make(chan struct{}, 1)
+	w.o.Link.set(LinkConnecting, nil)
 	c, err := w.dial(newMail)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
@@ -146,6 +150,7 @@ func (w *Watcher) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	w.o.Link.set(LinkUp, nil)
 	w.log.Info("IMAP watching", "uidvalidity", sel.UIDValidity, "last_uid", last, "idle", c.Caps().Has(imap.CapIdle))
 	for {
 		if last, err = w.handleNew(ctx, c, sel.UIDValidity, last, processed, quarantine); err != nil {

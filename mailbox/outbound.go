@@ -175,6 +175,8 @@ type SenderOptions struct {
 	// Poll is how often each partner's queue is looked at without a Notify
 	// (default 5s).
 	Poll time.Duration
+	// Link, when set, follows the outcome of submissions.
+	Link *Link
 }
 
 // Sender takes stored outbound messages to their partners, one goroutine
@@ -270,6 +272,11 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return false
 	}
 	err = s.o.Submitter.Submit(ctx, s.o.Config.Self.Email, []string{p.Email}, mailBytes)
+	if err == nil || Permanent(err) {
+		s.o.Link.set(LinkUp, err) // the server answered
+	} else {
+		s.o.Link.set(LinkDown, err)
+	}
 	switch {
 	case err == nil:
 		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {

@@ -343,3 +343,43 @@ func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Sum
 	}
 	return out, nil
 }
+
+// Count is how many messages of a partner, in a direction, are in a state.
+type Count struct {
+	Partner   string
+	Direction Direction
+	State     State
+	N         int
+}
+
+// Counts returns the number of messages by partner, direction and state
+// (response bundles and receipts included: they are mail too).
+func (s *Store) Counts(ctx context.Context) ([]Count, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT partner, direction, state, count(*) FROM messages
+		GROUP BY partner, direction, state`)
+	if err != nil {
+		return nil, fmt.Errorf("store: counts: %w", err)
+	}
+	defer rows.Close()
+	var out []Count
+	for rows.Next() {
+		var c Count
+		if err := rows.Scan(&c.Partner, &c.Direction, &c.State, &c.N); err != nil {
+			return nil, fmt.Errorf("store: counts: %w", err)
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// OpenAlerts returns the number of alerts not acknowledged.
+func (s *Store) OpenAlerts(ctx context.Context) (int, error) {
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM alerts WHERE acked = 0`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("store: open alerts: %w", err)
+	}
+	return n, nil
+}

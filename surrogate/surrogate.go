@@ -46,6 +46,9 @@ type Options struct {
 	CommitTimeout  time.Duration // longest wait for the store before CE (default 10s)
 	WriteTimeout   time.Duration // longest wait to write an ACK (default 30s)
 	IDs            *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
+	// Observe, when set, is told of each ACK written: its code and the time
+	// from the end of the frame to the ACK (metrics).
+	Observe func(code hl7.AckCode, d time.Duration)
 }
 
 // Server is one partner's surrogate listener.
@@ -220,6 +223,8 @@ type conn struct {
 	// busy is set while a received message is being stored and answered;
 	// Shutdown lets that finish.
 	busy bool
+	// read is when the frame being answered was read.
+	read time.Time
 }
 
 // interrupt makes an idle connection's pending read return at once.
@@ -276,6 +281,7 @@ func (c *conn) serve() {
 			return
 		}
 		frame, err := rd.ReadFrame()
+		c.read = time.Now()
 		c.setBusy()
 		if rd.Junk > 0 {
 			c.log.Warn("skipped bytes before a start block", "bytes", rd.Junk)
@@ -360,6 +366,10 @@ func (c *conn) answer(h *hl7.Header, code hl7.AckCode, text, errCode string) {
 	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
 	if err := mllp.WriteFrame(c.nc, ack); err != nil {
 		c.log.Warn("ACK not written", "code", string(code), "err", err)
+		return
+	}
+	if c.s.opts.Observe != nil {
+		c.s.opts.Observe(code, time.Since(c.read))
 	}
 }
 

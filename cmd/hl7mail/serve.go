@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"os/signal"
 	"syscall"
 	"time"
 
+	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
 )
 
@@ -16,8 +18,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 Runs the gateway: one surrogate MLLP listener per partner of the
 configuration, answering CA once each message is stored, and the sender that
 mails stored messages to their partners (signed, encrypted, journalled in
-outgoing.mbox, retried while the SMTP server is unreachable). Stops on SIGINT
-or SIGTERM, finishing the messages being stored and the mail being sent.`, stderr)
+outgoing.mbox, retried while the SMTP server is unreachable); the IMAP
+watcher that takes partner mail in and delivers it to the router; and the
+dashboard (dashboard.addr: the page, /metrics, /healthz, /readyz). Stops on
+SIGINT or SIGTERM, finishing the messages being stored and the mail being
+sent.`, stderr)
 	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	format := fs.String("log-format", "auto", "log format: auto (text on a terminal, else JSON), json, text")
@@ -30,6 +35,11 @@ or SIGTERM, finishing the messages being stored and the mail being sent.`, stder
 		fmt.Fprintln(stderr, "hl7mail serve:", err)
 		return 2
 	}
+	// The dashboard's live log shows the records written to stderr.
+	tail := dashboard.NewTail(0)
+	var lv slog.Level
+	lv.UnmarshalText([]byte(*level))
+	log = slog.New(tail.Handler(log.Handler(), lv))
 	cfg, keys, err := loadChecked(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
@@ -40,7 +50,7 @@ or SIGTERM, finishing the messages being stored and the mail being sent.`, stder
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log})
+	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log, Tail: tail})
 	if err != nil {
 		log.Error("start failed", "err", err)
 		return 1

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"path/filepath"
 )
 
@@ -76,4 +77,45 @@ func Default() ([][]byte, error) {
 		return nil, err
 	}
 	return Load(p)
+}
+
+// PatientData returns the patient identifiers and names found in msgs, each
+// once: the IDs of PID-3 and PID-2, the names of PID-5 and NK1-2, the street
+// of PID-11 and the phone of PID-13. Tests look for them where they must
+// never appear (logs, pages, API answers). Short values (under 4
+// characters) are left out: they would match by chance.
+func PatientData(msgs [][]byte) []string {
+	seen := map[string]bool{}
+	var out []string
+	add := func(v string) {
+		v = strings.TrimSpace(v)
+		if len(v) >= 4 && !seen[v] {
+			seen[v] = true
+			out = append(out, v)
+		}
+	}
+	// Fields by segment, and whether their second component (a given
+	// name) counts too.
+	fields := map[string]map[int]bool{
+		"PID": {2: false, 3: false, 5: true, 11: false, 13: false},
+		"NK1": {2: true},
+	}
+	for _, m := range msgs {
+		for _, seg := range strings.Split(string(m), "\r") {
+			f := strings.Split(seg, "|")
+			for i, given := range fields[f[0]] {
+				if i >= len(f) {
+					continue
+				}
+				for _, rep := range strings.Split(f[i], "~") {
+					comps := strings.Split(rep, "^")
+					add(comps[0])
+					if given && len(comps) > 1 {
+						add(comps[1])
+					}
+				}
+			}
+		}
+	}
+	return out
 }

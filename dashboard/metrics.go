@@ -1,0 +1,143 @@
+package dashboard
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// Metrics are hl7mail's Prometheus metrics, every name prefixed hl7mail_.
+// Counts of messages, receipts and alerts are read from the store at each
+// scrape, so they survive restarts and agree with the page; ACK latency is
+// observed as the surrogates answer.
+type Metrics struct {
+	reg *prometheus.Registry
+	ack *prometheus.HistogramVec
+}
+
+// NewMetrics returns the metrics with the Go runtime and process collectors.
+func NewMetrics() *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.ack = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "hl7mail_ack_latency_seconds",
+		Help: "Time from the end of a router's MLLP frame to the surrogate's accept ACK, by partner and ACK code.",
+		// The store syncs before CA: a fraction of a millisecond to tens.
+		Buckets: []float64{.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10},
+	}, []string{"partner", "code"})
+	m.reg.MustRegister(m.ack)
+	prefixed := prometheus.WrapRegistererWithPrefix("hl7mail_", m.reg)
+	prefixed.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// ObserveAck records one ACK written by partner's surrogate.
+func (m *Metrics) ObserveAck(partner string, code hl7.AckCode, d time.Duration) {
+	m.ack.WithLabelValues(partner, string(code)).Observe(d.Seconds())
+}
+
+// Registry returns the registry /metrics serves.
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// watch registers the collector that reads inst at each scrape.
+func (m *Metrics) watch(inst Instance) error {
+	return m.reg.Register(&instanceCollector{inst: inst})
+}
+
+var (
+	descMessages = prometheus.NewDesc("hl7mail_messages", "Stored messages by partner, direction and state.",
+		[]string{"partner", "direction", "state"}, nil)
+	descTaken = prometheus.NewDesc("hl7mail_messages_taken_total",
+		"Messages hl7mail took responsibility for (CA sent, or mail stored), by partner and direction.",
+		[]string{"partner", "direction"}, nil)
+	descQueue = prometheus.NewDesc("hl7mail_queue_depth",
+		"Messages waiting: to be mailed (out) or delivered to the router (in).", []string{"partner", "direction"}, nil)
+	descPending = prometheus.NewDesc("hl7mail_receipts_pending", "Receipts (MDNs) awaited and not yet due.",
+		[]string{"partner"}, nil)
+	descOverdue = prometheus.NewDesc("hl7mail_receipts_overdue", "Receipts (MDNs) past their partner's mdn_timeout.",
+		[]string{"partner"}, nil)
+	descMismatch = prometheus.NewDesc("hl7mail_receipts_mismatch", "Receipts whose MIC did not match what was sent.",
+		[]string{"partner"}, nil)
+	descQuarantined = prometheus.NewDesc("hl7mail_quarantined", "Refused mail not released.",
+		[]string{"partner"}, nil)
+	descAlerts = prometheus.NewDesc("hl7mail_alerts_open", "Alerts not acknowledged.", nil, nil)
+	descConns  = prometheus.NewDesc("hl7mail_router_connections", "Open router connections to the partner's surrogate.",
+		[]string{"partner"}, nil)
+	descLinkUp = prometheus.NewDesc("hl7mail_mail_server_up",
+		"1 when the last contact with the mail server succeeded.", []string{"server"}, nil)
+	descLinkErrors = prometheus.NewDesc("hl7mail_mail_server_errors_total",
+		"Failed connections or submissions, by server (smtp, imap).", []string{"server"}, nil)
+)
+
+type instanceCollector struct{ inst Instance }
+
+func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descMessages, descTaken, descQueue, descPending, descOverdue, descMismatch,
+		descQuarantined, descAlerts, descConns, descLinkUp, descLinkErrors} {
+		ch <- d
+	}
+}
+
+func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st := c.inst.Store()
+	counts, err := st.Counts(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descMessages, err)
+	}
+	type pd struct{ partner, direction string }
+	taken, queued := map[pd]int{}, map[pd]int{}
+	for _, n := range counts {
+		k := pd{n.Partner, string(n.Direction)}
+		ch <- prometheus.MustNewConstMetric(descMessages, prometheus.GaugeValue, float64(n.N), n.Partner, k.direction, string(n.State))
+		taken[k] += n.N
+		if n.State == store.Queued {
+			queued[k] += n.N
+		}
+	}
+	cfg := c.inst.Config()
+	for _, p := range cfg.Partners {
+		for _, d := range []string{string(store.Outbound), string(store.Inbound)} {
+			k := pd{p.Name, d}
+			ch <- prometheus.MustNewConstMetric(descTaken, prometheus.CounterValue, float64(taken[k]), p.Name, d)
+			ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(queued[k]), p.Name, d)
+		}
+		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(c.inst.Connections(p.Name)), p.Name)
+	}
+	sums, err := st.Summaries(ctx, time.Now())
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descPending, err)
+	}
+	for _, p := range cfg.Partners {
+		s := sums[p.Name]
+		if s == nil {
+			s = &store.Summary{}
+		}
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(s.AwaitingReceipt), p.Name)
+		ch <- prometheus.MustNewConstMetric(descOverdue, prometheus.GaugeValue, float64(s.Overdue), p.Name)
+		ch <- prometheus.MustNewConstMetric(descMismatch, prometheus.GaugeValue, float64(s.ReceiptsMismatch), p.Name)
+		ch <- prometheus.MustNewConstMetric(descQuarantined, prometheus.GaugeValue, float64(s.Quarantined), p.Name)
+	}
+	if s := sums[""]; s != nil { // mail from unknown senders
+		ch <- prometheus.MustNewConstMetric(descQuarantined, prometheus.GaugeValue, float64(s.Quarantined), "")
+	}
+	if n, err := st.OpenAlerts(ctx); err != nil {
+		ch <- prometheus.NewInvalidMetric(descAlerts, err)
+	} else {
+		ch <- prometheus.MustNewConstMetric(descAlerts, prometheus.GaugeValue, float64(n))
+	}
+	for name, l := range map[string]func() linkStatus{"smtp": c.inst.SMTPStatus, "imap": c.inst.IMAPStatus} {
+		s := l()
+		up := 0.0
+		if s.State == "up" {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descLinkUp, prometheus.GaugeValue, up, name)
+		ch <- prometheus.MustNewConstMetric(descLinkErrors, prometheus.CounterValue, float64(s.Errors), name)
+	}
+}

@@ -1,0 +1,58 @@
+package dashboard
+
+import (
+	"context"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// PartnerRow is one partner as the page and "hl7mail status" show it.
+type PartnerRow struct {
+	Name     string `json:"name"`
+	Email    string `json:"email"`
+	Security string `json:"security"`
+	Listen   string `json:"listen"`
+	// Connections is the number of open router connections; -1 when the
+	// instance is not running.
+	Connections int `json:"connections"`
+	store.Summary
+	SMTP mailbox.LinkStatus `json:"smtp"`
+	IMAP mailbox.LinkStatus `json:"imap"`
+}
+
+// Live is what only a running instance knows.
+type Live interface {
+	Connections(partner string) int
+	SMTPStatus() mailbox.LinkStatus
+	IMAPStatus() mailbox.LinkStatus
+}
+
+// Rows returns a row per configured partner, in the configuration's order,
+// with the counts of st ("today" since local midnight). live may be nil for
+// a stopped instance.
+func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) ([]PartnerRow, error) {
+	now := time.Now()
+	midnight := time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, now.Location())
+	sums, err := st.Summaries(ctx, midnight)
+	if err != nil {
+		return nil, err
+	}
+	rows := make([]PartnerRow, 0, len(cfg.Partners))
+	for _, p := range cfg.Partners {
+		row := PartnerRow{Name: p.Name, Email: p.Email, Security: p.Security, Listen: p.Listen, Connections: -1,
+			SMTP: mailbox.LinkStatus{State: "stopped"}, IMAP: mailbox.LinkStatus{State: "stopped"}}
+		if s := sums[p.Name]; s != nil {
+			row.Summary = *s
+		}
+		row.Partner = p.Name
+		if live != nil {
+			row.Connections = live.Connections(p.Name)
+			row.SMTP, row.IMAP = live.SMTPStatus(), live.IMAPStatus()
+		}
+		rows = append(rows, row)
+	}
+	return rows, nil
+}

@@ -1,0 +1,467 @@
+// Package dashboard is hl7mail's operator page and its HTTP API: the
+// partners with their queues, receipts and connections, the alerts to
+// acknowledge, refused mail to release, a message table searchable by
+// control ID, Message-ID or partner, and a live log tail over Server-Sent
+// Events that resumes from Last-Event-ID. It also serves /metrics
+// (Prometheus), /healthz and /readyz.
+//
+// Nothing it serves carries a payload or patient data: messages are shown
+// by their MSH header fields (type, control ID) and mail identifiers, and
+// the log records it streams carry none either.
+package dashboard
+
+import (
+	"context"
+	"crypto/subtle"
+	"embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+type linkStatus = mailbox.LinkStatus
+
+// Instance is the running gateway the dashboard shows and acts on.
+type Instance interface {
+	Config() *config.Config
+	Store() *store.Store
+	// Connections is the number of open router connections to partner's
+	// surrogate.
+	Connections(partner string) int
+	SMTPStatus() mailbox.LinkStatus
+	IMAPStatus() mailbox.LinkStatus
+	// Retry puts a failed or expired outbound message back in its queue.
+	Retry(ctx context.Context, id int64) error
+	// Release takes in quarantined mail after a person checked it; it
+	// returns the stored message's id.
+	Release(ctx context.Context, id int64, by, note string) (int64, error)
+	// Ready reports why the instance is not ready to take messages, or nil.
+	Ready() error
+}
+
+// Options configure New. Addr and Instance are required.
+type Options struct {
+	Addr     string
+	Instance Instance
+	// Token, when set, is required on every request (Authorization: Bearer,
+	// or once as ?token= which sets a cookie). It is required when Addr is
+	// not a loopback address.
+	Token   string
+	Tail    *Tail    // the live log; nil: none
+	Metrics *Metrics // nil: a new set
+	Logger  *slog.Logger
+}
+
+// ErrNoToken is returned by New for a dashboard reachable from the network
+// without a token.
+var ErrNoToken = errors.New("dashboard: a token (dashboard.token_file) is required on a non-loopback address")
+
+//go:embed static
+var static embed.FS
+
+// Server is the dashboard's HTTP server.
+type Server struct {
+	o    Options
+	log  *slog.Logger
+	srv  *http.Server
+	mux  *http.ServeMux
+	ln   net.Listener
+	quit chan struct{} // closed by Shutdown: event streams end
+}
+
+// New checks the options and builds the handlers; Serve starts it.
+func New(o Options) (*Server, error) {
+	if o.Addr == "" || o.Instance == nil {
+		return nil, errors.New("dashboard: Options.Addr and Options.Instance are required")
+	}
+	host, _, err := net.SplitHostPort(o.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("dashboard: %w", err)
+	}
+	if o.Token == "" && !loopback(host) {
+		return nil, fmt.Errorf("%w (listening on %s)", ErrNoToken, o.Addr)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics()
+	}
+	if err := o.Metrics.watch(o.Instance); err != nil {
+		return nil, fmt.Errorf("dashboard: metrics: %w", err)
+	}
+	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), quit: make(chan struct{})}
+	s.routes()
+	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
+	return s, nil
+}
+
+func loopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// Listen opens the dashboard's address.
+func (s *Server) Listen() (net.Listener, error) {
+	ln, err := net.Listen("tcp", s.o.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("dashboard: %w", err)
+	}
+	s.ln = ln
+	return ln, nil
+}
+
+// Serve serves on ln until Shutdown; it returns http.ErrServerClosed then.
+func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
+
+// Shutdown ends the event streams and stops the server.
+func (s *Server) Shutdown(ctx context.Context) error {
+	close(s.quit)
+	return s.srv.Shutdown(ctx)
+}
+
+// Handler returns the dashboard with its token check.
+func (s *Server) Handler() http.Handler { return s.auth(s.mux) }
+
+func (s *Server) routes() {
+	sub, _ := fs.Sub(static, "static")
+	files := http.FileServerFS(sub)
+	s.mux.Handle("GET /", noStore(files))
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.o.Metrics.Registry(), promhttp.HandlerOpts{}))
+	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
+	s.mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := s.o.Instance.Ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	s.mux.HandleFunc("GET /api/overview", s.overview)
+	s.mux.HandleFunc("GET /api/partners", s.partners)
+	s.mux.HandleFunc("GET /api/alerts", s.alerts)
+	s.mux.HandleFunc("POST /api/alerts/{id}/ack", s.ackAlert)
+	s.mux.HandleFunc("GET /api/messages", s.messages)
+	s.mux.HandleFunc("POST /api/messages/{id}/retry", s.retry)
+	s.mux.HandleFunc("GET /api/quarantine", s.quarantine)
+	s.mux.HandleFunc("POST /api/quarantine/{id}/release", s.release)
+	s.mux.HandleFunc("GET /api/log", s.logStream)
+}
+
+func noStore(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		h.ServeHTTP(w, r)
+	})
+}
+
+const tokenCookie = "hl7mail_token"
+
+// auth checks the token on every request, and keeps requests that change
+// state to JSON bodies: a form on another site cannot send one without the
+// browser asking first (CORS preflight), which this server never allows.
+func (s *Server) auth(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("X-Frame-Options", "DENY")
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'self'; script-src 'self'")
+		if s.o.Token != "" {
+			got := ""
+			if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {
+				got = strings.TrimPrefix(h, "Bearer ")
+			} else if q := r.URL.Query().Get("token"); q != "" {
+				got = q
+			} else if c, err := r.Cookie(tokenCookie); err == nil {
+				got = c.Value
+			}
+			if subtle.ConstantTimeCompare([]byte(got), []byte(s.o.Token)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="hl7mail"`)
+				http.Error(w, "401 unauthorized: a dashboard token is required", http.StatusUnauthorized)
+				return
+			}
+			if r.URL.Query().Get("token") != "" {
+				http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: s.o.Token, Path: "/", HttpOnly: true,
+					SameSite: http.SameSiteStrictMode})
+			}
+		}
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+				http.Error(w, "415: send application/json", http.StatusUnsupportedMediaType)
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", " ")
+	enc.Encode(v)
+}
+
+// fail answers with err's text (no payload or patient data reaches an
+// error from the store or the mailbox) and a status fitting its kind.
+func fail(w http.ResponseWriter, err error) {
+	code := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		code = http.StatusNotFound
+	case errors.Is(err, errBadRequest):
+		code = http.StatusBadRequest
+	case errors.Is(err, store.ErrReleased), errors.Is(err, errConflict):
+		code = http.StatusConflict
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+}
+
+var (
+	errBadRequest = errors.New("bad request")
+	errConflict   = errors.New("conflict")
+)
+
+// Overview is the head of the page.
+type Overview struct {
+	Self       string       `json:"self"`
+	Email      string       `json:"email"`
+	Now        time.Time    `json:"now"`
+	SMTP       linkStatus   `json:"smtp"`
+	IMAP       linkStatus   `json:"imap"`
+	OpenAlerts int          `json:"open_alerts"`
+	Partners   []PartnerRow `json:"partners"`
+}
+
+func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
+	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Store(), s.o.Instance)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	n, err := s.o.Instance.Store().OpenAlerts(r.Context())
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	cfg := s.o.Instance.Config()
+	writeJSON(w, Overview{Self: cfg.Self.Name, Email: cfg.Self.Email, Now: time.Now(), SMTP: s.o.Instance.SMTPStatus(),
+		IMAP: s.o.Instance.IMAPStatus(), OpenAlerts: n, Partners: rows})
+}
+
+func (s *Server) partners(w http.ResponseWriter, r *http.Request) {
+	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Store(), s.o.Instance)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, rows)
+}
+
+func (s *Server) alerts(w http.ResponseWriter, r *http.Request) {
+	list, err := s.o.Instance.Store().Alerts(r.Context(), r.URL.Query().Get("all") != "", limit(r, 500))
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, nonNil(list))
+}
+
+// Who and why, sent with an acknowledgement or a release.
+type actBody struct {
+	By   string `json:"by"`
+	Note string `json:"note"`
+}
+
+func readAct(r *http.Request) (actBody, error) {
+	var b actBody
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 16<<10))
+	if err := dec.Decode(&b); err != nil {
+		return b, fmt.Errorf("%w: body: %v", errBadRequest, err)
+	}
+	b.By, b.Note = strings.TrimSpace(b.By), strings.TrimSpace(b.Note)
+	if b.By == "" {
+		return b, fmt.Errorf("%w: say who you are (\"by\")", errBadRequest)
+	}
+	return b, nil
+}
+
+func pathID(r *http.Request) (int64, error) {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil || id <= 0 {
+		return 0, fmt.Errorf("%w: bad id %q", errBadRequest, r.PathValue("id"))
+	}
+	return id, nil
+}
+
+func (s *Server) ackAlert(w http.ResponseWriter, r *http.Request) {
+	id, err := pathID(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	b, err := readAct(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	if err := s.o.Instance.Store().AckAlert(r.Context(), id, b.By); err != nil {
+		fail(w, err)
+		return
+	}
+	s.log.Info("alert acknowledged", "alert_id", id, "by", b.By)
+	writeJSON(w, map[string]any{"acknowledged": id})
+}
+
+func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
+	list, err := s.o.Instance.Store().Search(r.Context(), r.URL.Query().Get("q"), limit(r, 200))
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, nonNil(list))
+}
+
+func (s *Server) retry(w http.ResponseWriter, r *http.Request) {
+	id, err := pathID(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	if err := s.o.Instance.Retry(r.Context(), id); err != nil {
+		if !errors.Is(err, store.ErrNotFound) {
+			err = fmt.Errorf("%w: %v", errConflict, err)
+		}
+		fail(w, err)
+		return
+	}
+	writeJSON(w, map[string]any{"requeued": id})
+}
+
+func (s *Server) quarantine(w http.ResponseWriter, r *http.Request) {
+	list, err := s.o.Instance.Store().QuarantineList(r.Context(), limit(r, 200))
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, nonNil(list))
+}
+
+func (s *Server) release(w http.ResponseWriter, r *http.Request) {
+	id, err := pathID(r)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	b, err := readAct(r)
+	if err == nil && b.Note == "" {
+		err = fmt.Errorf("%w: say why the mail may be released (\"note\")", errBadRequest)
+	}
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	msg, err := s.o.Instance.Release(r.Context(), id, b.By, b.Note)
+	if err != nil {
+		if !errors.Is(err, store.ErrNotFound) {
+			err = fmt.Errorf("%w: %v", errConflict, err)
+		}
+		fail(w, err)
+		return
+	}
+	writeJSON(w, map[string]any{"released": id, "message": msg})
+}
+
+func limit(r *http.Request, def int) int {
+	if n, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && n > 0 && n <= 5000 {
+		return n
+	}
+	return def
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}
+
+// logStream sends the log tail as Server-Sent Events: the kept records
+// after Last-Event-ID (or ?since=; by default the last 200), then each new
+// one, filtered by ?partner= and ?level= (the lowest level shown).
+func (s *Server) logStream(w http.ResponseWriter, r *http.Request) {
+	if s.o.Tail == nil {
+		http.Error(w, "no log tail", http.StatusNotFound)
+		return
+	}
+	q := r.URL.Query()
+	var min slog.Level
+	if err := min.UnmarshalText([]byte(strings.ToUpper(q.Get("level")))); err != nil || q.Get("level") == "" {
+		min = slog.LevelDebug
+	}
+	partner := q.Get("partner")
+	after, haveAfter := uint64(0), false
+	for _, v := range []string{r.Header.Get("Last-Event-ID"), q.Get("since")} {
+		if n, err := strconv.ParseUint(v, 10, 64); err == nil {
+			after, haveAfter = n, true
+			break
+		}
+	}
+	entries, _ := s.o.Tail.Since(after)
+	if !haveAfter && len(entries) > 200 {
+		after = entries[len(entries)-201].ID
+	}
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	fmt.Fprint(w, "retry: 1000\n\n")
+	rc.Flush()
+	ping := time.NewTicker(15 * time.Second)
+	defer ping.Stop()
+	for {
+		entries, changed := s.o.Tail.Since(after)
+		for _, e := range entries {
+			after = e.ID
+			var lv slog.Level
+			lv.UnmarshalText([]byte(e.Level))
+			if lv < min || partner != "" && e.Partner != partner {
+				continue
+			}
+			data, _ := json.Marshal(e)
+			fmt.Fprintf(w, "id: %d\nevent: log\ndata: %s\n\n", e.ID, data)
+		}
+		if err := rc.Flush(); err != nil {
+			return
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-s.quit:
+			return
+		case <-changed:
+		case <-ping.C:
+			fmt.Fprint(w, ": ping\n\n")
+		}
+	}
+}

@@ -1,0 +1,253 @@
+// hl7mail dashboard: polls the JSON API, follows the log over Server-Sent
+// Events. Every value is written with textContent: nothing from the server
+// is ever parsed as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_LOG = 1000;
+let paused = false;
+let held = [];
+let source = null;
+let lastID = 0;
+let refreshTimer = null;
+
+function fmtTime(s) {
+  if (!s) return "";
+  const d = new Date(s);
+  if (isNaN(d) || d.getFullYear() < 2000) return "";
+  return d.toLocaleString();
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "" : String(text);
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+  return td;
+}
+
+function num(tr, n, hot) {
+  return cell(tr, n || 0, "num" + (hot && n > 0 ? " hot" : ""));
+}
+
+function link(el, st) {
+  el.textContent = st.state + (st.last_error && st.state !== "up" ? ": " + st.last_error : "");
+  el.className = "pill " + (st.state === "up" ? "up" : st.state === "down" ? "down" : "");
+  el.title = st.since ? "since " + fmtTime(st.since) + (st.errors ? ", " + st.errors + " errors" : "") : "";
+}
+
+async function api(path, opts) {
+  const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts || {}));
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.error || r.status + " " + r.statusText);
+  return body;
+}
+
+function post(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
+async function loadOverview() {
+  const o = await api("api/overview");
+  $("self").textContent = o.self + " <" + o.email + ">";
+  link($("smtp"), o.smtp);
+  link($("imap"), o.imap);
+  $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  $("alert-count").textContent = o.open_alerts ? "(" + o.open_alerts + ")" : "";
+  const tb = $("partners").tBodies[0];
+  tb.replaceChildren();
+  const sel = $("log-partner");
+  for (const p of o.partners) {
+    const tr = document.createElement("tr");
+    tr.dataset.partner = p.name;
+    cell(tr, p.name).title = p.email + " (" + p.security + ")";
+    cell(tr, p.listen);
+    num(tr, p.connections < 0 ? "-" : p.connections);
+    num(tr, p.in_today);
+    num(tr, p.out_today);
+    cell(tr, (p.queued_out || 0) + " / " + (p.queued_in || 0), "num");
+    num(tr, p.awaiting_receipt);
+    num(tr, p.overdue, true);
+    num(tr, p.failed, true);
+    num(tr, p.quarantined, true);
+    cell(tr, fmtTime(p.last_activity));
+    cell(tr, p.smtp.state);
+    cell(tr, p.imap.state);
+    tb.appendChild(tr);
+    if (![...sel.options].some((o) => o.value === p.name)) {
+      const opt = document.createElement("option");
+      opt.value = opt.textContent = p.name;
+      sel.appendChild(opt);
+    }
+  }
+}
+
+async function loadAlerts() {
+  const list = await api("api/alerts");
+  const ul = $("alerts");
+  ul.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement("li");
+    li.textContent = "No open alerts.";
+    li.className = "muted";
+    ul.appendChild(li);
+  }
+  for (const a of list) {
+    const li = document.createElement("li");
+    li.dataset.alert = a.id;
+    const t = document.createElement("span");
+    t.className = "text";
+    t.textContent = fmtTime(a.raised) + " " + (a.partner || "-") + ": " + a.text +
+      (a.control_id ? " [" + a.control_id + "]" : "") + (a.message_id ? " " + a.message_id : "");
+    const b = document.createElement("button");
+    b.textContent = "Acknowledge";
+    b.onclick = async () => {
+      const by = prompt("Acknowledged by (your name):");
+      if (!by) return;
+      try { await post("api/alerts/" + a.id + "/ack", { by }); } catch (e) { alert(e.message); }
+      refresh();
+    };
+    li.append(t, b);
+    ul.appendChild(li);
+  }
+}
+
+async function loadQuarantine() {
+  const list = await api("api/quarantine?limit=50");
+  const ul = $("quarantine");
+  ul.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement("li");
+    li.textContent = "Nothing quarantined.";
+    li.className = "muted";
+    ul.appendChild(li);
+  }
+  for (const q of list) {
+    const li = document.createElement("li");
+    li.dataset.quarantine = q.id;
+    const t = document.createElement("span");
+    t.className = "text";
+    t.textContent = "#" + q.id + " " + fmtTime(q.received) + " " + (q.partner || q.sender) + ": " + q.reason +
+      (q.released_by ? " — released by " + q.released_by + " as message " + q.released_as : "");
+    t.title = q.detail;
+    li.appendChild(t);
+    if (!q.released_by && q.reason !== "replay") {
+      const b = document.createElement("button");
+      b.textContent = "Release";
+      b.onclick = async () => {
+        const by = prompt("Released by (your name):");
+        if (!by) return;
+        const note = prompt("Why may this mail be delivered? (recorded)");
+        if (!note) return;
+        try { await post("api/quarantine/" + q.id + "/release", { by, note }); } catch (e) { alert(e.message); }
+        refresh();
+      };
+      li.appendChild(b);
+    }
+    ul.appendChild(li);
+  }
+}
+
+async function loadMessages() {
+  const q = $("search").value.trim();
+  const list = await api("api/messages?limit=200&q=" + encodeURIComponent(q));
+  const tb = $("messages").tBodies[0];
+  tb.replaceChildren();
+  for (const m of list) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = m.id;
+    tr.dataset.controlId = m.control_id;
+    cell(tr, m.id, "num");
+    cell(tr, m.direction);
+    cell(tr, m.partner);
+    cell(tr, m.message_type);
+    cell(tr, m.control_id);
+    cell(tr, m.message_id);
+    cell(tr, m.state);
+    cell(tr, fmtTime(m.received));
+    cell(tr, fmtTime(m.updated));
+    const td = cell(tr, "");
+    if (m.state === "failed" || m.state === "expired") {
+      const b = document.createElement("button");
+      b.textContent = "Retry";
+      b.onclick = async () => {
+        try { await post("api/messages/" + m.id + "/retry", {}); } catch (e) { alert(e.message); }
+        refresh();
+      };
+      td.appendChild(b);
+    }
+    tb.appendChild(tr);
+  }
+}
+
+async function refresh() {
+  try {
+    await Promise.all([loadOverview(), loadAlerts(), loadQuarantine(), loadMessages()]);
+  } catch (e) {
+    $("updated").textContent = "update failed: " + e.message;
+  }
+}
+
+// soon refreshes the tables shortly after log activity, at most every 300 ms.
+function soon() {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 300);
+}
+
+function logLine(e) {
+  const li = document.createElement("li");
+  li.className = e.level;
+  li.dataset.id = e.id;
+  let text = new Date(e.time).toLocaleTimeString() + " " + e.level.padEnd(5) + " " + e.msg;
+  for (const [k, v] of Object.entries(e.attrs || {})) text += " " + k + "=" + v;
+  li.textContent = text;
+  return li;
+}
+
+function show(entries) {
+  const ol = $("log");
+  const atEnd = ol.scrollTop + ol.clientHeight >= ol.scrollHeight - 4;
+  for (const e of entries) ol.appendChild(logLine(e));
+  while (ol.children.length > MAX_LOG) ol.firstChild.remove();
+  if (atEnd) ol.scrollTop = ol.scrollHeight;
+}
+
+function connect(fresh) {
+  if (source) source.close();
+  const params = new URLSearchParams({ level: $("log-level").value, partner: $("log-partner").value });
+  if (fresh) {
+    $("log").replaceChildren();
+    held = [];
+  } else if (lastID) {
+    params.set("since", lastID);
+  }
+  // The browser resends Last-Event-ID by itself when it reconnects.
+  source = new EventSource("api/log?" + params);
+  source.addEventListener("log", (ev) => {
+    const e = JSON.parse(ev.data);
+    lastID = e.id;
+    if (paused) held.push(e);
+    else show([e]);
+    soon();
+  });
+  source.onopen = () => { $("log-state").textContent = "live"; };
+  source.onerror = () => { $("log-state").textContent = "reconnecting…"; };
+}
+
+$("log-pause").onclick = () => {
+  paused = !paused;
+  $("log-pause").textContent = paused ? "Resume" : "Pause";
+  if (!paused) { show(held); held = []; }
+  $("log-state").textContent = paused ? "paused" : "live";
+};
+$("log-level").onchange = () => connect(true);
+$("log-partner").onchange = () => connect(true);
+let searchTimer = null;
+$("search").oninput = () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(loadMessages, 200);
+};
+
+refresh();
+setInterval(refresh, 5000);
+connect(true);
