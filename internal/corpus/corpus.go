@@ -8,8 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"path/filepath"
+	"strings"
 )
 
 // EnvPath names the environment variable that overrides the corpus path.
