@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the outside programs the tests run against, from Debian's
 # packages, when they are missing: python3-hl7 (mllp_send and an asyncio MLLP
-# server), GnuPG, OpenSSL, and Postfix with Dovecot (IMAP and LMTP), which
-# integration/mailservers.sh starts in a folder of their own. Needs root (or sudo) when anything is missing;
+# server), GnuPG, OpenSSL, Postfix with Dovecot (IMAP and LMTP), which
+# integration/mailservers.sh starts in a folder of their own, and Chromium
+# with ChromeDriver for the dashboard's browser test. Needs root (or sudo) when anything is missing;
 # exits non-zero when a package cannot be installed, so that the tests fail
 # rather than skip.
 set -euo pipefail
@@ -14,6 +15,8 @@ declare -A need=(
   [/usr/sbin/postfix]=postfix
   [/usr/lib/dovecot/imap]=dovecot-imapd
   [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
+  [/usr/bin/chromium]=chromium
+  [/usr/bin/chromedriver]=chromium-driver
 )
 missing=()
 for path in "${!need[@]}"; do

@@ -8,6 +8,7 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -70,6 +71,7 @@ type instance struct {
 	dir     string
 	config  string
 	listen  map[string]string // partner → surrogate address
+	dash    string            // dashboard address
 	cmd     *exec.Cmd
 	log     *lockedBuffer
 	exited  chan error
@@ -81,7 +83,7 @@ type instance struct {
 func newInstance(t *testing.T, partners ...string) *instance {
 	t.Helper()
 	dir := t.TempDir()
-	in := &instance{t: t, dir: dir, config: filepath.Join(dir, "partners.yaml"), listen: map[string]string{}}
+	in := &instance{t: t, dir: dir, config: filepath.Join(dir, "partners.yaml"), listen: map[string]string{}, dash: freePort(t)}
 	var b strings.Builder
 	fmt.Fprintf(&b, `self: {name: test-hospital, email: edi@hospital.test}
 store: var
@@ -90,7 +92,7 @@ smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none}
 dashboard: {addr: %s}
 partners:
-`, freePort(t), freePort(t), freePort(t), freePort(t))
+`, freePort(t), freePort(t), freePort(t), in.dash)
 	for _, p := range partners {
 		addr := freePort(t)
 		in.listen[p] = addr
@@ -101,6 +103,36 @@ partners:
 	}
 	t.Cleanup(in.stop)
 	return in
+}
+
+// edit replaces old with new in the configuration file.
+func (in *instance) edit(old, new string) {
+	in.t.Helper()
+	data, err := os.ReadFile(in.config)
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	if !bytes.Contains(data, []byte(old)) {
+		in.t.Fatalf("configuration has no %q", old)
+	}
+	if err := os.WriteFile(in.config, bytes.Replace(data, []byte(old), []byte(new), 1), 0o600); err != nil {
+		in.t.Fatal(err)
+	}
+}
+
+// run runs an hl7mail command and returns its output and exit code.
+func (in *instance) run(args ...string) (string, int) {
+	in.t.Helper()
+	out, err := exec.Command(binary, args...).CombinedOutput()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return string(out), 0
+	case errors.As(err, &exit):
+		return string(out), exit.ExitCode()
+	}
+	in.t.Fatalf("hl7mail %v: %v", args, err)
+	return "", -1
 }
 
 // start runs "hl7mail serve" and waits until every surrogate accepts.

@@ -305,7 +305,10 @@ func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Sum
 			}},
 		{`SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired') GROUP BY partner, state`, nil,
 			func(s *Summary, _ string, n int64) { s.Failed += int(n) }},
-		{`SELECT partner, state, count(*) FROM pending GROUP BY partner, state`, nil, func(s *Summary, st string, n int64) {
+		// A receipt is awaited once its mail went out (the row is made just
+		// before the submission).
+		{`SELECT p.partner, p.state, count(*) FROM pending p JOIN messages m ON m.id = p.id
+			WHERE p.state != 'waiting' OR m.state = 'sent' GROUP BY p.partner, p.state`, nil, func(s *Summary, st string, n int64) {
 			switch st {
 			case PendingWaiting:
 				s.AwaitingReceipt += int(n)

@@ -24,6 +24,10 @@ func commands() []command {
 		{"check", "validate partners.yaml and the files it names", runCheck},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
 		{"messages", "list stored messages (no payloads)", runMessages},
+		{"status", "the partner table: queues, receipts, connections", runStatus},
+		{"alerts", "list or acknowledge alerts", runAlerts},
+		{"retry", "put a failed or expired message back in its queue", runRetry},
+		{"release", "deliver a quarantined mail after a person checked it", runRelease},
 		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
 	}

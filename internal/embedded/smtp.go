@@ -64,6 +64,13 @@ func (s *SMTP) FailPermanently() {
 	s.mu.Unlock()
 }
 
+// Recover makes DATA commands succeed again.
+func (s *SMTP) Recover() {
+	s.mu.Lock()
+	s.permFail, s.tempFail = false, 0
+	s.mu.Unlock()
+}
+
 // Mails returns the mails taken so far.
 func (s *SMTP) Mails() []Mail {
 	s.mu.Lock()

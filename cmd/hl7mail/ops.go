@@ -1,0 +1,412 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/dashboard"
+	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// The operator commands work on a running instance through its dashboard's
+// API, and on a stopped one through its store.
+
+// errNotRunning means the dashboard did not answer: the instance is not
+// running (or its dashboard is unreachable).
+var errNotRunning = errors.New("not running")
+
+// instanceAPI calls the dashboard of the instance cfg describes.
+type instanceAPI struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+func newInstanceAPI(cfg *config.Config) (*instanceAPI, error) {
+	host, port, err := net.SplitHostPort(cfg.Dashboard.Addr)
+	if err != nil {
+		return nil, err
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	a := &instanceAPI{base: "http://" + net.JoinHostPort(host, port), http: &http.Client{Timeout: 30 * time.Second}}
+	if cfg.Dashboard.TokenFile != "" {
+		if a.token, err = cfg.Secret(cfg.Dashboard.TokenFile, ""); err != nil {
+			return nil, fmt.Errorf("dashboard token: %w", err)
+		}
+	}
+	return a, nil
+}
+
+// call sends a request; a refused connection is errNotRunning; an answer
+// other than 200 is an error with the server's words.
+func (a *instanceAPI) call(method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, a.base+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if a.token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.token)
+	}
+	resp, err := a.http.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return errNotRunning
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if resp.StatusCode != http.StatusOK {
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(data, &e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("dashboard answered %s: %s", resp.Status, strings.TrimSpace(string(data)))
+	}
+	if out != nil {
+		return json.Unmarshal(data, out)
+	}
+	return nil
+}
+
+// loadOps loads the configuration and returns the instance's API client.
+func loadOps(path string) (*config.Config, *instanceAPI, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	api, err := newInstanceAPI(cfg)
+	return cfg, api, err
+}
+
+// openStore opens the store of a stopped instance: read-only for queries,
+// for writing to change it (which fails while serve holds it).
+func openStore(cfg *config.Config, write bool) (*store.Store, error) {
+	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
+		return nil, fmt.Errorf("no store in %s (has hl7mail serve run?)", cfg.StoreDir())
+	}
+	if !write {
+		return store.OpenReadOnly(cfg.StoreDir())
+	}
+	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
+	if errors.Is(err, store.ErrLocked) {
+		return nil, fmt.Errorf("hl7mail serve has the store open but its dashboard (%s) did not answer", cfg.Dashboard.Addr)
+	}
+	return st, err
+}
+
+func printJSON(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func whoAmI() string {
+	if u := os.Getenv("SUDO_USER"); u != "" {
+		return u
+	}
+	if u, err := user.Current(); err == nil {
+		return u.Username
+	}
+	return ""
+}
+
+func parseID(fs interface{ Args() []string }) (int64, error) {
+	if len(fs.Args()) != 1 {
+		return 0, errors.New("give one id")
+	}
+	id, err := strconv.ParseInt(fs.Args()[0], 10, 64)
+	if err != nil || id <= 0 {
+		return 0, fmt.Errorf("bad id %q", fs.Args()[0])
+	}
+	return id, nil
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("status", "[-config FILE] [-json]", `
+Prints the partner table: listener, open router connections, messages today
+in and out, queued (to mail / to the router), receipts awaited and overdue,
+failed, quarantined, last activity; and the SMTP and IMAP connections. From
+the running instance's dashboard, or from the store when it is stopped.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	cfg, api, err := loadOps(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	var o dashboard.Overview
+	running := true
+	if err := api.call("GET", "/api/overview", nil, &o); errors.Is(err, errNotRunning) {
+		running = false
+		st, err := openStore(cfg, false)
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail status:", err)
+			return 1
+		}
+		defer st.Close()
+		ctx := context.Background()
+		o = dashboard.Overview{Self: cfg.Self.Name, Email: cfg.Self.Email, Now: time.Now(),
+			SMTP: mailbox.LinkStatus{State: "stopped"}, IMAP: mailbox.LinkStatus{State: "stopped"}}
+		if o.Partners, err = dashboard.Rows(ctx, cfg, st, nil); err == nil {
+			o.OpenAlerts, err = st.OpenAlerts(ctx)
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail status:", err)
+			return 1
+		}
+	} else if err != nil {
+		fmt.Fprintln(stderr, "hl7mail status:", err)
+		return 1
+	}
+	if *asJSON {
+		printJSON(stdout, o)
+		return 0
+	}
+	state := "running, dashboard " + api.base + "/"
+	if !running {
+		state = "not running (figures from the store)"
+	}
+	fmt.Fprintf(stdout, "%s <%s>: %s\n", o.Self, o.Email, state)
+	fmt.Fprintf(stdout, "SMTP %s   IMAP %s   open alerts %d\n\n", linkText(o.SMTP), linkText(o.IMAP), o.OpenAlerts)
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PARTNER\tLISTEN\tCONNS\tIN-TODAY\tOUT-TODAY\tQUEUED(OUT/IN)\tAWAITING-RECEIPT\tOVERDUE\tFAILED\tQUARANTINED\tLAST-ACTIVITY")
+	for _, p := range o.Partners {
+		conns := "-"
+		if p.Connections >= 0 {
+			conns = strconv.Itoa(p.Connections)
+		}
+		last := "-"
+		if !p.LastActivity.IsZero() {
+			last = p.LastActivity.Format(time.DateTime)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d/%d\t%d\t%d\t%d\t%d\t%s\n", p.Name, p.Listen, conns, p.InToday, p.OutToday,
+			p.QueuedOut, p.QueuedIn, p.AwaitingReceipt, p.Overdue, p.Failed, p.Quarantined, last)
+	}
+	tw.Flush()
+	return 0
+}
+
+func linkText(l mailbox.LinkStatus) string {
+	if l.LastError != "" && l.State != mailbox.LinkUp {
+		return l.State + " (" + l.LastError + ")"
+	}
+	return l.State
+}
+
+func runAlerts(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("alerts", "[-config FILE] [-all] [-json] [-ack ID [-by NAME]]", `
+Lists the open alerts (receipts overdue or not matching, messages failed or
+expired, mail quarantined, inbound messages stuck at the router, keys about
+to expire), newest first; -all includes acknowledged ones. -ack ID
+acknowledges one, recorded with -by (default: the user running the command).`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	asJSON := fs.Bool("json", false, "print JSON")
+	all := fs.Bool("all", false, "include acknowledged alerts")
+	ack := fs.Int64("ack", 0, "acknowledge alert `ID`")
+	by := fs.String("by", whoAmI(), "who acknowledges")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	cfg, api, err := loadOps(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	ctx := context.Background()
+	if *ack != 0 {
+		if strings.TrimSpace(*by) == "" {
+			fmt.Fprintln(stderr, "hl7mail alerts: -by is required")
+			return 2
+		}
+		err := api.call("POST", fmt.Sprintf("/api/alerts/%d/ack", *ack), map[string]string{"by": *by}, nil)
+		if errors.Is(err, errNotRunning) {
+			var st *store.Store
+			if st, err = openStore(cfg, true); err == nil {
+				err = st.AckAlert(ctx, *ack, *by)
+				st.Close()
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail alerts:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "alert %d acknowledged by %s\n", *ack, *by)
+		return 0
+	}
+	var list []store.Alert
+	q := "/api/alerts"
+	if *all {
+		q += "?all=1"
+	}
+	if err := api.call("GET", q, nil, &list); errors.Is(err, errNotRunning) {
+		var st *store.Store
+		if st, err = openStore(cfg, false); err == nil {
+			list, err = st.Alerts(ctx, *all, 0)
+			st.Close()
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail alerts:", err)
+			return 1
+		}
+	} else if err != nil {
+		fmt.Fprintln(stderr, "hl7mail alerts:", err)
+		return 1
+	}
+	if *asJSON {
+		if list == nil {
+			list = []store.Alert{}
+		}
+		printJSON(stdout, list)
+		return 0
+	}
+	if len(list) == 0 {
+		fmt.Fprintln(stdout, "no open alerts")
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tRAISED\tKIND\tPARTNER\tCONTROL-ID\tMESSAGE-ID\tTEXT\tACKNOWLEDGED")
+	for _, a := range list {
+		acked := "-"
+		if !a.Acked.IsZero() {
+			acked = a.Acked.Format(time.DateTime) + " by " + a.AckedBy
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", a.ID, a.Raised.Format(time.DateTime), a.Kind, dash(a.Partner),
+			dash(a.ControlID), dash(a.MessageID), a.Text, acked)
+	}
+	tw.Flush()
+	return 0
+}
+
+func runRetry(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("retry", "[-config FILE] ID", `
+Puts a failed or expired outbound message (ID as listed by "hl7mail
+messages") back in its partner's queue, to be sent at once with the same
+Message-ID; expire_after counts again from now. On a running instance the
+sender is woken; on a stopped one the message leaves at the next start.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	id, err := parseID(fs)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail retry:", err)
+		return 2
+	}
+	cfg, api, err := loadOps(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	err = api.call("POST", fmt.Sprintf("/api/messages/%d/retry", id), struct{}{}, nil)
+	if errors.Is(err, errNotRunning) {
+		var st *store.Store
+		if st, err = openStore(cfg, true); err == nil {
+			var m store.Message
+			if m, err = st.Get(context.Background(), id); err == nil && m.Direction != store.Outbound {
+				err = fmt.Errorf("message %d came in from %s; only outbound messages are retried", id, m.Partner)
+			} else if err == nil {
+				err = st.Retry(context.Background(), id)
+			}
+			st.Close()
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail retry:", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "message %d queued again\n", id)
+	return 0
+}
+
+func runRelease(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("release", "[-config FILE] [-by NAME] -note WHY ID", `
+Takes in a quarantined mail (ID as listed by the dashboard or "hl7mail
+alerts") after a person has checked it: the mail is opened again with the
+keys and partners configured now (say, after adding the partner's new key)
+and delivered to the router like any other; who released it and why is
+recorded. A mail that still does not open stays quarantined and the reason
+is printed; a replay is never released.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	by := fs.String("by", whoAmI(), "who releases the mail")
+	note := fs.String("note", "", "why it may be delivered (required; recorded)")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	id, err := parseID(fs)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail release:", err)
+		return 2
+	}
+	if strings.TrimSpace(*note) == "" || strings.TrimSpace(*by) == "" {
+		fmt.Fprintln(stderr, "hl7mail release: -note (and -by) are required: the release is recorded with who and why")
+		return 2
+	}
+	cfg, api, err := loadOps(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	var out struct {
+		Message int64 `json:"message"`
+	}
+	err = api.call("POST", fmt.Sprintf("/api/quarantine/%d/release", id), map[string]string{"by": *by, "note": *note}, &out)
+	if errors.Is(err, errNotRunning) {
+		out.Message, err = releaseStopped(cfg, id, *by, *note)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail release:", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "quarantined mail %d released as message %d\n", id, out.Message)
+	return 0
+}
+
+// releaseStopped releases quarantined mail with the instance stopped: the
+// message is stored and goes to the router at the next start.
+func releaseStopped(cfg *config.Config, id int64, by, note string) (int64, error) {
+	keys, err := gateway.LoadKeys(cfg, time.Now())
+	if err != nil {
+		return 0, err
+	}
+	st, err := openStore(cfg, true)
+	if err != nil {
+		return 0, err
+	}
+	defer st.Close()
+	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer}, Store: st}
+	res, err := r.Release(context.Background(), id, by, note)
+	return res.ID, err
+}

@@ -1,0 +1,264 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/mllp"
+)
+
+// sendOne sends msg to a surrogate and returns the ACK code.
+func sendOne(t *testing.T, addr string, msg []byte) hl7.AckCode {
+	t.Helper()
+	c, err := mllp.Dial(context.Background(), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	reply, err := c.Send(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := hl7.ParseAck(reply)
+	if err != nil {
+		t.Fatalf("ACK %q: %v", reply, err)
+	}
+	return a.Code
+}
+
+// waitReady waits for the dashboard's /readyz.
+func (in *instance) waitReady(token string) {
+	in.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		req, _ := http.NewRequest("GET", "http://"+in.dash+"/readyz", nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			in.t.Fatalf("dashboard %s not ready: %v\n%s", in.dash, err, in.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestDashboardBrowser drives headless Chromium against a running "hl7mail
+// serve": the page shows the configured partners; a message sent to a
+// surrogate appears in the message table, and its log line in the live
+// tail, within 2 seconds; a screenshot is kept in var/artifacts.
+func TestDashboardBrowser(t *testing.T) {
+	b := startBrowser(t)
+	in := newInstance(t, "tucker-lab", "clinic")
+	in.start()
+	in.waitReady("")
+	b.open("http://" + in.dash + "/")
+	b.waitFor("partner table", `return [...document.querySelectorAll('#partners tbody tr')].map(r => r.dataset.partner).join(',') === 'tucker-lab,clinic'`, 10*time.Second)
+	b.waitFor("live log connected", `return document.getElementById('log-state').textContent === 'live'`, 10*time.Second)
+
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := msgs[7]
+	h, err := hl7.ParseHeader(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := sendOne(t, in.listen["tucker-lab"], msg); code != hl7.CommitAccept {
+		t.Fatalf("surrogate answered %s", code)
+	}
+	id, _ := json.Marshal(h.ControlID)
+	took := b.waitFor("message in the table and its log line in the tail", fmt.Sprintf(`
+		const id = %s;
+		const row = [...document.querySelectorAll('#messages tbody tr')].some(r => r.dataset.controlId === id);
+		const line = [...document.querySelectorAll('#log li')].some(li => li.textContent.includes('control_id=' + id));
+		return row && line;`, id), 2*time.Second)
+	t.Logf("message %s shown in the table and the live tail %s after its CA", h.ControlID, took.Round(time.Millisecond))
+
+	var text string
+	b.eval(`return document.body.innerText`, &text)
+	if !strings.Contains(text, "tucker-lab") || !strings.Contains(text, h.ControlID) {
+		t.Errorf("page text lacks the partner or the control ID")
+	}
+	for _, phi := range corpus.PatientData([][]byte{msg}) {
+		if strings.Contains(text, phi) {
+			t.Errorf("the page shows patient data %q", phi)
+		}
+	}
+	shot := filepath.Join(artifactDir(t), "dashboard.png")
+	b.screenshot(shot)
+	if fi, err := os.Stat(shot); err != nil || fi.Size() < 10_000 {
+		t.Errorf("screenshot %s: %v", shot, err)
+	}
+	t.Logf("screenshot: %s", shot)
+}
+
+// TestDashboardToken: a dashboard on a non-loopback address without a
+// token refuses to start; with one, requests without it get 401, and the
+// operator commands use the token file.
+func TestDashboardToken(t *testing.T) {
+	in := newInstance(t, "tucker-lab")
+	port := in.dash[strings.LastIndex(in.dash, ":")+1:]
+	in.edit("dashboard: {addr: "+in.dash+"}", "dashboard: {addr: 0.0.0.0:"+port+"}")
+	out, code := in.run("serve", "-config", in.config)
+	if code == 0 || !strings.Contains(out, "dashboard.token_file") {
+		t.Fatalf("serve without a token on 0.0.0.0 exited %d:\n%s", code, out)
+	}
+	token := "a-long-random-dashboard-token"
+	os.WriteFile(filepath.Join(in.dir, "token"), []byte(token+"\n"), 0o600)
+	in.edit("dashboard: {addr: 0.0.0.0:"+port+"}", "dashboard: {addr: 0.0.0.0:"+port+", token_file: token}")
+	in.dash = "127.0.0.1:" + port
+	in.start()
+	in.waitReady(token)
+	for _, path := range []string{"/", "/api/overview", "/api/log", "/metrics", "/healthz"} {
+		resp, err := http.Get("http://" + in.dash + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET %s without the token = %d, want 401", path, resp.StatusCode)
+		}
+	}
+	req, _ := http.NewRequest("GET", "http://"+in.dash+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "hl7mail_queue_depth") {
+		t.Errorf("GET /metrics with the token = %d", resp.StatusCode)
+	}
+	if out, code := in.run("status", "-config", in.config); code != 0 || !strings.Contains(out, "running") || !strings.Contains(out, "tucker-lab") {
+		t.Errorf("status with the token file: %d\n%s", code, out)
+	}
+}
+
+// TestOperatorCommands: status, alerts, retry against a running instance
+// (through its dashboard) and a stopped one (through its store).
+func TestOperatorCommands(t *testing.T) {
+	smtpSrv := &embedded.SMTP{}
+	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer smtpSrv.Close()
+	smtpSrv.FailPermanently()
+	in := newInstance(t, "tucker-lab")
+	data, _ := os.ReadFile(in.config)
+	old := string(data)[strings.Index(string(data), "smtp: {addr: "):]
+	old = old[:strings.Index(old, "}")+1]
+	in.edit(old, "smtp: {addr: "+smtpAddr+", tls: none}")
+	in.start()
+	in.waitReady("")
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := sendOne(t, in.listen["tucker-lab"], msgs[3]); code != hl7.CommitAccept {
+		t.Fatalf("surrogate answered %s", code)
+	}
+	list := in.waitMessages(1, func(l []storedMessage) bool { return l[0].State == "failed" })
+
+	type alert struct {
+		ID      int64  `json:"id"`
+		Kind    string `json:"kind"`
+		Partner string `json:"partner"`
+		AckedBy string `json:"acked_by"`
+	}
+	alerts := func(args ...string) []alert {
+		t.Helper()
+		out, code := in.run(append([]string{"alerts", "-config", in.config, "-json"}, args...)...)
+		var a []alert
+		if code != 0 || json.Unmarshal([]byte(out), &a) != nil {
+			t.Fatalf("alerts: %d\n%s", code, out)
+		}
+		return a
+	}
+	open := alerts()
+	if len(open) != 1 || open[0].Kind != "failed" || open[0].Partner != "tucker-lab" {
+		t.Fatalf("alerts = %+v, want one failed", open)
+	}
+	type overview struct {
+		Partners []struct {
+			Name        string `json:"name"`
+			Connections int    `json:"connections"`
+			Failed      int    `json:"failed"`
+			OutToday    int    `json:"out_today"`
+		} `json:"partners"`
+		SMTP struct {
+			State string `json:"state"`
+		} `json:"smtp"`
+		OpenAlerts int `json:"open_alerts"`
+	}
+	status := func() overview {
+		t.Helper()
+		out, code := in.run("status", "-config", in.config, "-json")
+		var o overview
+		if code != 0 || json.Unmarshal([]byte(out), &o) != nil {
+			t.Fatalf("status: %d\n%s", code, out)
+		}
+		return o
+	}
+	if o := status(); len(o.Partners) != 1 || o.Partners[0].Failed != 1 || o.Partners[0].OutToday != 1 ||
+		o.Partners[0].Connections != 0 || o.SMTP.State != "up" || o.OpenAlerts != 1 {
+		t.Errorf("status while running = %+v", o)
+	}
+	if out, _ := in.run("status", "-config", in.config); !strings.Contains(out, "running, dashboard http://"+in.dash) {
+		t.Errorf("status text:\n%s", out)
+	}
+
+	// The SMTP server takes mail again: the operator retries the message.
+	smtpSrv.Recover()
+	id := fmt.Sprint(list[0].ID)
+	if out, code := in.run("retry", "-config", in.config, id); code != 0 {
+		t.Fatalf("retry: %d\n%s", code, out)
+	}
+	in.waitMessages(1, func(l []storedMessage) bool { return l[0].State == "sent" })
+	if smtpSrv.Count() != 1 {
+		t.Errorf("SMTP server took %d mails, want 1", smtpSrv.Count())
+	}
+	if out, code := in.run("retry", "-config", in.config, id); code == 0 || !strings.Contains(out, "only failed or expired") {
+		t.Errorf("retry of a sent message: %d\n%s", code, out)
+	}
+	if out, code := in.run("alerts", "-config", in.config, "-ack", fmt.Sprint(open[0].ID), "-by", "night shift"); code != 0 {
+		t.Fatalf("alerts -ack: %d\n%s", code, out)
+	}
+	if a := alerts(); len(a) != 0 {
+		t.Errorf("open alerts after ack = %+v", a)
+	}
+
+	// Stopped: the same commands read the store.
+	in.stop()
+	if out, _ := in.run("status", "-config", in.config); !strings.Contains(out, "not running") || !strings.Contains(out, "tucker-lab") {
+		t.Errorf("status while stopped:\n%s", out)
+	}
+	if a := alerts("-all"); len(a) != 1 || a[0].AckedBy != "night shift" {
+		t.Errorf("alerts -all while stopped = %+v", a)
+	}
+	if out, code := in.run("retry", "-config", in.config, "999"); code == 0 || !strings.Contains(out, "no such message") {
+		t.Errorf("retry of an unknown message while stopped: %d\n%s", code, out)
+	}
+}
