@@ -50,7 +50,7 @@ func keyFiles(t *testing.T, dir, email string) (pgpPriv, pgpPub, cert, key strin
 	return base + ".priv.asc", base + ".pub.asc", base + ".crt", base + ".key"
 }
 
-func startInstance(t *testing.T, w *embedded.World, dir, name, self, partners string, keyPriv, cert, key string) *instance {
+func startInstance(t *testing.T, w *embedded.World, dir, name, self, partners string, keyPriv, cert, key string, opts ...func(*Options)) *instance {
 	t.Helper()
 	r, err := embedded.StartRouter("127.0.0.1:0")
 	if err != nil {
@@ -75,8 +75,12 @@ partners:
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := Start(context.Background(), Options{Config: cfg, Keys: keys, RetryBase: 10 * time.Millisecond,
-		Logger: testlog.New(t, slog.LevelInfo).With("site", name)})
+	o := Options{Config: cfg, Keys: keys, RetryBase: 10 * time.Millisecond,
+		Logger: testlog.New(t, slog.LevelInfo).With("site", name)}
+	for _, f := range opts {
+		f(&o)
+	}
+	g, err := Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
