@@ -17,6 +17,9 @@ func TestDemo(t *testing.T) {
 	if !re.Match(out) {
 		t.Errorf("demo summary missing or incomplete:\n%s", out)
 	}
+	if !regexp.MustCompile(`dashboards: hospital http://127\.0\.0\.1:\d+/  lab http://127\.0\.0\.1:\d+/  clinic http://127\.0\.0\.1:\d+/`).Match(out) {
+		t.Errorf("demo does not print the dashboards' addresses:\n%s", out)
+	}
 	for _, want := range []string{"mail received and verified", "signer=CN=hospital", "response and MDN bundled", "receipt matched for RQ-O01-001"} {
 		if !regexp.MustCompile(regexp.QuoteMeta(want)).Match(out) {
 			t.Errorf("demo trace lacks %q", want)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/embedded"
@@ -162,6 +163,8 @@ func Run(ctx context.Context, o Options) (Summary, error) {
 	for _, s := range []*Site{h, lab, clinic} {
 		fmt.Fprintf(out, "%-8s %s, router %s, store %s\n", s.name, s.email, s.Router.Addr, s.cfg.StoreDir())
 	}
+	fmt.Fprintf(out, "dashboards: hospital %s  lab %s  clinic %s\n", h.Gateway.DashboardURL(), lab.Gateway.DashboardURL(),
+		clinic.Gateway.DashboardURL())
 	fmt.Fprintf(out, "surrogates at the hospital: lab %s (PGP), clinic %s (S/MIME)\n\n", env.Surrogate["lab"], env.Surrogate["clinic"])
 
 	// The §5 order goes to the lab; the corpus messages alternate.
@@ -262,7 +265,7 @@ func send(ctx context.Context, addr string, msg []byte) (hl7.AckCode, error) {
 	return a.Code, err
 }
 
-func (s *Site) start(ctx context.Context, w *embedded.World, partners, dashboard string, out io.Writer) error {
+func (s *Site) start(ctx context.Context, w *embedded.World, partners, dashAddr string, out io.Writer) error {
 	if err := os.WriteFile(filepath.Join(s.dir, "imap-password"), []byte("secret\n"), 0o600); err != nil {
 		return err
 	}
@@ -274,7 +277,7 @@ smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 2s}
 dashboard: {addr: %s}
 partners:
-%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, dashboard, partners)
+%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, dashAddr, partners)
 	path := filepath.Join(s.dir, "partners.yaml")
 	if err := os.WriteFile(path, []byte(cfgText), 0o600); err != nil {
 		return err
@@ -291,8 +294,10 @@ partners:
 		return err
 	}
 	s.cfg = cfg
+	// The trace prints the steps; the dashboard's live log shows them all.
+	tail := dashboard.NewTail(0)
 	s.Gateway, err = gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, RetryBase: 100 * time.Millisecond,
-		Logger: slog.New(&traceHandler{site: s.name, out: out})})
+		Logger: slog.New(tail.Handler(&traceHandler{site: s.name, out: out}, slog.LevelInfo)), Tail: tail})
 	return err
 }
 
