@@ -81,6 +81,10 @@ type MailServer struct {
 	// PasswordFile or PasswordEnv hold the password. Never inline.
 	PasswordFile string `yaml:"password_file"`
 	PasswordEnv  string `yaml:"password_env"`
+	// CAFile is a PEM file of the certificate authorities that sign the
+	// server's certificate (a private CA); default: the system's roots.
+	// Certificates are always verified.
+	CAFile string `yaml:"ca_file"`
 }
 
 // IMAP is the inbound account.
@@ -95,6 +99,10 @@ type IMAP struct {
 	// Poll is the polling interval where IDLE is absent, and the interval of
 	// the UID search made while idling (default 30s).
 	Poll Duration `yaml:"poll"`
+	// MaxMailSize bounds one partner mail in bytes (default 32 MiB); a
+	// larger one is quarantined unfetched (reason oversize) and its sender
+	// gets a "denied" MDN.
+	MaxMailSize int `yaml:"max_mail_size"`
 }
 
 // Dashboard is the operator web page.
@@ -162,6 +170,7 @@ const (
 	DefaultMaxConnections = 16
 	DefaultIdleTimeout    = 10 * time.Minute
 	DefaultMaxMessageSize = 1 << 20
+	DefaultMaxMailSize    = 32 << 20
 	DefaultContentType    = "application/edi-hl7"
 )
 
@@ -249,6 +258,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.IMAP.Poll == 0 {
 		c.IMAP.Poll = Duration(DefaultPoll)
+	}
+	if c.IMAP.MaxMailSize == 0 {
+		c.IMAP.MaxMailSize = DefaultMaxMailSize
 	}
 	if c.Dashboard.Addr == "" {
 		c.Dashboard.Addr = DefaultDashboard

@@ -45,7 +45,7 @@ func TestDefaults(t *testing.T) {
 	}
 	p := c.Partners[0]
 	if c.Store != DefaultStore || c.Router.AckTimeout.D() != DefaultAckTimeout || c.IMAP.Mailbox != "INBOX" ||
-		c.IMAP.Poll.D() != DefaultPoll || c.Dashboard.Addr != DefaultDashboard || p.MDN != "signed" ||
+		c.IMAP.Poll.D() != DefaultPoll || c.IMAP.MaxMailSize != DefaultMaxMailSize || c.Dashboard.Addr != DefaultDashboard || p.MDN != "signed" ||
 		p.IdleTimeout.D() != DefaultIdleTimeout || p.MaxMessageSize != DefaultMaxMessageSize {
 		t.Errorf("defaults not applied: %+v", c)
 	}
@@ -164,5 +164,15 @@ func TestCheckFiles(t *testing.T) {
 	t.Setenv("HL7MAIL_TEST_UNSET", "x")
 	if err := c.CheckFiles(); err != nil {
 		t.Errorf("CheckFiles with all files present = %v", err)
+	}
+	// A secret others can read is refused; a certificate may be read.
+	os.Chmod(filepath.Join(dir, "keys/self.asc"), 0o644)
+	os.Chmod(filepath.Join(dir, "keys/smtp"), 0o640)
+	err = c.CheckFiles()
+	for _, w := range []string{"self.pgp_key: " + filepath.Join(dir, "keys/self.asc") + " holds a secret but is readable by group or others (mode 0644)",
+		"smtp.password_file:", "(mode 0640)", "chmod 600"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("CheckFiles with open secrets = %v, want it to mention %q", err, w)
+		}
 	}
 }

@@ -221,6 +221,9 @@ func (v *validator) validate() {
 	v.server("smtp", &c.SMTP)
 	v.server("imap", &c.IMAP.MailServer)
 	v.positive("imap.poll", "", c.IMAP.Poll)
+	if c.IMAP.MaxMailSize < 64<<10 {
+		v.addf("imap.max_mail_size", "", "e.g. 33554432 (32 MiB)", "%d bytes is too small for a signed and encrypted message", c.IMAP.MaxMailSize)
+	}
 	v.addr("dashboard.addr", "", c.Dashboard.Addr, true)
 	if host, _, err := net.SplitHostPort(c.Dashboard.Addr); err == nil && !isLoopback(host) && c.Dashboard.TokenFile == "" {
 		v.addf("dashboard.token_file", "", "or listen on 127.0.0.1", "required when the dashboard listens on %s, not loopback", host)
@@ -427,8 +430,13 @@ func (e *Error) Err() error {
 // configuration names exist, are regular files and can be read, and that
 // the environment variables it names are set. It returns an *Error listing
 // every problem, or nil.
+//
+// Files holding secrets (private keys, passphrases, passwords, the
+// dashboard token) must not be readable by group or others.
 func (c *Config) CheckFiles() error {
 	v := validator{c: c, e: c.Problems(), lines: c.lines}
+	secret := map[string]bool{"self.pgp_key": true, "self.smime_key": true, "self.passphrase_file": true,
+		"smtp.password_file": true, "imap.password_file": true, "dashboard.token_file": true}
 	file := func(path, who, name string) {
 		if name == "" {
 			return
@@ -441,6 +449,10 @@ func (c *Config) CheckFiles() error {
 		}
 		if !st.Mode().IsRegular() {
 			v.addf(path, who, "", "%s is not a regular file", p)
+			return
+		}
+		if secret[path] && st.Mode().Perm()&0o077 != 0 {
+			v.addf(path, who, "chmod 600 "+p, "%s holds a secret but is readable by group or others (mode %04o)", p, st.Mode().Perm())
 			return
 		}
 		f, err := os.Open(p)
@@ -465,6 +477,8 @@ func (c *Config) CheckFiles() error {
 	file("imap.password_file", "", c.IMAP.PasswordFile)
 	env("imap.password_env", c.IMAP.PasswordEnv)
 	file("dashboard.token_file", "", c.Dashboard.TokenFile)
+	file("smtp.ca_file", "", c.SMTP.CAFile)
+	file("imap.ca_file", "", c.IMAP.CAFile)
 	for i, p := range c.Partners {
 		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
 		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)

@@ -16,8 +16,9 @@ import (
 // scrape, so they survive restarts and agree with the page; ACK latency is
 // observed as the surrogates answer.
 type Metrics struct {
-	reg *prometheus.Registry
-	ack *prometheus.HistogramVec
+	reg    *prometheus.Registry
+	ack    *prometheus.HistogramVec
+	limits *prometheus.CounterVec
 }
 
 // NewMetrics returns the metrics with the Go runtime and process collectors.
@@ -29,7 +30,11 @@ func NewMetrics() *Metrics {
 		// The store syncs before CA: a fraction of a millisecond to tens.
 		Buckets: []float64{.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 10},
 	}, []string{"partner", "code"})
-	m.reg.MustRegister(m.ack)
+	m.limits = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "hl7mail_limit_hits_total",
+		Help: "Times a limit refused something, by partner and limit (connections, message_size); oversize mail is counted in hl7mail_quarantined_total{reason=\"oversize\"}.",
+	}, []string{"partner", "limit"})
+	m.reg.MustRegister(m.ack, m.limits)
 	prefixed := prometheus.WrapRegistererWithPrefix("hl7mail_", m.reg)
 	prefixed.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -38,6 +43,11 @@ func NewMetrics() *Metrics {
 // ObserveAck records one ACK written by partner's surrogate.
 func (m *Metrics) ObserveAck(partner string, code hl7.AckCode, d time.Duration) {
 	m.ack.WithLabelValues(partner, string(code)).Observe(d.Seconds())
+}
+
+// LimitHit counts one refusal by partner's surrogate because of limit.
+func (m *Metrics) LimitHit(partner, limit string) {
+	m.limits.WithLabelValues(partner, limit).Inc()
 }
 
 // Registry returns the registry /metrics serves.
@@ -64,6 +74,8 @@ var (
 		[]string{"partner"}, nil)
 	descQuarantined = prometheus.NewDesc("hl7mail_quarantined", "Refused mail not released.",
 		[]string{"partner"}, nil)
+	descQuarantinedTotal = prometheus.NewDesc("hl7mail_quarantined_total", "Mail refused since the store was made, by reason.",
+		[]string{"reason"}, nil)
 	descAlerts = prometheus.NewDesc("hl7mail_alerts_open", "Alerts not acknowledged.", nil, nil)
 	descConns  = prometheus.NewDesc("hl7mail_router_connections", "Open router connections to the partner's surrogate.",
 		[]string{"partner"}, nil)
@@ -77,7 +89,7 @@ type instanceCollector struct{ inst Instance }
 
 func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMessages, descTaken, descQueue, descPending, descOverdue, descMismatch,
-		descQuarantined, descAlerts, descConns, descLinkUp, descLinkErrors} {
+		descQuarantined, descQuarantinedTotal, descAlerts, descConns, descLinkUp, descLinkErrors} {
 		ch <- d
 	}
 }
@@ -125,6 +137,13 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if s := sums[""]; s != nil { // mail from unknown senders
 		ch <- prometheus.MustNewConstMetric(descQuarantined, prometheus.GaugeValue, float64(s.Quarantined), "")
+	}
+	if byReason, err := st.QuarantineReasons(ctx); err != nil {
+		ch <- prometheus.NewInvalidMetric(descQuarantinedTotal, err)
+	} else {
+		for reason, n := range byReason {
+			ch <- prometheus.MustNewConstMetric(descQuarantinedTotal, prometheus.CounterValue, float64(n), reason)
+		}
 	}
 	if n, err := st.OpenAlerts(ctx); err != nil {
 		ch <- prometheus.NewInvalidMetric(descAlerts, err)

@@ -276,6 +276,8 @@ func TestMetrics(t *testing.T) {
 	inst.st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "tucker-lab", ControlID: "1", Payload: []byte("x")})
 	m := NewMetrics()
 	m.ObserveAck("tucker-lab", hl7.CommitAccept, 800*time.Microsecond)
+	m.LimitHit("tucker-lab", "connections")
+	inst.st.Quarantine(ctx, store.Quarantined{Partner: "clinic", Reason: "oversize", Detail: "40000000 bytes, limit 33554432"})
 	_, ts := newServer(t, Options{Instance: inst, Metrics: m})
 	resp, err := http.Get(ts.URL + "/metrics")
 	if err != nil {
@@ -295,6 +297,9 @@ func TestMetrics(t *testing.T) {
 		`hl7mail_mail_server_errors_total{server="imap"} 3`,
 		`hl7mail_receipts_overdue{partner="tucker-lab"} 0`,
 		`hl7mail_alerts_open 0`,
+		`hl7mail_limit_hits_total{limit="connections",partner="tucker-lab"} 1`,
+		`hl7mail_quarantined_total{reason="oversize"} 1`,
+		`hl7mail_quarantined{partner="clinic"} 1`,
 		`hl7mail_go_goroutines`,
 	} {
 		if !strings.Contains(text, want) {

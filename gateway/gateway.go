@@ -9,11 +9,14 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -110,7 +113,13 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			g.rollback()
 			return nil, fmt.Errorf("smtp password: %w", err)
 		}
-		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, Username: cfg.SMTP.Username, Password: password}
+		tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile), cfg.SMTP.CAFile != "")
+		if err != nil {
+			g.rollback()
+			return nil, fmt.Errorf("smtp.ca_file: %w", err)
+		}
+		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
+			Password: password}
 	}
 	sealer := &opts.Keys.Sealer
 	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
@@ -135,13 +144,20 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, fmt.Errorf("imap password: %w", err)
 	}
-	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer}, Store: st, Journal: g.incoming,
+	imapTLS, err := tlsConfig(cfg.IMAP.Addr, cfg.Path(cfg.IMAP.CAFile), cfg.IMAP.CAFile != "")
+	if err != nil {
+		g.rollback()
+		return nil, fmt.Errorf("imap.ca_file: %w", err)
+	}
+	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer, MaxSize: cfg.IMAP.MaxMailSize},
+		Store: st, Journal: g.incoming,
 		Logger: opts.Logger.With("component", "receiver"), Notify: g.sender.Notify}
 	watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
-		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, Username: cfg.IMAP.Username, Password: imapPassword,
+		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
 		Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
-		Poll: cfg.IMAP.Poll.D(), Receiver: receiver, Store: st, Logger: opts.Logger.With("component", "imap"),
-		Link: &g.imapLink,
+		Poll: cfg.IMAP.Poll.D(), MaxSize: int64(cfg.IMAP.MaxMailSize), Receiver: receiver, Store: st,
+		Logger: opts.Logger.With("component", "imap"),
+		Link:   &g.imapLink,
 		Handled: func(r mailbox.Result) {
 			if r.ID != 0 && r.Incoming != nil && !r.Replay {
 				deliverer.Notify(r.Incoming.Partner.Name)
@@ -167,6 +183,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			IdleTimeout:    p.IdleTimeout.D(),
 			IDs:            ids,
 			Observe:        func(code hl7.AckCode, d time.Duration) { metrics.ObserveAck(p.Name, code, d) },
+			LimitHit:       func(limit string) { metrics.LimitHit(p.Name, limit) },
 		})
 		if err == nil {
 			var ln net.Listener
@@ -185,7 +202,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			return nil, err
 		}
 	}
-	for _, w := range opts.Keys.Warnings {
+	for _, w := range opts.Keys.Expiring(time.Now()) {
 		g.keyAlert(ctx, w)
 	}
 	mctx, cancel := context.WithCancel(context.Background())
@@ -193,7 +210,23 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	sweep := func(ctx context.Context) {
 		mailbox.RunSweeper(ctx, cfg, st, opts.Logger.With("component", "sweeper"), time.Minute)
 	}
-	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run, sweep} {
+	// Keys that come within ExpiryWarning of their end while running are
+	// reported too: looked at again twice a day.
+	keyWatch := func(ctx context.Context) {
+		t := time.NewTicker(12 * time.Hour)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-t.C:
+				for _, w := range opts.Keys.Expiring(now) {
+					g.keyAlert(ctx, w)
+				}
+			}
+		}
+	}
+	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run, sweep, keyWatch} {
 		g.mailWG.Add(1)
 		go func() {
 			defer g.mailWG.Done()
@@ -430,4 +463,23 @@ func (g *Gateway) Ready() error {
 		return errors.New("surrogates not listening")
 	}
 	return nil
+}
+
+// tlsConfig returns the TLS settings for a mail server at addr: nil (the
+// system's roots) unless a CA file is configured, whose certificates then
+// are the only ones trusted. Verification is never turned off.
+func tlsConfig(addr, caFile string, set bool) (*tls.Config, error) {
+	if !set {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }

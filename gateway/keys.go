@@ -24,6 +24,29 @@ type Keys struct {
 	mailbox.Sealer
 	// Warnings name keys and certificates that expire within ExpiryWarning.
 	Warnings []string
+
+	expiries []expiry // every loaded key or certificate that expires
+}
+
+type expiry struct {
+	who, field, what string
+	at               time.Time
+}
+
+// Expiring returns a warning for each loaded key or certificate that
+// expires within ExpiryWarning of now, or has expired: what a running
+// instance looks at again every day.
+func (k *Keys) Expiring(now time.Time) []string {
+	var out []string
+	for _, x := range k.expiries {
+		switch {
+		case now.After(x.at):
+			out = append(out, fmt.Sprintf("%s: %s: %s expired on %s", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
+		case x.at.Sub(now) < ExpiryWarning:
+			out = append(out, fmt.Sprintf("%s: %s: %s expires on %s", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
+		}
+	}
+	return out
 }
 
 // LoadKeys reads every key and certificate the configuration names. It
@@ -120,14 +143,15 @@ func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Ti
 }
 
 func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) {
+	who := "self"
+	if partner != "" {
+		who = "partner " + partner
+	}
+	k.expiries = append(k.expiries, expiry{who: who, field: field, what: what, at: expires})
 	switch {
 	case now.After(expires):
 		e.Addf(field, partner, "renew it and exchange the new one", "%s expired on %s", what, expires.Format(time.DateOnly))
 	case expires.Sub(now) < ExpiryWarning:
-		who := "self"
-		if partner != "" {
-			who = "partner " + partner
-		}
 		k.Warnings = append(k.Warnings, fmt.Sprintf("%s: %s: %s expires on %s", who, field, what, expires.Format(time.DateOnly)))
 	}
 }

@@ -82,6 +82,14 @@ func TestLoadKeysProblems(t *testing.T) {
 	if err != nil || len(k.Warnings) != 1 || !strings.Contains(k.Warnings[0], "partner clinic: partners[1].smime_cert") {
 		t.Errorf("soon-expiring certificate: %+v, %v", k, err)
 	}
+	// A running instance looks again: later the certificate has expired;
+	// a year before, nothing is due.
+	if w := k.Expiring(time.Now().Add(11 * 24 * time.Hour)); len(w) != 1 || !strings.Contains(w[0], "expired on") {
+		t.Errorf("Expiring(in 11 days) = %q", w)
+	}
+	if w := k.Expiring(time.Now().Add(-365 * 24 * time.Hour)); len(w) != 0 {
+		t.Errorf("Expiring(a year ago) = %q", w)
+	}
 	// Wrong address in the lab's key, the clinic's certificate valid an hour ago
 	// for one minute, and no passphrase for our protected key.
 	path := keyDir(t, time.Minute, "someone@else.test")

@@ -386,3 +386,22 @@ func (s *Store) OpenAlerts(ctx context.Context) (int, error) {
 	}
 	return n, nil
 }
+
+// QuarantineReasons returns how many mails were refused, by reason.
+func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT reason, count(*) FROM quarantine GROUP BY reason`)
+	if err != nil {
+		return nil, fmt.Errorf("store: quarantine reasons: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var r string
+		var n int
+		if err := rows.Scan(&r, &n); err != nil {
+			return nil, fmt.Errorf("store: quarantine reasons: %w", err)
+		}
+		out[r] = n
+	}
+	return out, rows.Err()
+}

@@ -49,6 +49,21 @@ type Options struct {
 	// Observe, when set, is told of each ACK written: its code and the time
 	// from the end of the frame to the ACK (metrics).
 	Observe func(code hl7.AckCode, d time.Duration)
+	// LimitHit, when set, is told each time a limit refuses something:
+	// LimitConnections or LimitMessageSize (metrics).
+	LimitHit func(limit string)
+}
+
+// Limits a surrogate enforces, as named to Options.LimitHit.
+const (
+	LimitConnections = "connections"  // max_connections reached: connection closed
+	LimitMessageSize = "message_size" // max_message_size exceeded: message rejected (CR)
+)
+
+func (s *Server) limitHit(limit string) {
+	if s.opts.LimitHit != nil {
+		s.opts.LimitHit(limit)
+	}
 }
 
 // Server is one partner's surrogate listener.
@@ -154,6 +169,7 @@ func (s *Server) startConn(nc net.Conn) {
 	if len(s.conns) >= s.opts.MaxConnections {
 		s.mu.Unlock()
 		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", s.opts.MaxConnections)
+		s.limitHit(LimitConnections)
 		nc.Close()
 		return
 	}
@@ -315,6 +331,7 @@ func (c *conn) frameError(err error) bool {
 		reason := "frame has no end block"
 		if errors.Is(err, mllp.ErrTooLarge) {
 			reason = fmt.Sprintf("message of %d bytes exceeds the limit of %d", fe.Size, c.s.opts.MaxMessageSize)
+			c.s.limitHit(LimitMessageSize)
 		}
 		attrs := []any{"reason", reason, "size", fe.Size}
 		if h != nil {

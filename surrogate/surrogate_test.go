@@ -149,7 +149,13 @@ func TestCorpus(t *testing.T) {
 
 func TestRejects(t *testing.T) {
 	st := openStore(t)
-	_, addr := start(t, Options{Spool: st, MaxMessageSize: 200})
+	var hits []string
+	var mu sync.Mutex
+	_, addr := start(t, Options{Spool: st, MaxMessageSize: 200, LimitHit: func(l string) {
+		mu.Lock()
+		hits = append(hits, l)
+		mu.Unlock()
+	}})
 	c := dial(t, addr)
 	tests := []struct {
 		name, msg      string
@@ -170,6 +176,11 @@ func TestRejects(t *testing.T) {
 	list, _ := st.List(context.Background(), store.Filter{})
 	if len(list) != 1 || list[0].ControlID != "ok" {
 		t.Errorf("stored %+v, want only the accepted message", list)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(hits) != 1 || hits[0] != LimitMessageSize {
+		t.Errorf("limits hit: %v, want one %s", hits, LimitMessageSize)
 	}
 }
 
@@ -260,7 +271,8 @@ func TestDuplicate(t *testing.T) {
 }
 
 func TestConnectionLimit(t *testing.T) {
-	_, addr := start(t, Options{Spool: openStore(t), MaxConnections: 1})
+	hit := make(chan string, 1)
+	_, addr := start(t, Options{Spool: openStore(t), MaxConnections: 1, LimitHit: func(l string) { hit <- l }})
 	first := dial(t, addr)
 	msa(t, first, oru("1", "AL"))
 	second, err := net.Dial("tcp", addr)
@@ -274,6 +286,9 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	if a := msa(t, first, oru("2", "AL")); a.Code != hl7.CommitAccept {
 		t.Errorf("first connection after refusal: %+v", a)
+	}
+	if l := <-hit; l != LimitConnections {
+		t.Errorf("limit hit %q, want %q", l, LimitConnections)
 	}
 }
 
