@@ -25,6 +25,7 @@ type Journal struct {
 	mu   sync.Mutex
 	f    *os.File
 	size int64
+	path string
 }
 
 // Open opens (creating with mode 0600) the journal at path.
@@ -38,8 +39,11 @@ func Open(path string) (*Journal, error) {
 		f.Close()
 		return nil, fmt.Errorf("journal: %w", err)
 	}
-	return &Journal{f: f, size: st.Size()}, nil
+	return &Journal{f: f, size: st.Size(), path: path}, nil
 }
+
+// Path returns the journal's file name as given to Open.
+func (j *Journal) Path() string { return j.path }
 
 // Append writes msg as one mbox entry with the envelope sender from and time
 // t, syncs it, and returns the offset of its "From " line.

@@ -67,7 +67,9 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 		if err != nil {
 			return nil, mic, err
 		}
-		enc, err := security.PGPEncrypt(signed, []*openpgp.Entity{to}, now)
+		// Encrypted to ourselves too: the outgoing journal stays readable
+		// to us, as evidence of what was sent (hl7mail evidence).
+		enc, err := security.PGPEncrypt(signed, []*openpgp.Entity{to, s.PGPSelf}, now)
 		return enc, mic, err
 	case "smime":
 		to := s.SMIMEPartners[p.Name]
@@ -82,7 +84,7 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 		if p.KeyTransport == "pkcs1v15" {
 			kt = security.PKCS1v15
 		}
-		enc, err := security.SMIMEEncrypt(signed, []*x509.Certificate{to}, kt)
+		enc, err := security.SMIMEEncrypt(signed, []*x509.Certificate{to, s.SMIMECert}, kt)
 		return enc, mic, err
 	case "none":
 		if !p.AllowUnencrypted {
@@ -267,7 +269,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("store", "err", err)
 		return false
 	}
-	if _, err := s.o.Journal.Append(s.o.Config.Self.Email, now, mailBytes); err != nil {
+	if err := journalAppend(ctx, s.o.Journal, s.o.Store, s.o.Config.Self.Email, now, msgID, mailBytes); err != nil {
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}

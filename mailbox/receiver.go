@@ -58,7 +58,11 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 			sender = a.Address
 		}
 	}
-	if _, err := r.Journal.Append(sender, time.Now(), raw); err != nil {
+	msgID := ""
+	if h, err := headerOf(raw); err == nil {
+		msgID = strings.TrimSpace(h.Get("Message-Id"))
+	}
+	if err := journalAppend(ctx, r.Journal, r.Store, sender, time.Now(), msgID, raw); err != nil {
 		return Result{}, fmt.Errorf("incoming journal: %w", err)
 	}
 	in, err := r.Opener.Open(raw)

@@ -198,6 +198,10 @@ type Opened struct {
 	// Combined is true when signature and encryption came as one OpenPGP
 	// message rather than two MIME layers.
 	Combined bool
+	// Signed is the decrypted signed entity as it was inside the
+	// encryption (multipart/signed, or opaque signed data), for a third
+	// party to verify with gpg or openssl; nil for the combined form.
+	Signed []byte
 }
 
 // PGPOpen decrypts mail (a whole message, headers included) and verifies
@@ -262,8 +266,34 @@ func PGPOpen(mail []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time)
 	if err != nil {
 		return nil, err
 	}
-	o.Encrypted = true
+	o.Encrypted, o.Signed = true, plain
 	return o, nil
+}
+
+// SplitSigned returns the two parts of a multipart/signed entity: the
+// signed part exactly as it was signed (canonical, CRLF) and the body of
+// the signature part (an armored OpenPGP signature, or base64 CMS as
+// written), so that gpg --verify or openssl can check them apart.
+func SplitSigned(entity []byte) (content, signature []byte, err error) {
+	e, err := parseEntity(entity)
+	if err != nil {
+		return nil, nil, err
+	}
+	if e.typ != typeMultipartSigned {
+		return nil, nil, fmt.Errorf("%w: content is %s", ErrUnsigned, e.typ)
+	}
+	parts, err := e.parts()
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(parts) != 2 {
+		return nil, nil, malformed("multipart/signed has %d parts, want 2", len(parts))
+	}
+	_, sig, err := splitEntity(parts[1])
+	if err != nil {
+		return nil, nil, err
+	}
+	return Canonical(parts[0]), sig, nil
 }
 
 // openKeyring decrypts with our own key only and verifies signatures with

@@ -211,7 +211,7 @@ func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time
 	if err != nil {
 		return nil, err
 	}
-	o.Encrypted = true
+	o.Encrypted, o.Signed = true, plain
 	return o, nil
 }
 

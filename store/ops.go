@@ -405,3 +405,36 @@ func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
 	}
 	return out, rows.Err()
 }
+
+// RecordJournal records that the mail with messageID and SHA-256 digest sum
+// was written to journal file (a name such as "outgoing.mbox") at offset
+// (synced before it returns).
+func (s *Store) RecordJournal(ctx context.Context, file string, offset int64, messageID string, sum []byte) error {
+	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+		_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO journal_entries (file, offset, message_id, sha256)
+			VALUES (?, ?, ?, ?)`, file, offset, messageID, sum)
+		if err != nil {
+			return fmt.Errorf("store: record journal entry: %w", err)
+		}
+		return nil
+	})
+}
+
+// JournalDigests returns the digests recorded for journal file, by offset.
+func (s *Store) JournalDigests(ctx context.Context, file string) (map[int64][]byte, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT offset, sha256 FROM journal_entries WHERE file = ?`, file)
+	if err != nil {
+		return nil, fmt.Errorf("store: journal digests: %w", err)
+	}
+	defer rows.Close()
+	out := map[int64][]byte{}
+	for rows.Next() {
+		var off int64
+		var sum []byte
+		if err := rows.Scan(&off, &sum); err != nil {
+			return nil, fmt.Errorf("store: journal digests: %w", err)
+		}
+		out[off] = sum
+	}
+	return out, rows.Err()
+}

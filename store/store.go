@@ -437,6 +437,15 @@ var schema = []string{
 	ALTER TABLE quarantine ADD COLUMN release_note TEXT NOT NULL DEFAULT '';
 	ALTER TABLE quarantine ADD COLUMN released_as INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE messages ADD COLUMN retried INTEGER NOT NULL DEFAULT 0;`,
+	// 8: the digest of every mail written to a journal, where it was
+	// written: evidence finds an altered journal by it.
+	`CREATE TABLE journal_entries (
+		file       TEXT    NOT NULL,
+		offset     INTEGER NOT NULL,
+		message_id TEXT    NOT NULL,
+		sha256     BLOB    NOT NULL,
+		PRIMARY KEY (file, offset)
+	);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/hl7mail/hl7mail/evidence"
+)
+
+func runEvidence(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("evidence", "[-config FILE] [-out DIR] ID", `
+Re-verifies from the journals alone what was sent, received and agreed for
+one message (ID: a stored id, a Message-ID or an MSH-10 control ID). For a
+message sent: the mail as sent (Message-ID, time, MIC recomputed from the
+outgoing journal), the partner's signed receipt (signature checked again,
+MIC compared) and the partner's signed response (the commitment, MSA-1 AA),
+if any. For a message received, the mirror image: the partner's mail, our
+receipt and our response. -out DIR writes the original bytes, the
+decrypted signed entities, the keys or certificates and a report that a
+third party can check with gpg or openssl. Exits non-zero when a link is
+missing or does not verify, naming it.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	out := fs.String("out", "", "write the evidence files to `DIR`")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	if len(fs.Args()) != 1 {
+		fmt.Fprintln(stderr, "hl7mail evidence: give one id")
+		return 2
+	}
+	cfg, keys, err := loadChecked(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	st, err := openStore(cfg, false)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail evidence:", err)
+		return 1
+	}
+	defer st.Close()
+	ctx := context.Background()
+	m, err := evidence.Find(ctx, st, fs.Args()[0])
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail evidence:", err)
+		return 1
+	}
+	r, err := evidence.Build(ctx, evidence.Options{Config: cfg, Keys: &keys.Sealer, Store: st}, m)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail evidence:", err)
+		return 1
+	}
+	r.Write(stdout)
+	if *out != "" {
+		if err := r.Export(*out, &keys.Sealer); err != nil {
+			fmt.Fprintln(stderr, "hl7mail evidence:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "\nEvidence written to %s (see report.txt there).\n", *out)
+	}
+	if !r.OK() {
+		return 1
+	}
+	return 0
+}

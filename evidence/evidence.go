@@ -1,0 +1,276 @@
+// Package evidence re-verifies, from the journals alone, what was sent,
+// received and agreed for one transaction (draft-ietf-ediint-hl7-02 §3.1.5,
+// §3.2.2.4, §6.4): the mail as sent and its MIC, the partner's signed
+// receipt (MDN) and whether its Received-Content-MIC matches, and the
+// partner's signed response (the commitment); for an inbound message, the
+// mirror image. Every mail is opened again from the bytes the journals
+// hold, every signature checked again; the store is only used to find the
+// transaction and to compare what it recorded.
+//
+// hl7mail encrypts what it sends to itself as well as to the partner, so
+// that its own outgoing journal can be read again.
+package evidence
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/mail"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// Journal file names in the store folder (as gateway writes them).
+const (
+	OutgoingJournal = "outgoing.mbox"
+	IncomingJournal = "incoming.mbox"
+)
+
+// Link is one link of the chain.
+type Link struct {
+	Name   string   // "sent", "receipt", "commitment"; "received", "receipt sent", "commitment sent"
+	OK     bool     // present and verified
+	Absent bool     // for the commitment only: the partner sent none (not an error)
+	Lines  []string // what was found, or why it is broken
+}
+
+// Report is the chain for one message.
+type Report struct {
+	Message store.Message
+	Partner *config.Partner
+	Links   []*Link
+	files   []exportFile
+}
+
+// OK reports whether every link is present and verified (an absent
+// commitment is allowed: not every message gets an application response).
+func (r *Report) OK() bool {
+	for _, l := range r.Links {
+		if !l.OK && !l.Absent {
+			return false
+		}
+	}
+	return true
+}
+
+// Broken returns the names of the links that are missing or do not verify.
+func (r *Report) Broken() []string {
+	var out []string
+	for _, l := range r.Links {
+		if !l.OK && !l.Absent {
+			out = append(out, l.Name)
+		}
+	}
+	return out
+}
+
+// Options configure Build. All are required.
+type Options struct {
+	Config *config.Config
+	Keys   *mailbox.Sealer
+	Store  *store.Store
+}
+
+// Find returns the stored message id names: a stored id, a Message-ID or
+// an MSH-10 control ID (the newest such message).
+func Find(ctx context.Context, st *store.Store, id string) (store.Message, error) {
+	if n, err := strconv.ParseInt(id, 10, 64); err == nil {
+		if m, err := st.Get(ctx, n); err == nil {
+			return m, nil
+		}
+	}
+	list, err := st.Search(ctx, id, 1000)
+	if err != nil {
+		return store.Message{}, err
+	}
+	for _, m := range list {
+		if m.MessageID == id || m.MessageID == "<"+strings.Trim(id, "<>")+">" || m.ControlID == id {
+			return st.Get(ctx, m.ID)
+		}
+	}
+	return store.Message{}, fmt.Errorf("%w: no message with id, Message-ID or control ID %q", store.ErrNotFound, id)
+}
+
+// entry is a journal entry with what its header says.
+type entry struct {
+	journal.Entry
+	file      string
+	messageID string
+	inReplyTo string
+	from      string
+}
+
+func readJournal(path string) ([]entry, error) {
+	entries, err := journal.Read(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	out := make([]entry, 0, len(entries))
+	for _, e := range entries {
+		x := entry{Entry: e, file: filepath.Base(path)}
+		if m, err := mail.ReadMessage(bytes.NewReader(e.Mail)); err == nil {
+			x.messageID = strings.TrimSpace(m.Header.Get("Message-Id"))
+			x.inReplyTo = strings.TrimSpace(m.Header.Get("In-Reply-To"))
+			if a, err := mail.ParseAddress(m.Header.Get("From")); err == nil {
+				x.from = strings.ToLower(a.Address)
+			}
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+// opener opens mail of one partner, or our own.
+type opener struct {
+	o       Options
+	partner *config.Partner
+	digests map[string]map[int64][]byte // journal file → offset → SHA-256 recorded when written
+}
+
+// open decrypts and verifies raw as signed by the partner (ours false) or
+// by us (ours true), as of when.
+func (op opener) open(raw []byte, ours bool, when time.Time) (*security.Opened, error) {
+	k := op.o.Keys
+	switch op.partner.Security {
+	case "pgp":
+		signer := k.PGPPartners[op.partner.Name]
+		if ours {
+			signer = k.PGPSelf
+		}
+		return security.PGPOpen(raw, security.PGPKeys{Self: k.PGPSelf, Partners: openpgp.EntityList{signer}}, signer, when)
+	case "smime":
+		signer := k.SMIMEPartners[op.partner.Name]
+		if ours {
+			signer = k.SMIMECert
+		}
+		return security.SMIMEOpen(raw, security.SMIMEKeys{Cert: k.SMIMECert, Key: k.SMIMEKey, Partners: []*x509.Certificate{signer}}, signer, when)
+	}
+	return nil, fmt.Errorf("partner %s uses security %s: mail is neither signed nor encrypted, there is nothing to verify", op.partner.Name, op.partner.Security)
+}
+
+func normal(addr string) string { return strings.ToLower(strings.TrimSpace(addr)) }
+
+// exportFile is a file Export writes.
+type exportFile struct {
+	name string
+	data []byte
+	note string // how to check it
+}
+
+// export keeps, for Export, the journalled bytes of a mail and what a third
+// party needs to check its signature.
+func (r *Report) export(prefix string, raw []byte, opened *security.Opened, ours bool) {
+	r.files = append(r.files, exportFile{name: prefix + ".eml", data: raw, note: "the mail exactly as journalled"})
+	if opened.Signed == nil {
+		return
+	}
+	signer := "partner"
+	if ours {
+		signer = "us"
+	}
+	switch r.Partner.Security {
+	case "pgp":
+		content, sig, err := security.SplitSigned(opened.Signed)
+		if err != nil {
+			return
+		}
+		key := "partner-key.asc"
+		if ours {
+			key = "our-key.asc"
+		}
+		r.files = append(r.files,
+			exportFile{name: prefix + "-content.mime", data: content, note: "the signed MIME entity, decrypted"},
+			exportFile{name: prefix + "-signature.asc", data: sig, note: fmt.Sprintf(
+				"signature by %s: gpg --import %s; gpg --verify %s-signature.asc %s-content.mime", signer, key, prefix, prefix)})
+	case "smime":
+		cert := "partner-cert.pem"
+		if ours {
+			cert = "our-cert.pem"
+		}
+		r.files = append(r.files, exportFile{name: prefix + "-signed.eml", data: opened.Signed, note: fmt.Sprintf(
+			"the signed entity, decrypted: openssl cms -verify -in %s-signed.eml -CAfile %s -purpose any -out /dev/null", prefix, cert)})
+	}
+}
+
+// Export writes to dir the original bytes of every mail in the chain, the
+// decrypted signed entities and signatures, the public keys or
+// certificates to check them with, and report.txt saying how.
+func (r *Report) Export(dir string, keys *mailbox.Sealer) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	files := append([]exportFile(nil), r.files...)
+	switch r.Partner.Security {
+	case "pgp":
+		our, err := security.ArmorPGPPublic(keys.PGPSelf)
+		if err != nil {
+			return err
+		}
+		theirs, err := security.ArmorPGPPublic(keys.PGPPartners[r.Partner.Name])
+		if err != nil {
+			return err
+		}
+		files = append(files, exportFile{name: "our-key.asc", data: our, note: "our public key"},
+			exportFile{name: "partner-key.asc", data: theirs, note: "the partner's public key"})
+	case "smime":
+		files = append(files,
+			exportFile{name: "our-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: keys.SMIMECert.Raw}), note: "our certificate"},
+			exportFile{name: "partner-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE",
+				Bytes: keys.SMIMEPartners[r.Partner.Name].Raw}), note: "the partner's certificate"})
+	}
+	var rep bytes.Buffer
+	r.Write(&rep)
+	rep.WriteString("\nFiles:\n")
+	for _, f := range files {
+		fmt.Fprintf(&rep, "  %-26s %s\n", f.name, f.note)
+		if err := os.WriteFile(filepath.Join(dir, f.name), f.data, 0o600); err != nil {
+			return err
+		}
+	}
+	sum := func(b []byte) string { s := sha256.Sum256(b); return fmt.Sprintf("%x", s) }
+	rep.WriteString("\nSHA-256:\n")
+	for _, f := range files {
+		fmt.Fprintf(&rep, "  %s  %s\n", sum(f.data), f.name)
+	}
+	return os.WriteFile(filepath.Join(dir, "report.txt"), rep.Bytes(), 0o600)
+}
+
+// Write prints the report.
+func (r *Report) Write(w interface{ Write([]byte) (int, error) }) {
+	m := r.Message
+	fmt.Fprintf(w, "Message %d: %s %s, control ID %s, partner %s <%s>, %s, state %s\n", m.ID, m.Direction, m.MessageType,
+		m.ControlID, r.Partner.Name, r.Partner.Email, r.Partner.Security, m.State)
+	for _, l := range r.Links {
+		status := "verified"
+		switch {
+		case l.Absent:
+			status = "absent"
+		case !l.OK:
+			status = "BROKEN"
+		}
+		fmt.Fprintf(w, "\n%s: %s\n", l.Name, status)
+		for _, line := range l.Lines {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
+	}
+	if r.OK() {
+		fmt.Fprintln(w, "\nThe chain holds.")
+	} else {
+		fmt.Fprintf(w, "\nThe chain is broken at: %s\n", strings.Join(r.Broken(), ", "))
+	}
+}
