@@ -53,7 +53,9 @@ func Build(ctx context.Context, o Options, m store.Message) (*Report, error) {
 	return r, nil
 }
 
-func (l *Link) addf(format string, args ...any) { l.Lines = append(l.Lines, fmt.Sprintf(format, args...)) }
+func (l *Link) addf(format string, args ...any) {
+	l.Lines = append(l.Lines, fmt.Sprintf(format, args...))
+}
 
 // fail marks l broken with a reason.
 func (l *Link) fail(format string, args ...any) {
