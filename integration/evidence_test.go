@@ -166,6 +166,13 @@ partners:
 	opensslVerify(d, "1-received", "partner-cert.pem")
 	opensslVerify(d, "2-receipt-sent", "our-cert.pem")
 
+	for _, s := range []*site{hospital, lab, clinic} {
+		if out, code := s.in.run("journal", "verify", "-config", s.in.config); code != 0 ||
+			!strings.Contains(out, "Every journal entry verifies and has its counterpart in the store.") {
+			t.Errorf("journal verify at the %s: %d\n%s", s.name, code, out)
+		}
+	}
+
 	// One byte of the hospital's incoming journal altered, inside the lab's
 	// encrypted receipt.
 	hospital.in.stop()
@@ -188,5 +195,9 @@ partners:
 	}
 	if out, code := evidence(hospital, "ORM-CLIN-1", ""); code != 0 {
 		t.Errorf("the clinic's chain, untouched, after the lab's was altered: %d\n%s", code, out)
+	}
+	if out, code := hospital.in.run("journal", "verify", "-config", hospital.in.config); code == 0 ||
+		!strings.Contains(out, "incoming.mbox offset 0") || !strings.Contains(out, "altered after it was written") {
+		t.Errorf("journal verify after the journal was altered: %d\n%s", code, out)
 	}
 }

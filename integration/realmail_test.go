@@ -316,6 +316,13 @@ partners:
 		}
 	}
 
+	for _, s := range []*site{hospital, lab, clinic} {
+		out, err := exec.Command(binary, "journal", "verify", "-config", s.in.config).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "Every journal entry verifies") {
+			t.Errorf("journal verify at the %s: %v\n%s", s.name, err, out)
+		}
+	}
+
 	// What lies in the lab's mailbox: PGP/MIME that GnuPG decrypts.
 	raw := storedMail(t, dir, "lab@partner.test")
 	start := bytes.Index(raw, []byte("-----BEGIN PGP MESSAGE-----"))

@@ -29,6 +29,7 @@ func commands() []command {
 		{"retry", "put a failed or expired message back in its queue", runRetry},
 		{"release", "deliver a quarantined mail after a person checked it", runRelease},
 		{"evidence", "re-verify one transaction from the journals; export it", runEvidence},
+		{"journal", "verify: check every journal entry against its signature and the store", runJournal},
 		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
 	}
