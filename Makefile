@@ -4,7 +4,7 @@ GO ?= go
 GOFLAGS_TEST ?= -race -shuffle=on -count=1
 FUZZTIME ?= 30s
 
-.PHONY: build test check fmt-check vet fuzz bench demo deps clean
+.PHONY: build test soak check fmt-check vet fuzz bench demo deps clean
 
 build:
 	$(GO) build -o bin/hl7mail ./cmd/hl7mail
@@ -21,8 +21,16 @@ vet:
 
 # Every test, the real-part tests included (they fail, not skip, when a
 # package is missing).
+# The fault suite's table is printed at the end.
 test: deps fmt-check vet
+	rm -f var/artifacts/faults.txt
 	HL7MAIL_REQUIRE_REAL=1 $(GO) test $(GOFLAGS_TEST) -timeout 15m ./...
+	@cat var/artifacts/faults.txt
+
+# The fault suite, long: 3,000 messages, 15 kills per kill case, 20 s outages.
+soak: deps
+	HL7MAIL_SOAK=1 HL7MAIL_REQUIRE_REAL=1 $(GO) test -race -count=1 -timeout 60m -run TestFaults -v ./integration
+	@cat var/artifacts/faults.txt
 
 check: fmt-check vet
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...

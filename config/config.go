@@ -85,6 +85,9 @@ type MailServer struct {
 	// server's certificate (a private CA); default: the system's roots.
 	// Certificates are always verified.
 	CAFile string `yaml:"ca_file"`
+	// Retry is, for SMTP, the wait after a failed submission, doubling up
+	// to 30m (default 30s).
+	Retry Duration `yaml:"retry"`
 }
 
 // IMAP is the inbound account.

@@ -221,6 +221,9 @@ func (v *validator) validate() {
 	v.server("smtp", &c.SMTP)
 	v.server("imap", &c.IMAP.MailServer)
 	v.positive("imap.poll", "", c.IMAP.Poll)
+	if c.IMAP.Retry != 0 {
+		v.addf("imap.retry", "", "the IMAP watcher reconnects by itself within a minute", "retry applies to smtp only")
+	}
 	if c.IMAP.MaxMailSize < 64<<10 {
 		v.addf("imap.max_mail_size", "", "e.g. 33554432 (32 MiB)", "%d bytes is too small for a signed and encrypted message", c.IMAP.MaxMailSize)
 	}

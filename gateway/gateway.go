@@ -123,7 +123,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	}
 	sealer := &opts.Keys.Sealer
 	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
-		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase),
+		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase, cfg.SMTP.Retry.D()),
 		Logger: opts.Logger.With("component", "sender"), Sealer: sealer, Link: &g.smtpLink,
 	})
 	if err != nil {
@@ -262,12 +262,16 @@ func (g *Gateway) rollback() {
 	g.store.Close()
 }
 
-// retryBase is the sender's first wait after a failed submission.
-func retryBase(d time.Duration) time.Duration {
-	if d == 0 {
-		return 30 * time.Second
+// retryBase is the sender's first wait after a failed submission: the
+// option, else smtp.retry, else 30s.
+func retryBase(d, configured time.Duration) time.Duration {
+	switch {
+	case d != 0:
+		return d
+	case configured != 0:
+		return configured
 	}
-	return d
+	return 30 * time.Second
 }
 
 // routerRetryBase is the deliverer's first wait after the router failed: the

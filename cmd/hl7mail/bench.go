@@ -15,14 +15,18 @@ import (
 )
 
 func runBench(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("bench", "[flags]", `
+	if len(args) > 0 && args[0] == "load" {
+		return runBenchLoad(args[1:], stdout, stderr)
+	}
+	fs := newFlags("bench", "[flags] | load [flags]", `
 Measures, on the HL7 sample corpus, beside baselines measured in the same run:
   crypto: messages/s sealed (MIME-EDI, sign, encrypt) and opened (decrypt,
           verify) with PGP and S/MIME, against the bare primitives;
   ack:    how fast a surrogate answers CA, latency (p50, p99) and messages/s
           at each connection count, against a bare MLLP server that fsyncs
           each message before answering. The store lives in a scratch folder
-          on the disk being measured.`, stderr)
+          on the disk being measured.
+"hl7mail bench load -h" tells of the load command.`, stderr)
 	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), e2e (the whole loop over embedded mail servers), or all")
 	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
 	n := fs.Int("n", 20000, "messages per measured run (long enough to include checkpoints)")
@@ -117,4 +121,67 @@ func verdict(ok bool) string {
 		return "met"
 	}
 	return "NOT met"
+}
+
+func runBenchLoad(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("bench load", "-addr HOST:PORT[,HOST:PORT...] [flags]", `
+Sends the HL7 sample corpus, each message with a control ID of its own
+(PREFIX-n), over several connections to one or more running surrogates, as
+a router does: one message at a time per connection; when a connection
+breaks, an answer does not come, or it is CE, it connects again and sends
+the same message again, until CA or CR. Prints a table; -record writes the
+control ID of every message that got CA, one per line, as it arrives (what
+the fault tests compare with what reached the far router).`, stderr)
+	addrs := fs.String("addr", "", "surrogate addresses, comma-separated (required)")
+	conns := fs.Int("conns", 2, "connections to each address")
+	n := fs.Int("n", 1013, "messages to send")
+	prefix := fs.String("prefix", "", "control ID prefix (default: L and the time)")
+	recordPath := fs.String("record", "", "append each CA'd control ID to `file`")
+	giveUp := fs.Duration("give-up", 2*time.Minute, "how long to keep trying one message")
+	rate := fs.Float64("rate", 0, "new messages per second in all (0: as fast as the answers come)")
+	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	if *addrs == "" {
+		fmt.Fprintln(stderr, "hl7mail bench load: -addr is required")
+		return 2
+	}
+	var msgs [][]byte
+	var err error
+	if *corpusPath != "" {
+		msgs, err = corpus.Load(*corpusPath)
+	} else {
+		msgs, err = corpus.Default()
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail bench load:", err)
+		return 1
+	}
+	if *prefix == "" {
+		*prefix = fmt.Sprintf("L%x", time.Now().UnixMilli())
+	}
+	o := bench.LoadOptions{Conns: *conns, Messages: bench.Unique(msgs, *n, *prefix), GiveUp: *giveUp, Rate: *rate}
+	for _, a := range strings.Split(*addrs, ",") {
+		o.Addrs = append(o.Addrs, strings.TrimSpace(a))
+	}
+	if *recordPath != "" {
+		f, err := os.OpenFile(*recordPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench load:", err)
+			return 1
+		}
+		defer f.Close()
+		o.Record = f
+	}
+	r, err := bench.Load(context.Background(), o)
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail bench load:", err)
+		return 1
+	}
+	bench.PrintLoad(stdout, r)
+	if r.Failed > 0 {
+		return 1
+	}
+	return 0
 }

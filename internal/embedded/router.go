@@ -12,12 +12,13 @@ import (
 
 // Router is a running stand-in router.
 type Router struct {
-	Addr string
-	ln   net.Listener
-	mu   sync.Mutex
-	msgs [][]byte
-	at   []time.Time
-	ids  *hl7.IDGen
+	Addr  string
+	ln    net.Listener
+	mu    sync.Mutex
+	msgs  [][]byte
+	at    []time.Time
+	ids   *hl7.IDGen
+	conns map[net.Conn]struct{}
 }
 
 // StartRouter listens on addr ("127.0.0.1:0" for any port).
@@ -26,19 +27,27 @@ func StartRouter(addr string) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now())}
-	go r.serve()
+	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now()), conns: map[net.Conn]struct{}{}}
+	go r.serve(ln)
 	return r, nil
 }
 
-func (r *Router) serve() {
+func (r *Router) serve(ln net.Listener) {
 	for {
-		c, err := r.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
+		r.mu.Lock()
+		r.conns[c] = struct{}{}
+		r.mu.Unlock()
 		go func() {
-			defer c.Close()
+			defer func() {
+				c.Close()
+				r.mu.Lock()
+				delete(r.conns, c)
+				r.mu.Unlock()
+			}()
 			rd := mllp.NewReader(c, 0)
 			for {
 				frame, err := rd.ReadFrame()
@@ -77,4 +86,29 @@ func (r *Router) Arrivals() ([][]byte, []time.Time) {
 }
 
 // Close stops the router.
-func (r *Router) Close() error { return r.ln.Close() }
+func (r *Router) Close() error { return r.Stop() }
+
+// Stop closes the listener and every connection, as a router that goes
+// down; Restart brings it back on the same address, keeping what it
+// received.
+func (r *Router) Stop() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		c.Close()
+	}
+	return r.ln.Close()
+}
+
+// Restart listens again on the router's address.
+func (r *Router) Restart() error {
+	ln, err := net.Listen("tcp", r.Addr)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.ln = ln
+	r.mu.Unlock()
+	go r.serve(ln)
+	return nil
+}

@@ -40,35 +40,71 @@ func NewWorld(addrs ...string) (*World, error) {
 		w.users[strings.ToLower(a)] = u
 		w.mem.AddUser(u)
 	}
-	w.imap = imapserver.New(&imapserver.Options{
+	w.IMAPAddr, w.SMTPAddr = "127.0.0.1:0", "127.0.0.1:0"
+	if err := w.StartIMAP(); err != nil {
+		return nil, err
+	}
+	if err := w.StartSMTP(); err != nil {
+		w.imap.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// StartIMAP starts the IMAP server on IMAPAddr (again, after StopIMAP),
+// with the mailboxes as they were.
+func (w *World) StartIMAP() error {
+	srv := imapserver.New(&imapserver.Options{
 		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
 			return w.mem.NewSession(), nil, nil
 		},
 		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
 		InsecureAuth: true,
 	})
-	iln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", w.IMAPAddr)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	go w.imap.Serve(iln)
-	w.IMAPAddr = iln.Addr().String()
-	w.smtp = smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return &worldSession{w: w}, nil }))
-	w.smtp.Domain = "localhost"
-	sln, err := net.Listen("tcp", "127.0.0.1:0")
+	go srv.Serve(ln)
+	w.mu.Lock()
+	w.imap, w.IMAPAddr = srv, ln.Addr().String()
+	w.mu.Unlock()
+	return nil
+}
+
+// StopIMAP stops the IMAP server and drops its connections.
+func (w *World) StopIMAP() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.imap.Close()
+}
+
+// StartSMTP starts the SMTP server on SMTPAddr (again, after StopSMTP).
+func (w *World) StartSMTP() error {
+	srv := smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return &worldSession{w: w}, nil }))
+	srv.Domain = "localhost"
+	ln, err := net.Listen("tcp", w.SMTPAddr)
 	if err != nil {
-		w.imap.Close()
-		return nil, err
+		return err
 	}
-	go w.smtp.Serve(sln)
-	w.SMTPAddr = sln.Addr().String()
-	return w, nil
+	go srv.Serve(ln)
+	w.mu.Lock()
+	w.smtp, w.SMTPAddr = srv, ln.Addr().String()
+	w.mu.Unlock()
+	return nil
+}
+
+// StopSMTP stops the SMTP server and drops its connections.
+func (w *World) StopSMTP() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.smtp.Close()
 }
 
 // Close stops both servers.
 func (w *World) Close() {
-	w.smtp.Close()
-	w.imap.Close()
+	w.StopSMTP()
+	w.StopIMAP()
 }
 
 // Delivered returns how many mails the SMTP server delivered.
