@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -71,7 +72,9 @@ func keysForFaults(t *testing.T) string {
 	return faultKeys.dir
 }
 
-func newFaultWorld(t *testing.T) *faultWorld {
+// newFaultWorld starts the two instances; prep, when set, is called with
+// the test, each site's name and its folder before it starts.
+func newFaultWorld(t *testing.T, prep func(t *testing.T, site, dir string)) *faultWorld {
 	t.Helper()
 	keys := keysForFaults(t)
 	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
@@ -93,6 +96,9 @@ func newFaultWorld(t *testing.T) *faultWorld {
 		d := filepath.Join(dir, name)
 		os.MkdirAll(d, 0o700)
 		os.WriteFile(filepath.Join(d, "imap-password"), []byte("secret\n"), 0o600)
+		if prep != nil {
+			prep(t, name, d)
+		}
 		p := filepath.Join(d, "partners.yaml")
 		os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: %s/%s/private.asc}
 store: var
@@ -132,10 +138,10 @@ type faultRow struct {
 // runFault sends the load to the hospital's surrogate while during runs,
 // then waits for every message that got CA to reach the lab's router and
 // its answer the hospital's.
-func runFault(t *testing.T, name string, during func(f *faultWorld)) faultRow {
+func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir string), during func(f *faultWorld)) faultRow {
 	t.Helper()
 	sc := scale()
-	f := newFaultWorld(t)
+	f := newFaultWorld(t, prep)
 	record := filepath.Join(t.TempDir(), "acked")
 	load := exec.Command(binary, "bench", "load", "-addr", f.toLab, "-conns", "4", "-n", fmt.Sprint(sc.messages),
 		"-rate", fmt.Sprint(sc.rate), "-prefix", "F"+strings.ReplaceAll(name, " ", ""), "-record", record, "-give-up", "90s")
@@ -291,21 +297,60 @@ func TestFaults(t *testing.T) {
 			}
 		}
 	}
+	// The hospital's store on a file system of its own, which a filler
+	// file fills to the last byte for a while.
+	var storeFS string
+	smallDisk := func(t *testing.T, site, dir string) {
+		if site != "hospital" {
+			return
+		}
+		storeFS = filepath.Join(dir, "var")
+		os.MkdirAll(storeFS, 0o700)
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", storeFS).CombinedOutput(); err != nil {
+			t.Fatalf("mount tmpfs for the disk-full case (needs root): %v\n%s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", "-l", storeFS).Run() })
+	}
+	diskFull := func(f *faultWorld) {
+		time.Sleep(sc.every)
+		filler := filepath.Join(storeFS, "filler")
+		fill, err := os.Create(filler)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		for _, size := range []int{1 << 20, 4096, 1} { // to the last byte
+			chunk := make([]byte, size)
+			for {
+				if _, err := fill.Write(chunk); err != nil {
+					break
+				}
+			}
+		}
+		fill.Close()
+		var st syscall.Statfs_t
+		if err := syscall.Statfs(storeFS, &st); err != nil || st.Bavail != 0 {
+			f.t.Errorf("the store's file system is not full: %d blocks free, %v", st.Bavail, err)
+		}
+		time.Sleep(sc.outage)
+		os.Remove(filler)
+	}
 	cases := []struct {
 		name   string
+		prep   func(t *testing.T, site, dir string)
 		during func(f *faultWorld)
 	}{
-		{"none", func(f *faultWorld) {}},
-		{"kill -9 hospital", kill(func(f *faultWorld) *instance { return f.hospital })},
-		{"kill -9 lab", kill(func(f *faultWorld) *instance { return f.lab })},
-		{"SMTP down", outage(func(f *faultWorld) error { return f.w.StopSMTP() }, func(f *faultWorld) error { return f.w.StartSMTP() })},
-		{"IMAP down", outage(func(f *faultWorld) error { return f.w.StopIMAP() }, func(f *faultWorld) error { return f.w.StartIMAP() })},
-		{"lab router down", outage(func(f *faultWorld) error { return f.labRouter.Stop() }, func(f *faultWorld) error { return f.labRouter.Restart() })},
+		{"none", nil, func(f *faultWorld) {}},
+		{"kill -9 hospital", nil, kill(func(f *faultWorld) *instance { return f.hospital })},
+		{"kill -9 lab", nil, kill(func(f *faultWorld) *instance { return f.lab })},
+		{"SMTP down", nil, outage(func(f *faultWorld) error { return f.w.StopSMTP() }, func(f *faultWorld) error { return f.w.StartSMTP() })},
+		{"IMAP down", nil, outage(func(f *faultWorld) error { return f.w.StopIMAP() }, func(f *faultWorld) error { return f.w.StartIMAP() })},
+		{"lab router down", nil, outage(func(f *faultWorld) error { return f.labRouter.Stop() }, func(f *faultWorld) error { return f.labRouter.Restart() })},
+		{"hospital disk full", smallDisk, diskFull},
 	}
 	var rows []faultRow
 	for _, c := range cases {
 		t.Run(strings.ReplaceAll(c.name, " ", "_"), func(t *testing.T) {
-			row := runFault(t, c.name, c.during)
+			row := runFault(t, c.name, c.prep, c.during)
 			rows = append(rows, row)
 			if row.lost != 0 || len(row.unexplained) != 0 || row.ca == 0 {
 				t.Errorf("%s: %d got CA, %d lost, %d delivered twice, %d answers twice; not explained by a kill: %v\n%s", c.name,
