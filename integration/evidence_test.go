@@ -197,7 +197,7 @@ partners:
 		t.Errorf("the clinic's chain, untouched, after the lab's was altered: %d\n%s", code, out)
 	}
 	if out, code := hospital.in.run("journal", "verify", "-config", hospital.in.config); code == 0 ||
-		!strings.Contains(out, "incoming.mbox offset 0") || !strings.Contains(out, "altered after it was written") {
+		!strings.Contains(out, "PROBLEM: incoming.mbox offset") || !strings.Contains(out, "altered after it was written") {
 		t.Errorf("journal verify after the journal was altered: %d\n%s", code, out)
 	}
 }
