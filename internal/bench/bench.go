@@ -34,12 +34,30 @@ type Result struct {
 	PerCommit  float64 // messages per fsync
 	PerSecond  float64
 	Unexpected int // answers other than CA
+	Round      int // which of Options.Rounds
 }
 
 // Drive sends n messages (cycling through msgs) to addr over conns
 // connections, each waiting for the answer before sending the next, and
 // measures every round trip.
 func Drive(ctx context.Context, addr string, conns, n int, msgs [][]byte) (Result, error) {
+	all, bad, elapsed, err := drive(ctx, addr, conns, n, msgs)
+	if err != nil {
+		return Result{}, err
+	}
+	return summarize(conns, all, bad, elapsed), nil
+}
+
+// summarize makes a Result of round-trip times.
+func summarize(conns int, all []time.Duration, bad int, elapsed time.Duration) Result {
+	all = slices.Clone(all)
+	slices.Sort(all)
+	return Result{Conns: conns, Messages: len(all), Elapsed: elapsed, Unexpected: bad,
+		P50: all[len(all)/2], P99: all[len(all)*99/100], PerSecond: float64(len(all)) / elapsed.Seconds()}
+}
+
+// drive is Drive returning every round-trip time.
+func drive(ctx context.Context, addr string, conns, n int, msgs [][]byte) ([]time.Duration, int, time.Duration, error) {
 	lat := make([][]time.Duration, conns)
 	bad := make([]int, conns)
 	errs := make(chan error, conns)
@@ -73,16 +91,13 @@ func Drive(ctx context.Context, addr string, conns, n int, msgs [][]byte) (Resul
 	elapsed := time.Since(start)
 	close(errs)
 	if err := <-errs; err != nil {
-		return Result{}, err
+		return nil, 0, 0, err
 	}
-	all := slices.Concat(lat...)
-	slices.Sort(all)
-	r := Result{Conns: conns, Messages: len(all), Elapsed: elapsed,
-		P50: all[len(all)/2], P99: all[len(all)*99/100], PerSecond: float64(len(all)) / elapsed.Seconds()}
+	nbad := 0
 	for _, b := range bad {
-		r.Unexpected += b
+		nbad += b
 	}
-	return r, nil
+	return slices.Concat(lat...), nbad, elapsed, nil
 }
 
 func isCA(reply []byte) bool {
@@ -218,6 +233,10 @@ type Options struct {
 	Warmup   int      // messages sent before measuring (default 200)
 	Dir      string   // scratch folder on the disk to measure (required)
 	Corpus   [][]byte // messages to send (required)
+	// Rounds is how many baseline/hl7mail pairs are measured at each
+	// connection count (default 3): a passing disturbance of the machine
+	// then shows in one pair, not in the median.
+	Rounds int
 }
 
 // Run measures the baseline and hl7mail at each connection count, one after
@@ -233,53 +252,92 @@ func Run(ctx context.Context, opts Options) ([]Result, error) {
 	if opts.Warmup <= 0 {
 		opts.Warmup = 200
 	}
+	if opts.Rounds <= 0 {
+		opts.Rounds = 3
+	}
 	var out []Result
 	for i, conns := range opts.Conns {
-		dir := filepath.Join(opts.Dir, fmt.Sprint(i))
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, err
+		for round := 1; round <= opts.Rounds; round++ {
+			pair, err := runPair(ctx, opts, filepath.Join(opts.Dir, fmt.Sprintf("%d-%d", i, round)), conns)
+			if err != nil {
+				return nil, err
+			}
+			for j := range pair {
+				pair[j].Round = round
+			}
+			out = append(out, pair...)
 		}
-		base, err := StartBaseline(dir)
-		if err != nil {
-			return nil, err
-		}
-		r, err := measure(ctx, base.Addr(), conns, opts)
-		base.Close()
-		if err != nil {
-			return nil, fmt.Errorf("baseline: %w", err)
-		}
-		r.Server, r.PerCommit = "baseline (fsync each)", 1
-		out = append(out, r)
-
-		sur, err := StartSurrogate(filepath.Join(dir, "store"))
-		if err != nil {
-			return nil, err
-		}
-		before := sur.Store.Stats()
-		r, err = measure(ctx, sur.Addr(), conns, opts)
-		after := sur.Store.Stats()
-		sur.Close()
-		if err != nil {
-			return nil, fmt.Errorf("hl7mail: %w", err)
-		}
-		r.Server = "hl7mail surrogate"
-		if c := after.Commits - before.Commits; c > 0 {
-			r.PerCommit = float64(after.Messages-before.Messages) / float64(c)
-		}
-		out = append(out, r)
 	}
 	return out, nil
 }
 
-// measure warms a server up, then measures it. Every message sent is new
-// (its control ID is made unique), so the store stores rather than marks
-// duplicates.
-func measure(ctx context.Context, addr string, conns int, opts Options) (Result, error) {
-	run := time.Now().UnixNano()
-	if _, err := Drive(ctx, addr, conns, opts.Warmup, Unique(opts.Corpus, opts.Warmup, fmt.Sprintf("W%x", run))); err != nil {
-		return Result{}, err
+// MedianRatio returns, over the pairs of results at conns, the median of
+// f(hl7mail)/f(baseline).
+func MedianRatio(results []Result, conns int, f func(Result) float64) float64 {
+	var ratios []float64
+	for i := 1; i < len(results); i += 2 {
+		if b, h := results[i-1], results[i]; h.Conns == conns && f(b) > 0 {
+			ratios = append(ratios, f(h)/f(b))
+		}
 	}
-	return Drive(ctx, addr, conns, opts.Messages, Unique(opts.Corpus, opts.Messages, fmt.Sprintf("M%x", run)))
+	if len(ratios) == 0 {
+		return 0
+	}
+	slices.Sort(ratios)
+	return ratios[len(ratios)/2]
+}
+
+// Chunks is how many slices each measured run is cut into: the baseline
+// and hl7mail take turns slice by slice, so that both meet the same
+// weather of a shared disk.
+const Chunks = 10
+
+// runPair measures the baseline and hl7mail at conns, taking turns.
+func runPair(ctx context.Context, opts Options, dir string, conns int) ([]Result, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	base, err := StartBaseline(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer base.Close()
+	sur, err := StartSurrogate(filepath.Join(dir, "store"))
+	if err != nil {
+		return nil, err
+	}
+	defer sur.Close()
+	run := time.Now().UnixNano()
+	for _, addr := range []string{base.Addr(), sur.Addr()} {
+		if _, err := Drive(ctx, addr, conns, opts.Warmup, Unique(opts.Corpus, opts.Warmup, fmt.Sprintf("W%x", run))); err != nil {
+			return nil, err
+		}
+	}
+	msgs := Unique(opts.Corpus, opts.Messages, fmt.Sprintf("M%x", run))
+	per := max(opts.Messages/Chunks, conns)
+	var lat [2][]time.Duration
+	var bad [2]int
+	var elapsed [2]time.Duration
+	before := sur.Store.Stats()
+	for off := 0; off < len(msgs); off += per {
+		chunk := msgs[off:min(off+per, len(msgs))]
+		for k, addr := range []string{base.Addr(), sur.Addr()} {
+			l, b, e, err := drive(ctx, addr, conns, len(chunk), chunk)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", []string{"baseline", "hl7mail"}[k], err)
+			}
+			lat[k], bad[k], elapsed[k] = append(lat[k], l...), bad[k]+b, elapsed[k]+e
+		}
+	}
+	after := sur.Store.Stats()
+	b := summarize(conns, lat[0], bad[0], elapsed[0])
+	b.Server, b.PerCommit = "baseline (fsync each)", 1
+	h := summarize(conns, lat[1], bad[1], elapsed[1])
+	h.Server = "hl7mail surrogate"
+	if c := after.Commits - before.Commits; c > 0 {
+		h.PerCommit = float64(after.Messages-before.Messages) / float64(c)
+	}
+	return []Result{b, h}, nil
 }
 
 // Unique returns n messages taken in turn from msgs, each with the control
