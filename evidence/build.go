@@ -97,7 +97,7 @@ func mailEntry(entries []entry, id string) *entry {
 // receiptFor finds, among entries from who (signed by us when ours), the
 // receipt for original: an MDN or a bundle whose MDN names it. It returns
 // the entry, what opening it established, and its bundle or MDN.
-func receiptFor(op opener, entries []entry, who, original string, ours bool) (*entry, *security.Opened, *security.Bundle, *security.MDN, error) {
+func receiptFor(op opener, entries []entry, who, original string, ours bool, alsoMIC *security.MIC) (*entry, *security.Opened, *security.Bundle, *security.MDN, error) {
 	var lastErr error
 	try := func(e *entry) (*security.Opened, *security.Bundle, *security.MDN, bool) {
 		opened, err := op.open(e.Mail, ours, e.Time)
@@ -117,7 +117,10 @@ func receiptFor(op opener, entries []entry, who, original string, ours bool) (*e
 		case security.KindMDN:
 			mdn, err = security.ParseMDN(opened.Entity)
 		}
-		if mdn == nil || mdn.OriginalMessageID != original {
+		// A receipt matched by its MIC names the Message-ID a gateway gave
+		// the mail on the way.
+		byMIC := alsoMIC != nil && mdn != nil && mdn.MIC != nil && mdn.MIC.Equal(*alsoMIC)
+		if mdn == nil || mdn.OriginalMessageID != original && !byMIC {
 			return nil, nil, nil, false
 		}
 		return opened, b, mdn, true
@@ -175,7 +178,12 @@ func (r *Report) outbound(ctx context.Context, o Options, op opener, out, in []e
 			r.export("1-sent", e.Mail, opened, true)
 		}
 	}
-	re, opened, bundle, mdn, err := receiptFor(op, in, normal(r.Partner.Email), m.MessageID, false)
+	var alsoMIC *security.MIC
+	if p, err := o.Store.PendingByMessageID(ctx, m.MessageID); err == nil && p.MatchedBy == store.MatchByMIC && len(mic.Digest) > 0 {
+		alsoMIC = &mic
+		receipt.addf("the receipt was matched by its MIC: a gateway on the way gave the mail another Message-ID")
+	}
+	re, opened, bundle, mdn, err := receiptFor(op, in, normal(r.Partner.Email), m.MessageID, false, alsoMIC)
 	switch {
 	case err != nil:
 		receipt.fail("%v", err)
@@ -220,7 +228,7 @@ func (r *Report) inbound(op opener, out, in []entry) {
 			r.export("1-received", e.Mail, opened, false)
 		}
 	}
-	re, opened, bundle, mdn, err := receiptFor(op, out, normal(op.o.Config.Self.Email), m.MessageID, true)
+	re, opened, bundle, mdn, err := receiptFor(op, out, normal(op.o.Config.Self.Email), m.MessageID, true, nil)
 	switch {
 	case err != nil:
 		receipt.fail("%v", err)

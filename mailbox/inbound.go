@@ -103,18 +103,21 @@ func (r Reason) Disposition() (security.Disposition, string, bool) {
 
 // Incoming is a mail that was opened and verified.
 type Incoming struct {
-	Partner    *config.Partner
-	From       string
-	MessageID  string
-	Subject    string
-	MDNRequest *security.MDNRequest // nil when no receipt was asked for
-	Kind       security.Kind
-	Signer     string
-	MIC        security.MIC     // of the signed entity, for our receipt
-	Payload    []byte           // KindHL7: the HL7 message
-	Header     *hl7.Header      // KindHL7: its MSH
-	MDN        *security.MDN    // KindMDN, KindBundle
-	Bundle     *security.Bundle // KindBundle
+	Partner *config.Partner
+	From    string
+	// FromRewritten is set when From named no partner and the partner was
+	// known by the key that signed the mail (a gateway rewrote From).
+	FromRewritten bool
+	MessageID     string
+	Subject       string
+	MDNRequest    *security.MDNRequest // nil when no receipt was asked for
+	Kind          security.Kind
+	Signer        string
+	MIC           security.MIC     // of the signed entity, for our receipt
+	Payload       []byte           // KindHL7: the HL7 message
+	Header        *hl7.Header      // KindHL7: its MSH
+	MDN           *security.MDN    // KindMDN, KindBundle
+	Bundle        *security.Bundle // KindBundle
 }
 
 // Opener opens partner mail. Config and the key fields are required.
@@ -153,36 +156,38 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 			in.Partner = &o.Config.Partners[i]
 		}
 	}
+	now := time.Now()
+	if o.Now != nil {
+		now = o.Now()
+	}
+	var entity []byte
 	if in.Partner == nil {
-		return nil, &QuarantineError{Reason: ReasonUnknownSender, Err: fmt.Errorf("%s is not a partner", from.Address)}
+		// A gateway on the way may rewrite From (draft-ietf-ediint-hl7-02
+		// §6.2, figure 8): the partner whose key signed the mail sent it.
+		for i := range o.Config.Partners {
+			p := &o.Config.Partners[i]
+			if p.Security == "none" {
+				continue
+			}
+			if opened, err := o.openAs(p, raw, now); err == nil {
+				in.Partner, in.FromRewritten = p, true
+				entity, in.MIC, in.Signer = opened.Entity, opened.MIC, opened.Signer
+				break
+			}
+		}
+		if in.Partner == nil {
+			return nil, &QuarantineError{Reason: ReasonUnknownSender, Err: fmt.Errorf("%s is not a partner, and no partner's key signed the mail", from.Address)}
+		}
 	}
 	p := in.Partner
 	q := func(err error) error { return &QuarantineError{Reason: reasonFor(err), Partner: p, Err: err} }
 	if in.MDNRequest, err = security.ParseMDNRequest(h); err != nil {
 		return nil, q(err)
 	}
-	now := time.Now()
-	if o.Now != nil {
-		now = o.Now()
-	}
-	var entity []byte
-	switch p.Security {
-	case "pgp":
-		var list openpgp.EntityList
-		for _, e := range o.Keys.PGPPartners {
-			list = append(list, e)
-		}
-		opened, err := security.PGPOpen(raw, security.PGPKeys{Self: o.Keys.PGPSelf, Partners: list}, o.Keys.PGPPartners[p.Name], now)
-		if err != nil {
-			return nil, q(err)
-		}
-		entity, in.MIC, in.Signer = opened.Entity, opened.MIC, opened.Signer
-	case "smime":
-		keys := security.SMIMEKeys{Cert: o.Keys.SMIMECert, Key: o.Keys.SMIMEKey}
-		for _, c := range o.Keys.SMIMEPartners {
-			keys.Partners = append(keys.Partners, c)
-		}
-		opened, err := security.SMIMEOpen(raw, keys, o.Keys.SMIMEPartners[p.Name], now)
+	switch {
+	case in.FromRewritten:
+	case p.Security == "pgp" || p.Security == "smime":
+		opened, err := o.openAs(p, raw, now)
 		if err != nil {
 			return nil, q(err)
 		}
@@ -226,6 +231,25 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
 	}
 	return in, nil
+}
+
+// openAs decrypts raw and verifies that partner p signed it.
+func (o *Opener) openAs(p *config.Partner, raw []byte, now time.Time) (*security.Opened, error) {
+	switch p.Security {
+	case "pgp":
+		var list openpgp.EntityList
+		for _, e := range o.Keys.PGPPartners {
+			list = append(list, e)
+		}
+		return security.PGPOpen(raw, security.PGPKeys{Self: o.Keys.PGPSelf, Partners: list}, o.Keys.PGPPartners[p.Name], now)
+	case "smime":
+		keys := security.SMIMEKeys{Cert: o.Keys.SMIMECert, Key: o.Keys.SMIMEKey}
+		for _, c := range o.Keys.SMIMEPartners {
+			keys.Partners = append(keys.Partners, c)
+		}
+		return security.SMIMEOpen(raw, keys, o.Keys.SMIMEPartners[p.Name], now)
+	}
+	return nil, fmt.Errorf("partner %s: security %s is not signed", p.Name, p.Security)
 }
 
 // headerOf reads the header of a raw mail.

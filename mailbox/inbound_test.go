@@ -150,7 +150,8 @@ func TestOpenQuarantines(t *testing.T) {
 		want    Reason
 		partner bool
 	}{
-		{"unknown sender", mk("someone@else.test", l.hospital, edi, false), 0, ReasonUnknownSender, false},
+		{"unknown sender", mk("someone@else.test", stranger, edi, false), 0, ReasonUnknownSender, false},
+		{"unknown sender, unsigned", mk("someone@else.test", nil, edi, false), 0, ReasonUnknownSender, false},
 		{"no From", []byte("Subject: x\r\n\r\nbody\r\n"), 0, ReasonMalformed, false},
 		{"oversize", good, 1000, ReasonOversize, false},
 		{"plain MIME-EDI", mk("edi@hospital.test", nil, edi, true), 0, ReasonNotEncrypted, true},
@@ -171,6 +172,12 @@ func TestOpenQuarantines(t *testing.T) {
 		if !errors.As(err, &q) || q.Reason != tt.want || (q.Partner != nil) != tt.partner {
 			t.Errorf("%s: Open = %+v, %v; want quarantine %s (partner known: %v)", tt.name, in, err, tt.want, tt.partner)
 		}
+	}
+	// A gateway rewrote From: the hospital's signature says who sent it.
+	l.opener.MaxSize = 0
+	in, err := l.opener.Open(mk("relay@dmz.hospital.test", l.hospital, edi, false))
+	if err != nil || in.Partner == nil || in.Partner.Name != "hospital" || !in.FromRewritten || in.Payload == nil {
+		t.Errorf("Open(From rewritten) = %+v, %v; want the hospital's message", in, err)
 	}
 }
 

@@ -29,15 +29,30 @@ func (r Receipt) String() string {
 	return [...]string{"matched", "mic-mismatch", "error-disposition", "unknown"}[r]
 }
 
-// Reconcile matches an MDN from partner against the pending receipts: by
-// Original-Message-ID, within the partner only, then by MIC. It records the
-// outcome and returns it; the pending entry involved, if any, with it.
+// Reconcile matches an MDN from partner against the pending receipts
+// (draft-ietf-ediint-hl7-02 §6.2 figure 8, §6.4): first by
+// Original-Message-ID, then, when a gateway rewrote the Message-ID on the
+// way, by the Received-Content-MIC alone; always within the partner, never
+// across partners. It records the outcome and the rule that matched, and
+// returns the outcome with the pending entry involved, if any.
 func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *security.MDN) (Receipt, store.Pending, error) {
+	rule := store.MatchByMessageID
 	p, err := st.PendingByMessageID(ctx, mdn.OriginalMessageID)
-	if errors.Is(err, store.ErrNotFound) || err == nil && p.Partner != partner {
+	if err == nil && p.Partner != partner {
 		return ReceiptUnknown, store.Pending{}, nil
 	}
-	if err != nil {
+	if errors.Is(err, store.ErrNotFound) {
+		if mdn.MIC == nil {
+			return ReceiptUnknown, store.Pending{}, nil
+		}
+		// The oldest awaited receipt for the same content: mail with the
+		// same MIC carries the same signed bytes.
+		list, err := st.PendingByMIC(ctx, partner, mdn.MIC.String())
+		if err != nil || len(list) == 0 {
+			return ReceiptUnknown, store.Pending{}, err
+		}
+		p, rule = list[0], store.MatchByMIC
+	} else if err != nil {
 		return ReceiptUnknown, p, err
 	}
 	want, err := security.ParseMIC(p.MIC)
@@ -51,6 +66,6 @@ func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *securi
 	case !mdn.Disposition.OK() && mdn.Disposition.Modifier != security.ModWarning:
 		outcome, state = ReceiptError, store.PendingError
 	}
-	p, err = st.SetReceipt(ctx, p.MessageID, state)
+	p, err = st.SetReceipt(ctx, p.MessageID, state, rule)
 	return outcome, p, err
 }

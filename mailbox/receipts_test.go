@@ -41,7 +41,7 @@ func TestReconcile(t *testing.T) {
 		return &security.MDN{FinalRecipient: "lab@p.test", OriginalMessageID: "<" + id + "@h.test>", Disposition: d, MIC: mic}
 	}
 	ok := security.Disposition{Type: security.Processed}
-	m1, m3 := mics["1"], mics["3"]
+	m1, m3, m4 := mics["1"], mics["3"], mics["4"]
 	tests := []struct {
 		name    string
 		partner string
@@ -54,6 +54,11 @@ func TestReconcile(t *testing.T) {
 		{"MIC mismatch", "lab", mdn("2", &other, ok), ReceiptMICMismatch},
 		{"error disposition", "lab", mdn("3", &m3, security.Disposition{Type: security.Processed, Modifier: security.ModError}), ReceiptError},
 		{"unknown Message-ID", "lab", mdn("99", &m1, ok), ReceiptUnknown},
+		// A gateway rewrote the Message-ID of the mail sent: the MIC
+		// alone finds it, within the partner only.
+		{"rewritten Message-ID, another partner", "clinic", mdn("rewritten", &m4, ok), ReceiptUnknown},
+		{"rewritten Message-ID", "lab", mdn("rewritten", &m4, ok), ReceiptMatched},
+		{"rewritten Message-ID, no MIC", "lab", mdn("rewritten2", nil, ok), ReceiptUnknown},
 	}
 	for _, tt := range tests {
 		got, _, err := Reconcile(ctx, st, tt.partner, tt.mdn)
@@ -65,12 +70,18 @@ func TestReconcile(t *testing.T) {
 	if list[0].State != store.Acknowledged {
 		t.Errorf("matched message state %s, want acknowledged", list[0].State)
 	}
-	if p, _ := st.PendingByMessageID(ctx, "<2@h.test>"); p.State != store.PendingMismatch {
-		t.Errorf("mismatched pending state %s", p.State)
+	if p, _ := st.PendingByMessageID(ctx, "<2@h.test>"); p.State != store.PendingMismatch || p.MatchedBy != store.MatchByMessageID {
+		t.Errorf("mismatched pending: %+v", p)
+	}
+	if p, _ := st.PendingByMessageID(ctx, "<1@h.test>"); p.MatchedBy != store.MatchByMessageID {
+		t.Errorf("receipt 1 matched by %q, want %q", p.MatchedBy, store.MatchByMessageID)
+	}
+	if p, _ := st.PendingByMessageID(ctx, "<4@h.test>"); p.State != store.PendingMatched || p.MatchedBy != store.MatchByMIC {
+		t.Errorf("receipt 4 (rewritten Message-ID): %+v; want matched by mic", p)
 	}
 	overdue, err := st.Overdue(ctx, now)
-	if err != nil || len(overdue) != 1 || overdue[0].ControlID != "4" {
-		t.Errorf("Overdue = %+v, %v; want message 4", overdue, err)
+	if err != nil || len(overdue) != 0 {
+		t.Errorf("Overdue = %+v, %v; want none (4 was matched by its MIC)", overdue, err)
 	}
 	if again, _ := st.Overdue(ctx, now); len(again) != 0 {
 		t.Errorf("Overdue reported %d again", len(again))

@@ -103,7 +103,7 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
 			"disposition", in.MDN.Disposition.String()}
 		if p.ControlID != "" {
-			attrs = append(attrs, "control_id", p.ControlID)
+			attrs = append(attrs, "control_id", p.ControlID, "matched_by", p.MatchedBy)
 		}
 		if outcome == ReceiptMatched {
 			log.Info("receipt matched", attrs...)

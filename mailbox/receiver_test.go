@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ProtonMail/go-crypto/openpgp"
+
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -41,7 +43,7 @@ func TestReceiver(t *testing.T) {
 
 	// Refused mail is recorded with its reason.
 	forged, _ := l.mailFrom(t, "edi@hospital.test", l.clinic, edi, false)
-	stranger, _ := l.mailFrom(t, "who@else.test", l.hospital, edi, false)
+	stranger, _ := l.mailFrom(t, "who@else.test", strangerKey(t), edi, false)
 	for _, raw := range [][]byte{forged, stranger} {
 		if res, err := r.Handle(ctx, raw); err != nil || res.Quarantine == nil {
 			t.Errorf("Handle(bad) = %+v, %v", res, err)
@@ -107,7 +109,7 @@ func TestReceiverAnswers(t *testing.T) {
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
 
 	forged, _ := l.mailFrom(t, "edi@hospital.test", l.clinic, edi, false)
-	stranger, _ := l.mailFrom(t, "who@else.test", l.hospital, edi, false)
+	stranger, _ := l.mailFrom(t, "who@else.test", strangerKey(t), edi, false)
 	for _, raw := range [][]byte{forged, stranger} {
 		if _, err := r.Handle(ctx, raw); err != nil {
 			t.Fatal(err)
@@ -204,4 +206,14 @@ func TestRelease(t *testing.T) {
 	if list, _ := st.List(ctx, store.Filter{Direction: store.Inbound}); len(list) != 1 {
 		t.Errorf("%d inbound messages, want 1", len(list))
 	}
+}
+
+// strangerKey is a key no partner has.
+func strangerKey(t *testing.T) *openpgp.Entity {
+	t.Helper()
+	e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: "who", Email: "who@else.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
 }

@@ -21,6 +21,49 @@ type Pending struct {
 	Sent      time.Time `json:"sent"`
 	Due       time.Time `json:"due"`
 	State     string    `json:"state"` // waiting, matched, mismatch, overdue, cancelled
+	// MatchedBy is the rule that matched the receipt: MatchByMessageID or
+	// MatchByMIC; empty while none came.
+	MatchedBy string `json:"matched_by,omitempty"`
+}
+
+// Receipt matching rules (draft-ietf-ediint-hl7-02 §6.2, figure 8).
+const (
+	MatchByMessageID = "message-id" // Original-Message-ID names the mail sent
+	MatchByMIC       = "mic"        // the Received-Content-MIC alone, within the partner
+)
+
+const pendingColumns = `message_id, id, partner, control_id, mic, sent, due, state, matched_by`
+
+func scanPending(scan func(dest ...any) error) (Pending, error) {
+	var p Pending
+	var sent, due int64
+	err := scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State, &p.MatchedBy)
+	p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
+	return p, err
+}
+
+// PendingByMIC returns partner's receipts still awaited (waiting or
+// overdue) for mail whose MIC is mic, oldest first: how a receipt is
+// matched when a gateway rewrote the Message-ID it names.
+func (s *Store) PendingByMIC(ctx context.Context, partner, mic string) ([]Pending, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE partner = ? AND mic = ?
+		AND state IN ('waiting', 'overdue') ORDER BY sent, id`, partner, mic)
+	if err != nil {
+		return nil, fmt.Errorf("store: pending by MIC: %w", err)
+	}
+	defer rows.Close()
+	var out []Pending
+	for rows.Next() {
+		p, err := scanPending(rows.Scan)
+		if err != nil {
+			return nil, fmt.Errorf("store: pending by MIC: %w", err)
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
 }
 
 // Pending states.
@@ -168,44 +211,40 @@ func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pendi
 	if err := s.waitIngested(ctx); err != nil {
 		return Pending{}, err
 	}
-	var p Pending
-	var sent, due int64
-	err := s.db.QueryRowContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due, state FROM pending
-		WHERE message_id = ?`, messageID).Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State)
+	p, err := scanPending(s.db.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
 	if errors.Is(err, sql.ErrNoRows) {
 		return p, fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
 	}
 	if err != nil {
 		return p, fmt.Errorf("store: pending: %w", err)
 	}
-	p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
 	return p, nil
 }
 
 // SetReceipt records what a returned receipt established for the pending
 // message messageID: PendingMatched (the message becomes Acknowledged),
-// PendingMismatch or PendingError. A receipt for a receipt already matched
-// changes nothing and reports the earlier state.
-func (s *Store) SetReceipt(ctx context.Context, messageID, state string) (Pending, error) {
+// PendingMismatch or PendingError, and the rule that matched it. A receipt
+// for a receipt already matched changes nothing and reports the earlier
+// state.
+func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (Pending, error) {
 	var p Pending
 	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
-		var sent, due int64
-		err := tx.QueryRowContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due, state FROM pending
-			WHERE message_id = ?`, messageID).Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State)
+		var err error
+		p, err = scanPending(tx.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
 		}
 		if err != nil {
 			return err
 		}
-		p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
 		if p.State == PendingMatched {
 			return nil
 		}
-		if _, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, updated = ? WHERE message_id = ?`, state, now, messageID); err != nil {
+		if _, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, matched_by = ?, updated = ? WHERE message_id = ?`,
+			state, rule, now, messageID); err != nil {
 			return err
 		}
-		p.State = state
+		p.State, p.MatchedBy = state, rule
 		if state == PendingMatched {
 			_, err = tx.ExecContext(ctx, `UPDATE messages SET state = 'acknowledged', updated = ? WHERE id = ?`, now, p.ID)
 		}

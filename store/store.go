@@ -446,6 +446,11 @@ var schema = []string{
 		sha256     BLOB    NOT NULL,
 		PRIMARY KEY (file, offset)
 	);`,
+	// 9: which rule matched a receipt: "message-id" (Original-Message-ID)
+	// or "mic" (Received-Content-MIC alone, when a gateway rewrote the
+	// Message-ID on the way).
+	`ALTER TABLE pending ADD COLUMN matched_by TEXT NOT NULL DEFAULT '';
+	CREATE INDEX pending_mic ON pending(partner, mic);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
