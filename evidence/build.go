@@ -126,11 +126,13 @@ func receiptFor(op opener, entries []entry, who, original string, ours bool, als
 		return opened, b, mdn, true
 	}
 	// Receipts written by hl7mail name the request in In-Reply-To; other
-	// software's are found by opening every mail of the sender.
-	for pass := 0; pass < 2; pass++ {
+	// software's are found by opening every mail of the sender, and, when a
+	// gateway rewrote From, every other mail.
+	for pass := 0; pass < 3; pass++ {
 		for i := len(entries) - 1; i >= 0; i-- {
 			e := &entries[i]
-			if e.from != who || (pass == 0) != (e.inReplyTo == original) {
+			replies := e.inReplyTo == original
+			if pass == 0 && !replies || pass == 1 && (replies || e.from != who) || pass == 2 && (replies || e.from == who) {
 				continue
 			}
 			if opened, b, mdn, ok := try(e); ok {

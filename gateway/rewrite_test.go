@@ -30,7 +30,9 @@ type rewritingRelay struct {
 	ids  map[string]string // original Message-ID → the one it gave
 }
 
-func (r *rewritingRelay) NewSession(*gosmtp.Conn) (gosmtp.Session, error) { return &relaySession{r: r}, nil }
+func (r *rewritingRelay) NewSession(*gosmtp.Conn) (gosmtp.Session, error) {
+	return &relaySession{r: r}, nil
+}
 
 type relaySession struct {
 	r  *rewritingRelay
