@@ -160,6 +160,11 @@ type Partner struct {
 	KeyTransport string `yaml:"key_transport"`
 	// AcceptConsent allows application/edi-consent from this partner.
 	AcceptConsent bool `yaml:"accept_consent"`
+	// RequireTLS hands mail for this partner only to an SMTP server reached
+	// over TLS with a verified certificate that accepts REQUIRETLS (RFC
+	// 8689), so that every hop on the way must use TLS too. A server that
+	// cannot is a refusal and an alert, never a silent downgrade.
+	RequireTLS bool `yaml:"require_tls"`
 }
 
 // Defaults.

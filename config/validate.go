@@ -316,6 +316,9 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
 		}
+		if p.RequireTLS && c.SMTP.TLS == "none" {
+			v.addf(f("require_tls"), who, "set smtp.tls to starttls or tls", "require_tls cannot be met: smtp.tls is none")
+		}
 		v.positive(f("mdn_timeout"), who, p.MDNTimeout)
 		v.positive(f("expire_after"), who, p.ExpireAfter)
 		v.positive(f("idle_timeout"), who, p.IdleTimeout)

@@ -97,8 +97,19 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 
 // Submitter hands a mail to an SMTP server.
 type Submitter interface {
-	Submit(ctx context.Context, from string, to []string, mail []byte) error
+	Submit(ctx context.Context, from string, to []string, mail []byte, opts SubmitOptions) error
 }
+
+// SubmitOptions are a submission's requirements.
+type SubmitOptions struct {
+	// RequireTLS: TLS to the server and REQUIRETLS onward (RFC 8689), or
+	// ErrTLSRequired.
+	RequireTLS bool
+}
+
+// ErrTLSRequired is returned when a partner's require_tls cannot be met.
+// It is final for the message (an alert), not retried.
+var ErrTLSRequired = errors.New("TLS required for this partner (require_tls)")
 
 // SMTPSubmitter submits over SMTP with go-smtp.
 type SMTPSubmitter struct {
@@ -113,7 +124,10 @@ type SMTPSubmitter struct {
 }
 
 // Submit sends one mail. An *smtp.SMTPError carries the server's reply.
-func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte) error {
+func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
+	if opts.RequireTLS && s.TLS == "none" {
+		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
+	}
 	timeout := s.Timeout
 	if timeout == 0 {
 		timeout = 2 * time.Minute
@@ -148,17 +162,42 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 			return fmt.Errorf("smtp %s: AUTH: %w", s.Addr, err)
 		}
 	}
-	if err := c.SendMail(from, to, bytes.NewReader(m)); err != nil {
+	if err := c.Mail(from, &smtp.MailOptions{RequireTLS: opts.RequireTLS}); err != nil {
+		if opts.RequireTLS && !isSMTPError(err) {
+			// go-smtp refuses before sending when REQUIRETLS is not offered.
+			return fmt.Errorf("smtp %s: %w: %v", s.Addr, ErrTLSRequired, err)
+		}
+		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+	}
+	for _, rcpt := range to {
+		if err := c.Rcpt(rcpt, nil); err != nil {
+			return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		}
+	}
+	w, err := c.Data()
+	if err != nil {
+		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+	}
+	if _, err := w.Write(m); err != nil {
+		w.Close()
+		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+	}
+	if err := w.Close(); err != nil {
 		return fmt.Errorf("smtp %s: %w", s.Addr, err)
 	}
 	return c.Quit()
+}
+
+func isSMTPError(err error) bool {
+	var se *smtp.SMTPError
+	return errors.As(err, &se)
 }
 
 // Permanent reports whether a submission error is final: an SMTP 5xx reply.
 // Anything else (4xx, network, TLS, timeout) is worth retrying.
 func Permanent(err error) bool {
 	var se *smtp.SMTPError
-	return errors.As(err, &se) && se.Code >= 500 && se.Code < 600
+	return errors.As(err, &se) && se.Code >= 500 && se.Code < 600 || errors.Is(err, ErrTLSRequired)
 }
 
 // SenderOptions configure a Sender. Config, Store, Sealer, Submitter and
@@ -273,7 +312,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	err = s.o.Submitter.Submit(ctx, s.o.Config.Self.Email, []string{p.Email}, mailBytes)
+	err = s.o.Submitter.Submit(ctx, s.o.Config.Self.Email, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
 	if err == nil || Permanent(err) {
 		s.o.Link.set(LinkUp, err) // the server answered
 	} else {
@@ -292,8 +331,12 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			log.Error("store", "err", err)
 			return false
 		}
+		text := "message failed: refused by the SMTP server"
+		if errors.Is(err, ErrTLSRequired) {
+			text = "message failed: TLS required for this partner and not available (require_tls)"
+		}
 		raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
-			MessageID: msgID, Text: "message failed: refused by the SMTP server"}, "message_id", msgID, "err", err)
+			MessageID: msgID, Text: text}, "message_id", msgID, "err", err)
 		return true
 	default:
 		attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)

@@ -274,6 +274,33 @@ func TestSend550Fails(t *testing.T) {
 	}
 }
 
+// TestSendRequireTLS: a partner with require_tls, an SMTP server reached
+// without TLS: the message fails at once with an alert; nothing is sent,
+// and the other partner's mail goes on.
+func TestSendRequireTLS(t *testing.T) {
+	f := newFixture(t, nil)
+	f.cfg.Partners[0].RequireTLS = true
+	srv, addr := newSMTP(t, "127.0.0.1:0")
+	f.accept(t, "lab", "t1")
+	f.accept(t, "clinic", "t2")
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	ctx := context.Background()
+	waitFor(t, "the lab's message failed and the clinic's sent", func() bool {
+		failed, _ := f.st.List(ctx, store.Filter{State: store.Failed})
+		sent, _ := f.st.List(ctx, store.Filter{State: store.Sent})
+		return len(failed) == 1 && len(sent) == 1
+	})
+	stop()
+	if got := srv.Mails(); len(got) != 1 || got[0].To[0] != "edi@clinic.test" {
+		t.Errorf("server got %+v; want only the clinic's mail", got)
+	}
+	alerts, _ := f.st.Alerts(ctx, false, 0)
+	if len(alerts) != 1 || alerts[0].Partner != "lab" || !strings.Contains(alerts[0].Text, "require_tls") {
+		t.Errorf("alerts = %+v", alerts)
+	}
+}
+
 func TestSendExpires(t *testing.T) {
 	t0 := time.Now().Add(-200 * time.Hour)
 	f := newFixture(t, func() time.Time { return t0 })

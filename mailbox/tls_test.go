@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"math/big"
 	"net"
 	"strings"
@@ -50,7 +51,7 @@ func TestSubmitStartTLSAuth(t *testing.T) {
 	mail := []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubject: x\r\n\r\nbody\r\n")
 	good := &SMTPSubmitter{Addr: addr, TLS: "starttls", TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
 		Username: "edi@hospital.test", Password: "s3cret"}
-	if err := good.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail); err != nil {
+	if err := good.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{}); err != nil {
 		t.Fatalf("Submit over STARTTLS with AUTH: %v", err)
 	}
 	if got := srv.Mails(); len(got) != 1 || string(got[0].Data) != string(mail) {
@@ -58,17 +59,57 @@ func TestSubmitStartTLSAuth(t *testing.T) {
 	}
 	wrong := *good
 	wrong.Password = "guess"
-	err = wrong.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail)
+	err = wrong.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{})
 	if err == nil || !strings.Contains(err.Error(), "AUTH") {
 		t.Errorf("Submit with a wrong password = %v, want an AUTH error", err)
 	}
 	untrusted := &SMTPSubmitter{Addr: addr, TLS: "starttls", Username: "edi@hospital.test", Password: "s3cret"}
-	err = untrusted.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail)
+	err = untrusted.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{})
 	// The handshake completes with the first command after STARTTLS.
 	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") || Permanent(err) {
 		t.Errorf("Submit to an untrusted certificate = %v, want a certificate error that is retried", err)
 	}
 	if n := srv.Count(); n != 1 {
 		t.Errorf("server took %d mails, want 1", n)
+	}
+}
+
+// TestRequireTLS: for a partner with require_tls, mail goes only to a
+// server reached over verified TLS that takes REQUIRETLS; anything less is
+// a final refusal, not a downgrade.
+func TestRequireTLS(t *testing.T) {
+	cert, pool := serverCert(t)
+	ctx := context.Background()
+	mail := []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubject: x\r\n\r\nbody\r\n")
+	req := SubmitOptions{RequireTLS: true}
+	for _, tt := range []struct {
+		name       string
+		requireTLS bool // the server offers REQUIRETLS
+		tls        string
+		ok         bool
+	}{
+		{"REQUIRETLS offered", true, "starttls", true},
+		{"REQUIRETLS not offered", false, "starttls", false},
+		{"no TLS to the server", true, "none", false},
+	} {
+		srv := &embedded.SMTP{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, RequireTLS: tt.requireTLS}
+		addr, err := srv.Serve("127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub := &SMTPSubmitter{Addr: addr, TLS: tt.tls, TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}
+		err = sub.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, req)
+		got := srv.Mails()
+		srv.Close()
+		if tt.ok {
+			if err != nil || len(got) != 1 || !got[0].RequireTLS {
+				t.Errorf("%s: Submit = %v, server got %+v; want the mail with REQUIRETLS", tt.name, err, got)
+			}
+			continue
+		}
+		if !errors.Is(err, ErrTLSRequired) || !Permanent(err) || len(got) != 0 {
+			t.Errorf("%s: Submit = %v (permanent %v), server got %d mails; want ErrTLSRequired, final, nothing sent",
+				tt.name, err, Permanent(err), len(got))
+		}
 	}
 }

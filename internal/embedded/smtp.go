@@ -16,6 +16,8 @@ type Mail struct {
 	From string
 	To   []string
 	Data []byte
+	// RequireTLS is set when the client asked for REQUIRETLS (RFC 8689).
+	RequireTLS bool
 }
 
 // SMTP is the server's state. Its fields other than the mutex-guarded ones
@@ -25,6 +27,8 @@ type SMTP struct {
 	// PLAIN with one of these username/password pairs.
 	TLSConfig *tls.Config
 	Users     map[string]string
+	// RequireTLS offers the REQUIRETLS extension (RFC 8689) over TLS.
+	RequireTLS bool
 
 	mu       sync.Mutex
 	mails    []Mail
@@ -39,6 +43,7 @@ func (s *SMTP) Serve(addr string) (string, error) {
 	s.srv = smtp.NewServer(s)
 	s.srv.Domain = "localhost"
 	s.srv.TLSConfig = s.TLSConfig
+	s.srv.EnableREQUIRETLS = s.RequireTLS
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return "", err
@@ -115,11 +120,12 @@ func (x *session) Auth(mech string) (sasl.Server, error) {
 
 func (x *session) Reset()        { x.cur = Mail{} }
 func (x *session) Logout() error { return nil }
-func (x *session) Mail(from string, _ *smtp.MailOptions) error {
+func (x *session) Mail(from string, opts *smtp.MailOptions) error {
 	if x.s.Users != nil && !x.authd {
 		return smtp.ErrAuthRequired
 	}
 	x.cur.From = from
+	x.cur.RequireTLS = opts != nil && opts.RequireTLS
 	return nil
 }
 func (x *session) Rcpt(to string, _ *smtp.RcptOptions) error {
