@@ -219,7 +219,10 @@ func (v *validator) validate() {
 	v.addr("router.addr", "", c.Router.Addr, true)
 	v.positive("router.ack_timeout", "", c.Router.AckTimeout)
 	v.server("smtp", &c.SMTP)
-	v.server("imap", &c.IMAP.MailServer)
+	if c.IMAP.Addr != "" || c.IMAP.Username != "" {
+		// Without an IMAP account, mail comes in through "hl7mail receive".
+		v.server("imap", &c.IMAP.MailServer)
+	}
 	v.positive("imap.poll", "", c.IMAP.Poll)
 	if c.IMAP.Retry != 0 {
 		v.addf("imap.retry", "", "the IMAP watcher reconnects by itself within a minute", "retry applies to smtp only")

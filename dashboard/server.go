@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"mime"
@@ -51,6 +52,8 @@ type Instance interface {
 	Release(ctx context.Context, id int64, by, note string) (int64, error)
 	// Ready reports why the instance is not ready to take messages, or nil.
 	Ready() error
+	// Receive takes in one raw mail handed over by an MTA (pipe mode).
+	Receive(ctx context.Context, raw []byte) (mailbox.Result, error)
 }
 
 // Options configure New. Addr and Instance are required.
@@ -163,6 +166,7 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /api/quarantine", s.quarantine)
 	s.mux.HandleFunc("POST /api/quarantine/{id}/release", s.release)
 	s.mux.HandleFunc("GET /api/log", s.logStream)
+	s.mux.HandleFunc("POST /api/receive", s.receive)
 }
 
 func noStore(h http.Handler) http.Handler {
@@ -175,8 +179,9 @@ func noStore(h http.Handler) http.Handler {
 const tokenCookie = "hl7mail_token"
 
 // auth checks the token on every request, and keeps requests that change
-// state to JSON bodies: a form on another site cannot send one without the
-// browser asking first (CORS preflight), which this server never allows.
+// state to JSON bodies (or a mail, message/rfc822, for /api/receive): a
+// form on another site cannot send either without the browser asking first
+// (CORS preflight), which this server never allows.
 func (s *Server) auth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -202,7 +207,8 @@ func (s *Server) auth(next http.Handler) http.Handler {
 			}
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+			mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+			if mt != "application/json" && !(mt == "message/rfc822" && r.URL.Path == "/api/receive") {
 				http.Error(w, "415: send application/json", http.StatusUnsupportedMediaType)
 				return
 			}
@@ -464,4 +470,43 @@ func (s *Server) logStream(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprint(w, ": ping\n\n")
 		}
 	}
+}
+
+// ReceiveAnswer is what /api/receive answers for a mail taken in.
+type ReceiveAnswer struct {
+	Stored      int64  `json:"stored,omitempty"`      // the stored message
+	Quarantined string `json:"quarantined,omitempty"` // the reason it was refused
+	Replay      bool   `json:"replay,omitempty"`
+	Receipt     string `json:"receipt,omitempty"` // what a receipt it carried matched
+}
+
+// receive takes in a mail from "hl7mail receive" (pipe mode): 200 once it
+// is stored or quarantined, 413 when it is beyond any limit, 503 when
+// nothing was decided (the MTA tries again).
+func (s *Server) receive(w http.ResponseWriter, r *http.Request) {
+	limit := int64(4 * s.o.Instance.Config().IMAP.MaxMailSize)
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			http.Error(w, fmt.Sprintf("413: the mail is larger than %d bytes", limit), http.StatusRequestEntityTooLarge)
+			return
+		}
+		http.Error(w, "400: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	res, err := s.o.Instance.Receive(r.Context(), raw)
+	if err != nil {
+		s.log.Error("mail from the MTA not taken; it will be offered again", "err", err)
+		http.Error(w, "503: "+err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	a := ReceiveAnswer{Stored: res.ID, Replay: res.Replay}
+	if res.Quarantine != nil {
+		a.Quarantined = string(res.Quarantine.Reason)
+	}
+	if res.Receipt != nil {
+		a.Receipt = res.Receipt.String()
+	}
+	writeJSON(w, a)
 }

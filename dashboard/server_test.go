@@ -2,6 +2,7 @@ package dashboard
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -27,6 +28,7 @@ type fakeInstance struct {
 	st       *store.Store
 	released []int64
 	notReady error
+	received [][]byte
 }
 
 func (f *fakeInstance) Config() *config.Config         { return f.cfg }
@@ -42,6 +44,13 @@ func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (
 	return 99, f.st.MarkReleased(ctx, id, by, note, 99)
 }
 func (f *fakeInstance) Ready() error { return f.notReady }
+func (f *fakeInstance) Receive(ctx context.Context, raw []byte) (mailbox.Result, error) {
+	f.received = append(f.received, raw)
+	if bytes.Contains(raw, []byte("fail")) {
+		return mailbox.Result{}, errors.New("incoming journal: disk full")
+	}
+	return mailbox.Result{ID: 7}, nil
+}
 
 func newInstance(t *testing.T) *fakeInstance {
 	t.Helper()
@@ -423,5 +432,38 @@ func TestTailRing(t *testing.T) {
 	}
 	if got, _ := tail.Since(5); len(got) != 0 {
 		t.Errorf("Since(5) = %+v", got)
+	}
+}
+
+// TestReceive: a mail handed over by "hl7mail receive" is taken as
+// message/rfc822 (a cross-site form can send neither that nor JSON); an
+// error inside is 503, for the MTA to try again.
+func TestReceive(t *testing.T) {
+	inst := newInstance(t)
+	inst.cfg.IMAP.MaxMailSize = 64 << 10
+	_, ts := newServer(t, Options{Instance: inst})
+	send := func(ct, body string) (int, string) {
+		resp, err := http.Post(ts.URL+"/api/receive", ct, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := send("message/rfc822", "From: lab@partner.test\r\n\r\nbody"); code != 200 || !strings.Contains(body, `"stored": 7`) {
+		t.Errorf("receive = %d %s", code, body)
+	}
+	if code, _ := send("message/rfc822", "From: lab@partner.test\r\n\r\nfail"); code != http.StatusServiceUnavailable {
+		t.Errorf("receive with the store failing = %d, want 503", code)
+	}
+	if code, _ := send("text/plain", "From: x\r\n\r\ny"); code != http.StatusUnsupportedMediaType {
+		t.Errorf("receive as text/plain = %d, want 415", code)
+	}
+	if code, _ := send("message/rfc822", strings.Repeat("x", 4*inst.cfg.IMAP.MaxMailSize+1)); code != http.StatusRequestEntityTooLarge {
+		t.Errorf("receive of an enormous mail = %d, want 413", code)
+	}
+	if len(inst.received) != 2 {
+		t.Errorf("instance got %d mails, want 2", len(inst.received))
 	}
 }

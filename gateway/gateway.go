@@ -152,23 +152,27 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: g.incoming,
 		Logger: opts.Logger.With("component", "receiver"), Notify: g.sender.Notify}
-	watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
-		Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
-		Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
-		Poll: cfg.IMAP.Poll.D(), MaxSize: int64(cfg.IMAP.MaxMailSize), Receiver: receiver, Store: st,
-		Logger: opts.Logger.With("component", "imap"),
-		Link:   &g.imapLink,
-		Handled: func(r mailbox.Result) {
-			if r.ID != 0 && r.Incoming != nil && !r.Replay {
-				deliverer.Notify(r.Incoming.Partner.Name)
-			}
-		},
-	})
-	if err != nil {
-		g.rollback()
-		return nil, err
-	}
 	g.receiver, g.deliverer = receiver, deliverer
+	// Without imap.addr, mail comes in only through "hl7mail receive"
+	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
+	watchMail := func(context.Context) {}
+	if cfg.IMAP.Addr != "" {
+		watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+			Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
+			Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
+			Poll: cfg.IMAP.Poll.D(), MaxSize: int64(cfg.IMAP.MaxMailSize), Receiver: receiver, Store: st,
+			Logger: opts.Logger.With("component", "imap"),
+			Link:   &g.imapLink,
+			Handled: g.handled,
+		})
+		if err != nil {
+			g.rollback()
+			return nil, err
+		}
+		watchMail = watcher.Run
+	} else {
+		g.imapLink.Off()
+	}
 	metrics := dashboard.NewMetrics()
 	spool := notifyingSpool{st: st, notify: g.sender.Notify}
 	ids := hl7.NewIDGen("HM", time.Now())
@@ -226,7 +230,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			}
 		}
 	}
-	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watcher.Run, sweep, keyWatch} {
+	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watchMail, sweep, keyWatch} {
 		g.mailWG.Add(1)
 		go func() {
 			defer g.mailWG.Done()
@@ -486,4 +490,23 @@ func tlsConfig(addr, caFile string, set bool) (*tls.Config, error) {
 	}
 	host, _, _ := net.SplitHostPort(addr)
 	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
+
+// handled wakes the deliverer for a mail the receiver stored.
+func (g *Gateway) handled(r mailbox.Result) {
+	if r.ID != 0 && r.Incoming != nil && !r.Replay {
+		g.deliverer.Notify(r.Incoming.Partner.Name)
+	}
+}
+
+// Receive takes in one raw mail handed over by an MTA ("hl7mail receive",
+// draft-ietf-ediint-hl7-02 §6.2 figure 7): the same path as mail the IMAP
+// watcher fetches. An error means nothing was decided: the MTA keeps the
+// mail and tries again.
+func (g *Gateway) Receive(ctx context.Context, raw []byte) (mailbox.Result, error) {
+	res, err := g.receiver.Handle(ctx, raw)
+	if err == nil {
+		g.handled(res)
+	}
+	return res, err
 }

@@ -11,6 +11,7 @@ const (
 	LinkConnecting = "connecting" // dialling, logging in
 	LinkUp         = "up"         // connected (IMAP) or the last submission went through (SMTP)
 	LinkDown       = "down"       // the last attempt failed; retrying
+	LinkOff        = "off"        // not used by this configuration
 )
 
 // Link is the state of hl7mail's connection to a mail server, as the
@@ -62,3 +63,6 @@ func (l *Link) Status() LinkStatus {
 	}
 	return s
 }
+
+// Off marks the link as not used (no IMAP account: pipe mode).
+func (l *Link) Off() { l.set(LinkOff, nil) }

@@ -30,6 +30,9 @@ func commands() []command {
 		{"release", "deliver a quarantined mail after a person checked it", runRelease},
 		{"evidence", "re-verify one transaction from the journals; export it", runEvidence},
 		{"journal", "verify: check every journal entry against its signature and the store", runJournal},
+		{"receive", "take one mail from an MTA's pipe on standard input", func(args []string, stdout, stderr io.Writer) int {
+			return runReceive(args, os.Stdin, stdout, stderr)
+		}},
 		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
 	}

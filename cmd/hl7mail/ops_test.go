@@ -126,3 +126,55 @@ partners:
 		t.Errorf("second release: %d %s", code, errOut)
 	}
 }
+
+// TestReceiveStopped: "hl7mail receive" with no instance running stores
+// the mail itself (exit 0); the same mail again is a replay, quarantined
+// (exit 0); a mail beyond any limit is bounced (65); a configuration that
+// cannot be read leaves the mail with the MTA (75).
+func TestReceiveStopped(t *testing.T) {
+	dir := t.TempDir()
+	lab, hospital := pgpKey(t, "lab@partner.test"), pgpKey(t, "edi@hospital.test")
+	priv, _ := security.ArmorPGPPrivate(lab, nil)
+	os.WriteFile(filepath.Join(dir, "lab.asc"), priv, 0o600)
+	writePublic(t, filepath.Join(dir, "hospital.asc"), hospital)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dash := ln.Addr().String()
+	ln.Close()
+	cfgPath := filepath.Join(dir, "partners.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`self: {name: lab, email: lab@partner.test, pgp_key: lab.asc}
+store: var
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {max_mail_size: 100000}
+dashboard: {addr: %s}
+partners:
+  - {name: hospital, listen: 127.0.0.1:9012, email: edi@hospital.test, security: pgp, pgp_key: hospital.asc}
+`, dash)), 0o600)
+	orm := "MSH|^~\\&|HIS|GH|LAB|TL|20261123||ORM^O01|PIPE-1|P|2.3|||AL\rPID|1||123\r"
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	signed, _, _ := security.PGPSign(edi, hospital, time.Now())
+	sealed, _ := security.PGPEncrypt(signed, []*openpgp.Entity{lab}, time.Now())
+	raw := append([]byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nMessage-ID: <pipe1@hospital.test>\r\nSubject: HL7\r\n"), sealed...)
+
+	receive := func(cfg string, mail []byte) (int, string) {
+		var out, errOut bytes.Buffer
+		code := runReceive([]string{"-config", cfg, "-to", "lab@partner.test"}, bytes.NewReader(mail), &out, &errOut)
+		return code, out.String() + errOut.String()
+	}
+	if code, out := receive(cfgPath, raw); code != exOK || !strings.Contains(out, "stored as message 1") {
+		t.Fatalf("receive: %d %s", code, out)
+	}
+	if code, out := receive(cfgPath, raw); code != exOK || !strings.Contains(out, "quarantined: replay") {
+		t.Errorf("receive of the same mail: %d %s", code, out)
+	}
+	if code, out := receive(cfgPath, bytes.Repeat([]byte("x"), 400001)); code != exDataErr {
+		t.Errorf("receive of an enormous mail: %d %s", code, out)
+	}
+	if code, out := receive(filepath.Join(dir, "missing.yaml"), raw); code != exTempFail {
+		t.Errorf("receive with no configuration: %d %s", code, out)
+	}
+	var out bytes.Buffer
+	if code := run([]string{"messages", "-config", cfgPath}, &out, &out); code != 0 || !strings.Contains(out.String(), "PIPE-1") {
+		t.Errorf("messages after receive: %d\n%s", code, out.String())
+	}
+}
