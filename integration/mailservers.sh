@@ -6,6 +6,11 @@
 #   mailservers.sh start DIR SMTP_PORT IMAP_PORT LMTP_PORT ADDRESS...
 #   mailservers.sh stop DIR
 #
+# With PIPE_DOMAIN and PIPE_ALIASES set, Postfix also delivers mail for
+# PIPE_DOMAIN locally, through the aliases file PIPE_ALIASES (e.g.
+# ward: "|/usr/local/bin/hl7mail receive -config ..."), whose commands run
+# as nobody.
+#
 # Needs root (both servers drop to their own users) and Debian's postfix,
 # dovecot-imapd and dovecot-lmtpd (integration/deps.sh installs them).
 set -euo pipefail
@@ -105,6 +110,12 @@ maillog_file_prefixes = $dir
 maillog_file = $dir/postfix/log
 smtputf8_enable = no
 CONF
+if [ -n "${PIPE_DOMAIN:-}" ]; then
+  cp "$PIPE_ALIASES" "$dir/postfix/aliases"
+  postconf -c "$dir/postfix" -e "mydestination = $PIPE_DOMAIN" "alias_maps = hash:$dir/postfix/aliases" \
+    "alias_database = hash:$dir/postfix/aliases" 'local_recipient_maps = $alias_maps' "default_privs = nobody"
+  postalias -c "$dir/postfix" "$dir/postfix/aliases"
+fi
 mkdir -p "$dir/postfix/queue" "$dir/postfix/data"
 chown postfix "$dir/postfix/data"
 postfix -c "$dir/postfix" check

@@ -66,6 +66,13 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 	if int64(len(raw)) > limit {
 		return fail(exDataErr, "the mail is larger than %d bytes", limit)
 	}
+	// Postfix's local(8) and sendmail start a piped mail with the mbox
+	// envelope line "From sender date": not part of the mail.
+	if bytes.HasPrefix(raw, []byte("From ")) {
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			raw = raw[i+1:]
+		}
+	}
 	api, err := newInstanceAPI(cfg)
 	if err != nil {
 		return fail(exTempFail, "%v", err)

@@ -1,0 +1,167 @@
+package integration
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+)
+
+// TestPipeMode: the ward has no IMAP account. Real Postfix delivers its
+// mail through an alias that pipes each mail to the built binary, run as
+// nobody: "hl7mail receive" hands it to the running instance, which
+// delivers it to the ward's router and answers the hospital by mail. With
+// the ward's instance stopped, receive cannot store the mail (nobody may not
+// read the keys) and exits 75: Postfix keeps the mail, and delivers it once
+// the instance runs again.
+func TestPipeMode(t *testing.T) {
+	requireTool(t, "/usr/sbin/postfix")
+	requireTool(t, "/usr/sbin/dovecot")
+	python := requireTool(t, "/usr/bin/python3")
+	if os.Geteuid() != 0 {
+		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
+			t.Fatal("the mail servers need root")
+		}
+		t.Skip("the mail servers need root")
+	}
+	dir, err := os.MkdirTemp("", "hl7mail-pipe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	// The binary where nobody may run it.
+	bin := filepath.Join(dir, "hl7mail")
+	src, _ := os.Open(binary)
+	dst, _ := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
+	io.Copy(dst, src)
+	src.Close()
+	dst.Close()
+
+	ward := filepath.Join(dir, "ward")
+	hosp := filepath.Join(dir, "hospital")
+	for _, s := range []struct{ name, email, out string }{{"ward", "ward@pipe.test", ward}, {"hospital", "edi@hospital.test", hosp}} {
+		if out, err := exec.Command(binary, "keygen", "-kind", "pgp", "-name", s.name, "-email", s.email, "-out", s.out).CombinedOutput(); err != nil {
+			t.Fatalf("keygen: %v\n%s", err, out)
+		}
+		os.Chmod(s.out, 0o755)
+	}
+	os.WriteFile(filepath.Join(hosp, "imap-password"), []byte("secret\n"), 0o600)
+	aliases := filepath.Join(dir, "aliases")
+	os.WriteFile(aliases, []byte(fmt.Sprintf("ward: \"|%s receive -config %s/partners.yaml\"\n", bin, ward)), 0o644)
+
+	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
+	smtpPort, imapPort, lmtpPort := port(), port(), port()
+	servers := filepath.Join(dir, "servers")
+	start := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort, "edi@hospital.test")
+	start.Env = append(os.Environ(), "PIPE_DOMAIN=pipe.test", "PIPE_ALIASES="+aliases)
+	if out, err := start.CombinedOutput(); err != nil {
+		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
+	}
+	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+
+	wardRouter := startPyRouter(t, python, filepath.Join(dir, "ward-router"))
+	hospRouter := startPyRouter(t, python, filepath.Join(dir, "hospital-router"))
+	toWard := freePort(t)
+	wardCfg := filepath.Join(ward, "partners.yaml")
+	wardDash := freePort(t)
+	os.WriteFile(wardCfg, []byte(fmt.Sprintf(`# no imap: mail comes in through the Postfix alias
+self: {name: ward, email: ward@pipe.test, pgp_key: private.asc}
+store: var
+router: {addr: %s, ack_timeout: 10s}
+smtp: {addr: 127.0.0.1:%s, tls: none, retry: 1s}
+dashboard: {addr: %s}
+partners:
+  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}
+`, wardRouter.addr, smtpPort, wardDash, freePort(t))), 0o644)
+	hospCfg := filepath.Join(hosp, "partners.yaml")
+	os.WriteFile(hospCfg, []byte(fmt.Sprintf(`self: {name: hospital, email: edi@hospital.test, pgp_key: private.asc}
+store: var
+router: {addr: %s, ack_timeout: 10s}
+smtp: {addr: 127.0.0.1:%s, tls: none, retry: 1s}
+imap: {addr: 127.0.0.1:%s, tls: none, username: edi@hospital.test, password_file: imap-password, poll: 1s}
+dashboard: {addr: %s}
+partners:
+  - {name: ward, listen: %s, email: ward@pipe.test, security: pgp, pgp_key: ../ward/public.asc}
+`, hospRouter.addr, smtpPort, imapPort, freePort(t), toWard)), 0o600)
+	wardIn := &instance{t: t, dir: ward, config: wardCfg, listen: map[string]string{}, dash: wardDash}
+	hospIn := &instance{t: t, dir: hosp, config: hospCfg, listen: map[string]string{"ward": toWard}}
+	wardIn.start()
+	defer wardIn.stop()
+	wardIn.waitReady("")
+	hospIn.start()
+	defer hospIn.stop()
+
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(90 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not after 90s\nward:\n%s\nhospital:\n%s\npostfix:\n%s", what, wardIn.log, hospIn.log, postfixLog(servers))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	for _, m := range msgs[:5] {
+		if code := sendOne(t, toWard, m); code != hl7.CommitAccept {
+			t.Fatalf("surrogate answered %s", code)
+		}
+	}
+	wait("five orders at the ward's router", func() bool { return len(wardRouter.messages()) == 5 })
+	wait("five answers at the hospital's router", func() bool { return len(hospRouter.messages()) == 5 })
+	wait("five receipts matched", func() bool {
+		n := 0
+		for _, m := range hospIn.messages() {
+			if m.Direction == "out" && m.State == "acknowledged" {
+				n++
+			}
+		}
+		return n == 5
+	})
+
+	// The ward's instance is down: Postfix keeps the mail.
+	wardIn.stop()
+	if code := sendOne(t, toWard, msgs[5]); code != hl7.CommitAccept {
+		t.Fatalf("surrogate answered %s", code)
+	}
+	wait("Postfix deferring the mail the pipe could not take", func() bool {
+		return strings.Contains(postfixLog(servers), "status=deferred")
+	})
+	if !strings.Contains(postfixLog(servers), "temporary failure. Command output: hl7mail receive: hl7mail serve is not running") {
+		t.Errorf("Postfix did not defer for the reason expected:\n%s", postfixLog(servers))
+	}
+	wardIn.start()
+	wardIn.waitReady("")
+	// Postfix would try again within minutes; the test asks it now.
+	wait("the sixth order at the ward's router", func() bool {
+		if len(wardRouter.messages()) == 6 {
+			return true
+		}
+		if out, err := exec.Command("postqueue", "-c", filepath.Join(servers, "postfix"), "-f").CombinedOutput(); err != nil {
+			t.Fatalf("postqueue -f: %v\n%s", err, out)
+		}
+		time.Sleep(time.Second)
+		return len(wardRouter.messages()) == 6
+	})
+	wait("six answers at the hospital's router", func() bool { return len(hospRouter.messages()) == 6 })
+	if n := len(wardRouter.messages()); n != 6 {
+		t.Errorf("the ward's router got %d messages, want 6", n)
+	}
+}
+
+func postfixLog(servers string) string {
+	b, _ := os.ReadFile(filepath.Join(servers, "postfix", "log"))
+	return string(b)
+}
