@@ -161,8 +161,8 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
 			Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
 			Poll: cfg.IMAP.Poll.D(), MaxSize: int64(cfg.IMAP.MaxMailSize), Receiver: receiver, Store: st,
-			Logger: opts.Logger.With("component", "imap"),
-			Link:   &g.imapLink,
+			Logger:  opts.Logger.With("component", "imap"),
+			Link:    &g.imapLink,
 			Handled: g.handled,
 		})
 		if err != nil {
