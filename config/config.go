@@ -165,6 +165,16 @@ type Partner struct {
 	// 8689), so that every hop on the way must use TLS too. A server that
 	// cannot is a refusal and an alert, never a silent downgrade.
 	RequireTLS bool `yaml:"require_tls"`
+	// AckMode is immediate (default: CA as soon as the message is stored)
+	// or rendezvous: the surrogate keeps the router's connection open and
+	// answers with the partner's own application response (AA/AE/AR) from
+	// the returned bundle, or with CE (AE in original mode) saying "timed
+	// out" after RendezvousTimeout (draft-ietf-ediint-hl7-02 §4.1.4).
+	AckMode string `yaml:"ack_mode"`
+	// RendezvousTimeout bounds the wait of ack_mode: rendezvous (default
+	// 30s). The message is stored and delivered either way; a response that
+	// comes later reaches the router as an unsolicited message.
+	RendezvousTimeout Duration `yaml:"rendezvous_timeout"`
 }
 
 // Defaults.
@@ -179,6 +189,7 @@ const (
 	DefaultIdleTimeout    = 10 * time.Minute
 	DefaultMaxMessageSize = 1 << 20
 	DefaultMaxMailSize    = 32 << 20
+	DefaultRendezvous     = 30 * time.Second
 	DefaultContentType    = "application/edi-hl7"
 )
 
@@ -298,6 +309,12 @@ func (c *Config) applyDefaults() {
 		}
 		if p.KeyTransport == "" {
 			p.KeyTransport = "oaep"
+		}
+		if p.AckMode == "" {
+			p.AckMode = "immediate"
+		}
+		if p.RendezvousTimeout == 0 {
+			p.RendezvousTimeout = Duration(DefaultRendezvous)
 		}
 	}
 }

@@ -319,6 +319,11 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
 		}
+		switch p.AckMode {
+		case "immediate", "rendezvous":
+		default:
+			v.addf(f("ack_mode"), who, "immediate or rendezvous", "unknown value %q", p.AckMode)
+		}
 		if p.RequireTLS && c.SMTP.TLS == "none" {
 			v.addf(f("require_tls"), who, "set smtp.tls to starttls or tls", "require_tls cannot be met: smtp.tls is none")
 		}

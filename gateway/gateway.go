@@ -73,6 +73,7 @@ type Gateway struct {
 	dashLn     net.Listener
 	dashWG     sync.WaitGroup
 	stopping   atomic.Bool
+	rdv        *rendezvous
 }
 
 type partnerListener struct {
@@ -92,7 +93,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		opts.Logger = slog.Default()
 	}
 	cfg := opts.Config
-	g := &Gateway{cfg: cfg, log: opts.Logger}
+	g := &Gateway{cfg: cfg, log: opts.Logger, rdv: newRendezvous()}
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
 	if err != nil {
 		return nil, err
@@ -188,6 +189,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			IDs:            ids,
 			Observe:        func(code hl7.AckCode, d time.Duration) { metrics.ObserveAck(p.Name, code, d) },
 			LimitHit:       func(limit string) { metrics.LimitHit(p.Name, limit) },
+			Rendezvous:     g.rendezvousFor(p),
 		})
 		if err == nil {
 			var ln net.Listener
@@ -306,6 +308,7 @@ func (n notifyingSpool) Accept(ctx context.Context, m store.NewMessage) (store.A
 // closed at once; the store is closed either way.
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.stopping.Store(true)
+	close(g.rdv.quit) // connections waiting for a response answer now
 	var wg sync.WaitGroup
 	errs := make([]error, len(g.surrogates))
 	for i, pl := range g.surrogates {
@@ -492,8 +495,23 @@ func tlsConfig(addr, caFile string, set bool) (*tls.Config, error) {
 	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
-// handled wakes the deliverer for a mail the receiver stored.
+// rendezvousFor returns the surrogate's Rendezvous for partner p, nil for
+// ack_mode: immediate.
+func (g *Gateway) rendezvousFor(p *config.Partner) func(context.Context, int64) ([]byte, func(error), error) {
+	if p.AckMode != "rendezvous" {
+		return nil
+	}
+	return func(ctx context.Context, id int64) ([]byte, func(error), error) {
+		return g.rdv.wait(ctx, id, p.RendezvousTimeout.D())
+	}
+}
+
+// handled wakes the deliverer for a mail the receiver stored, or hands a
+// response to the router connection waiting for it.
 func (g *Gateway) handled(r mailbox.Result) {
+	if g.rendezvousResponse(r) {
+		return
+	}
 	if r.ID != 0 && r.Incoming != nil && !r.Replay {
 		g.deliverer.Notify(r.Incoming.Partner.Name)
 	}

@@ -39,8 +39,10 @@ type Result struct {
 	// Message-ID already received from the partner.
 	Quarantine *QuarantineError
 	Replay     bool
-	// Receipt is the outcome of the MDN the mail carried, if any.
-	Receipt *Receipt
+	// Receipt is the outcome of the MDN the mail carried, if any, and
+	// ReceiptFor the stored outbound message it matched.
+	Receipt    *Receipt
+	ReceiptFor int64
 }
 
 // Handle processes one raw mail. An error means nothing was decided (the
@@ -100,6 +102,9 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 			return Result{}, err
 		}
 		res.Receipt = &outcome
+		if outcome == ReceiptMatched || outcome == ReceiptError {
+			res.ReceiptFor = p.ID
+		}
 		attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
 			"disposition", in.MDN.Disposition.String()}
 		if p.ControlID != "" {

@@ -52,6 +52,13 @@ type Options struct {
 	// LimitHit, when set, is told each time a limit refuses something:
 	// LimitConnections or LimitMessageSize (metrics).
 	LimitHit func(limit string)
+	// Rendezvous, when set, answers a stored message with the partner's
+	// own application response instead of CA (draft-ietf-ediint-hl7-02
+	// §4.1.4): it blocks until the response is there and returns it, with
+	// a function to call once it was written (nil: written), or returns an
+	// error when none came in time; the router then gets CE ("timed out",
+	// AE in original mode) and the message is delivered all the same.
+	Rendezvous func(ctx context.Context, id int64) (response []byte, written func(error), err error)
 }
 
 // Limits a surrogate enforces, as named to Options.LimitHit.
@@ -368,7 +375,40 @@ func (c *conn) handle(h *hl7.Header, frame []byte) {
 		return
 	}
 	log.Info("message accepted", "id", res.ID, "type", h.MessageCode()+"^"+h.TriggerEvent(), "size", len(frame))
-	c.answer(h, hl7.CommitAccept, "", "")
+	if c.s.opts.Rendezvous == nil || h.IsAck() {
+		c.answer(h, hl7.CommitAccept, "", "")
+		return
+	}
+	c.rendezvous(log, h, res.ID)
+}
+
+// rendezvous waits for the partner's response to message id and writes it
+// on the router's connection, or answers that it timed out.
+func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
+	resp, written, err := c.s.opts.Rendezvous(context.Background(), id)
+	if err != nil {
+		log.Warn("no response from the partner in time; the message is stored and will be delivered", "id", id, "err", err)
+		c.answer(h, hl7.CommitError, "timed out waiting for the partner's response; the message is stored and will be delivered",
+			hl7.ErrApplicationIntern)
+		return
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
+	err = mllp.WriteFrame(c.nc, resp)
+	if written != nil {
+		written(err)
+	}
+	if err != nil {
+		log.Warn("the partner's response not written; it will be delivered as a message of its own", "id", id, "err", err)
+		return
+	}
+	code := ""
+	if a, err := hl7.ParseAck(resp); err == nil {
+		code = string(a.Code)
+	}
+	log.Info("the partner's response answered the router (rendezvous)", "id", id, "ack", code)
+	if c.s.opts.Observe != nil && code != "" {
+		c.s.opts.Observe(hl7.AckCode(code), time.Since(c.read))
+	}
 }
 
 // answer writes the accept ACK with code to the router, if MSH-15 asks for it.

@@ -1,0 +1,100 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// TestRendezvous: with ack_mode rendezvous the hospital's router gets, on
+// the connection it sent on, the lab router's own AA instead of CA; the
+// response is not delivered again. With the lab down it gets CE ("timed
+// out"); the order reaches the lab once it is back, and the late response
+// reaches the hospital's router as a message of its own.
+func TestRendezvous(t *testing.T) {
+	dir := t.TempDir()
+	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	hPriv, _, hCert, hKey := keyFiles(t, dir, "edi@hospital.test")
+	hPub := filepath.Join(dir, "edi@hospital.test.pub.asc")
+	lPriv, lPub, lCert, lKey := keyFiles(t, dir, "lab@partner.test")
+	toLab := freeAddr(t)
+	hospital := startInstance(t, w, dir, "hospital", "edi@hospital.test", fmt.Sprintf(
+		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s, ack_mode: rendezvous, rendezvous_timeout: 2s}\n",
+		toLab, lPub), hPriv, hCert, hKey)
+	labPartners := fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: %s}\n", freeAddr(t), hPub)
+	lab := startInstance(t, w, dir, "lab", "lab@partner.test", labPartners, lPriv, lCert, lKey)
+
+	c, err := mllp.Dial(context.Background(), toLab)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	send := func(id string) hl7.AckResult {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		reply, err := c.Send(ctx, []byte("MSH|^~\\&|OE|GH|LAB|TL|20261123||ORM^O01|"+id+"|P|2.3|||AL\rPID|1\rORC|NW|"+id+"\r"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := hl7.ParseAck(reply)
+		if err != nil {
+			t.Fatalf("answer %q: %v", reply, err)
+		}
+		return a
+	}
+	a := send("RDV-1")
+	if a.Code != hl7.ApplicationAccept || a.ControlID != "RDV-1" || !strings.HasPrefix(a.Header.ControlID, "RT") {
+		t.Fatalf("rendezvous answer = %+v; want the lab router's own AA for RDV-1", a)
+	}
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		in, _ := hospital.g.Store().List(ctx, store.Filter{Direction: store.Inbound})
+		if len(in) == 1 && in[0].State == store.Delivered {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the response is not recorded as delivered: %+v", in)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if n := len(hospital.router.Messages()); n != 0 {
+		t.Errorf("the hospital's router got %d messages besides the rendezvous answer, want 0", n)
+	}
+
+	// The lab is down: the router hears that the wait timed out.
+	lab.g.Shutdown(ctx)
+	lab.g = nil
+	a = send("RDV-2")
+	if a.Code != hl7.CommitError || !strings.Contains(a.Text, "timed out") {
+		t.Fatalf("answer with the lab down = %+v; want CE, timed out", a)
+	}
+	lab = startInstance(t, w, dir, "lab", "lab@partner.test", labPartners, lPriv, lCert, lKey)
+	deadline = time.Now().Add(30 * time.Second)
+	for len(lab.router.Messages()) == 0 || len(hospital.router.Messages()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 30s: %d at the lab's router, %d at the hospital's", len(lab.router.Messages()), len(hospital.router.Messages()))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if h, _ := hl7.ParseHeader(lab.router.Messages()[0]); h.ControlID != "RDV-2" {
+		t.Errorf("the lab's router got %s, want RDV-2", h.ControlID)
+	}
+	if a, err := hl7.ParseAck(hospital.router.Messages()[0]); err != nil || a.ControlID != "RDV-2" || a.Code != hl7.ApplicationAccept {
+		t.Errorf("the late response at the hospital's router: %+v, %v", a, err)
+	}
+}
