@@ -34,6 +34,10 @@ type Config struct {
 	IMAP IMAP `yaml:"imap"`
 	// Dashboard is the web page and metrics endpoint.
 	Dashboard Dashboard `yaml:"dashboard"`
+	// Local are further addresses of this site, each for an internal
+	// application with its own router (draft-ietf-ediint-hl7-02 §6.3):
+	// mail sent to one goes to its router.
+	Local []Local `yaml:"local"`
 	// Partners are the remote parties; at least one is required.
 	Partners []Partner `yaml:"partners"`
 
@@ -116,6 +120,19 @@ type Dashboard struct {
 	TokenFile string `yaml:"token_file"`
 }
 
+// Local is an address of this site besides self.email.
+type Local struct {
+	// Address is the mail address; required, unique.
+	Address string `yaml:"address"`
+	// Router is host:port of the router for mail sent to Address
+	// (default router.addr).
+	Router string `yaml:"router"`
+	// IMAP, when set, is the account mail to Address is fetched from;
+	// without it, mail to Address must reach the imap account (an alias)
+	// or "hl7mail receive".
+	IMAP *IMAP `yaml:"imap"`
+}
+
 // Partner is a remote party reached by mail.
 type Partner struct {
 	// Name identifies the partner in logs, the store and the CLI; required,
@@ -175,6 +192,9 @@ type Partner struct {
 	// 30s). The message is stored and delivered either way; a response that
 	// comes later reaches the router as an unsolicited message.
 	RendezvousTimeout Duration `yaml:"rendezvous_timeout"`
+	// Local is the address of ours this partner talks to: the From of the
+	// mail sent to it (default self.email); one of local[].address.
+	Local string `yaml:"local"`
 }
 
 // Defaults.
@@ -281,6 +301,28 @@ func (c *Config) applyDefaults() {
 	if c.IMAP.MaxMailSize == 0 {
 		c.IMAP.MaxMailSize = DefaultMaxMailSize
 	}
+	for i := range c.Local {
+		if m := c.Local[i].IMAP; m != nil {
+			if m.TLS == "" {
+				m.TLS = "starttls"
+			}
+			if m.Mailbox == "" {
+				m.Mailbox = "INBOX"
+			}
+			if m.Processed == "" {
+				m.Processed = c.IMAP.Processed
+			}
+			if m.Quarantine == "" {
+				m.Quarantine = c.IMAP.Quarantine
+			}
+			if m.Poll == 0 {
+				m.Poll = c.IMAP.Poll
+			}
+			if m.MaxMailSize == 0 {
+				m.MaxMailSize = c.IMAP.MaxMailSize
+			}
+		}
+	}
 	if c.Dashboard.Addr == "" {
 		c.Dashboard.Addr = DefaultDashboard
 	}
@@ -336,6 +378,39 @@ func (c *Config) RouterFor(p *Partner) string {
 		return p.Router
 	}
 	return c.Router.Addr
+}
+
+// RouterForMail returns the router for a message of partner p that was
+// sent to recipient: the router of that local address, if it has one,
+// else RouterFor(p).
+func (c *Config) RouterForMail(p *Partner, recipient string) string {
+	if l := c.LocalAddress(recipient); l != nil && l.Router != "" {
+		return l.Router
+	}
+	return c.RouterFor(p)
+}
+
+// LocalAddress returns the local address addr, or nil.
+func (c *Config) LocalAddress(addr string) *Local {
+	for i := range c.Local {
+		if strings.EqualFold(c.Local[i].Address, addr) {
+			return &c.Local[i]
+		}
+	}
+	return nil
+}
+
+// IsOurs reports whether addr is self.email or a local address.
+func (c *Config) IsOurs(addr string) bool {
+	return strings.EqualFold(addr, c.Self.Email) || c.LocalAddress(addr) != nil
+}
+
+// FromFor returns the address mail to partner p is sent from.
+func (c *Config) FromFor(p *Partner) string {
+	if p.Local != "" {
+		return p.Local
+	}
+	return c.Self.Email
 }
 
 // Partner returns the partner named name, or nil.

@@ -237,6 +237,26 @@ func (v *validator) validate() {
 	if len(c.Partners) == 0 {
 		v.addf("partners", "", "see the shipped partners.yaml", "at least one partner is required")
 	}
+	locals := map[string]int{}
+	for i, l := range c.Local {
+		f := func(field string) string { return fmt.Sprintf("local[%d].%s", i, field) }
+		if v.email(f("address"), "", l.Address) {
+			key := strings.ToLower(l.Address)
+			if j, dup := locals[key]; dup {
+				v.addf(f("address"), "", "", "%s is listed already as local[%d]", l.Address, j)
+			} else if strings.EqualFold(l.Address, c.Self.Email) {
+				v.addf(f("address"), "", "", "%s is self.email already", l.Address)
+			}
+			locals[key] = i
+		}
+		if l.Router != "" {
+			v.addr(f("router"), "", l.Router, true)
+		}
+		if l.IMAP != nil {
+			v.server(fmt.Sprintf("local[%d].imap", i), &l.IMAP.MailServer)
+			v.positive(f("imap.poll"), "", l.IMAP.Poll)
+		}
+	}
 
 	names := map[string]int{}
 	emails := map[string]int{}
@@ -268,8 +288,8 @@ func (v *validator) validate() {
 			} else {
 				emails[key] = i
 			}
-			if strings.EqualFold(p.Email, c.Self.Email) {
-				v.addf(f("email"), who, "", "%s is our own address (self.email)", p.Email)
+			if c.IsOurs(p.Email) {
+				v.addf(f("email"), who, "", "%s is one of our own addresses", p.Email)
 			}
 		}
 		if v.addr(f("listen"), who, p.Listen, true) {
@@ -282,6 +302,9 @@ func (v *validator) validate() {
 		}
 		if p.Router != "" {
 			v.addr(f("router"), who, p.Router, true)
+		}
+		if p.Local != "" && !c.IsOurs(p.Local) {
+			v.addf(f("local"), who, "self.email or one of local[].address", "%s is not one of our addresses", p.Local)
 		}
 		switch p.Security {
 		case "pgp":
@@ -465,7 +488,7 @@ func (c *Config) CheckFiles() error {
 			v.addf(path, who, "", "%s is not a regular file", p)
 			return
 		}
-		if secret[path] && st.Mode().Perm()&0o077 != 0 {
+		if (secret[path] || strings.HasSuffix(path, ".password_file")) && st.Mode().Perm()&0o077 != 0 {
 			v.addf(path, who, "chmod 600 "+p, "%s holds a secret but is readable by group or others (mode %04o)", p, st.Mode().Perm())
 			return
 		}
@@ -493,6 +516,13 @@ func (c *Config) CheckFiles() error {
 	file("dashboard.token_file", "", c.Dashboard.TokenFile)
 	file("smtp.ca_file", "", c.SMTP.CAFile)
 	file("imap.ca_file", "", c.IMAP.CAFile)
+	for i, l := range c.Local {
+		if l.IMAP != nil {
+			file(fmt.Sprintf("local[%d].imap.password_file", i), "", l.IMAP.PasswordFile)
+			env(fmt.Sprintf("local[%d].imap.password_env", i), l.IMAP.PasswordEnv)
+			file(fmt.Sprintf("local[%d].imap.ca_file", i), "", l.IMAP.CAFile)
+		}
+	}
 	for i, p := range c.Partners {
 		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
 		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)

@@ -52,8 +52,9 @@ type Instance interface {
 	Release(ctx context.Context, id int64, by, note string) (int64, error)
 	// Ready reports why the instance is not ready to take messages, or nil.
 	Ready() error
-	// Receive takes in one raw mail handed over by an MTA (pipe mode).
-	Receive(ctx context.Context, raw []byte) (mailbox.Result, error)
+	// Receive takes in one raw mail handed over by an MTA (pipe mode),
+	// for recipient to ("": the mail's To says).
+	Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error)
 }
 
 // Options configure New. Addr and Instance are required.
@@ -495,7 +496,7 @@ func (s *Server) receive(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "400: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	res, err := s.o.Instance.Receive(r.Context(), raw)
+	res, err := s.o.Instance.Receive(r.Context(), raw, r.URL.Query().Get("to"))
 	if err != nil {
 		s.log.Error("mail from the MTA not taken; it will be offered again", "err", err)
 		http.Error(w, "503: "+err.Error(), http.StatusServiceUnavailable)

@@ -44,7 +44,7 @@ func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (
 	return 99, f.st.MarkReleased(ctx, id, by, note, 99)
 }
 func (f *fakeInstance) Ready() error { return f.notReady }
-func (f *fakeInstance) Receive(ctx context.Context, raw []byte) (mailbox.Result, error) {
+func (f *fakeInstance) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
 	f.received = append(f.received, raw)
 	if bytes.Contains(raw, []byte("fail")) {
 		return mailbox.Result{}, errors.New("incoming journal: disk full")

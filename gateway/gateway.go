@@ -156,7 +156,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	g.receiver, g.deliverer = receiver, deliverer
 	// Without imap.addr, mail comes in only through "hl7mail receive"
 	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
-	watchMail := func(context.Context) {}
+	var watchers []func(context.Context)
 	if cfg.IMAP.Addr != "" {
 		watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
 			Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
@@ -170,9 +170,51 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			g.rollback()
 			return nil, err
 		}
-		watchMail = watcher.Run
+		watchers = append(watchers, watcher.Run)
 	} else {
 		g.imapLink.Off()
+	}
+	// Local addresses with an account of their own (§6.3): mail fetched
+	// there is for that address, and goes to its router.
+	for i := range cfg.Local {
+		l := &cfg.Local[i]
+		if l.IMAP == nil || l.IMAP.Addr == "" {
+			continue
+		}
+		password, err := cfg.Secret(l.IMAP.PasswordFile, l.IMAP.PasswordEnv)
+		if err != nil {
+			g.rollback()
+			return nil, fmt.Errorf("local %s imap password: %w", l.Address, err)
+		}
+		tc, err := tlsConfig(l.IMAP.Addr, cfg.Path(l.IMAP.CAFile), l.IMAP.CAFile != "")
+		if err != nil {
+			g.rollback()
+			return nil, fmt.Errorf("local %s imap.ca_file: %w", l.Address, err)
+		}
+		watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+			Addr: l.IMAP.Addr, TLS: l.IMAP.TLS, TLSConfig: tc, Username: l.IMAP.Username, Password: password,
+			Mailbox: l.IMAP.Mailbox, Processed: l.IMAP.Processed, Quarantine: l.IMAP.Quarantine,
+			Poll: l.IMAP.Poll.D(), MaxSize: int64(l.IMAP.MaxMailSize), Receiver: receiver, Store: st,
+			Logger:    opts.Logger.With("component", "imap", "local", l.Address),
+			Recipient: l.Address,
+			Handled:   g.handled,
+		})
+		if err != nil {
+			g.rollback()
+			return nil, err
+		}
+		watchers = append(watchers, watcher.Run)
+	}
+	watchMail := func(ctx context.Context) {
+		var wg sync.WaitGroup
+		for _, run := range watchers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				run(ctx)
+			}()
+		}
+		wg.Wait()
 	}
 	metrics := dashboard.NewMetrics()
 	spool := notifyingSpool{st: st, notify: g.sender.Notify}
@@ -308,7 +350,7 @@ func (n notifyingSpool) Accept(ctx context.Context, m store.NewMessage) (store.A
 // closed at once; the store is closed either way.
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.stopping.Store(true)
-	close(g.rdv.quit) // connections waiting for a response answer now
+	g.rdv.stop() // connections waiting for a response answer now
 	var wg sync.WaitGroup
 	errs := make([]error, len(g.surrogates))
 	for i, pl := range g.surrogates {
@@ -521,8 +563,12 @@ func (g *Gateway) handled(r mailbox.Result) {
 // draft-ietf-ediint-hl7-02 §6.2 figure 7): the same path as mail the IMAP
 // watcher fetches. An error means nothing was decided: the MTA keeps the
 // mail and tries again.
-func (g *Gateway) Receive(ctx context.Context, raw []byte) (mailbox.Result, error) {
-	res, err := g.receiver.Handle(ctx, raw)
+func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
+	if to != "" && !g.cfg.IsOurs(to) {
+		g.log.Warn("mail from the MTA for an address that is not ours; routed by its To", "to", to)
+		to = ""
+	}
+	res, err := g.receiver.HandleTo(ctx, raw, to)
 	if err == nil {
 		g.handled(res)
 	}

@@ -17,7 +17,11 @@ type rendezvous struct {
 	mu      sync.Mutex
 	waiting map[int64]chan response // outbound message id → its waiting connection
 	quit    chan struct{}           // closed at shutdown: every wait ends
+	once    sync.Once
 }
+
+// stop ends every wait.
+func (r *rendezvous) stop() { r.once.Do(func() { close(r.quit) }) }
 
 // response is a partner's response on its way to a waiting connection.
 type response struct {

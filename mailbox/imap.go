@@ -42,6 +42,9 @@ type WatcherOptions struct {
 	Handled func(Result)
 	// Link, when set, follows the connection's state.
 	Link *Link
+	// Recipient is the address of ours this account receives for ("": the
+	// mail's To says).
+	Recipient string
 }
 
 // Watcher fetches partner mail from one IMAP account (go-imap v2) and hands
@@ -260,7 +263,7 @@ func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.
 			return fmt.Errorf("fetch %d: %v", uid, err)
 		}
 		raw := msgs[0].FindBodySection(section)
-		if res, err = w.o.Receiver.Handle(ctx, raw); err != nil {
+		if res, err = w.o.Receiver.HandleTo(ctx, raw, w.o.Recipient); err != nil {
 			return fmt.Errorf("handle %d: %w", uid, err)
 		}
 	}

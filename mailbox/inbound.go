@@ -108,6 +108,8 @@ type Incoming struct {
 	// FromRewritten is set when From named no partner and the partner was
 	// known by the key that signed the mail (a gateway rewrote From).
 	FromRewritten bool
+	// Recipient is the address of ours the mail was for (see HandleTo).
+	Recipient string
 	MessageID     string
 	Subject       string
 	MDNRequest    *security.MDNRequest // nil when no receipt was asked for

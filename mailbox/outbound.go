@@ -292,7 +292,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 	}
 	msgID := m.MessageID
 	if msgID == "" {
-		msgID = newMessageID(m.ID, s.o.Config.Self.Email)
+		msgID = newMessageID(m.ID, s.o.Config.FromFor(p))
 	}
 	mailBytes, err := s.compose(p, m, msgID, now, sealed)
 	if err != nil {
@@ -308,11 +308,11 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("store", "err", err)
 		return false
 	}
-	if err := journalAppend(ctx, s.o.Journal, s.o.Store, s.o.Config.Self.Email, now, msgID, mailBytes); err != nil {
+	if err := journalAppend(ctx, s.o.Journal, s.o.Store, s.o.Config.FromFor(p), now, msgID, mailBytes); err != nil {
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	err = s.o.Submitter.Submit(ctx, s.o.Config.Self.Email, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
+	err = s.o.Submitter.Submit(ctx, s.o.Config.FromFor(p), []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
 	if err == nil || Permanent(err) {
 		s.o.Link.set(LinkUp, err) // the server answered
 	} else {
@@ -354,7 +354,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 // the message type and control ID only: no patient data.
 func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now time.Time, sealed []byte) ([]byte, error) {
 	var h mail.Header
-	h.SetAddressList("From", []*mail.Address{{Name: s.o.Config.Self.Name, Address: s.o.Config.Self.Email}})
+	h.SetAddressList("From", []*mail.Address{{Name: s.o.Config.Self.Name, Address: s.o.Config.FromFor(p)}})
 	h.SetAddressList("To", []*mail.Address{{Address: p.Email}})
 	h.SetDate(now)
 	h.SetMessageID(strings.Trim(msgID, "<>"))
@@ -379,11 +379,11 @@ func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now t
 		if p.Security == "smime" {
 			proto = "pkcs7-signature"
 		}
-		to, opts := security.MDNRequest{To: s.o.Config.Self.Email, Protocol: proto}.Headers()
+		to, opts := security.MDNRequest{To: s.o.Config.FromFor(p), Protocol: proto}.Headers()
 		h.Set("Disposition-Notification-To", to)
 		h.Set("Disposition-Notification-Options", opts)
 	case "unsigned":
-		h.Set("Disposition-Notification-To", s.o.Config.Self.Email)
+		h.Set("Disposition-Notification-To", s.o.Config.FromFor(p))
 	}
 	var b bytes.Buffer
 	if err := textproto.WriteHeader(&b, h.Header.Header); err != nil {

@@ -50,6 +50,14 @@ type Result struct {
 // mail may move on, to the processed folder or, with Result.Quarantine set,
 // to the quarantine folder.
 func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
+	return r.HandleTo(ctx, raw, "")
+}
+
+// HandleTo is Handle for a mail known to be for recipient, an address of
+// ours (the IMAP account it was fetched from, or the MTA's envelope
+// recipient); with "", the first of our addresses in To or Cc, else
+// self.email. Its messages go to that address's router.
+func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (Result, error) {
 	log := r.Logger
 	if log == nil {
 		log = slog.Default()
@@ -75,7 +83,27 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	if in.Recipient = recipient; recipient == "" {
+		in.Recipient = r.recipientOf(raw)
+	}
 	return r.take(ctx, log, sender, raw, in)
+}
+
+// recipientOf returns the first address of ours in the To or Cc of raw,
+// else self.email.
+func (r *Receiver) recipientOf(raw []byte) string {
+	cfg := r.Opener.Config
+	if h, err := headerOf(raw); err == nil {
+		for _, field := range []string{"To", "Cc"} {
+			list, _ := mail.ParseAddressList(h.Get(field))
+			for _, a := range list {
+				if cfg.IsOurs(a.Address) {
+					return a.Address
+				}
+			}
+		}
+	}
+	return cfg.Self.Email
 }
 
 // take handles a mail that opened: a replay, a receipt, a message to store.
@@ -126,12 +154,13 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		}
 		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
 			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
-			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind})
+			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient})
 		if err != nil {
 			return Result{}, err
 		}
 		res.ID = a.ID
-		log.Info("mail received", "id", a.ID, "control_id", in.Header.ControlID, "kind", in.Kind.String(), "signer", in.Signer)
+		log.Info("mail received", "id", a.ID, "control_id", in.Header.ControlID, "kind", in.Kind.String(), "signer", in.Signer,
+			"to", in.Recipient)
 	}
 	return res, nil
 }
@@ -177,7 +206,7 @@ func (r *Receiver) refusalReceipt(ctx context.Context, log *slog.Logger, raw []b
 	if req, err := security.ParseMDNRequest(h); err != nil || req == nil {
 		return nil
 	}
-	self := r.Opener.Config.Self.Email
+	self := r.recipientOf(raw)
 	mdn := &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
 		OriginalMessageID: messageID, Disposition: d, Error: text,
 		Text: "The message was not processed: " + text + "."}
@@ -260,6 +289,7 @@ func (r *Receiver) Release(ctx context.Context, id int64, by, note string) (Resu
 			return Result{}, fmt.Errorf("release: %s was received already as message %d", in.MessageID, prev.ID)
 		}
 	}
+	in.Recipient = r.recipientOf(q.Raw)
 	res, err := r.take(ctx, log, q.Sender, q.Raw, in)
 	if err != nil {
 		return res, err

@@ -55,10 +55,14 @@ func (r *Responder) Delivered(ctx context.Context, m store.Message, ack []byte) 
 }
 
 func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) {
+	to := m.Recipient
+	if to == "" {
+		to = r.Config.Self.Email
+	}
 	mdn := &security.MDN{
-		ReportingUA:       domainOf(r.Config.Self.Email) + "; hl7mail",
-		OriginalRecipient: r.Config.Self.Email,
-		FinalRecipient:    r.Config.Self.Email,
+		ReportingUA:       domainOf(to) + "; hl7mail",
+		OriginalRecipient: to,
+		FinalRecipient:    to,
 		OriginalMessageID: m.MessageID,
 		Disposition:       security.Disposition{Type: security.Processed},
 	}

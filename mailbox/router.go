@@ -89,7 +89,7 @@ func (d *Deliverer) Run(ctx context.Context) {
 // the outcome; it returns the connection to reuse and whether to go on.
 func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Message, conn *mllp.Client) (*mllp.Client, bool) {
 	log := d.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
-	addr := d.o.Config.RouterFor(p)
+	addr := d.o.Config.RouterForMail(p, m.Recipient)
 	timeout := d.o.Config.Router.AckTimeout.D()
 	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no
 	// answer from the router: it is delivered once written.

@@ -15,6 +15,9 @@ import (
 // PGPKeyOptions shape a new OpenPGP key.
 type PGPKeyOptions struct {
 	Name, Email string
+	// AlsoEmails are further addresses of the same site (local addresses,
+	// draft-ietf-ediint-hl7-02 §6.3), each a user ID of the key.
+	AlsoEmails []string
 	// RSA makes an RSA-3072 key instead of the default Ed25519 signing key
 	// with a Cv25519 encryption subkey. Both are v4 keys that GnuPG 2.2 reads.
 	RSA bool
@@ -39,6 +42,11 @@ func GeneratePGPKey(opts PGPKeyOptions) (*openpgp.Entity, error) {
 	e, err := openpgp.NewEntity(opts.Name, "hl7mail", opts.Email, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("security: generate OpenPGP key: %w", err)
+	}
+	for _, addr := range opts.AlsoEmails {
+		if err := e.AddUserId(opts.Name, "hl7mail", addr, cfg); err != nil {
+			return nil, fmt.Errorf("security: add user ID %s: %w", addr, err)
+		}
 	}
 	return e, nil
 }

@@ -59,12 +59,15 @@ func (r *logRecord) appendTo(dst []byte) []byte {
 	dst = append(dst, make([]byte, logHeader)...)
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.seq))
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.time))
-	d := byte('o')
+	// Direction 'O' or 'I': eight strings. Records written before the
+	// recipient was kept say 'o' or 'i' and have seven.
+	d := byte('O')
 	if r.m.Direction == Inbound {
-		d = 'i'
+		d = 'I'
 	}
 	dst = append(dst, d)
-	for _, s := range []string{r.m.Partner, r.m.ControlID, r.m.MessageType, r.m.MessageID, r.m.MIC, r.m.Kind, r.m.InReplyTo} {
+	for _, s := range []string{r.m.Partner, r.m.ControlID, r.m.MessageType, r.m.MessageID, r.m.MIC, r.m.Kind, r.m.InReplyTo,
+		r.m.Recipient} {
 		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(s)))
 		dst = append(dst, s...)
 	}
@@ -85,16 +88,22 @@ func decodeRecord(body []byte) (logRecord, error) {
 	}
 	r.seq = int64(binary.LittleEndian.Uint64(body))
 	r.time = int64(binary.LittleEndian.Uint64(body[8:]))
+	fields := []*string{&r.m.Partner, &r.m.ControlID, &r.m.MessageType, &r.m.MessageID, &r.m.MIC, &r.m.Kind, &r.m.InReplyTo,
+		&r.m.Recipient}
 	switch body[16] {
-	case 'o':
+	case 'O':
 		r.m.Direction = Outbound
-	case 'i':
+	case 'I':
 		r.m.Direction = Inbound
+	case 'o':
+		r.m.Direction, fields = Outbound, fields[:7]
+	case 'i':
+		r.m.Direction, fields = Inbound, fields[:7]
 	default:
 		return r, errBadRecord
 	}
 	p := body[17:]
-	for _, dst := range []*string{&r.m.Partner, &r.m.ControlID, &r.m.MessageType, &r.m.MessageID, &r.m.MIC, &r.m.Kind, &r.m.InReplyTo} {
+	for _, dst := range fields {
 		if len(p) < 2 {
 			return r, errBadRecord
 		}

@@ -91,6 +91,8 @@ type NewMessage struct {
 	Kind string
 	// InReplyTo is the Message-ID of the mail an outbound response answers.
 	InReplyTo string
+	// Recipient is the address of ours an inbound message was sent to.
+	Recipient string
 }
 
 // Message kinds.
@@ -130,7 +132,8 @@ type Message struct {
 	InReplyTo   string    `json:"in_reply_to,omitempty"`
 	// Retried is when an operator last put the message back in its queue;
 	// expire_after counts from then.
-	Retried time.Time `json:"retried,omitzero"`
+	Retried   time.Time `json:"retried,omitzero"`
+	Recipient string    `json:"recipient,omitempty"`
 	Payload []byte    `json:"-"`
 }
 
@@ -451,6 +454,9 @@ var schema = []string{
 	// Message-ID on the way).
 	`ALTER TABLE pending ADD COLUMN matched_by TEXT NOT NULL DEFAULT '';
 	CREATE INDEX pending_mic ON pending(partner, mic);`,
+	// 10: the address of ours an inbound message was sent to: its router
+	// (draft-ietf-ediint-hl7-02 §6.3).
+	`ALTER TABLE messages ADD COLUMN recipient TEXT NOT NULL DEFAULT '';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -744,8 +750,8 @@ const (
 	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 )
 
 // insert writes recs into the database in one transaction, marking
@@ -775,7 +781,7 @@ func (s *Store) insert(recs []logRecord) (err error) {
 		}
 		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
 			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
-			kindOr(r.m.Kind), r.m.InReplyTo); err != nil {
+			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the

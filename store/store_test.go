@@ -451,3 +451,29 @@ func TestLock(t *testing.T) {
 		t.Errorf("read-only Accept = %v, want ErrReadOnly", err)
 	}
 }
+
+// TestOldRecordFormat: records written before the recipient was kept (seven
+// strings, direction 'o' or 'i') still decode after an upgrade.
+func TestOldRecordFormat(t *testing.T) {
+	r := logRecord{seq: 7, time: 99, m: NewMessage{Direction: Inbound, Partner: "lab", ControlID: "c1", MessageType: "ORU^R01",
+		MessageID: "<m@x>", MIC: "mic", Kind: KindRequest, InReplyTo: "", Payload: []byte("MSH|...")}}
+	enc := r.appendTo(nil)
+	body := enc[logHeader:]
+	if body[16] != 'I' {
+		t.Fatalf("direction byte %q, want 'I'", body[16])
+	}
+	// The old form: 'i', and no eighth string (its two length bytes) before the hash.
+	old := append([]byte(nil), body...)
+	old[16] = 'i'
+	hashAt := len(old) - len(r.m.Payload) - 32
+	old = append(old[:hashAt-2:hashAt-2], old[hashAt:]...)
+	got, err := decodeRecord(old)
+	if err != nil || got.seq != 7 || got.m.Direction != Inbound || got.m.Partner != "lab" || got.m.Kind != KindRequest ||
+		string(got.m.Payload) != "MSH|..." || got.m.Recipient != "" {
+		t.Errorf("decodeRecord(old form) = %+v, %v", got, err)
+	}
+	r.m.Recipient = "adt@edi.hospital"
+	if got, err := decodeRecord(r.appendTo(nil)[logHeader:]); err != nil || got.m.Recipient != "adt@edi.hospital" {
+		t.Errorf("decodeRecord(new form) = %+v, %v", got, err)
+	}
+}

@@ -18,7 +18,7 @@ written with mode 0600; the public part is what you hand to partners.
 Existing files are never overwritten.`, stderr)
 	kind := fs.String("kind", "", "pgp or smime (required)")
 	name := fs.String("name", "", "name in the key or certificate (required)")
-	email := fs.String("email", "", "mail address (required)")
+	email := fs.String("email", "", "mail address (required); for pgp, several comma-separated: one user ID each (local addresses)")
 	out := fs.String("out", "", "output `folder` (required)")
 	rsa := fs.Bool("rsa", false, "pgp: RSA-3072 instead of Ed25519/Cv25519")
 	passFile := fs.String("passphrase-file", "", "pgp: protect the private key with the passphrase in this `file`")
@@ -44,7 +44,11 @@ Existing files are never overwritten.`, stderr)
 	}
 	switch *kind {
 	case "pgp":
-		e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: *name, Email: *email, RSA: *rsa})
+		emails := strings.Split(*email, ",")
+		for i := range emails {
+			emails[i] = strings.TrimSpace(emails[i])
+		}
+		e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: *name, Email: emails[0], AlsoEmails: emails[1:], RSA: *rsa})
 		if err != nil {
 			return fail(err)
 		}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"time"
@@ -55,8 +56,9 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 	if err != nil {
 		return fail(exTempFail, "%v", err)
 	}
-	if *to != "" && !strings.EqualFold(*to, cfg.Self.Email) {
-		fmt.Fprintf(stderr, "hl7mail receive: note: the mail is for %s, this site is %s\n", *to, cfg.Self.Email)
+	if *to != "" && !cfg.IsOurs(*to) {
+		fmt.Fprintf(stderr, "hl7mail receive: note: %s is none of this site's addresses; the mail's To decides\n", *to)
+		*to = ""
 	}
 	limit := int64(4 * cfg.IMAP.MaxMailSize)
 	raw, err := io.ReadAll(io.LimitReader(stdin, limit+1))
@@ -77,10 +79,10 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 	if err != nil {
 		return fail(exTempFail, "%v", err)
 	}
-	a, err := api.receive(raw)
+	a, err := api.receive(raw, *to)
 	switch {
 	case errors.Is(err, errNotRunning):
-		if a, err = receiveStopped(cfg, raw); err != nil {
+		if a, err = receiveStopped(cfg, raw, *to); err != nil {
 			return fail(exTempFail, "hl7mail serve is not running and the mail could not be stored: %v", err)
 		}
 	case errors.Is(err, errTooLarge):
@@ -102,9 +104,9 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 var errTooLarge = errors.New("too large")
 
 // receive posts a mail to the running instance.
-func (a *instanceAPI) receive(raw []byte) (dashboard.ReceiveAnswer, error) {
+func (a *instanceAPI) receive(raw []byte, to string) (dashboard.ReceiveAnswer, error) {
 	var out dashboard.ReceiveAnswer
-	req, err := http.NewRequest("POST", a.base+"/api/receive", bytes.NewReader(raw))
+	req, err := http.NewRequest("POST", a.base+"/api/receive?to="+url.QueryEscape(to), bytes.NewReader(raw))
 	if err != nil {
 		return out, err
 	}
@@ -134,7 +136,7 @@ func (a *instanceAPI) receive(raw []byte) (dashboard.ReceiveAnswer, error) {
 // receiveStopped takes the mail in with the instance stopped: journalled
 // and stored (or quarantined) in its store; it goes to the router, and the
 // receipt to the partner, when "hl7mail serve" starts.
-func receiveStopped(cfg *config.Config, raw []byte) (dashboard.ReceiveAnswer, error) {
+func receiveStopped(cfg *config.Config, raw []byte, to string) (dashboard.ReceiveAnswer, error) {
 	var a dashboard.ReceiveAnswer
 	if err := cfg.CheckFiles(); err != nil {
 		return a, err
@@ -155,7 +157,7 @@ func receiveStopped(cfg *config.Config, raw []byte) (dashboard.ReceiveAnswer, er
 	defer j.Close()
 	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: j}
-	res, err := r.Handle(context.Background(), raw)
+	res, err := r.HandleTo(context.Background(), raw, to)
 	if err != nil {
 		return a, err
 	}
