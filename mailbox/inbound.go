@@ -109,17 +109,17 @@ type Incoming struct {
 	// known by the key that signed the mail (a gateway rewrote From).
 	FromRewritten bool
 	// Recipient is the address of ours the mail was for (see HandleTo).
-	Recipient string
-	MessageID     string
-	Subject       string
-	MDNRequest    *security.MDNRequest // nil when no receipt was asked for
-	Kind          security.Kind
-	Signer        string
-	MIC           security.MIC     // of the signed entity, for our receipt
-	Payload       []byte           // KindHL7: the HL7 message
-	Header        *hl7.Header      // KindHL7: its MSH
-	MDN           *security.MDN    // KindMDN, KindBundle
-	Bundle        *security.Bundle // KindBundle
+	Recipient  string
+	MessageID  string
+	Subject    string
+	MDNRequest *security.MDNRequest // nil when no receipt was asked for
+	Kind       security.Kind
+	Signer     string
+	MIC        security.MIC     // of the signed entity, for our receipt
+	Payload    []byte           // KindHL7: the HL7 message
+	Header     *hl7.Header      // KindHL7: its MSH
+	MDN        *security.MDN    // KindMDN, KindBundle
+	Bundle     *security.Bundle // KindBundle
 }
 
 // Opener opens partner mail. Config and the key fields are required.

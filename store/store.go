@@ -134,7 +134,7 @@ type Message struct {
 	// expire_after counts from then.
 	Retried   time.Time `json:"retried,omitzero"`
 	Recipient string    `json:"recipient,omitempty"`
-	Payload []byte    `json:"-"`
+	Payload   []byte    `json:"-"`
 }
 
 // Options configure Open.
