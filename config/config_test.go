@@ -176,3 +176,33 @@ func TestCheckFiles(t *testing.T) {
 		}
 	}
 }
+
+func TestLocalAddresses(t *testing.T) {
+	good := strings.Replace(minimal, "partners:\n", `local:
+  - {address: lab@edi.h.test, router: 127.0.0.1:6671, imap: {addr: 127.0.0.1:1143, tls: none, username: lab@edi.h.test, password_env: LAB_PW}}
+  - {address: adt@edi.h.test}
+partners:
+`, 1)
+	good = strings.Replace(good, "allow_unencrypted: true}", "allow_unencrypted: true, local: LAB@edi.h.test}", 1)
+	c, err := Parse("x.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &c.Partners[0]
+	if c.FromFor(p) != "LAB@edi.h.test" || c.RouterForMail(p, "lab@edi.h.test") != "127.0.0.1:6671" ||
+		c.RouterForMail(p, "adt@edi.h.test") != "127.0.0.1:6661" || c.RouterForMail(p, "edi@h.test") != "127.0.0.1:6661" {
+		t.Errorf("from %s, routers %s %s", c.FromFor(p), c.RouterForMail(p, "lab@edi.h.test"), c.RouterForMail(p, "adt@edi.h.test"))
+	}
+	if !c.IsOurs("adt@edi.h.test") || c.IsOurs("lab@p.test") || c.Local[0].IMAP.Mailbox != "INBOX" || c.Local[0].IMAP.Poll == 0 {
+		t.Errorf("IsOurs or local IMAP defaults wrong: %+v", c.Local[0].IMAP)
+	}
+	bad := strings.Replace(good, "{address: adt@edi.h.test}", "{address: lab@edi.h.test}\n  - {address: edi@h.test}", 1)
+	bad = strings.Replace(bad, "local: LAB@edi.h.test", "local: other@edi.h.test", 1)
+	_, err = Parse("x.yaml", []byte(bad))
+	for _, want := range []string{"local[1].address: lab@edi.h.test is listed already as local[0]", "local[2].address: edi@h.test is self.email already",
+		"partners[0].local: other@edi.h.test is not one of our addresses"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(bad local) = %v; want %q", err, want)
+		}
+	}
+}

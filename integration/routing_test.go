@@ -1,0 +1,140 @@
+package integration
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
+)
+
+// TestRoutingRealMail runs routing by recipient (draft-ietf-ediint-hl7-02
+// §6.3) over real Postfix and Dovecot: the hospital's lab system and ADT
+// system have addresses, Dovecot accounts and routers of their own; the
+// lab company talks to the first, the ADT partner to the second. Each
+// order's answer comes back to the router of the address it went out
+// from, and a message the lab company starts reaches the lab system.
+func TestRoutingRealMail(t *testing.T) {
+	requireTool(t, "/usr/sbin/postfix")
+	requireTool(t, "/usr/sbin/dovecot")
+	if os.Geteuid() != 0 {
+		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
+			t.Fatal("the mail servers need root")
+		}
+		t.Skip("the mail servers need root")
+	}
+	dir, err := os.MkdirTemp("", "hl7mail-routing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
+	smtpPort, imapPort, lmtpPort := port(), port(), port()
+	servers := filepath.Join(dir, "servers")
+	if out, err := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
+		"edi@hospital.test", "lab@edi.hospital", "adt@edi.hospital", "labco@partner.test", "adtco@partner.test").CombinedOutput(); err != nil {
+		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
+	}
+	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+
+	keygen := func(name, emails string) {
+		if out, err := exec.Command(binary, "keygen", "-kind", "pgp", "-name", name, "-email", emails, "-out", filepath.Join(dir, name)).CombinedOutput(); err != nil {
+			t.Fatalf("keygen: %v\n%s", err, out)
+		}
+		os.WriteFile(filepath.Join(dir, name, "imap-password"), []byte("secret\n"), 0o600)
+	}
+	keygen("hospital", "edi@hospital.test,lab@edi.hospital,adt@edi.hospital")
+	keygen("labco", "labco@partner.test")
+	keygen("adtco", "adtco@partner.test")
+	routers := map[string]*embedded.Router{}
+	for _, n := range []string{"default", "lab", "adt", "labco", "adtco"} {
+		r, err := embedded.StartRouter("127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		routers[n] = r
+	}
+	imap := func(user string) string {
+		return fmt.Sprintf("{addr: 127.0.0.1:%s, tls: none, username: %s, password_file: imap-password, poll: 1s}", imapPort, user)
+	}
+	write := func(name, email, router, extra, partners string, listen map[string]string) *instance {
+		p := filepath.Join(dir, name, "partners.yaml")
+		os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: private.asc}
+store: var
+router: {addr: %s, ack_timeout: 10s}
+smtp: {addr: 127.0.0.1:%s, tls: none, retry: 1s}
+imap: %s
+dashboard: {addr: %s}
+%spartners:
+%s`, name, email, router, smtpPort, imap(email), freePort(t), extra, partners)), 0o600)
+		in := &instance{t: t, dir: filepath.Join(dir, name), config: p, listen: listen}
+		t.Cleanup(in.stop)
+		return in
+	}
+	toLabco, toAdtco, fromLabco := freePort(t), freePort(t), freePort(t)
+	hospital := write("hospital", "edi@hospital.test", routers["default"].Addr, fmt.Sprintf(`local:
+  - {address: lab@edi.hospital, router: %s, imap: %s}
+  - {address: adt@edi.hospital, router: %s, imap: %s}
+`, routers["lab"].Addr, imap("lab@edi.hospital"), routers["adt"].Addr, imap("adt@edi.hospital")), fmt.Sprintf(
+		"  - {name: labco, listen: %s, email: labco@partner.test, security: pgp, pgp_key: ../labco/public.asc, local: lab@edi.hospital}\n"+
+			"  - {name: adtco, listen: %s, email: adtco@partner.test, security: pgp, pgp_key: ../adtco/public.asc, local: adt@edi.hospital}\n",
+		toLabco, toAdtco), map[string]string{"labco": toLabco, "adtco": toAdtco})
+	labco := write("labco", "labco@partner.test", routers["labco"].Addr, "", fmt.Sprintf(
+		"  - {name: hospital, listen: %s, email: lab@edi.hospital, security: pgp, pgp_key: ../hospital/public.asc}\n", fromLabco),
+		map[string]string{"hospital": fromLabco})
+	adtco := write("adtco", "adtco@partner.test", routers["adtco"].Addr, "", fmt.Sprintf(
+		"  - {name: hospital, listen: %s, email: adt@edi.hospital, security: pgp, pgp_key: ../hospital/public.asc}\n", freePort(t)),
+		map[string]string{})
+	for _, in := range []*instance{hospital, labco, adtco} {
+		in.start()
+	}
+	for addr, msg := range map[string]string{
+		toLabco:   "MSH|^~\\&|OE|GH|LAB|LC|20261123||ORM^O01|RR-LAB-1|P|2.3|||AL\rPID|1\rORC|NW|1\r",
+		toAdtco:   "MSH|^~\\&|ADT|GH|ADT|AC|20261123||ADT^A01|RR-ADT-1|P|2.3|||AL\rPID|1\r",
+		fromLabco: "MSH|^~\\&|LIS|LC|OE|GH|20261123||ORU^R01|RR-ORU-1|P|2.3|||AL\rPID|1\rOBX|1|NM|x||5\r",
+	} {
+		if code := sendOne(t, addr, []byte(msg)); code != hl7.CommitAccept {
+			t.Fatalf("surrogate %s answered %s", addr, code)
+		}
+	}
+	got := func(r *embedded.Router) map[string]bool {
+		out := map[string]bool{}
+		for _, m := range r.Messages() {
+			if a, err := hl7.ParseAck(m); err == nil {
+				out["answer to "+a.ControlID] = true
+			} else if h, err := hl7.ParseHeader(m); err == nil {
+				out[h.ControlID] = true
+			}
+		}
+		return out
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for len(got(routers["lab"])) < 2 || len(got(routers["adt"])) < 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 90s: lab system %v, ADT system %v, default %v\nhospital:\n%s", got(routers["lab"]), got(routers["adt"]),
+				got(routers["default"]), hospital.log)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if g := got(routers["lab"]); len(g) != 2 || !g["answer to RR-LAB-1"] || !g["RR-ORU-1"] {
+		t.Errorf("the lab system's router got %v", g)
+	}
+	if g := got(routers["adt"]); len(g) != 1 || !g["answer to RR-ADT-1"] {
+		t.Errorf("the ADT system's router got %v", g)
+	}
+	if g := got(routers["default"]); len(g) != 0 {
+		t.Errorf("the default router got %v; want nothing", g)
+	}
+	// Dovecot holds each mail in the account of the address it was sent to.
+	for _, account := range []string{"lab@edi.hospital", "adt@edi.hospital"} {
+		storedMail(t, dir, account)
+	}
+}
