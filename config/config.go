@@ -195,6 +195,12 @@ type Partner struct {
 	// Local is the address of ours this partner talks to: the From of the
 	// mail sent to it (default self.email); one of local[].address.
 	Local string `yaml:"local"`
+	// OrderWait is how long an inbound message is held for one that must
+	// reach the router before it (draft-ietf-ediint-hl7-02 §6.1.2): the
+	// request a message replies to (In-Reply-To), or the missing numbers
+	// of the partner's HL7 sequence (MSH-13). Then it is delivered and an
+	// alert raised (default 10m).
+	OrderWait Duration `yaml:"order_wait"`
 }
 
 // Defaults.
@@ -210,6 +216,7 @@ const (
 	DefaultMaxMessageSize = 1 << 20
 	DefaultMaxMailSize    = 32 << 20
 	DefaultRendezvous     = 30 * time.Second
+	DefaultOrderWait      = 10 * time.Minute
 	DefaultContentType    = "application/edi-hl7"
 )
 
@@ -357,6 +364,9 @@ func (c *Config) applyDefaults() {
 		}
 		if p.RendezvousTimeout == 0 {
 			p.RendezvousTimeout = Duration(DefaultRendezvous)
+		}
+		if p.OrderWait == 0 {
+			p.OrderWait = Duration(DefaultOrderWait)
 		}
 	}
 }

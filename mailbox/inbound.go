@@ -109,7 +109,9 @@ type Incoming struct {
 	// known by the key that signed the mail (a gateway rewrote From).
 	FromRewritten bool
 	// Recipient is the address of ours the mail was for (see HandleTo).
-	Recipient  string
+	Recipient string
+	// InReplyTo is the Message-ID of the mail this one answers.
+	InReplyTo  string
 	MessageID  string
 	Subject    string
 	MDNRequest *security.MDNRequest // nil when no receipt was asked for
@@ -147,7 +149,8 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	if err != nil {
 		return nil, &QuarantineError{Reason: ReasonMalformed, Err: err}
 	}
-	in := &Incoming{MessageID: strings.TrimSpace(h.Get("Message-Id")), Subject: h.Get("Subject")}
+	in := &Incoming{MessageID: strings.TrimSpace(h.Get("Message-Id")), Subject: h.Get("Subject"),
+		InReplyTo: strings.TrimSpace(h.Get("In-Reply-To"))}
 	from, err := mail.ParseAddress(h.Get("From"))
 	if err != nil {
 		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("from header: %w", err)}

@@ -22,6 +22,9 @@ type queue struct {
 	now  func() time.Time
 	log  *slog.Logger
 	wake map[string]chan struct{}
+	// next picks a partner's next message (default: the oldest due,
+	// Store.NextQueued).
+	next func(ctx context.Context, p *config.Partner, now time.Time) (store.Message, error)
 }
 
 func newQueue(cfg *config.Config, st *store.Store, dir store.Direction, poll time.Duration, now func() time.Time, log *slog.Logger) *queue {
@@ -78,7 +81,13 @@ func (q *queue) runPartner(ctx context.Context, p *config.Partner, step func(con
 		case <-q.wake[p.Name]:
 		}
 		for ctx.Err() == nil {
-			m, err := q.st.NextQueued(ctx, p.Name, q.dir, q.now())
+			var m store.Message
+			var err error
+			if q.next != nil {
+				m, err = q.next(ctx, p, q.now())
+			} else {
+				m, err = q.st.NextQueued(ctx, p.Name, q.dir, q.now())
+			}
 			if errors.Is(err, store.ErrNotFound) {
 				break
 			}

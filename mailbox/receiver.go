@@ -132,6 +132,9 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		res.Receipt = &outcome
 		if outcome == ReceiptMatched || outcome == ReceiptError {
 			res.ReceiptFor = p.ID
+			// What the bundle answers is the mail we sent, whatever
+			// Message-ID a gateway gave it on the way.
+			in.InReplyTo = p.MessageID
 		}
 		attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
 			"disposition", in.MDN.Disposition.String()}
@@ -154,7 +157,7 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		}
 		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
 			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
-			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient})
+			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient, InReplyTo: in.InReplyTo})
 		if err != nil {
 			return Result{}, err
 		}

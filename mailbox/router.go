@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -40,6 +42,9 @@ type Deliverer struct {
 	o   DelivererOptions
 	log *slog.Logger
 	q   *queue
+
+	mu      sync.Mutex
+	alerted map[int64]bool // messages whose wait for order was reported
 }
 
 // NewDeliverer returns a Deliverer; Run starts it.
@@ -59,7 +64,10 @@ func NewDeliverer(o DelivererOptions) (*Deliverer, error) {
 	if o.Poll == 0 {
 		o.Poll = 5 * time.Second
 	}
-	return &Deliverer{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Inbound, o.Poll, o.Now, o.Logger)}, nil
+	d := &Deliverer{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Inbound, o.Poll, o.Now, o.Logger),
+		alerted: map[int64]bool{}}
+	d.q.next = d.nextInOrder
+	return d, nil
 }
 
 // Notify tells the deliverer that partner has a new inbound message.
@@ -142,6 +150,11 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	if err := d.o.Store.MarkDelivered(rctx, m.ID, ack); err != nil {
 		log.Error("store", "err", err)
 		return conn, false
+	}
+	if seq := sequenceOf(m.Payload); seq > 0 && seq > d.lastSequence(rctx, p) {
+		if err := d.o.Store.SetValue(rctx, sequenceKey(p), strconv.FormatInt(seq, 10)); err != nil {
+			log.Error("store", "err", err)
+		}
 	}
 	code := "none expected"
 	if r, err := hl7.ParseAck(ack); err == nil {

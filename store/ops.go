@@ -143,6 +143,7 @@ const (
 	AlertQuarantine = "quarantined"
 	AlertStuck      = "router-stuck"
 	AlertKey        = "key-expiry"
+	AlertOrder      = "out-of-order" // a sequence gap or a missing request, waited for in vain
 )
 
 // RaiseAlert records a (synced before it returns) and returns its id.
@@ -437,4 +438,54 @@ func (s *Store) JournalDigests(ctx context.Context, file string) (map[int64][]by
 		out[off] = sum
 	}
 	return out, rows.Err()
+}
+
+// QueuedMessage is a queued message with its payload and when it may be tried.
+type QueuedMessage struct {
+	Message
+	Next time.Time
+}
+
+// QueuedList returns up to limit queued messages of partner in direction
+// d, oldest first, payloads included: what the deliverer orders.
+func (s *Store) QueuedList(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
+		WHERE partner = ? AND direction = ? AND state = 'queued' ORDER BY id LIMIT ?`, partner, d, limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: queued list: %w", err)
+	}
+	defer rows.Close()
+	var out []QueuedMessage
+	for rows.Next() {
+		var q QueuedMessage
+		var payload []byte
+		var next int64
+		q.Message, err = scanMessage(func(dest ...any) error { return rows.Scan(append(dest, &payload, &next)...) })
+		if err != nil {
+			return nil, err
+		}
+		q.Payload, q.Next = payload, time.UnixMicro(next)
+		out = append(out, q)
+	}
+	return out, rows.Err()
+}
+
+// ByMessageID returns the newest stored message that came or went in the
+// mail with Message-ID id, or ErrNotFound.
+func (s *Store) ByMessageID(ctx context.Context, id string) (Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return Message{}, err
+	}
+	list, err := s.queryMessages(ctx, "by Message-ID", "SELECT "+messageColumns+` FROM messages WHERE message_id = ?
+		ORDER BY id DESC LIMIT 1`, id)
+	if err != nil {
+		return Message{}, err
+	}
+	if len(list) == 0 {
+		return Message{}, fmt.Errorf("%w: Message-ID %s", ErrNotFound, id)
+	}
+	return list[0], nil
 }
