@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"net/smtp"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,27 +17,10 @@ import (
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/corpus"
 	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/store"
 )
-
-// lockedBuffer collects log output from many goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestNoPatientData sends corpus messages from the hospital to the lab and
 // back, with every log record kept at debug level, a refused mail among
@@ -65,7 +46,7 @@ func TestNoPatientData(t *testing.T) {
 	hPriv, _, hCert, hKey := keyFiles(t, dir, "edi@hospital.test")
 	hPub := filepath.Join(dir, "edi@hospital.test.pub.asc")
 	lPriv, lPub, lCert, lKey := keyFiles(t, dir, "lab@partner.test")
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	tails := map[string]*dashboard.Tail{}
 	logTo := func(site string) func(*Options) {
 		return func(o *Options) {

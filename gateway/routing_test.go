@@ -120,32 +120,21 @@ partners:
 	// And the lab company writes first: to lab@edi.hospital.
 	send(toHospitalFromLabco, "MSH|^~\\&|LIS|LC|OE|GH|20261123||ORU^R01|RT-ORU-1|P|2.3|||AL\rPID|1\rOBX|1|NM|x||5\r")
 
-	ids := func(r *embedded.Router) map[string]bool {
-		out := map[string]bool{}
-		for _, m := range r.Messages() {
-			if a, err := hl7.ParseAck(m); err == nil {
-				out["answer to "+a.ControlID] = true
-			} else if h, err := hl7.ParseHeader(m); err == nil {
-				out[h.ControlID] = true
-			}
-		}
-		return out
-	}
 	deadline := time.Now().Add(30 * time.Second)
-	for len(ids(routers["lab"])) < 2 || len(ids(routers["adt"])) < 1 {
+	for len(routers["lab"].Received()) < 2 || len(routers["adt"].Received()) < 1 {
 		if time.Now().After(deadline) {
-			t.Fatalf("after 30s: lab router %v, adt router %v, default router %v", ids(routers["lab"]), ids(routers["adt"]), ids(routers["default"]))
+			t.Fatalf("after 30s: lab router %v, adt router %v, default router %v", routers["lab"].Received(), routers["adt"].Received(), routers["default"].Received())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond)
-	if got := ids(routers["lab"]); len(got) != 2 || !got["answer to RT-LAB-1"] || !got["RT-ORU-1"] {
+	if got := routers["lab"].Received(); len(got) != 2 || !got["answer to RT-LAB-1"] || !got["RT-ORU-1"] {
 		t.Errorf("the lab system's router got %v; want the answer to RT-LAB-1 and RT-ORU-1", got)
 	}
-	if got := ids(routers["adt"]); len(got) != 1 || !got["answer to RT-ADT-1"] {
+	if got := routers["adt"].Received(); len(got) != 1 || !got["answer to RT-ADT-1"] {
 		t.Errorf("the ADT system's router got %v; want the answer to RT-ADT-1", got)
 	}
-	if got := ids(routers["default"]); len(got) != 0 {
+	if got := routers["default"].Received(); len(got) != 0 {
 		t.Errorf("the default router got %v; want nothing", got)
 	}
 	// The lab company's router: the order, and the hospital's answer to its ORU.

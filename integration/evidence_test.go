@@ -39,13 +39,7 @@ func TestEvidence(t *testing.T) {
 	lab := &site{name: "lab", email: "lab@partner.test"}
 	clinic := &site{name: "clinic", email: "edi@clinic.test"}
 	for _, s := range []*site{hospital, lab, clinic} {
-		for _, kind := range []string{"pgp", "smime"} {
-			if out, err := exec.Command(binary, "keygen", "-kind", kind, "-name", s.name, "-email", s.email,
-				"-out", filepath.Join(dir, s.name)).CombinedOutput(); err != nil {
-				t.Fatalf("keygen: %v\n%s", err, out)
-			}
-		}
-		os.WriteFile(filepath.Join(dir, s.name, "imap-password"), []byte("secret\n"), 0o600)
+		siteKeys(t, dir, s.name, s.email, "pgp", "smime")
 		if s.router, err = embedded.StartRouter("127.0.0.1:0"); err != nil {
 			t.Fatal(err)
 		}

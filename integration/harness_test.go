@@ -15,9 +15,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/hl7mail/hl7mail/internal/testlog"
 )
 
 // binary is the hl7mail binary built once for all tests.
@@ -241,19 +242,20 @@ func (in *instance) waitMessages(want int, ok func([]storedMessage) bool) []stor
 	}
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
+// lockedBuffer collects a process's output.
+type lockedBuffer = testlog.Buffer
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+// siteKeys runs "hl7mail keygen" for each kind (pgp, smime) into dir/name
+// and writes the IMAP password file ("secret") the mail servers expect.
+func siteKeys(t *testing.T, dir, name, email string, kinds ...string) {
+	t.Helper()
+	for _, kind := range kinds {
+		if out, err := exec.Command(binary, "keygen", "-kind", kind, "-name", name, "-email", email,
+			"-out", filepath.Join(dir, name)).CombinedOutput(); err != nil {
+			t.Fatalf("keygen -kind %s %s: %v\n%s", kind, email, err, out)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, name, "imap-password"), []byte("secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 }

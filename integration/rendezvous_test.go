@@ -29,11 +29,7 @@ func TestRendezvousMLLPSend(t *testing.T) {
 	defer w.Close()
 	dir := t.TempDir()
 	for _, s := range []struct{ name, email string }{{"hospital", "edi@hospital.test"}, {"lab", "lab@partner.test"}} {
-		if out, err := exec.Command(binary, "keygen", "-kind", "pgp", "-name", s.name, "-email", s.email,
-			"-out", filepath.Join(dir, s.name)).CombinedOutput(); err != nil {
-			t.Fatalf("keygen: %v\n%s", err, out)
-		}
-		os.WriteFile(filepath.Join(dir, s.name, "imap-password"), []byte("secret\n"), 0o600)
+		siteKeys(t, dir, s.name, s.email, "pgp")
 	}
 	hRouter, _ := embedded.StartRouter("127.0.0.1:0")
 	defer hRouter.Close()

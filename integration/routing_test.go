@@ -43,15 +43,9 @@ func TestRoutingRealMail(t *testing.T) {
 	}
 	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
 
-	keygen := func(name, emails string) {
-		if out, err := exec.Command(binary, "keygen", "-kind", "pgp", "-name", name, "-email", emails, "-out", filepath.Join(dir, name)).CombinedOutput(); err != nil {
-			t.Fatalf("keygen: %v\n%s", err, out)
-		}
-		os.WriteFile(filepath.Join(dir, name, "imap-password"), []byte("secret\n"), 0o600)
-	}
-	keygen("hospital", "edi@hospital.test,lab@edi.hospital,adt@edi.hospital")
-	keygen("labco", "labco@partner.test")
-	keygen("adtco", "adtco@partner.test")
+	siteKeys(t, dir, "hospital", "edi@hospital.test,lab@edi.hospital,adt@edi.hospital", "pgp")
+	siteKeys(t, dir, "labco", "labco@partner.test", "pgp")
+	siteKeys(t, dir, "adtco", "adtco@partner.test", "pgp")
 	routers := map[string]*embedded.Router{}
 	for _, n := range []string{"default", "lab", "adt", "labco", "adtco"} {
 		r, err := embedded.StartRouter("127.0.0.1:0")
@@ -104,33 +98,22 @@ dashboard: {addr: %s}
 			t.Fatalf("surrogate %s answered %s", addr, code)
 		}
 	}
-	got := func(r *embedded.Router) map[string]bool {
-		out := map[string]bool{}
-		for _, m := range r.Messages() {
-			if a, err := hl7.ParseAck(m); err == nil {
-				out["answer to "+a.ControlID] = true
-			} else if h, err := hl7.ParseHeader(m); err == nil {
-				out[h.ControlID] = true
-			}
-		}
-		return out
-	}
 	deadline := time.Now().Add(90 * time.Second)
-	for len(got(routers["lab"])) < 2 || len(got(routers["adt"])) < 1 {
+	for len(routers["lab"].Received()) < 2 || len(routers["adt"].Received()) < 1 {
 		if time.Now().After(deadline) {
-			t.Fatalf("after 90s: lab system %v, ADT system %v, default %v\nhospital:\n%s", got(routers["lab"]), got(routers["adt"]),
-				got(routers["default"]), hospital.log)
+			t.Fatalf("after 90s: lab system %v, ADT system %v, default %v\nhospital:\n%s", routers["lab"].Received(), routers["adt"].Received(),
+				routers["default"].Received(), hospital.log)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	time.Sleep(500 * time.Millisecond)
-	if g := got(routers["lab"]); len(g) != 2 || !g["answer to RR-LAB-1"] || !g["RR-ORU-1"] {
+	if g := routers["lab"].Received(); len(g) != 2 || !g["answer to RR-LAB-1"] || !g["RR-ORU-1"] {
 		t.Errorf("the lab system's router got %v", g)
 	}
-	if g := got(routers["adt"]); len(g) != 1 || !g["answer to RR-ADT-1"] {
+	if g := routers["adt"].Received(); len(g) != 1 || !g["answer to RR-ADT-1"] {
 		t.Errorf("the ADT system's router got %v", g)
 	}
-	if g := got(routers["default"]); len(g) != 0 {
+	if g := routers["default"].Received(); len(g) != 0 {
 		t.Errorf("the default router got %v; want nothing", g)
 	}
 	// Dovecot holds each mail in the account of the address it was sent to.

@@ -55,7 +55,26 @@ func newInstanceAPI(cfg *config.Config) (*instanceAPI, error) {
 	return a, nil
 }
 
-// call sends a request; a refused connection is errNotRunning; an answer
+// do sends req with the token; a refused connection is errNotRunning. It
+// returns the status and the body.
+func (a *instanceAPI) do(req *http.Request) (int, []byte, error) {
+	if a.token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.token)
+	}
+	resp, err := a.http.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return 0, nil, errNotRunning
+		}
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	return resp.StatusCode, data, err
+}
+
+// call sends a JSON request and decodes the answer into out; an answer
 // other than 200 is an error with the server's words.
 func (a *instanceAPI) call(method, path string, body, out any) error {
 	var rd io.Reader
@@ -70,27 +89,18 @@ func (a *instanceAPI) call(method, path string, body, out any) error {
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	if a.token != "" {
-		req.Header.Set("Authorization", "Bearer "+a.token)
-	}
-	resp, err := a.http.Do(req)
+	status, data, err := a.do(req)
 	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
-			return errNotRunning
-		}
 		return err
 	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
-	if resp.StatusCode != http.StatusOK {
+	if status != http.StatusOK {
 		var e struct {
 			Error string `json:"error"`
 		}
 		if json.Unmarshal(data, &e) == nil && e.Error != "" {
 			return errors.New(e.Error)
 		}
-		return fmt.Errorf("dashboard answered %s: %s", resp.Status, strings.TrimSpace(string(data)))
+		return fmt.Errorf("dashboard answered %d: %s", status, strings.TrimSpace(string(data)))
 	}
 	if out != nil {
 		return json.Unmarshal(data, out)

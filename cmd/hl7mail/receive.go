@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"path/filepath"
@@ -111,26 +110,17 @@ func (a *instanceAPI) receive(raw []byte, to string) (dashboard.ReceiveAnswer, e
 		return out, err
 	}
 	req.Header.Set("Content-Type", "message/rfc822")
-	if a.token != "" {
-		req.Header.Set("Authorization", "Bearer "+a.token)
-	}
-	resp, err := a.http.Do(req)
+	status, body, err := a.do(req)
 	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
-			return out, errNotRunning
-		}
 		return out, err
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	switch resp.StatusCode {
+	switch status {
 	case http.StatusOK:
 		return out, json.Unmarshal(body, &out)
 	case http.StatusRequestEntityTooLarge:
 		return out, fmt.Errorf("%w: %s", errTooLarge, strings.TrimSpace(string(body)))
 	}
-	return out, fmt.Errorf("the instance answered %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	return out, fmt.Errorf("the instance answered %d: %s", status, strings.TrimSpace(string(body)))
 }
 
 // receiveStopped takes the mail in with the instance stopped: journalled

@@ -112,3 +112,18 @@ func (r *Router) Restart() error {
 	go r.serve(ln)
 	return nil
 }
+
+// Received returns what the router got, by kind: the control IDs (MSH-10)
+// of messages, and, as "answer to ID", the acknowledgements by the ID
+// they acknowledge (MSA-2).
+func (r *Router) Received() map[string]bool {
+	out := map[string]bool{}
+	for _, m := range r.Messages() {
+		if a, err := hl7.ParseAck(m); err == nil {
+			out["answer to "+a.ControlID] = true
+		} else if h, err := hl7.ParseHeader(m); err == nil {
+			out[h.ControlID] = true
+		}
+	}
+	return out
+}
