@@ -46,13 +46,7 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 		}
 		conns = append(conns, v)
 	}
-	var msgs [][]byte
-	var err error
-	if *corpusPath != "" {
-		msgs, err = corpus.Load(*corpusPath)
-	} else {
-		msgs, err = corpus.Default()
-	}
+	msgs, err := loadCorpus(*corpusPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail bench:", err)
 		return 1
@@ -161,13 +155,7 @@ the fault tests compare with what reached the far router).`, stderr)
 		fmt.Fprintln(stderr, "hl7mail bench load: -addr is required")
 		return 2
 	}
-	var msgs [][]byte
-	var err error
-	if *corpusPath != "" {
-		msgs, err = corpus.Load(*corpusPath)
-	} else {
-		msgs, err = corpus.Default()
-	}
+	msgs, err := loadCorpus(*corpusPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail bench load:", err)
 		return 1
@@ -198,4 +186,12 @@ the fault tests compare with what reached the far router).`, stderr)
 		return 1
 	}
 	return 0
+}
+
+// loadCorpus reads the HL7 messages of path, or the shared test corpus.
+func loadCorpus(path string) ([][]byte, error) {
+	if path != "" {
+		return corpus.Load(path)
+	}
+	return corpus.Default()
 }
