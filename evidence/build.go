@@ -115,7 +115,7 @@ func receiptFor(op opener, entries []entry, who, original string, ours bool, als
 				mdn = b.MDN
 			}
 		case security.KindMDN:
-			mdn, err = security.ParseMDN(opened.Entity)
+			mdn, _ = security.ParseMDN(opened.Entity) // nil when unreadable: not the receipt
 		}
 		// A receipt matched by its MIC names the Message-ID a gateway gave
 		// the mail on the way.

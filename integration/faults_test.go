@@ -126,14 +126,14 @@ partners:
 
 // faultRow is one line of the fault table.
 type faultRow struct {
-	name                   string
-	ca, delivered          int
-	lost, twice            int
-	answers, answersTwice  int
-	unexplained            []string // deliveries twice not due to a kill in the window
-	resentByRouter         int
-	drain                  time.Duration
-	loadTable, instanceLog string
+	name                  string
+	ca, delivered         int
+	lost, twice           int
+	answers, answersTwice int
+	unexplained           []string // deliveries twice not due to a kill in the window
+	resentByRouter        int
+	drain                 time.Duration
+	loadTable             string
 }
 
 // runFault sends the load to the hospital's surrogate while during runs,

@@ -134,9 +134,9 @@ func TestRealMailLoop(t *testing.T) {
 	defer exec.Command("bash", "mailservers.sh", "stop", filepath.Join(dir, "servers")).Run()
 
 	type site struct {
-		name, email, kind string
-		router            *pyRouter
-		in                *instance
+		name, email string
+		router      *pyRouter
+		in          *instance
 	}
 	hospital := &site{name: "hospital", email: "edi@hospital.test"}
 	lab := &site{name: "lab", email: "lab@partner.test"}
