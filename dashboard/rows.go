@@ -28,6 +28,9 @@ type Live interface {
 	Connections(partner string) int
 	SMTPStatus() mailbox.LinkStatus
 	IMAPStatus() mailbox.LinkStatus
+	// IMAPStatusFor is the state of the account partner's mail comes to
+	// (its local address's own account, or the imap section's).
+	IMAPStatusFor(partner string) mailbox.LinkStatus
 }
 
 // Rows returns a row per configured partner, in the configuration's order,
@@ -50,7 +53,7 @@ func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) (
 		row.Partner = p.Name
 		if live != nil {
 			row.Connections = live.Connections(p.Name)
-			row.SMTP, row.IMAP = live.SMTPStatus(), live.IMAPStatus()
+			row.SMTP, row.IMAP = live.SMTPStatus(), live.IMAPStatusFor(p.Name)
 		}
 		rows = append(rows, row)
 	}

@@ -45,6 +45,7 @@ type Instance interface {
 	Connections(partner string) int
 	SMTPStatus() mailbox.LinkStatus
 	IMAPStatus() mailbox.LinkStatus
+	IMAPStatusFor(partner string) mailbox.LinkStatus
 	// Retry puts a failed or expired outbound message back in its queue.
 	Retry(ctx context.Context, id int64) error
 	// Release takes in quarantined mail after a person checked it; it

@@ -38,6 +38,7 @@ func (f *fakeInstance) SMTPStatus() mailbox.LinkStatus { return mailbox.LinkStat
 func (f *fakeInstance) IMAPStatus() mailbox.LinkStatus {
 	return mailbox.LinkStatus{State: "down", LastError: "connect: refused", Errors: 3}
 }
+func (f *fakeInstance) IMAPStatusFor(string) mailbox.LinkStatus   { return f.IMAPStatus() }
 func (f *fakeInstance) Retry(ctx context.Context, id int64) error { return f.st.Retry(ctx, id) }
 func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (int64, error) {
 	f.released = append(f.released, id)

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,6 +75,7 @@ type Gateway struct {
 	dashWG     sync.WaitGroup
 	stopping   atomic.Bool
 	rdv        *rendezvous
+	localLinks map[string]*mailbox.Link // local address (lower case) → its own IMAP account
 }
 
 type partnerListener struct {
@@ -197,6 +199,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			Poll: l.IMAP.Poll.D(), MaxSize: int64(l.IMAP.MaxMailSize), Receiver: receiver, Store: st,
 			Logger:    opts.Logger.With("component", "imap", "local", l.Address),
 			Recipient: l.Address,
+			Link:      g.localLink(l.Address),
 			Handled:   g.handled,
 		})
 		if err != nil {
@@ -475,6 +478,17 @@ func (g *Gateway) SMTPStatus() mailbox.LinkStatus { return g.smtpLink.Status() }
 // IMAPStatus returns the state of the IMAP watcher's connection.
 func (g *Gateway) IMAPStatus() mailbox.LinkStatus { return g.imapLink.Status() }
 
+// IMAPStatusFor returns the state of the account partner's mail comes to:
+// its local address's own, or the imap section's.
+func (g *Gateway) IMAPStatusFor(partner string) mailbox.LinkStatus {
+	if p := g.cfg.Partner(partner); p != nil {
+		if l, ok := g.localLinks[strings.ToLower(p.Local)]; ok {
+			return l.Status()
+		}
+	}
+	return g.imapLink.Status()
+}
+
 // Retry puts failed or expired outbound message id back in its partner's
 // queue and wakes the sender.
 func (g *Gateway) Retry(ctx context.Context, id int64) error {
@@ -573,4 +587,14 @@ func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.R
 		g.handled(res)
 	}
 	return res, err
+}
+
+// localLink returns the link of local address addr's own IMAP account.
+func (g *Gateway) localLink(addr string) *mailbox.Link {
+	if g.localLinks == nil {
+		g.localLinks = map[string]*mailbox.Link{}
+	}
+	l := &mailbox.Link{}
+	g.localLinks[strings.ToLower(addr)] = l
+	return l
 }

@@ -141,6 +141,11 @@ partners:
 	if n, m := len(labco.router.Messages()), len(adtco.router.Messages()); n != 2 || m != 1 {
 		t.Errorf("the partners' routers got %d and %d messages, want 2 and 1", n, m)
 	}
+	for _, partner := range []string{"labco", "adtco"} {
+		if st := hospital.IMAPStatusFor(partner); st.State != "up" {
+			t.Errorf("IMAP state shown for %s: %+v; want its local account up", partner, st)
+		}
+	}
 	hospital.Shutdown(context.Background())
 	stopped = true
 	entries, err := journal.Read(filepath.Join(cfg.StoreDir(), OutgoingJournal))
