@@ -121,7 +121,8 @@ partners:
 	send(toHospitalFromLabco, "MSH|^~\\&|LIS|LC|OE|GH|20261123||ORU^R01|RT-ORU-1|P|2.3|||AL\rPID|1\rOBX|1|NM|x||5\r")
 
 	deadline := time.Now().Add(30 * time.Second)
-	for len(routers["lab"].Received()) < 2 || len(routers["adt"].Received()) < 1 {
+	for len(routers["lab"].Received()) < 2 || len(routers["adt"].Received()) < 1 || len(labco.router.Messages()) < 2 ||
+		len(adtco.router.Messages()) < 1 {
 		if time.Now().After(deadline) {
 			t.Fatalf("after 30s: lab router %v, adt router %v, default router %v", routers["lab"].Received(), routers["adt"].Received(), routers["default"].Received())
 		}
