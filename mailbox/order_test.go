@@ -85,7 +85,7 @@ func TestReplyOrder(t *testing.T) {
 	}
 	defer r.Close()
 	cfg, st := delivererFixture(t, r.Addr)
-	cfg.Partners[0].OrderWait = config.Duration(500 * time.Millisecond)
+	cfg.Partners[0].OrderWait = config.Duration(2 * time.Second) // long beside a loaded machine's delays
 	ctx := context.Background()
 	msg := func(id string) []byte {
 		return []byte("MSH|^~\\&|LIS|TL|OE|GH|20261123||ORU^R01|" + id + "|P|2.3|||AL\rPID|1\r")
