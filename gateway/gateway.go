@@ -492,14 +492,11 @@ func (g *Gateway) IMAPStatusFor(partner string) mailbox.LinkStatus {
 // Retry puts failed or expired outbound message id back in its partner's
 // queue and wakes the sender.
 func (g *Gateway) Retry(ctx context.Context, id int64) error {
-	m, err := g.store.Get(ctx, id)
-	if err != nil {
+	if err := g.store.Retry(ctx, id); err != nil {
 		return err
 	}
-	if m.Direction != store.Outbound {
-		return fmt.Errorf("message %d came in from %s; only outbound messages are retried", id, m.Partner)
-	}
-	if err := g.store.Retry(ctx, id); err != nil {
+	m, err := g.store.Get(ctx, id)
+	if err != nil {
 		return err
 	}
 	g.log.Info("message put back in the queue by an operator", "partner", m.Partner, "id", id, "control_id", m.ControlID)

@@ -214,13 +214,16 @@ func (s *Store) AckAlert(ctx context.Context, id int64, who string) error {
 // that did receive it recognizes the resend.
 func (s *Store) Retry(ctx context.Context, id int64) error {
 	return s.update(ctx, func(tx *sql.Tx, now int64) error {
-		var state string
-		err := tx.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&state)
+		var state, dir, partner string
+		err := tx.QueryRowContext(ctx, `SELECT state, direction, partner FROM messages WHERE id = ?`, id).Scan(&state, &dir, &partner)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: %d", ErrNotFound, id)
 		}
 		if err != nil {
 			return fmt.Errorf("store: retry %d: %w", id, err)
+		}
+		if Direction(dir) != Outbound {
+			return fmt.Errorf("store: message %d came in from %s; only outbound messages are retried", id, partner)
 		}
 		if State(state) != Failed && State(state) != Expired {
 			return fmt.Errorf("store: message %d is %s; only failed or expired messages are retried", id, state)

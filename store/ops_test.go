@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 )
@@ -88,6 +89,11 @@ func TestRetry(t *testing.T) {
 	}
 	if err := s.Retry(ctx, 99); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Retry(99) = %v", err)
+	}
+	in, _ := s.Accept(ctx, NewMessage{Direction: Inbound, Partner: "lab", ControlID: "i1", Payload: []byte("I")})
+	s.MarkFinal(ctx, in.ID, Failed, "x")
+	if err := s.Retry(ctx, in.ID); err == nil || !strings.Contains(err.Error(), "only outbound") {
+		t.Errorf("Retry(inbound) = %v, want a refusal", err)
 	}
 	if err := s.MarkFinal(ctx, a.ID, Expired, "not delivered within 120h"); err != nil {
 		t.Fatal(err)

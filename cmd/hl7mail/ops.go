@@ -134,6 +134,20 @@ func openStore(cfg *config.Config, write bool) (*store.Store, error) {
 	return st, err
 }
 
+// orStore runs local on the instance's store when err says the instance is
+// not running (its dashboard did not answer), and returns err otherwise.
+func orStore(err error, cfg *config.Config, write bool, local func(st *store.Store) error) error {
+	if !errors.Is(err, errNotRunning) {
+		return err
+	}
+	st, err := openStore(cfg, write)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return local(st)
+}
+
 func printJSON(w io.Writer, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -179,25 +193,17 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 	}
 	var o dashboard.Overview
 	running := true
-	if err := api.call("GET", "/api/overview", nil, &o); errors.Is(err, errNotRunning) {
+	err = orStore(api.call("GET", "/api/overview", nil, &o), cfg, false, func(st *store.Store) (err error) {
 		running = false
-		st, err := openStore(cfg, false)
-		if err != nil {
-			fmt.Fprintln(stderr, "hl7mail status:", err)
-			return 1
-		}
-		defer st.Close()
 		ctx := context.Background()
 		o = dashboard.Overview{Self: cfg.Self.Name, Email: cfg.Self.Email, Now: time.Now(),
 			SMTP: mailbox.LinkStatus{State: "stopped"}, IMAP: mailbox.LinkStatus{State: "stopped"}}
 		if o.Partners, err = dashboard.Rows(ctx, cfg, st, nil); err == nil {
 			o.OpenAlerts, err = st.OpenAlerts(ctx)
 		}
-		if err != nil {
-			fmt.Fprintln(stderr, "hl7mail status:", err)
-			return 1
-		}
-	} else if err != nil {
+		return err
+	})
+	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail status:", err)
 		return 1
 	}
@@ -261,14 +267,8 @@ acknowledges one, recorded with -by (default: the user running the command).`, s
 			fmt.Fprintln(stderr, "hl7mail alerts: -by is required")
 			return 2
 		}
-		err := api.call("POST", fmt.Sprintf("/api/alerts/%d/ack", *ack), map[string]string{"by": *by}, nil)
-		if errors.Is(err, errNotRunning) {
-			var st *store.Store
-			if st, err = openStore(cfg, true); err == nil {
-				err = st.AckAlert(ctx, *ack, *by)
-				st.Close()
-			}
-		}
+		err := orStore(api.call("POST", fmt.Sprintf("/api/alerts/%d/ack", *ack), map[string]string{"by": *by}, nil),
+			cfg, true, func(st *store.Store) error { return st.AckAlert(ctx, *ack, *by) })
 		if err != nil {
 			fmt.Fprintln(stderr, "hl7mail alerts:", err)
 			return 1
@@ -281,17 +281,11 @@ acknowledges one, recorded with -by (default: the user running the command).`, s
 	if *all {
 		q += "?all=1"
 	}
-	if err := api.call("GET", q, nil, &list); errors.Is(err, errNotRunning) {
-		var st *store.Store
-		if st, err = openStore(cfg, false); err == nil {
-			list, err = st.Alerts(ctx, *all, 0)
-			st.Close()
-		}
-		if err != nil {
-			fmt.Fprintln(stderr, "hl7mail alerts:", err)
-			return 1
-		}
-	} else if err != nil {
+	err = orStore(api.call("GET", q, nil, &list), cfg, false, func(st *store.Store) (err error) {
+		list, err = st.Alerts(ctx, *all, 0)
+		return err
+	})
+	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail alerts:", err)
 		return 1
 	}
@@ -340,19 +334,8 @@ sender is woken; on a stopped one the message leaves at the next start.`, stderr
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	err = api.call("POST", fmt.Sprintf("/api/messages/%d/retry", id), struct{}{}, nil)
-	if errors.Is(err, errNotRunning) {
-		var st *store.Store
-		if st, err = openStore(cfg, true); err == nil {
-			var m store.Message
-			if m, err = st.Get(context.Background(), id); err == nil && m.Direction != store.Outbound {
-				err = fmt.Errorf("message %d came in from %s; only outbound messages are retried", id, m.Partner)
-			} else if err == nil {
-				err = st.Retry(context.Background(), id)
-			}
-			st.Close()
-		}
-	}
+	err = orStore(api.call("POST", fmt.Sprintf("/api/messages/%d/retry", id), struct{}{}, nil), cfg, true,
+		func(st *store.Store) error { return st.Retry(context.Background(), id) })
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail retry:", err)
 		return 1
