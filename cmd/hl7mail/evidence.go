@@ -29,31 +29,26 @@ missing or does not verify, naming it.`, stderr)
 		fmt.Fprintln(stderr, "hl7mail evidence: give one id")
 		return 2
 	}
-	cfg, keys, err := loadChecked(*cfgPath)
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	st, err := openStore(cfg, false)
+	o, err := evidenceOptions(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail evidence:", err)
 		return 1
 	}
-	defer st.Close()
+	defer o.Store.Close()
 	ctx := context.Background()
-	m, err := evidence.Find(ctx, st, fs.Args()[0])
+	m, err := evidence.Find(ctx, o.Store, fs.Args()[0])
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail evidence:", err)
 		return 1
 	}
-	r, err := evidence.Build(ctx, evidence.Options{Config: cfg, Keys: &keys.Sealer, Store: st}, m)
+	r, err := evidence.Build(ctx, o, m)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail evidence:", err)
 		return 1
 	}
 	r.Write(stdout)
 	if *out != "" {
-		if err := r.Export(*out, &keys.Sealer); err != nil {
+		if err := r.Export(*out, o.Keys); err != nil {
 			fmt.Fprintln(stderr, "hl7mail evidence:", err)
 			return 1
 		}
@@ -82,18 +77,13 @@ there is any.`, stderr)
 	if code := parse(fs, args[1:]); code >= 0 {
 		return code
 	}
-	cfg, keys, err := loadChecked(*cfgPath)
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	st, err := openStore(cfg, false)
+	o, err := evidenceOptions(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail journal verify:", err)
 		return 1
 	}
-	defer st.Close()
-	a, err := evidence.VerifyJournals(context.Background(), evidence.Options{Config: cfg, Keys: &keys.Sealer, Store: st})
+	defer o.Store.Close()
+	a, err := evidence.VerifyJournals(context.Background(), o)
 	if err != nil {
 		fmt.Fprintln(stderr, "hl7mail journal verify:", err)
 		return 1
@@ -103,4 +93,18 @@ there is any.`, stderr)
 		return 1
 	}
 	return 0
+}
+
+// evidenceOptions loads the configuration and keys and opens the store
+// read-only (the instance may be running); the caller closes the store.
+func evidenceOptions(cfgPath string) (evidence.Options, error) {
+	cfg, keys, err := loadChecked(cfgPath)
+	if err != nil {
+		return evidence.Options{}, err
+	}
+	st, err := openStore(cfg, false)
+	if err != nil {
+		return evidence.Options{}, err
+	}
+	return evidence.Options{Config: cfg, Keys: &keys.Sealer, Store: st}, nil
 }
