@@ -159,92 +159,86 @@ func (r *Report) outbound(ctx context.Context, o Options, op opener, out, in []e
 		commit.Absent, commit.OK = true, false
 		return
 	}
-	var mic security.MIC
-	e := mailEntry(out, m.MessageID)
-	if e == nil {
-		sent.fail("no mail with Message-ID %s in %s", m.MessageID, OutgoingJournal)
-	} else {
-		sent.addf("Message-ID %s, to %s, journalled %s (%s offset %d)", m.MessageID, r.Partner.Email,
-			e.Time.UTC().Format(time.RFC3339), e.file, e.Offset)
-		op.intact(sent, e)
-		opened, err := op.open(e.Mail, true, e.Time)
-		if err != nil {
-			sent.fail("the journalled mail does not open with our key and signature: %v", err)
-		} else {
-			mic = opened.MIC
-			sent.addf("signed by us (%s), encrypted; MIC recomputed from the journal: %s", opened.Signer, mic)
-			r.message(sent, opened)
-			if p, err := o.Store.PendingByMessageID(ctx, m.MessageID); err == nil && p.MIC != mic.String() {
-				sent.fail("the store recorded MIC %s when it was sent", p.MIC)
-			}
-			r.export("1-sent", e.Mail, opened, true)
-		}
-	}
+	p, _ := o.Store.PendingByMessageID(ctx, m.MessageID)
+	mic := r.mailLink(sent, op, out, true, p.MIC, "1-sent")
 	var alsoMIC *security.MIC
-	if p, err := o.Store.PendingByMessageID(ctx, m.MessageID); err == nil && p.MatchedBy == store.MatchByMIC && len(mic.Digest) > 0 {
+	if p.MatchedBy == store.MatchByMIC && len(mic.Digest) > 0 {
 		alsoMIC = &mic
 		receipt.addf("the receipt was matched by its MIC: a gateway on the way gave the mail another Message-ID")
 	}
-	re, opened, bundle, mdn, err := receiptFor(op, in, normal(r.Partner.Email), m.MessageID, false, alsoMIC)
-	switch {
-	case err != nil:
-		receipt.fail("%v", err)
-	case re == nil:
-		receipt.fail("no signed receipt from %s for %s in %s", r.Partner.Email, m.MessageID, IncomingJournal)
-	default:
-		receipt.addf("Message-ID %s from %s, journalled %s (%s offset %d)", re.messageID, r.Partner.Email,
-			re.Time.UTC().Format(time.RFC3339), re.file, re.Offset)
-		op.intact(receipt, re)
-		receipt.addf("signed by %s; disposition %s", opened.Signer, mdn.Disposition)
-		checkMDN(receipt, mdn, mic)
-		r.export("2-receipt", re.Mail, opened, false)
-	}
+	bundle := r.receiptLink(receipt, op, in, false, alsoMIC, mic, "2-receipt")
 	r.commitment(commit, bundle, m.ControlID, "the partner")
 }
 
 // inbound: the partner's message, our receipt, our response.
 func (r *Report) inbound(op opener, out, in []entry) {
-	m := r.Message
 	recv := &Link{Name: "received", OK: true}
 	receipt := &Link{Name: "receipt sent", OK: true}
 	commit := &Link{Name: "commitment sent", OK: true}
 	r.Links = []*Link{recv, receipt, commit}
-	var mic security.MIC
-	e := mailEntry(in, m.MessageID)
-	if e == nil {
-		recv.fail("no mail with Message-ID %s in %s", m.MessageID, IncomingJournal)
-	} else {
-		recv.addf("Message-ID %s from %s, journalled %s (%s offset %d)", m.MessageID, r.Partner.Email,
-			e.Time.UTC().Format(time.RFC3339), e.file, e.Offset)
-		op.intact(recv, e)
-		opened, err := op.open(e.Mail, false, e.Time)
-		if err != nil {
-			recv.fail("the journalled mail does not open and verify: %v", err)
-		} else {
-			mic = opened.MIC
-			recv.addf("signed by %s, encrypted; MIC recomputed from the journal: %s", opened.Signer, mic)
-			r.message(recv, opened)
-			if m.MIC != "" && m.MIC != mic.String() {
-				recv.fail("the store recorded MIC %s when it came in", m.MIC)
-			}
-			r.export("1-received", e.Mail, opened, false)
-		}
+	mic := r.mailLink(recv, op, in, false, r.Message.MIC, "1-received")
+	bundle := r.receiptLink(receipt, op, out, true, nil, mic, "2-receipt-sent")
+	r.commitment(commit, bundle, r.Message.ControlID, "our router")
+}
+
+// mailLink fills l from the journal entry of the message's mail (ours: sent
+// by us, else by the partner): where it was journalled, that its bytes are
+// those written then, that it opens and its signature verifies, that it
+// carries the stored message and the MIC the store recorded (recorded, if
+// any). It returns the MIC recomputed from the journal.
+func (r *Report) mailLink(l *Link, op opener, entries []entry, ours bool, recorded, prefix string) security.MIC {
+	m := r.Message
+	file, dir, signer := IncomingJournal, "from", ""
+	if ours {
+		file, dir, signer = OutgoingJournal, "to", "us "
 	}
-	re, opened, bundle, mdn, err := receiptFor(op, out, normal(op.o.Config.Self.Email), m.MessageID, true, nil)
+	e := mailEntry(entries, m.MessageID)
+	if e == nil {
+		l.fail("no mail with Message-ID %s in %s", m.MessageID, file)
+		return security.MIC{}
+	}
+	l.addf("Message-ID %s, %s %s, journalled %s (%s offset %d)", m.MessageID, dir, r.Partner.Email,
+		e.Time.UTC().Format(time.RFC3339), e.file, e.Offset)
+	op.intact(l, e)
+	opened, err := op.open(e.Mail, ours, e.Time)
+	if err != nil {
+		l.fail("the journalled mail does not open and verify: %v", err)
+		return security.MIC{}
+	}
+	l.addf("signed by %s(%s), encrypted; MIC recomputed from the journal: %s", signer, opened.Signer, opened.MIC)
+	r.message(l, opened)
+	if recorded != "" && recorded != opened.MIC.String() {
+		l.fail("the store recorded MIC %s", recorded)
+	}
+	r.export(prefix, e.Mail, opened, ours)
+	return opened.MIC
+}
+
+// receiptLink fills l from the receipt for the message's mail (ours: the
+// one we sent, else the partner's), checking it against mic, and returns
+// the bundle it came in, if any.
+func (r *Report) receiptLink(l *Link, op opener, entries []entry, ours bool, alsoMIC *security.MIC, mic security.MIC, prefix string) *security.Bundle {
+	m := r.Message
+	file, dir, signer, from := IncomingJournal, "from", "", r.Partner.Email
+	if ours {
+		file, dir, signer, from = OutgoingJournal, "to", "us ", op.o.Config.Self.Email
+	}
+	re, opened, bundle, mdn, err := receiptFor(op, entries, normal(from), m.MessageID, ours, alsoMIC)
 	switch {
 	case err != nil:
-		receipt.fail("%v", err)
+		l.fail("%v", err)
+		return nil
 	case re == nil:
-		receipt.fail("no receipt for %s in %s", m.MessageID, OutgoingJournal)
-	default:
-		receipt.addf("Message-ID %s to %s, journalled %s (%s offset %d)", re.messageID, r.Partner.Email,
-			re.Time.UTC().Format(time.RFC3339), re.file, re.Offset)
-		op.intact(receipt, re)
-		receipt.addf("signed by us (%s); disposition %s", opened.Signer, mdn.Disposition)
-		checkMDN(receipt, mdn, mic)
-		r.export("2-receipt-sent", re.Mail, opened, true)
+		l.fail("no signed receipt for %s in %s", m.MessageID, file)
+		return nil
 	}
-	r.commitment(commit, bundle, m.ControlID, "our router")
+	l.addf("Message-ID %s, %s %s, journalled %s (%s offset %d)", re.messageID, dir, r.Partner.Email,
+		re.Time.UTC().Format(time.RFC3339), re.file, re.Offset)
+	op.intact(l, re)
+	l.addf("signed by %s(%s); disposition %s", signer, opened.Signer, mdn.Disposition)
+	checkMDN(l, mdn, mic)
+	r.export(prefix, re.Mail, opened, ours)
+	return bundle
 }
 
 // checkMDN checks a receipt says processed and names the MIC.
