@@ -40,9 +40,18 @@ func NewMetrics() *Metrics {
 	return m
 }
 
-// ObserveAck records one ACK written by partner's surrogate.
-func (m *Metrics) ObserveAck(partner string, code hl7.AckCode, d time.Duration) {
-	m.ack.WithLabelValues(partner, string(code)).Observe(d.Seconds())
+// AckObserver returns what records the ACKs partner's surrogate writes,
+// its label resolved once: it runs on the accept path.
+func (m *Metrics) AckObserver(partner string) func(code hl7.AckCode, d time.Duration) {
+	vec := m.ack.MustCurryWith(prometheus.Labels{"partner": partner})
+	ca := vec.WithLabelValues(string(hl7.CommitAccept)) // the common answer, looked up once
+	return func(code hl7.AckCode, d time.Duration) {
+		if code == hl7.CommitAccept {
+			ca.Observe(d.Seconds())
+			return
+		}
+		vec.WithLabelValues(string(code)).Observe(d.Seconds())
+	}
 }
 
 // LimitHit counts one refusal by partner's surrogate because of limit.

@@ -285,7 +285,10 @@ func TestMetrics(t *testing.T) {
 	ctx := context.Background()
 	inst.st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "tucker-lab", ControlID: "1", Payload: []byte("x")})
 	m := NewMetrics()
-	m.ObserveAck("tucker-lab", hl7.CommitAccept, 800*time.Microsecond)
+	m.AckObserver("tucker-lab")(hl7.CommitAccept, 800*time.Microsecond)
+	observe := m.AckObserver("clinic")
+	observe(hl7.CommitAccept, time.Millisecond)
+	observe(hl7.CommitReject, time.Millisecond)
 	m.LimitHit("tucker-lab", "connections")
 	inst.st.Quarantine(ctx, store.Quarantined{Partner: "clinic", Reason: "oversize", Detail: "40000000 bytes, limit 33554432"})
 	_, ts := newServer(t, Options{Instance: inst, Metrics: m})
@@ -298,6 +301,8 @@ func TestMetrics(t *testing.T) {
 	text := string(body)
 	for _, want := range []string{
 		`hl7mail_ack_latency_seconds_count{code="CA",partner="tucker-lab"} 1`,
+		`hl7mail_ack_latency_seconds_count{code="CA",partner="clinic"} 1`,
+		`hl7mail_ack_latency_seconds_count{code="CR",partner="clinic"} 1`,
 		`hl7mail_messages{direction="out",partner="tucker-lab",state="queued"} 1`,
 		`hl7mail_messages_taken_total{direction="out",partner="tucker-lab"} 1`,
 		`hl7mail_queue_depth{direction="out",partner="tucker-lab"} 1`,

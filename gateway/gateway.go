@@ -232,7 +232,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			MaxConnections: p.MaxConnections,
 			IdleTimeout:    p.IdleTimeout.D(),
 			IDs:            ids,
-			Observe:        func(code hl7.AckCode, d time.Duration) { metrics.ObserveAck(p.Name, code, d) },
+			Observe:        metrics.AckObserver(p.Name),
 			LimitHit:       func(limit string) { metrics.LimitHit(p.Name, limit) },
 			Rendezvous:     g.rendezvousFor(p),
 		})
