@@ -137,7 +137,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		Notify: g.sender.Notify}
 	deliverer, err := mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: st,
 		Logger: opts.Logger.With("component", "deliverer"), RetryBase: routerRetryBase(opts.RetryBase),
-		Delivered: responder.Delivered})
+		Delivered: responder.Delivered, Held: g.held})
 	if err != nil {
 		g.rollback()
 		return nil, err

@@ -8,31 +8,37 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/store"
 )
 
 // rendezvous hands partners' responses to the router connections that wait
 // for them (ack_mode: rendezvous, draft-ietf-ediint-hl7-02 §4.1.4, last
 // paragraphs): a virtual end-to-end acknowledgement over mail.
 type rendezvous struct {
-	mu      sync.Mutex
-	waiting map[int64]chan response // outbound message id → its waiting connection
-	quit    chan struct{}           // closed at shutdown: every wait ends
-	once    sync.Once
+	mu       sync.Mutex
+	waiting  map[int64]chan response // outbound message id → its waiting connection
+	inflight map[int64]bool          // responses offered and not yet written or given back
+	quit     chan struct{}           // closed at shutdown: every wait ends
+	once     sync.Once
 }
 
 // stop ends every wait.
 func (r *rendezvous) stop() { r.once.Do(func() { close(r.quit) }) }
 
-// response is a partner's response on its way to a waiting connection.
+// response is a partner's response on its way to a waiting connection;
+// written is called once it was written to the router, or could not be.
 type response struct {
 	payload []byte
 	written func(error)
 }
 
-var errShutdown = errors.New("shutting down")
+var (
+	errShutdown = errors.New("shutting down")
+	errGaveUp   = errors.New("the waiting connection gave up")
+)
 
 func newRendezvous() *rendezvous {
-	return &rendezvous{waiting: map[int64]chan response{}, quit: make(chan struct{})}
+	return &rendezvous{waiting: map[int64]chan response{}, inflight: map[int64]bool{}, quit: make(chan struct{})}
 }
 
 // wait blocks until the response to message id is offered, timeout passes
@@ -42,27 +48,35 @@ func (r *rendezvous) wait(ctx context.Context, id int64, timeout time.Duration) 
 	r.mu.Lock()
 	r.waiting[id] = ch
 	r.mu.Unlock()
-	defer func() {
-		r.mu.Lock()
-		delete(r.waiting, id)
-		r.mu.Unlock()
-	}()
 	t := time.NewTimer(timeout)
 	defer t.Stop()
+	var err error
 	select {
 	case resp := <-ch:
 		return resp.payload, resp.written, nil
 	case <-t.C:
-		return nil, nil, fmt.Errorf("no response within rendezvous_timeout %s", timeout)
+		err = fmt.Errorf("no response within rendezvous_timeout %s", timeout)
 	case <-r.quit:
-		return nil, nil, errShutdown
+		err = errShutdown
 	case <-ctx.Done():
-		return nil, nil, ctx.Err()
+		err = ctx.Err()
 	}
+	r.mu.Lock()
+	delete(r.waiting, id)
+	r.mu.Unlock()
+	// An offer that came as the wait ended is given back, for the
+	// deliverer to take.
+	select {
+	case resp := <-ch:
+		resp.written(errGaveUp)
+	default:
+	}
+	return nil, nil, err
 }
 
 // offer gives the response to message id to the connection waiting for
-// it; it reports false when none waits.
+// it; it reports false when none waits. Until resp.written is called the
+// response counts as held (holds).
 func (r *rendezvous) offer(id int64, resp response) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -71,49 +85,62 @@ func (r *rendezvous) offer(id int64, resp response) bool {
 		return false
 	}
 	delete(r.waiting, id)
+	r.inflight[id] = true
+	written := resp.written
+	resp.written = func(err error) {
+		r.mu.Lock()
+		delete(r.inflight, id)
+		r.mu.Unlock()
+		written(err)
+	}
 	ch <- resp
 	return true
 }
 
+// holds reports whether the response to message id belongs to a waiting
+// connection: waited for, or offered and not yet written.
+func (r *rendezvous) holds(id int64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.waiting[id] != nil || r.inflight[id]
+}
+
+// idle reports whether no connection waits at all.
+func (r *rendezvous) idle() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.waiting) == 0 && len(r.inflight) == 0
+}
+
+// held tells the deliverer to leave alone a partner's response that a
+// router connection waits for.
+func (g *Gateway) held(m store.Message) bool {
+	if m.Kind != store.KindResponse || m.InReplyTo == "" || g.rdv.idle() {
+		return false
+	}
+	p, err := g.store.PendingByMessageID(context.Background(), m.InReplyTo)
+	return err == nil && g.rdv.holds(p.ID)
+}
+
 // rendezvousResponse offers a stored response to the connection waiting
-// for it, if any: the response is held back from the deliverer meanwhile,
-// marked delivered once written, and released to the deliverer (an
-// unsolicited message to the router) when the connection could not take
-// it. It reports whether a connection took it.
+// for it, if any; the deliverer leaves it alone meanwhile (held). Once
+// written it is marked delivered; when the connection could not take it,
+// the deliverer delivers it as a message of its own. It reports whether a
+// connection took it.
 func (g *Gateway) rendezvousResponse(r mailbox.Result) bool {
 	if r.ReceiptFor == 0 || r.ID == 0 || r.Incoming == nil || r.Incoming.Payload == nil {
 		return false
 	}
-	g.rdv.mu.Lock()
-	_, waiting := g.rdv.waiting[r.ReceiptFor]
-	g.rdv.mu.Unlock()
-	if !waiting {
-		return false
-	}
-	ctx := context.Background()
 	partner := r.Incoming.Partner.Name
-	if err := g.store.MarkRetry(ctx, r.ID, "held for the router's waiting connection (rendezvous)", time.Now().Add(time.Hour)); err != nil {
-		g.log.Error("store", "err", err)
-		return false
-	}
-	release := func(why string) {
-		if err := g.store.MarkRetry(ctx, r.ID, why, time.Now()); err != nil {
-			g.log.Error("store", "err", err)
-		}
-		g.deliverer.Notify(partner)
-	}
 	written := func(err error) {
 		if err != nil {
-			release("rendezvous connection: " + err.Error())
+			g.log.Info("response left for the deliverer", "partner", partner, "id", r.ID, "reason", err.Error())
+			g.deliverer.Notify(partner)
 			return
 		}
-		if err := g.store.MarkDelivered(ctx, r.ID, nil); err != nil {
+		if err := g.store.MarkDelivered(context.Background(), r.ID, nil); err != nil {
 			g.log.Error("store", "err", err)
 		}
 	}
-	if !g.rdv.offer(r.ReceiptFor, response{payload: r.Incoming.Payload, written: written}) {
-		release("the waiting connection gave up")
-		return true
-	}
-	return true
+	return g.rdv.offer(r.ReceiptFor, response{payload: r.Incoming.Payload, written: written})
 }

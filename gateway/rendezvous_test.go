@@ -98,3 +98,44 @@ func TestRendezvous(t *testing.T) {
 		t.Errorf("the late response at the hospital's router: %+v, %v", a, err)
 	}
 }
+
+// TestRendezvousHub: a response is held while a connection waits for it and
+// until it was written; after the wait ended nothing is held.
+func TestRendezvousHub(t *testing.T) {
+	r := newRendezvous()
+	if r.offer(1, response{written: func(error) {}}) || r.holds(1) {
+		t.Fatal("an offer with nobody waiting was taken")
+	}
+	got := make(chan []byte)
+	var result error
+	go func() {
+		payload, written, err := r.wait(context.Background(), 1, 5*time.Second)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- payload
+		written(nil)
+	}()
+	for !r.holds(1) {
+		time.Sleep(time.Millisecond)
+	}
+	done := make(chan struct{})
+	if !r.offer(1, response{payload: []byte("AA"), written: func(err error) { result = err; close(done) }}) {
+		t.Fatal("the waiting connection did not take the response")
+	}
+	if string(<-got) != "AA" {
+		t.Fatal("wrong payload")
+	}
+	<-done
+	if result != nil || r.holds(1) || !r.idle() {
+		t.Errorf("after writing: err %v, held %v", result, r.holds(1))
+	}
+	// A wait that timed out holds nothing: a late response is refused, and
+	// the deliverer takes it.
+	if _, _, err := r.wait(context.Background(), 2, time.Millisecond); err == nil {
+		t.Error("wait without an offer returned no error")
+	}
+	if r.holds(2) || r.offer(2, response{written: func(error) {}}) {
+		t.Error("a response after the wait ended is held or taken")
+	}
+}

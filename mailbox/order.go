@@ -74,7 +74,8 @@ func (d *Deliverer) nextInOrder(ctx context.Context, p *config.Partner, now time
 	var chosen *store.QueuedMessage
 	for i := range list {
 		q := &list[i]
-		if q.Next.After(now) || sequenceOf(q.Payload) > 0 && q != seqNext || !d.replyReady(ctx, p, q, now, wait) {
+		if q.Next.After(now) || sequenceOf(q.Payload) > 0 && q != seqNext || d.o.Held != nil && d.o.Held(q.Message) ||
+			!d.replyReady(ctx, p, q, now, wait) {
 			continue
 		}
 		chosen = q

@@ -32,6 +32,10 @@ type DelivererOptions struct {
 	// ack (nil for a message that expects no acknowledgement), and that
 	// was recorded: to send the partner its response.
 	Delivered func(ctx context.Context, m store.Message, ack []byte)
+	// Held, when set, tells of a message to leave alone for now (a
+	// response that a router connection waits to be handed, ack_mode
+	// rendezvous).
+	Held func(m store.Message) bool
 }
 
 // Deliverer takes inbound messages to the internal router over MLLP
