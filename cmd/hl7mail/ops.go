@@ -127,6 +127,12 @@ func openStore(cfg *config.Config, write bool) (*store.Store, error) {
 	if !write {
 		return store.OpenReadOnly(cfg.StoreDir())
 	}
+	return openWritable(cfg)
+}
+
+// openWritable opens the store for writing (making it when hl7mail serve
+// has never run); it fails while serve has it open.
+func openWritable(cfg *config.Config) (*store.Store, error) {
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
 	if errors.Is(err, store.ErrLocked) {
 		return nil, fmt.Errorf("hl7mail serve has the store open but its dashboard (%s) did not answer", cfg.Dashboard.Addr)

@@ -18,7 +18,6 @@ import (
 	"github.com/hl7mail/hl7mail/gateway"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mailbox"
-	"github.com/hl7mail/hl7mail/store"
 )
 
 // Exit codes of "hl7mail receive" (sysexits.h): an MTA retries on
@@ -135,7 +134,7 @@ func receiveStopped(cfg *config.Config, raw []byte, to string) (dashboard.Receiv
 	if err != nil {
 		return a, err
 	}
-	st, err := openStoreForMail(cfg)
+	st, err := openWritable(cfg)
 	if err != nil {
 		return a, err
 	}
@@ -156,14 +155,4 @@ func receiveStopped(cfg *config.Config, raw []byte, to string) (dashboard.Receiv
 		a.Quarantined = string(res.Quarantine.Reason)
 	}
 	return a, nil
-}
-
-// openStoreForMail opens the store for writing, making it when hl7mail
-// serve has never run.
-func openStoreForMail(cfg *config.Config) (*store.Store, error) {
-	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
-	if errors.Is(err, store.ErrLocked) {
-		return nil, fmt.Errorf("hl7mail serve has the store open but its dashboard (%s) did not answer", cfg.Dashboard.Addr)
-	}
-	return st, err
 }
