@@ -256,6 +256,11 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	for _, w := range opts.Keys.Expiring(time.Now()) {
 		g.keyAlert(ctx, w)
 	}
+	// Requests the router took before a crash cut off their response.
+	if err := responder.Recover(ctx); err != nil {
+		g.rollback()
+		return nil, fmt.Errorf("responses left unsent: %w", err)
+	}
 	mctx, cancel := context.WithCancel(context.Background())
 	g.stopMail = cancel
 	sweep := func(ctx context.Context) {

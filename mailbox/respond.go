@@ -26,6 +26,25 @@ type Responder struct {
 	Notify func(partner string)
 }
 
+// Recover queues the responses a crash left unsent: for every request the
+// router acknowledged (the acknowledgement is stored with the delivery)
+// that has no response yet. Run it before the deliverer starts.
+func (r *Responder) Recover(ctx context.Context) error {
+	list, err := r.Store.Unanswered(ctx)
+	if err != nil {
+		return err
+	}
+	for _, m := range list {
+		ack := m.Payload
+		if len(ack) == 0 {
+			ack = nil // the router was not asked for an answer
+		}
+		m.Payload = nil
+		r.Delivered(ctx, m, ack)
+	}
+	return nil
+}
+
 // Delivered is a Deliverer.Delivered callback: m was delivered to the
 // router, which answered ack (nil when no answer was expected).
 func (r *Responder) Delivered(ctx context.Context, m store.Message, ack []byte) {

@@ -1,6 +1,7 @@
 package mailbox
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
 )
@@ -193,5 +195,54 @@ func TestRouterSilent(t *testing.T) {
 	list, _ := st.List(ctx, store.Filter{})
 	if list[0].State != store.Queued {
 		t.Errorf("state after a silent router: %s, want queued", list[0].State)
+	}
+}
+
+// TestRecoverResponses: the process died after the router's ACK was
+// recorded and before the response was queued. Recover queues it, with
+// the stored ACK, once; a request already answered is left alone.
+func TestRecoverResponses(t *testing.T) {
+	cfg, st := delivererFixture(t, "127.0.0.1:1")
+	ctx := context.Background()
+	ack := []byte("MSH|^~\\&|OE|GH|LIS|TL|20261123||ACK^R01|A1|P|2.3\rMSA|AA|R1\r")
+	a, _ := st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "hospital", ControlID: "R1",
+		Payload: []byte("MSH|^~\\&|LIS|TL|OE|GH|20261123||ORU^R01|R1|P|2.3|||AL\r"), MessageID: "<r1@h>", Kind: store.KindRequest})
+	b, _ := st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "hospital", ControlID: "R2",
+		Payload: []byte("MSH|^~\\&|LIS|TL|OE|GH|20261123||ORU^R01|R2|P|2.3|||AL\r"), MessageID: "<r2@h>", Kind: store.KindRequest})
+	for _, id := range []int64{a.ID, b.ID} {
+		if err := st.MarkDelivered(ctx, id, ack); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := &Responder{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo)}
+	list, _ := st.Get(ctx, b.ID)
+	r.Delivered(ctx, list, ack) // R2 was answered before the crash
+	if err := r.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Recover(ctx); err != nil { // a second start finds nothing left
+		t.Fatal(err)
+	}
+	out, _ := st.List(ctx, store.Filter{Direction: store.Outbound})
+	replies := map[string]int{}
+	for _, m := range out {
+		replies[m.InReplyTo]++
+	}
+	if len(out) != 2 || replies["<r1@h>"] != 1 || replies["<r2@h>"] != 1 {
+		t.Fatalf("responses queued: %v, want one for each request", replies)
+	}
+	for _, m := range out {
+		if m.InReplyTo != "<r1@h>" {
+			continue
+		}
+		full, _ := st.Get(ctx, m.ID)
+		b, err := security.ParseBundle(full.Payload)
+		if err != nil || b.Response == nil {
+			t.Fatalf("recovered bundle: %v", err)
+		}
+		resp, _, err := security.DecodeEDI(b.Response, security.Accept{})
+		if err != nil || !bytes.Equal(resp, ack) || b.MDN.OriginalMessageID != "<r1@h>" {
+			t.Errorf("the recovered response carries %q (%v), MDN for %s; want the router's stored ACK", resp, err, b.MDN.OriginalMessageID)
+		}
 	}
 }

@@ -492,3 +492,26 @@ func (s *Store) ByMessageID(ctx context.Context, id string) (Message, error) {
 	}
 	return list[0], nil
 }
+
+// Unanswered returns the partners' requests that reached the router but
+// have no response queued for them, with the router's acknowledgement as
+// Payload: what a crash between the two left behind.
+func (s *Store) Unanswered(ctx context.Context) ([]Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	list, err := s.queryMessages(ctx, "unanswered", "SELECT "+messageColumns+` FROM messages m
+		WHERE direction = 'in' AND kind = 'request' AND state = 'delivered' AND message_id != ''
+		AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.direction = 'out' AND o.partner = m.partner
+			AND o.in_reply_to = m.message_id)
+		ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	for i := range list {
+		if list[i].Payload, err = s.Response(ctx, list[i].ID); err != nil {
+			return nil, err
+		}
+	}
+	return list, nil
+}

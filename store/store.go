@@ -457,6 +457,8 @@ var schema = []string{
 	// 10: the address of ours an inbound message was sent to: its router
 	// (draft-ietf-ediint-hl7-02 §6.3).
 	`ALTER TABLE messages ADD COLUMN recipient TEXT NOT NULL DEFAULT '';`,
+	// 11: a request's response is found by the Message-ID it answers.
+	`CREATE INDEX messages_reply ON messages(partner, in_reply_to) WHERE direction = 'out';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
