@@ -20,6 +20,7 @@ type browser struct {
 	base    string // http://127.0.0.1:PORT/session/ID
 	driver  *exec.Cmd
 	session string
+	profile string // Chromium's user-data-dir, removed by close
 }
 
 // startBrowser starts ChromeDriver and a headless Chromium session with the
@@ -30,13 +31,21 @@ func startBrowser(t *testing.T) *browser {
 	driverPath := requireTool(t, "/usr/bin/chromedriver")
 	addr := freePort(t)
 	port := addr[strings.LastIndex(addr, ":")+1:]
+	// The profile folder is removed by close, after the browser has quit:
+	// a t.TempDir cleanup would run before close and race Chromium's last
+	// writes into it.
+	profile, err := os.MkdirTemp("", "hl7mail-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
 	log := &lockedBuffer{}
 	cmd := exec.Command(driverPath, "--port="+port, "--allowed-ips=127.0.0.1")
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
+		os.RemoveAll(profile)
 		t.Fatal(err)
 	}
-	b := &browser{t: t, driver: cmd, base: "http://" + addr}
+	b := &browser{t: t, driver: cmd, base: "http://" + addr, profile: profile}
 	t.Cleanup(b.close)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -56,7 +65,7 @@ func startBrowser(t *testing.T) *browser {
 			"binary": "/usr/bin/chromium",
 			"args": []string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 				"--disable-background-networking", "--disable-component-update", "--disable-sync",
-				"--disable-dev-shm-usage", "--user-data-dir=" + t.TempDir(), "--window-size=1500,1300"},
+				"--disable-dev-shm-usage", "--user-data-dir=" + profile, "--window-size=1500,1300"},
 		},
 	}}}
 	var out struct {
@@ -136,6 +145,17 @@ func (b *browser) close() {
 		b.driver.Process.Kill()
 		b.driver.Wait()
 		b.driver = nil
+	}
+	if b.profile != "" {
+		// Chromium's helpers may still be flushing for a moment after the
+		// session ends.
+		for i := 0; i < 50; i++ {
+			if os.RemoveAll(b.profile) == nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		b.profile = ""
 	}
 }
 
