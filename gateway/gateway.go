@@ -220,13 +220,21 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		wg.Wait()
 	}
 	metrics := dashboard.NewMetrics()
-	spool := notifyingSpool{st: st, notify: g.sender.Notify}
+	// The sender and the deliverer read their queues from the database:
+	// they are woken when new messages have entered it.
+	st.OnIngest(func(partner string, d store.Direction) {
+		if d == store.Outbound {
+			g.sender.Notify(partner)
+		} else {
+			g.deliverer.Notify(partner)
+		}
+	})
 	ids := hl7.NewIDGen("HM", time.Now())
 	for i := range cfg.Partners {
 		p := &cfg.Partners[i]
 		srv, err := surrogate.New(surrogate.Options{
 			Partner:        p.Name,
-			Spool:          spool,
+			Spool:          st,
 			Logger:         opts.Logger.With("component", "surrogate"),
 			MaxMessageSize: p.MaxMessageSize,
 			MaxConnections: p.MaxConnections,
@@ -337,20 +345,6 @@ func routerRetryBase(d time.Duration) time.Duration {
 		return 5 * time.Second
 	}
 	return d
-}
-
-// notifyingSpool stores a message and wakes the sender for its partner.
-type notifyingSpool struct {
-	st     *store.Store
-	notify func(partner string)
-}
-
-func (n notifyingSpool) Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error) {
-	a, err := n.st.Accept(ctx, m)
-	if err == nil {
-		n.notify(m.Partner)
-	}
-	return a, err
 }
 
 // Shutdown stops the surrogates (each finishing the messages it is

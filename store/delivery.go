@@ -46,9 +46,6 @@ func scanPending(scan func(dest ...any) error) (Pending, error) {
 // overdue) for mail whose MIC is mic, oldest first: how a receipt is
 // matched when a gateway rewrote the Message-ID it names.
 func (s *Store) PendingByMIC(ctx context.Context, partner, mic string) ([]Pending, error) {
-	if err := s.waitIngested(ctx); err != nil {
-		return nil, err
-	}
 	rows, err := s.db.QueryContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE partner = ? AND mic = ?
 		AND state IN ('waiting', 'overdue') ORDER BY sent, id`, partner, mic)
 	if err != nil {
@@ -78,15 +75,17 @@ const (
 	PendingError = "error"
 )
 
-// update runs f in one synced transaction on the updater connection.
-func (s *Store) update(ctx context.Context, f func(tx *sql.Tx, now int64) error) error {
+// update runs f in one synced transaction on the updater connection. id is
+// the message the change is about (0 for none): accepted a moment ago, it
+// may still be on its way into the database, and is waited for.
+func (s *Store) update(ctx context.Context, id int64, f func(tx *sql.Tx, now int64) error) error {
 	if s.readOnly {
 		return ErrReadOnly
 	}
-	// A message accepted a moment ago may still be on its way into the
-	// database: state changes see every accepted message.
-	if err := s.waitIngested(ctx); err != nil {
-		return err
+	if id > 0 {
+		if err := s.waitID(ctx, id); err != nil {
+			return err
+		}
 	}
 	s.updMu.Lock()
 	defer s.updMu.Unlock()
@@ -120,11 +119,9 @@ func expectOne(id int64) func(sql.Result, error) error {
 // NextQueued returns the oldest queued message of partner in direction d
 // that is due at now, payload included, or ErrNotFound. Messages leave in
 // the order they were accepted: a message waiting for a retry holds back
-// those after it.
+// those after it. It reads the database as it is: a message accepted a
+// moment ago appears once ingested, which OnIngest announces.
 func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now time.Time) (Message, error) {
-	if err := s.waitIngested(ctx); err != nil {
-		return Message{}, err
-	}
 	var id, next int64
 	err := s.db.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
 		AND direction = ? ORDER BY id LIMIT 1`, partner, d).Scan(&id, &next)
@@ -142,7 +139,7 @@ func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now
 // receipt it awaits (state waiting). Calling it again for a later attempt
 // changes nothing.
 func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pending) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`,
 			messageID, now, id)); err != nil {
 			return err
@@ -162,7 +159,7 @@ func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pend
 
 // MarkSent records that the SMTP server took the message.
 func (s *Store) MarkSent(ctx context.Context, id int64) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
 			last_error = '', updated = ? WHERE id = ?`, now, id))
 	})
@@ -170,7 +167,7 @@ func (s *Store) MarkSent(ctx context.Context, id int64) error {
 
 // MarkRetry records a failed attempt and when to try again.
 func (s *Store) MarkRetry(ctx context.Context, id int64, reason string, next time.Time) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET attempts = attempts + 1, last_error = ?,
 			next_attempt = ?, updated = ? WHERE id = ?`, reason, next.UnixMicro(), now, id))
 	})
@@ -181,7 +178,7 @@ func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason str
 	if state != Failed && state != Expired {
 		return fmt.Errorf("store: %s is not a final state", state)
 	}
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ?`,
 			state, reason, now, id)); err != nil {
 			return err
@@ -194,7 +191,7 @@ func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason str
 
 // Delivery returns the attempts, next attempt and last error of a message.
 func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time.Time, lastError string, err error) {
-	if err := s.waitIngested(ctx); err != nil {
+	if err := s.waitID(ctx, id); err != nil {
 		return 0, time.Time{}, "", err
 	}
 	var n int64
@@ -208,9 +205,6 @@ func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time
 
 // PendingByMessageID returns the pending receipt for a Message-ID.
 func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pending, error) {
-	if err := s.waitIngested(ctx); err != nil {
-		return Pending{}, err
-	}
 	p, err := scanPending(s.db.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
 	if errors.Is(err, sql.ErrNoRows) {
 		return p, fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
@@ -228,7 +222,7 @@ func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pendi
 // state.
 func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (Pending, error) {
 	var p Pending
-	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		var err error
 		p, err = scanPending(tx.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -257,7 +251,7 @@ func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (
 // returns them (each is reported once).
 func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
 	var out []Pending
-	err := s.update(ctx, func(tx *sql.Tx, nowMicro int64) error {
+	err := s.update(ctx, 0, func(tx *sql.Tx, nowMicro int64) error {
 		rows, err := tx.QueryContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due FROM pending
 			WHERE state = 'waiting' AND due < ?`, now.UnixMicro())
 		if err != nil {
@@ -284,7 +278,7 @@ func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
 // MarkDelivered records that the router acknowledged an inbound message,
 // with its acknowledgement.
 func (s *Store) MarkDelivered(ctx context.Context, id int64, ack []byte) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'delivered', attempts = attempts + 1,
 			last_error = '', response = ?, updated = ? WHERE id = ?`, ack, now, id))
 	})
@@ -312,7 +306,7 @@ func (s *Store) Value(ctx context.Context, key string) (string, error) {
 
 // SetValue sets the named value (synced before it returns).
 func (s *Store) SetValue(ctx context.Context, key, value string) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		_, err := tx.ExecContext(ctx, `INSERT INTO state (key, value) VALUES (?, ?)
 			ON CONFLICT(key) DO UPDATE SET value = excluded.value`, key, value)
 		return err
@@ -340,7 +334,7 @@ func (s *Store) FindResponse(ctx context.Context, partner, inReplyTo string) (Me
 // Requeue puts a response that was sent back in the queue, to be sent
 // again with the same Message-ID.
 func (s *Store) Requeue(ctx context.Context, id int64) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', next_attempt = 0, updated = ?
 			WHERE id = ? AND kind = 'bundle' AND state = 'sent'`, now, id))
 	})

@@ -15,9 +15,28 @@ func TestDeliveryStates(t *testing.T) {
 	s := open(t, dir)
 	ctx := context.Background()
 	now := time.Now()
+	announced := make(chan string, 10)
+	s.OnIngest(func(partner string, d Direction) { announced <- partner + "/" + string(d) })
 	a, _ := s.Accept(ctx, msg("lab", "1", "A"))
 	b, _ := s.Accept(ctx, msg("lab", "2", "B"))
 	c, _ := s.Accept(ctx, msg("clinic", "3", "C"))
+	// The queues read the database: they learn from OnIngest when the
+	// messages are in, each partner and direction once per ingest.
+	if err := s.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	told := map[string]int{}
+	for len(told) < 2 {
+		select {
+		case k := <-announced:
+			told[k]++
+		case <-time.After(10 * time.Second):
+			t.Fatalf("OnIngest told of %v, want lab/out and clinic/out", told)
+		}
+	}
+	if told["lab/out"] == 0 || told["clinic/out"] == 0 || told["lab/out"] > 2 {
+		t.Errorf("OnIngest told of %v", told)
+	}
 
 	if m, err := s.NextQueued(ctx, "lab", Outbound, now); err != nil || m.ID != a.ID || string(m.Payload) != "A" {
 		t.Fatalf("NextQueued(lab) = %+v, %v; want %d", m, err, a.ID)
@@ -87,5 +106,43 @@ func TestDeliveryStates(t *testing.T) {
 	got, err := s.PendingByMessageID(ctx, "<1@hospital.test>")
 	if err != nil || got.ID != a.ID || got.State != PendingWaiting || got.MIC != p.MIC || !got.Due.Equal(p.Due.Truncate(time.Microsecond)) {
 		t.Errorf("PendingByMessageID = %+v, %v", got, err)
+	}
+}
+
+// TestWorkOnOneMessageDoesNotWaitForLater: a state change of a message in
+// the database goes ahead while messages accepted after it are not in yet,
+// so that the sender never waits for the ingester's pace; a change of a
+// message not yet in waits for it.
+func TestWorkOnOneMessageDoesNotWaitForLater(t *testing.T) {
+	s := open(t, t.TempDir())
+	ctx := context.Background()
+	a, _ := s.Accept(ctx, msg("lab", "1", "A"))
+	if err := s.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.pauseIngest.Store(true)
+	b, err := s.Accept(ctx, msg("lab", "2", "B"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := s.MarkSent(short, a.ID); err != nil {
+		t.Fatalf("MarkSent of a message in the database, with a later one not in: %v", err)
+	}
+	if m, err := s.Get(short, a.ID); err != nil || m.State != Sent {
+		t.Fatalf("Get = %+v, %v", m, err)
+	}
+	if _, err := s.NextQueued(short, "lab", Outbound, time.Now()); !errors.Is(err, ErrNotFound) {
+		t.Errorf("NextQueued before b is in the database = %v, want ErrNotFound", err)
+	}
+	tiny, cancel2 := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel2()
+	if err := s.MarkSent(tiny, b.ID); err == nil {
+		t.Error("MarkSent of a message not in the database yet did not wait for it")
+	}
+	s.pauseIngest.Store(false)
+	if err := s.MarkSent(ctx, b.ID); err != nil {
+		t.Fatalf("MarkSent once b is in: %v", err)
 	}
 }

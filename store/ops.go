@@ -36,7 +36,7 @@ var ErrReleased = errors.New("store: already released")
 // (synced before it returns).
 func (s *Store) Quarantine(ctx context.Context, q Quarantined) (int64, error) {
 	var id int64
-	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		res, err := tx.ExecContext(ctx, `INSERT INTO quarantine (partner, sender, message_id, reason, detail, received, raw)
 			VALUES (?, ?, ?, ?, ?, ?, ?)`, q.Partner, q.Sender, q.MessageID, q.Reason, q.Detail, now, q.Raw)
 		if err != nil {
@@ -106,7 +106,7 @@ func (s *Store) QuarantineGet(ctx context.Context, id int64) (Quarantined, error
 // MarkReleased records that a person released quarantined mail id, and the
 // message it was stored as; ErrReleased when it was released before.
 func (s *Store) MarkReleased(ctx context.Context, id int64, by, note string, as int64) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, as, func(tx *sql.Tx, now int64) error {
 		res, err := tx.ExecContext(ctx, `UPDATE quarantine SET released = ?, released_by = ?, release_note = ?,
 			released_as = ? WHERE id = ? AND released = 0`, now, by, note, as, id)
 		if err != nil {
@@ -149,7 +149,7 @@ const (
 // RaiseAlert records a (synced before it returns) and returns its id.
 func (s *Store) RaiseAlert(ctx context.Context, a Alert) (int64, error) {
 	var id int64
-	err := s.update(ctx, func(tx *sql.Tx, now int64) error {
+	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		res, err := tx.ExecContext(ctx, `INSERT INTO alerts (raised, kind, partner, control_id, message_id, text)
 			VALUES (?, ?, ?, ?, ?, ?)`, now, a.Kind, a.Partner, a.ControlID, a.MessageID, a.Text)
 		if err != nil {
@@ -194,7 +194,7 @@ func (s *Store) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error
 // AckAlert marks alert id acknowledged by who. Acknowledging twice is not
 // an error; an unknown id is ErrNotFound.
 func (s *Store) AckAlert(ctx context.Context, id int64, who string) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		var acked int64
 		err := tx.QueryRowContext(ctx, `SELECT acked FROM alerts WHERE id = ?`, id).Scan(&acked)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -213,7 +213,7 @@ func (s *Store) AckAlert(ctx context.Context, id int64, who string) error {
 // now (Message.Retried), so that it is not expired straight away. The Message-ID is kept: a partner
 // that did receive it recognizes the resend.
 func (s *Store) Retry(ctx context.Context, id int64) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
 		var state, dir, partner string
 		err := tx.QueryRowContext(ctx, `SELECT state, direction, partner FROM messages WHERE id = ?`, id).Scan(&state, &dir, &partner)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -414,7 +414,7 @@ func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
 // was written to journal file (a name such as "outgoing.mbox") at offset
 // (synced before it returns).
 func (s *Store) RecordJournal(ctx context.Context, file string, offset int64, messageID string, sum []byte) error {
-	return s.update(ctx, func(tx *sql.Tx, now int64) error {
+	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO journal_entries (file, offset, message_id, sha256)
 			VALUES (?, ?, ?, ?)`, file, offset, messageID, sum)
 		if err != nil {
@@ -450,11 +450,9 @@ type QueuedMessage struct {
 }
 
 // QueuedList returns up to limit queued messages of partner in direction
-// d, oldest first, payloads included: what the deliverer orders.
+// d, oldest first, payloads included: what the deliverer orders. Like
+// NextQueued, it reads the database as it is.
 func (s *Store) QueuedList(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
-	if err := s.waitIngested(ctx); err != nil {
-		return nil, err
-	}
 	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
 		WHERE partner = ? AND direction = ? AND state = 'queued' ORDER BY id LIMIT ?`, partner, d, limit)
 	if err != nil {
@@ -477,9 +475,11 @@ func (s *Store) QueuedList(ctx context.Context, partner string, d Direction, lim
 }
 
 // ByMessageID returns the newest stored message that came or went in the
-// mail with Message-ID id, or ErrNotFound.
+// mail with Message-ID id, or ErrNotFound. It sees every inbound message
+// accepted so far; an outbound message has a Message-ID only once it is
+// in the database.
 func (s *Store) ByMessageID(ctx context.Context, id string) (Message, error) {
-	if err := s.waitIngested(ctx); err != nil {
+	if err := s.waitInbound(ctx); err != nil {
 		return Message{}, err
 	}
 	list, err := s.queryMessages(ctx, "by Message-ID", "SELECT "+messageColumns+` FROM messages WHERE message_id = ?

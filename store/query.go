@@ -76,7 +76,7 @@ func (s *Store) queryMessages(ctx context.Context, what, q string, args ...any) 
 
 // Get returns the message with id, payload included.
 func (s *Store) Get(ctx context.Context, id int64) (Message, error) {
-	if err := s.waitIngested(ctx); err != nil {
+	if err := s.waitID(ctx, id); err != nil {
 		return Message{}, err
 	}
 	var payload []byte
@@ -143,7 +143,7 @@ func (s *Store) Stats() CommitStats {
 // FindInbound returns the inbound message of partner that came in the mail
 // with messageID, or ErrNotFound: how a replayed mail is recognized.
 func (s *Store) FindInbound(ctx context.Context, partner, messageID string) (Message, error) {
-	if err := s.waitIngested(ctx); err != nil {
+	if err := s.waitInbound(ctx); err != nil {
 		return Message{}, err
 	}
 	var id int64

@@ -173,6 +173,9 @@ type Store struct {
 	nextSeq   int64     // guarded by commitMu
 	logClosed bool      // guarded by commitMu
 	appended  atomic.Int64
+	// appendedIn is the highest inbound id appended: what queries about
+	// received mail (replays, ordering) wait for.
+	appendedIn atomic.Int64
 	// durable is the highest id known to be synced in the database file:
 	// the spool log may be reused only when it reaches the last id appended.
 	durable atomic.Int64
@@ -186,6 +189,9 @@ type Store struct {
 	ingestedCh  chan struct{} // guarded by ingMu: closed when ingested advances
 	ingestErr   error         // guarded by ingMu
 	ckDone      chan struct{}
+	// onIngest, when set, is told of every partner and direction whose
+	// messages just entered the database.
+	onIngest atomic.Pointer[func(partner string, d Direction)]
 
 	writer *sql.Conn
 	stmts  writerStmts
@@ -634,6 +640,12 @@ func (s *Store) commit(batch []*acceptReq) {
 		return
 	}
 	s.nextSeq += int64(len(batch))
+	for i := len(recs) - 1; i >= 0; i-- {
+		if recs[i].m.Direction == Inbound {
+			s.appendedIn.Store(recs[i].seq)
+			break
+		}
+	}
 	s.appended.Store(s.nextSeq - 1)
 	for i, r := range batch {
 		r.res <- acceptRes{a: Accepted{ID: recs[i].seq}}
@@ -646,41 +658,92 @@ func (s *Store) commit(batch []*acceptReq) {
 	}
 }
 
-// ingestDelay is how long the ingester gathers records before writing them
-// to the database in one transaction. Each database commit is an fsync of
-// its own; gathering keeps them off the disk that acknowledgements wait on.
-// A query waiting for the database cuts the delay short.
-const ingestDelay = 50 * time.Millisecond
+// ingestInterval is the least time between two ingests while messages keep
+// coming. Each database transaction costs writes of its own beside the
+// spool log's syncs that acknowledgements wait on; under load, fewer and
+// larger transactions keep them off that disk. A message after a quiet
+// spell goes in at once, and a query that needs the database to be up to
+// date cuts the wait short.
+const ingestInterval = 250 * time.Millisecond
+
+// maxIngest bounds the records of one ingest transaction.
+const maxIngest = 4096
+
+// OnIngest sets f to be called, from the ingester, with the partner and
+// direction of the messages each time some enter the database: a queue
+// reading the database (NextQueued) learns then that it has work. f must
+// not block.
+func (s *Store) OnIngest(f func(partner string, d Direction)) {
+	s.onIngest.Store(&f)
+}
 
 // ingestLoop copies committed records into the database, retrying while the
 // database fails; the records stay in the spool log until they are in.
 func (s *Store) ingestLoop() {
 	defer close(s.ingestDone)
 	var pending []logRecord
-	timer := time.NewTimer(ingestDelay)
+	var last time.Time // when the last ingest ended
+	timer := time.NewTimer(ingestInterval)
 	timer.Stop()
 	for recs := range s.ingest {
 		pending = append(pending[:0], recs...)
-		timer.Reset(ingestDelay)
-	gather:
-		for len(pending) < 4096 {
+		if wait := time.Until(last.Add(ingestInterval)); wait > 0 {
+			timer.Reset(wait)
+		gather:
+			for len(pending) < maxIngest {
+				select {
+				case r, ok := <-s.ingest:
+					if !ok {
+						break gather
+					}
+					pending = append(pending, r...)
+				case <-s.kick:
+					break gather
+				case <-timer.C:
+					break gather
+				case <-s.quit:
+					break gather
+				}
+			}
+			timer.Stop()
+		}
+	more:
+		for len(pending) < maxIngest {
 			select {
 			case r, ok := <-s.ingest:
 				if !ok {
-					break gather
+					break more
 				}
 				pending = append(pending, r...)
-			case <-s.kick:
-				break gather
-			case <-timer.C:
-				break gather
-			case <-s.quit:
-				break gather
+			default:
+				break more
 			}
 		}
-		timer.Stop()
 		if !s.ingestWithRetry(pending) {
 			return
+		}
+		last = time.Now()
+		s.announce(pending)
+	}
+}
+
+// announce tells the OnIngest function of the partners and directions of
+// recs, once each.
+func (s *Store) announce(recs []logRecord) {
+	f := s.onIngest.Load()
+	if f == nil {
+		return
+	}
+	type key struct {
+		partner string
+		d       Direction
+	}
+	seen := map[key]bool{}
+	for _, r := range recs {
+		k := key{r.m.Partner, r.m.Direction}
+		if !seen[k] {
+			seen[k] = true
+			(*f)(k.partner, k.d)
 		}
 	}
 }
@@ -720,13 +783,34 @@ func (s *Store) ingestWithRetry(recs []logRecord) bool {
 	}
 }
 
+// Flush waits until every message accepted so far is in the database.
+func (s *Store) Flush(ctx context.Context) error { return s.waitIngested(ctx) }
+
 // waitIngested waits until every message accepted so far is in the
 // database, so that queries see them.
 func (s *Store) waitIngested(ctx context.Context) error {
+	return s.waitIngestedUpTo(ctx, s.appended.Load())
+}
+
+// waitInbound waits until every inbound message accepted so far is in the
+// database.
+func (s *Store) waitInbound(ctx context.Context) error {
+	return s.waitIngestedUpTo(ctx, s.appendedIn.Load())
+}
+
+// waitID waits until message id, if it was accepted, is in the database.
+// Work on one message that is in the database never waits: the messages
+// accepted after it go in at the ingester's pace.
+func (s *Store) waitID(ctx context.Context, id int64) error {
+	return s.waitIngestedUpTo(ctx, min(id, s.appended.Load()))
+}
+
+// waitIngestedUpTo waits until the messages up to id target are in the
+// database, asking the ingester not to wait for more.
+func (s *Store) waitIngestedUpTo(ctx context.Context, target int64) error {
 	if s.readOnly {
 		return nil
 	}
-	target := s.appended.Load()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for {
