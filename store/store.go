@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -658,13 +659,30 @@ func (s *Store) commit(batch []*acceptReq) {
 	}
 }
 
-// ingestInterval is the least time between two ingests while messages keep
-// coming. Each database transaction costs writes of its own beside the
-// spool log's syncs that acknowledgements wait on; under load, fewer and
-// larger transactions keep them off that disk. A message after a quiet
-// spell goes in at once, and a query that needs the database to be up to
-// date cuts the wait short.
+// ingestInterval is the least time between two ingests while the store is
+// busy. Each database transaction costs writes of its own beside the spool
+// log's syncs that acknowledgements wait on; under load, fewer and larger
+// transactions keep them off that disk. A query that needs the database up
+// to date cuts the wait short.
 const ingestInterval = 250 * time.Millisecond
+
+// busyLoad is the recent ingest load, in records (decaying with time
+// constant ingestInterval), above which the store is busy: about 200
+// messages a second. Below it each record goes into the database at once,
+// so that a message's way through the gateway waits for no ingest.
+const busyLoad = 50
+
+// ingestLoad is a count of ingested records that decays with time.
+type ingestLoad struct {
+	n  float64
+	at time.Time
+}
+
+func (l *ingestLoad) decay(now time.Time) float64 {
+	l.n *= math.Exp(-now.Sub(l.at).Seconds() / ingestInterval.Seconds())
+	l.at = now
+	return l.n
+}
 
 // maxIngest bounds the records of one ingest transaction.
 const maxIngest = 4096
@@ -683,11 +701,12 @@ func (s *Store) ingestLoop() {
 	defer close(s.ingestDone)
 	var pending []logRecord
 	var last time.Time // when the last ingest ended
+	var load ingestLoad
 	timer := time.NewTimer(ingestInterval)
 	timer.Stop()
 	for recs := range s.ingest {
 		pending = append(pending[:0], recs...)
-		if wait := time.Until(last.Add(ingestInterval)); wait > 0 {
+		if wait := time.Until(last.Add(ingestInterval)); wait > 0 && load.decay(time.Now()) > busyLoad {
 			timer.Reset(wait)
 		gather:
 			for len(pending) < maxIngest {
@@ -723,6 +742,8 @@ func (s *Store) ingestLoop() {
 			return
 		}
 		last = time.Now()
+		load.decay(last)
+		load.n += float64(len(pending))
 		s.announce(pending)
 	}
 }

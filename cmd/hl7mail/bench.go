@@ -31,7 +31,7 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), e2e (the whole loop over embedded mail servers), or all")
 	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
 	n := fs.Int("n", 20000, "messages per measured run (long enough to include checkpoints)")
-	rounds := fs.Int("rounds", 3, "baseline/hl7mail pairs at each connection count (the targets use the median)")
+	rounds := fs.Int("rounds", 5, "baseline/hl7mail pairs at each connection count (the targets use the median)")
 	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
 	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
 	if code := parse(fs, args); code >= 0 {
