@@ -18,6 +18,10 @@ type rendezvous struct {
 	mu       sync.Mutex
 	waiting  map[int64]chan response // outbound message id → its waiting connection
 	inflight map[int64]bool          // responses offered and not yet written or given back
+	// written holds, for a while, the responses a connection wrote: a
+	// deliverer that read its queue just before one was marked delivered
+	// must still leave it alone.
+	written map[int64]time.Time
 	quit     chan struct{}           // closed at shutdown: every wait ends
 	once     sync.Once
 }
@@ -38,7 +42,8 @@ var (
 )
 
 func newRendezvous() *rendezvous {
-	return &rendezvous{waiting: map[int64]chan response{}, inflight: map[int64]bool{}, quit: make(chan struct{})}
+	return &rendezvous{waiting: map[int64]chan response{}, inflight: map[int64]bool{}, written: map[int64]time.Time{},
+		quit: make(chan struct{})}
 }
 
 // wait blocks until the response to message id is offered, timeout passes
@@ -86,30 +91,55 @@ func (r *rendezvous) offer(id int64, resp response) bool {
 	}
 	delete(r.waiting, id)
 	r.inflight[id] = true
-	written := resp.written
+	done := resp.written
 	resp.written = func(err error) {
+		if err == nil {
+			done(nil) // marked delivered while still held
+		}
 		r.mu.Lock()
 		delete(r.inflight, id)
+		if err == nil {
+			r.written[id] = time.Now()
+		}
 		r.mu.Unlock()
-		written(err)
+		if err != nil {
+			done(err) // the deliverer may take it now
+		}
 	}
 	ch <- resp
 	return true
 }
 
+// writtenFor is how long a written response stays held: far longer than a
+// deliverer's read of its queue can be stale.
+const writtenFor = time.Minute
+
 // holds reports whether the response to message id belongs to a waiting
-// connection: waited for, or offered and not yet written.
+// connection: waited for, offered and not yet written, or written a moment
+// ago.
 func (r *rendezvous) holds(id int64) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.waiting[id] != nil || r.inflight[id]
+	r.forget(time.Now())
+	_, written := r.written[id]
+	return r.waiting[id] != nil || r.inflight[id] || written
+}
+
+// forget drops the written responses held long enough. Called with mu held.
+func (r *rendezvous) forget(now time.Time) {
+	for id, at := range r.written {
+		if now.Sub(at) > writtenFor {
+			delete(r.written, id)
+		}
+	}
 }
 
 // idle reports whether no connection waits at all.
 func (r *rendezvous) idle() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return len(r.waiting) == 0 && len(r.inflight) == 0
+	r.forget(time.Now())
+	return len(r.waiting) == 0 && len(r.inflight) == 0 && len(r.written) == 0
 }
 
 // held tells the deliverer to leave alone a partner's response that a

@@ -99,8 +99,9 @@ func TestRendezvous(t *testing.T) {
 	}
 }
 
-// TestRendezvousHub: a response is held while a connection waits for it and
-// until it was written; after the wait ended nothing is held.
+// TestRendezvousHub: a response is held while a connection waits for it,
+// while it is marked delivered, and a while after it was written; after a
+// wait ended without it nothing is held.
 func TestRendezvousHub(t *testing.T) {
 	r := newRendezvous()
 	if r.offer(1, response{written: func(error) {}}) || r.holds(1) {
@@ -120,15 +121,30 @@ func TestRendezvousHub(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	done := make(chan struct{})
-	if !r.offer(1, response{payload: []byte("AA"), written: func(err error) { result = err; close(done) }}) {
+	heldWhileMarked := false
+	if !r.offer(1, response{payload: []byte("AA"), written: func(err error) {
+		result, heldWhileMarked = err, r.holds(1)
+		close(done)
+	}}) {
 		t.Fatal("the waiting connection did not take the response")
 	}
 	if string(<-got) != "AA" {
 		t.Fatal("wrong payload")
 	}
 	<-done
-	if result != nil || r.holds(1) || !r.idle() {
-		t.Errorf("after writing: err %v, held %v", result, r.holds(1))
+	if result != nil || !heldWhileMarked {
+		t.Errorf("marking delivered: err %v, held meanwhile %v", result, heldWhileMarked)
+	}
+	// A deliverer that read its queue before the response was marked
+	// delivered still leaves it alone.
+	if !r.holds(1) || r.idle() {
+		t.Error("a response written a moment ago is not held")
+	}
+	r.mu.Lock()
+	r.forget(time.Now().Add(2 * writtenFor))
+	r.mu.Unlock()
+	if r.holds(1) || !r.idle() {
+		t.Errorf("long after writing: held %v, idle %v", r.holds(1), r.idle())
 	}
 	// A wait that timed out holds nothing: a late response is refused, and
 	// the deliverer takes it.

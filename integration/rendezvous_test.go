@@ -99,6 +99,6 @@ partners:
 		time.Sleep(100 * time.Millisecond)
 	}
 	if n := len(hRouter.Messages()); n != 1 {
-		t.Errorf("the hospital's router got %d messages, want only the late answer to RDV-2", n)
+		t.Errorf("the hospital's router got %d messages, want only the late answer to RDV-2\n%q\n%s", n, hRouter.Messages(), hospital.log)
 	}
 }
