@@ -22,8 +22,8 @@ type rendezvous struct {
 	// deliverer that read its queue just before one was marked delivered
 	// must still leave it alone.
 	written map[int64]time.Time
-	quit     chan struct{}           // closed at shutdown: every wait ends
-	once     sync.Once
+	quit    chan struct{} // closed at shutdown: every wait ends
+	once    sync.Once
 }
 
 // stop ends every wait.
