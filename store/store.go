@@ -5,8 +5,13 @@
 // it returns, committing the messages that arrive together with one sync
 // (group commit); that is what lets a surrogate answer CA
 // (draft-ietf-ediint-hl7-02 §6.5.1). An ingester copies the log into an
-// embedded SQLite database (WAL journal, synchronous=FULL, one writer), which
-// every query reads; Open replays what the database lacks after a crash.
+// embedded SQLite database (WAL journal, one writer; state changes are
+// synchronous=FULL), which every query reads; Open replays what the
+// database lacks after a crash. The ingester copies each message at once
+// while the store is quiet and paces itself when busy; queries that must
+// see every accepted message wait for it, the queues (NextQueued,
+// QueuedList) read the database as it is and learn of new messages from
+// OnIngest.
 package store
 
 import (
