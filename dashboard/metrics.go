@@ -85,8 +85,14 @@ var (
 		[]string{"partner"}, nil)
 	descQuarantinedTotal = prometheus.NewDesc("hl7mail_quarantined_total", "Mail refused since the store was made, by reason.",
 		[]string{"reason"}, nil)
-	descAlerts = prometheus.NewDesc("hl7mail_alerts_open", "Alerts not acknowledged.", nil, nil)
-	descConns  = prometheus.NewDesc("hl7mail_router_connections", "Open router connections to the partner's surrogate.",
+	descAlerts  = prometheus.NewDesc("hl7mail_alerts_open", "Alerts not acknowledged.", nil, nil)
+	descBacklog = prometheus.NewDesc("hl7mail_store_backlog",
+		"Messages taken (synced in the spool log) and not yet in the database; it grows while the database fails.", nil, nil)
+	descSyncs = prometheus.NewDesc("hl7mail_spool_syncs_total",
+		"Syncs of the spool log (group commits), failed attempts included.", nil, nil)
+	descSynced = prometheus.NewDesc("hl7mail_spool_synced_messages_total",
+		"Messages in those syncs: divided by the syncs, how many messages share one.", nil, nil)
+	descConns = prometheus.NewDesc("hl7mail_router_connections", "Open router connections to the partner's surrogate.",
 		[]string{"partner"}, nil)
 	descLinkUp = prometheus.NewDesc("hl7mail_mail_server_up",
 		"1 when the last contact with the mail server succeeded.", []string{"server"}, nil)
@@ -98,7 +104,8 @@ type instanceCollector struct{ inst Instance }
 
 func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMessages, descTaken, descQueue, descPending, descOverdue, descMismatch,
-		descQuarantined, descQuarantinedTotal, descAlerts, descConns, descLinkUp, descLinkErrors} {
+		descQuarantined, descQuarantinedTotal, descAlerts, descBacklog, descSyncs, descSynced, descConns, descLinkUp,
+		descLinkErrors} {
 		ch <- d
 	}
 }
@@ -107,6 +114,11 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	st := c.inst.Store()
+	// Read before the queries below, which wait for the database.
+	ch <- prometheus.MustNewConstMetric(descBacklog, prometheus.GaugeValue, float64(st.Backlog()))
+	stats := st.Stats()
+	ch <- prometheus.MustNewConstMetric(descSyncs, prometheus.CounterValue, float64(stats.Commits))
+	ch <- prometheus.MustNewConstMetric(descSynced, prometheus.CounterValue, float64(stats.Messages))
 	counts, err := st.Counts(ctx)
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descMessages, err)

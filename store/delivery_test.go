@@ -125,6 +125,9 @@ func TestWorkOnOneMessageDoesNotWaitForLater(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if n := s.Backlog(); n != 1 {
+		t.Errorf("Backlog with one message held out of the database = %d, want 1", n)
+	}
 	short, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := s.MarkSent(short, a.ID); err != nil {
@@ -144,5 +147,8 @@ func TestWorkOnOneMessageDoesNotWaitForLater(t *testing.T) {
 	s.pauseIngest.Store(false)
 	if err := s.MarkSent(ctx, b.ID); err != nil {
 		t.Fatalf("MarkSent once b is in: %v", err)
+	}
+	if n := s.Backlog(); n != 0 {
+		t.Errorf("Backlog once every message is in = %d", n)
 	}
 }

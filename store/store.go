@@ -809,6 +809,17 @@ func (s *Store) ingestWithRetry(recs []logRecord) bool {
 	}
 }
 
+// Backlog is the number of messages accepted (safe in the spool log) and not
+// yet in the database. It stays high while the database fails.
+func (s *Store) Backlog() int64 {
+	if s.readOnly {
+		return 0
+	}
+	s.ingMu.Lock()
+	defer s.ingMu.Unlock()
+	return max(s.appended.Load()-s.ingested, 0)
+}
+
 // Flush waits until every message accepted so far is in the database.
 func (s *Store) Flush(ctx context.Context) error { return s.waitIngested(ctx) }
 
