@@ -82,10 +82,8 @@ func (s *Store) update(ctx context.Context, id int64, f func(tx *sql.Tx, now int
 	if s.readOnly {
 		return ErrReadOnly
 	}
-	if id > 0 {
-		if err := s.waitID(ctx, id); err != nil {
-			return err
-		}
+	if err := s.waitID(ctx, id); err != nil {
+		return err
 	}
 	s.updMu.Lock()
 	defer s.updMu.Unlock()

@@ -633,8 +633,12 @@ func (s *Store) fill(batch []*acceptReq) []*acceptReq {
 func (s *Store) commit(batch []*acceptReq) {
 	now := s.now().UnixMicro()
 	recs := make([]logRecord, len(batch))
+	var lastIn int64
 	for i, r := range batch {
 		recs[i] = logRecord{seq: s.nextSeq + int64(i), time: now, m: r.m, hash: r.hash}
+		if r.m.Direction == Inbound {
+			lastIn = recs[i].seq
+		}
 	}
 	err := s.spool.append(recs, s.durable.Load())
 	s.stats.record(len(batch))
@@ -646,11 +650,8 @@ func (s *Store) commit(batch []*acceptReq) {
 		return
 	}
 	s.nextSeq += int64(len(batch))
-	for i := len(recs) - 1; i >= 0; i-- {
-		if recs[i].m.Direction == Inbound {
-			s.appendedIn.Store(recs[i].seq)
-			break
-		}
+	if lastIn != 0 {
+		s.appendedIn.Store(lastIn)
 	}
 	s.appended.Store(s.nextSeq - 1)
 	for i, r := range batch {
@@ -677,16 +678,19 @@ const ingestInterval = 250 * time.Millisecond
 // so that a message's way through the gateway waits for no ingest.
 const busyLoad = 50
 
-// ingestLoad is a count of ingested records that decays with time.
+// ingestLoad is a count of ingested records that decays with time
+// constant ingestInterval, and when records were last added.
 type ingestLoad struct {
 	n  float64
 	at time.Time
 }
 
-func (l *ingestLoad) decay(now time.Time) float64 {
-	l.n *= math.Exp(-now.Sub(l.at).Seconds() / ingestInterval.Seconds())
-	l.at = now
-	return l.n
+func (l ingestLoad) value(now time.Time) float64 {
+	return l.n * math.Exp(-now.Sub(l.at).Seconds()/ingestInterval.Seconds())
+}
+
+func (l *ingestLoad) add(now time.Time, n int) {
+	l.n, l.at = l.value(now)+float64(n), now
 }
 
 // maxIngest bounds the records of one ingest transaction.
@@ -705,50 +709,39 @@ func (s *Store) OnIngest(f func(partner string, d Direction)) {
 func (s *Store) ingestLoop() {
 	defer close(s.ingestDone)
 	var pending []logRecord
-	var last time.Time // when the last ingest ended
-	var load ingestLoad
+	var load ingestLoad // load.at: when the last ingest ended
 	timer := time.NewTimer(ingestInterval)
 	timer.Stop()
 	for recs := range s.ingest {
 		pending = append(pending[:0], recs...)
-		if wait := time.Until(last.Add(ingestInterval)); wait > 0 && load.decay(time.Now()) > busyLoad {
-			timer.Reset(wait)
-		gather:
-			for len(pending) < maxIngest {
-				select {
-				case r, ok := <-s.ingest:
-					if !ok {
-						break gather
-					}
-					pending = append(pending, r...)
-				case <-s.kick:
-					break gather
-				case <-timer.C:
-					break gather
-				case <-s.quit:
-					break gather
-				}
-			}
-			timer.Stop()
+		// Busy, wait out the interval since the last ingest; else take
+		// only what is queued already.
+		var wait time.Duration
+		if now := time.Now(); load.value(now) > busyLoad {
+			wait = load.at.Add(ingestInterval).Sub(now)
 		}
-	more:
+		timer.Reset(max(wait, 0))
+	gather:
 		for len(pending) < maxIngest {
 			select {
 			case r, ok := <-s.ingest:
 				if !ok {
-					break more
+					break gather
 				}
 				pending = append(pending, r...)
-			default:
-				break more
+			case <-s.kick:
+				break gather
+			case <-timer.C:
+				break gather
+			case <-s.quit:
+				break gather
 			}
 		}
+		timer.Stop()
 		if !s.ingestWithRetry(pending) {
 			return
 		}
-		last = time.Now()
-		load.decay(last)
-		load.n += float64(len(pending))
+		load.add(time.Now(), len(pending))
 		s.announce(pending)
 	}
 }
@@ -848,8 +841,7 @@ func (s *Store) waitIngestedUpTo(ctx context.Context, target int64) error {
 	if s.readOnly {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
+	var timeout <-chan time.Time // made on the first wait: most calls wait for nothing
 	for {
 		s.ingMu.Lock()
 		got, ch, ierr := s.ingested, s.ingestedCh, s.ingestErr
@@ -857,15 +849,25 @@ func (s *Store) waitIngestedUpTo(ctx context.Context, target int64) error {
 		if got >= target {
 			return nil
 		}
+		if timeout == nil {
+			t := time.NewTimer(30 * time.Second)
+			defer t.Stop()
+			timeout = t.C
+		}
 		select {
 		case s.kick <- struct{}{}:
 		default:
 		}
+		var err error
 		select {
 		case <-ch:
+			continue
 		case <-ctx.Done():
-			return fmt.Errorf("store: %d accepted messages not yet in the database (last error: %v): %w", target-got, ierr, ctx.Err())
+			err = ctx.Err()
+		case <-timeout:
+			err = context.DeadlineExceeded
 		}
+		return fmt.Errorf("store: %d accepted messages not yet in the database (last error: %v): %w", target-got, ierr, err)
 	}
 }
 
