@@ -46,21 +46,8 @@ func scanPending(scan func(dest ...any) error) (Pending, error) {
 // overdue) for mail whose MIC is mic, oldest first: how a receipt is
 // matched when a gateway rewrote the Message-ID it names.
 func (s *Store) PendingByMIC(ctx context.Context, partner, mic string) ([]Pending, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE partner = ? AND mic = ?
-		AND state IN ('waiting', 'overdue') ORDER BY sent, id`, partner, mic)
-	if err != nil {
-		return nil, fmt.Errorf("store: pending by MIC: %w", err)
-	}
-	defer rows.Close()
-	var out []Pending
-	for rows.Next() {
-		p, err := scanPending(rows.Scan)
-		if err != nil {
-			return nil, fmt.Errorf("store: pending by MIC: %w", err)
-		}
-		out = append(out, p)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, "pending by MIC", scanPending, `SELECT `+pendingColumns+` FROM pending
+		WHERE partner = ? AND mic = ? AND state IN ('waiting', 'overdue') ORDER BY sent, id`, partner, mic)
 }
 
 // Pending states.
@@ -250,22 +237,15 @@ func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (
 func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
 	var out []Pending
 	err := s.update(ctx, 0, func(tx *sql.Tx, nowMicro int64) error {
-		rows, err := tx.QueryContext(ctx, `SELECT message_id, id, partner, control_id, mic, sent, due FROM pending
+		var err error
+		out, err = queryAll(ctx, tx, "overdue", scanPending, `SELECT `+pendingColumns+` FROM pending
 			WHERE state = 'waiting' AND due < ?`, now.UnixMicro())
 		if err != nil {
 			return err
 		}
-		for rows.Next() {
-			var p Pending
-			var sent, due int64
-			if err := rows.Scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due); err != nil {
-				rows.Close()
-				return err
-			}
-			p.Sent, p.Due, p.State = time.UnixMicro(sent), time.UnixMicro(due), PendingOverdue
-			out = append(out, p)
+		for i := range out {
+			out[i].State = PendingOverdue
 		}
-		rows.Close()
 		_, err = tx.ExecContext(ctx, `UPDATE pending SET state = 'overdue', updated = ? WHERE state = 'waiting' AND due < ?`,
 			nowMicro, now.UnixMicro())
 		return err

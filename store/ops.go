@@ -71,20 +71,9 @@ func (s *Store) QuarantineList(ctx context.Context, limit int) ([]Quarantined, e
 	if limit <= 0 {
 		limit = 1000
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT `+quarantineColumns+` FROM quarantine ORDER BY id DESC LIMIT ?`, limit)
-	if err != nil {
-		return nil, fmt.Errorf("store: quarantine list: %w", err)
-	}
-	defer rows.Close()
-	var out []Quarantined
-	for rows.Next() {
-		q, err := scanQuarantined(rows.Scan)
-		if err != nil {
-			return nil, fmt.Errorf("store: quarantine list: %w", err)
-		}
-		out = append(out, q)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, "quarantine list", func(scan func(...any) error) (Quarantined, error) {
+		return scanQuarantined(scan)
+	}, `SELECT `+quarantineColumns+` FROM quarantine ORDER BY id DESC LIMIT ?`, limit)
 }
 
 // QuarantineGet returns one refused mail with its bytes, or ErrNotFound.
@@ -170,25 +159,16 @@ func (s *Store) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error
 	if !all {
 		q += ` WHERE acked = 0`
 	}
-	rows, err := s.db.QueryContext(ctx, q+` ORDER BY id DESC LIMIT ?`, limit)
-	if err != nil {
-		return nil, fmt.Errorf("store: alerts: %w", err)
-	}
-	defer rows.Close()
-	var out []Alert
-	for rows.Next() {
+	return queryAll(ctx, s.db, "alerts", func(scan func(...any) error) (Alert, error) {
 		var a Alert
 		var raised, acked int64
-		if err := rows.Scan(&a.ID, &raised, &a.Kind, &a.Partner, &a.ControlID, &a.MessageID, &a.Text, &acked, &a.AckedBy); err != nil {
-			return nil, fmt.Errorf("store: alerts: %w", err)
-		}
+		err := scan(&a.ID, &raised, &a.Kind, &a.Partner, &a.ControlID, &a.MessageID, &a.Text, &acked, &a.AckedBy)
 		a.Raised = time.UnixMicro(raised)
 		if acked != 0 {
 			a.Acked = time.UnixMicro(acked)
 		}
-		out = append(out, a)
-	}
-	return out, rows.Err()
+		return a, err
+	}, q+` ORDER BY id DESC LIMIT ?`, limit)
 }
 
 // AckAlert marks alert id acknowledged by who. Acknowledging twice is not
@@ -365,21 +345,11 @@ func (s *Store) Counts(ctx context.Context) ([]Count, error) {
 	if err := s.waitIngested(ctx); err != nil {
 		return nil, err
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT partner, direction, state, count(*) FROM messages
-		GROUP BY partner, direction, state`)
-	if err != nil {
-		return nil, fmt.Errorf("store: counts: %w", err)
-	}
-	defer rows.Close()
-	var out []Count
-	for rows.Next() {
+	return queryAll(ctx, s.db, "counts", func(scan func(...any) error) (Count, error) {
 		var c Count
-		if err := rows.Scan(&c.Partner, &c.Direction, &c.State, &c.N); err != nil {
-			return nil, fmt.Errorf("store: counts: %w", err)
-		}
-		out = append(out, c)
-	}
-	return out, rows.Err()
+		err := scan(&c.Partner, &c.Direction, &c.State, &c.N)
+		return c, err
+	}, `SELECT partner, direction, state, count(*) FROM messages GROUP BY partner, direction, state`)
 }
 
 // OpenAlerts returns the number of alerts not acknowledged.

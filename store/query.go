@@ -55,18 +55,29 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 
 // queryMessages runs a query selecting messageColumns and scans the rows.
 func (s *Store) queryMessages(ctx context.Context, what, q string, args ...any) ([]Message, error) {
-	rows, err := s.db.QueryContext(ctx, q, args...)
+	return queryAll(ctx, s.db, what, scanMessage, q, args...)
+}
+
+// querier is a database or a transaction.
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+// queryAll runs q and reads every row with scan; errors name what.
+func queryAll[T any](ctx context.Context, db querier, what string, scan func(func(...any) error) (T, error), q string,
+	args ...any) ([]T, error) {
+	rows, err := db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("store: %s: %w", what, err)
 	}
 	defer rows.Close()
-	var out []Message
+	var out []T
 	for rows.Next() {
-		m, err := scanMessage(rows.Scan)
+		v, err := scan(rows.Scan)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("store: %s: %w", what, err)
 		}
-		out = append(out, m)
+		out = append(out, v)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("store: %s: %w", what, err)
