@@ -116,7 +116,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 			g.rollback()
 			return nil, fmt.Errorf("smtp password: %w", err)
 		}
-		tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile), cfg.SMTP.CAFile != "")
+		tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile))
 		if err != nil {
 			g.rollback()
 			return nil, fmt.Errorf("smtp.ca_file: %w", err)
@@ -133,24 +133,14 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, err
 	}
-	responder := &mailbox.Responder{Config: cfg, Store: st, Logger: opts.Logger.With("component", "responder"),
-		Notify: g.sender.Notify}
+	// The sender learns of the responses queued from the store (OnIngest).
+	responder := &mailbox.Responder{Config: cfg, Store: st, Logger: opts.Logger.With("component", "responder")}
 	deliverer, err := mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: st,
 		Logger: opts.Logger.With("component", "deliverer"), RetryBase: routerRetryBase(opts.RetryBase),
 		Delivered: responder.Delivered, Held: g.held})
 	if err != nil {
 		g.rollback()
 		return nil, err
-	}
-	imapPassword, err := cfg.Secret(cfg.IMAP.PasswordFile, cfg.IMAP.PasswordEnv)
-	if err != nil {
-		g.rollback()
-		return nil, fmt.Errorf("imap password: %w", err)
-	}
-	imapTLS, err := tlsConfig(cfg.IMAP.Addr, cfg.Path(cfg.IMAP.CAFile), cfg.IMAP.CAFile != "")
-	if err != nil {
-		g.rollback()
-		return nil, fmt.Errorf("imap.ca_file: %w", err)
 	}
 	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: g.incoming,
@@ -160,19 +150,12 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
 	var watchers []func(context.Context)
 	if cfg.IMAP.Addr != "" {
-		watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
-			Addr: cfg.IMAP.Addr, TLS: cfg.IMAP.TLS, TLSConfig: imapTLS, Username: cfg.IMAP.Username, Password: imapPassword,
-			Mailbox: cfg.IMAP.Mailbox, Processed: cfg.IMAP.Processed, Quarantine: cfg.IMAP.Quarantine,
-			Poll: cfg.IMAP.Poll.D(), MaxSize: int64(cfg.IMAP.MaxMailSize), Receiver: receiver, Store: st,
-			Logger:  opts.Logger.With("component", "imap"),
-			Link:    &g.imapLink,
-			Handled: g.handled,
-		})
+		run, err := g.watcher(&cfg.IMAP, "imap", "", &g.imapLink, opts.Logger.With("component", "imap"))
 		if err != nil {
 			g.rollback()
 			return nil, err
 		}
-		watchers = append(watchers, watcher.Run)
+		watchers = append(watchers, run)
 	} else {
 		g.imapLink.Off()
 	}
@@ -183,30 +166,13 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		if l.IMAP == nil || l.IMAP.Addr == "" {
 			continue
 		}
-		password, err := cfg.Secret(l.IMAP.PasswordFile, l.IMAP.PasswordEnv)
-		if err != nil {
-			g.rollback()
-			return nil, fmt.Errorf("local %s imap password: %w", l.Address, err)
-		}
-		tc, err := tlsConfig(l.IMAP.Addr, cfg.Path(l.IMAP.CAFile), l.IMAP.CAFile != "")
-		if err != nil {
-			g.rollback()
-			return nil, fmt.Errorf("local %s imap.ca_file: %w", l.Address, err)
-		}
-		watcher, err := mailbox.NewWatcher(mailbox.WatcherOptions{
-			Addr: l.IMAP.Addr, TLS: l.IMAP.TLS, TLSConfig: tc, Username: l.IMAP.Username, Password: password,
-			Mailbox: l.IMAP.Mailbox, Processed: l.IMAP.Processed, Quarantine: l.IMAP.Quarantine,
-			Poll: l.IMAP.Poll.D(), MaxSize: int64(l.IMAP.MaxMailSize), Receiver: receiver, Store: st,
-			Logger:    opts.Logger.With("component", "imap", "local", l.Address),
-			Recipient: l.Address,
-			Link:      g.localLink(l.Address),
-			Handled:   g.handled,
-		})
+		run, err := g.watcher(l.IMAP, "local "+l.Address+" imap", l.Address, g.localLink(l.Address),
+			opts.Logger.With("component", "imap", "local", l.Address))
 		if err != nil {
 			g.rollback()
 			return nil, err
 		}
-		watchers = append(watchers, watcher.Run)
+		watchers = append(watchers, run)
 	}
 	watchMail := func(ctx context.Context) {
 		var wg sync.WaitGroup
@@ -503,17 +469,12 @@ func (g *Gateway) Retry(ctx context.Context, id int64) error {
 	return nil
 }
 
-// Release takes in quarantined mail id (see mailbox.Receiver.Release) and
-// wakes the deliverer; it returns the stored message's id.
+// Release takes in quarantined mail id (see mailbox.Receiver.Release); it
+// returns the stored message's id. The deliverer learns of it from the
+// store (OnIngest).
 func (g *Gateway) Release(ctx context.Context, id int64, by, note string) (int64, error) {
 	res, err := g.receiver.Release(ctx, id, by, note)
-	if err != nil {
-		return 0, err
-	}
-	if res.Incoming != nil {
-		g.deliverer.Notify(res.Incoming.Partner.Name)
-	}
-	return res.ID, nil
+	return res.ID, err
 }
 
 // Ready reports nil once the instance takes messages: the store is open
@@ -528,11 +489,34 @@ func (g *Gateway) Ready() error {
 	return nil
 }
 
+// watcher makes the watcher of one IMAP account: imap's (recipient "") or
+// a local address's own. name says which in errors.
+func (g *Gateway) watcher(im *config.IMAP, name, recipient string, link *mailbox.Link, log *slog.Logger) (func(context.Context), error) {
+	password, err := g.cfg.Secret(im.PasswordFile, im.PasswordEnv)
+	if err != nil {
+		return nil, fmt.Errorf("%s password: %w", name, err)
+	}
+	tc, err := tlsConfig(im.Addr, g.cfg.Path(im.CAFile))
+	if err != nil {
+		return nil, fmt.Errorf("%s.ca_file: %w", name, err)
+	}
+	w, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+		Addr: im.Addr, TLS: im.TLS, TLSConfig: tc, Username: im.Username, Password: password,
+		Mailbox: im.Mailbox, Processed: im.Processed, Quarantine: im.Quarantine,
+		Poll: im.Poll.D(), MaxSize: int64(im.MaxMailSize), Receiver: g.receiver, Store: g.store,
+		Logger: log, Recipient: recipient, Link: link, Handled: g.handled,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return w.Run, nil
+}
+
 // tlsConfig returns the TLS settings for a mail server at addr: nil (the
 // system's roots) unless a CA file is configured, whose certificates then
 // are the only ones trusted. Verification is never turned off.
-func tlsConfig(addr, caFile string, set bool) (*tls.Config, error) {
-	if !set {
+func tlsConfig(addr, caFile string) (*tls.Config, error) {
+	if caFile == "" {
 		return nil, nil
 	}
 	pem, err := os.ReadFile(caFile)
@@ -558,8 +542,9 @@ func (g *Gateway) rendezvousFor(p *config.Partner) func(context.Context, int64) 
 	}
 }
 
-// handled wakes the deliverer for a mail the receiver stored, or hands a
-// response to the router connection waiting for it.
+// handled hands a response to the router connection waiting for it. When
+// none takes it, the deliverer is woken: it may have left the response
+// alone while a connection still waited.
 func (g *Gateway) handled(r mailbox.Result) {
 	if g.rendezvousResponse(r) {
 		return
