@@ -392,8 +392,7 @@ func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
 			hl7.ErrApplicationIntern)
 		return
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
-	err = mllp.WriteFrame(c.nc, resp)
+	err = c.write(resp)
 	if written != nil {
 		written(err)
 	}
@@ -406,9 +405,7 @@ func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
 		code = string(a.Code)
 	}
 	log.Info("the partner's response answered the router (rendezvous)", "id", id, "ack", code)
-	if c.s.opts.Observe != nil && code != "" {
-		c.s.opts.Observe(hl7.AckCode(code), time.Since(c.read))
-	}
+	c.observe(hl7.AckCode(code))
 }
 
 // answer writes the accept ACK with code to the router, if MSH-15 asks for it.
@@ -420,12 +417,23 @@ func (c *conn) answer(h *hl7.Header, code hl7.AckCode, text, errCode string) {
 		}
 	}
 	ack := hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: c.s.opts.IDs.Next(), Text: text, ErrorCode: errCode})
-	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
-	if err := mllp.WriteFrame(c.nc, ack); err != nil {
+	if err := c.write(ack); err != nil {
 		c.log.Warn("ACK not written", "code", string(code), "err", err)
 		return
 	}
-	if c.s.opts.Observe != nil {
+	c.observe(code)
+}
+
+// write writes frame to the router within WriteTimeout.
+func (c *conn) write(frame []byte) error {
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
+	return mllp.WriteFrame(c.nc, frame)
+}
+
+// observe reports an answer with code written to the router, timed from the
+// end of the frame it answers (metrics).
+func (c *conn) observe(code hl7.AckCode) {
+	if c.s.opts.Observe != nil && code != "" {
 		c.s.opts.Observe(code, time.Since(c.read))
 	}
 }
