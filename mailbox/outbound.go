@@ -290,11 +290,12 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 			Text: "message failed: cannot seal"}, "err", err)
 		return true
 	}
+	from := s.o.Config.FromFor(p) // the local address this partner talks to
 	msgID := m.MessageID
 	if msgID == "" {
-		msgID = newMessageID(m.ID, s.o.Config.FromFor(p))
+		msgID = newMessageID(m.ID, from)
 	}
-	mailBytes, err := s.compose(p, m, msgID, now, sealed)
+	mailBytes, err := s.compose(p, from, m, msgID, now, sealed)
 	if err != nil {
 		log.Error("compose", "err", err)
 		return false
@@ -308,11 +309,11 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("store", "err", err)
 		return false
 	}
-	if err := journalAppend(ctx, s.o.Journal, s.o.Store, s.o.Config.FromFor(p), now, msgID, mailBytes); err != nil {
+	if err := journalAppend(ctx, s.o.Journal, s.o.Store, from, now, msgID, mailBytes); err != nil {
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	err = s.o.Submitter.Submit(ctx, s.o.Config.FromFor(p), []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
+	err = s.o.Submitter.Submit(ctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
 	if err == nil || Permanent(err) {
 		s.o.Link.set(LinkUp, err) // the server answered
 	} else {
@@ -352,9 +353,9 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 
 // compose puts the mail header before the sealed entity. The Subject names
 // the message type and control ID only: no patient data.
-func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now time.Time, sealed []byte) ([]byte, error) {
+func (s *Sender) compose(p *config.Partner, from string, m store.Message, msgID string, now time.Time, sealed []byte) ([]byte, error) {
 	var h mail.Header
-	h.SetAddressList("From", []*mail.Address{{Name: s.o.Config.Self.Name, Address: s.o.Config.FromFor(p)}})
+	h.SetAddressList("From", []*mail.Address{{Name: s.o.Config.Self.Name, Address: from}})
 	h.SetAddressList("To", []*mail.Address{{Address: p.Email}})
 	h.SetDate(now)
 	h.SetMessageID(strings.Trim(msgID, "<>"))
@@ -379,11 +380,11 @@ func (s *Sender) compose(p *config.Partner, m store.Message, msgID string, now t
 		if p.Security == "smime" {
 			proto = "pkcs7-signature"
 		}
-		to, opts := security.MDNRequest{To: s.o.Config.FromFor(p), Protocol: proto}.Headers()
+		to, opts := security.MDNRequest{To: from, Protocol: proto}.Headers()
 		h.Set("Disposition-Notification-To", to)
 		h.Set("Disposition-Notification-Options", opts)
 	case "unsigned":
-		h.Set("Disposition-Notification-To", s.o.Config.FromFor(p))
+		h.Set("Disposition-Notification-To", from)
 	}
 	var b bytes.Buffer
 	if err := textproto.WriteHeader(&b, h.Header.Header); err != nil {

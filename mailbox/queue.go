@@ -16,19 +16,21 @@ import (
 // or every poll interval. The Sender and the Deliverer run on it.
 type queue struct {
 	cfg  *config.Config
-	st   *store.Store
 	dir  store.Direction
 	poll time.Duration
 	now  func() time.Time
 	log  *slog.Logger
 	wake map[string]chan struct{}
-	// next picks a partner's next message (default: the oldest due,
+	// next picks a partner's next message (newQueue: the oldest due,
 	// Store.NextQueued).
 	next func(ctx context.Context, p *config.Partner, now time.Time) (store.Message, error)
 }
 
 func newQueue(cfg *config.Config, st *store.Store, dir store.Direction, poll time.Duration, now func() time.Time, log *slog.Logger) *queue {
-	q := &queue{cfg: cfg, st: st, dir: dir, poll: poll, now: now, log: log, wake: map[string]chan struct{}{}}
+	q := &queue{cfg: cfg, dir: dir, poll: poll, now: now, log: log, wake: map[string]chan struct{}{}}
+	q.next = func(ctx context.Context, p *config.Partner, now time.Time) (store.Message, error) {
+		return st.NextQueued(ctx, p.Name, dir, now)
+	}
 	for _, p := range cfg.Partners {
 		q.wake[p.Name] = make(chan struct{}, 1)
 	}
@@ -81,13 +83,7 @@ func (q *queue) runPartner(ctx context.Context, p *config.Partner, step func(con
 		case <-q.wake[p.Name]:
 		}
 		for ctx.Err() == nil {
-			var m store.Message
-			var err error
-			if q.next != nil {
-				m, err = q.next(ctx, p, q.now())
-			} else {
-				m, err = q.st.NextQueued(ctx, p.Name, q.dir, q.now())
-			}
+			m, err := q.next(ctx, p, q.now())
 			if errors.Is(err, store.ErrNotFound) {
 				break
 			}

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/emersion/go-message/textproto"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -62,16 +63,12 @@ func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (
 	if log == nil {
 		log = slog.Default()
 	}
+	h, _ := headerOf(raw) // unreadable: empty, and Open quarantines the mail
 	sender := "MAILER-DAEMON"
-	if h, err := headerOf(raw); err == nil {
-		if a, err := mail.ParseAddress(h.Get("From")); err == nil {
-			sender = a.Address
-		}
+	if a, err := mail.ParseAddress(h.Get("From")); err == nil {
+		sender = a.Address
 	}
-	msgID := ""
-	if h, err := headerOf(raw); err == nil {
-		msgID = strings.TrimSpace(h.Get("Message-Id"))
-	}
+	msgID := strings.TrimSpace(h.Get("Message-Id"))
 	if err := journalAppend(ctx, r.Journal, r.Store, sender, time.Now(), msgID, raw); err != nil {
 		return Result{}, fmt.Errorf("incoming journal: %w", err)
 	}
@@ -84,22 +81,20 @@ func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (
 		return Result{}, err
 	}
 	if in.Recipient = recipient; recipient == "" {
-		in.Recipient = r.recipientOf(raw)
+		in.Recipient = r.recipientIn(h)
 	}
 	return r.take(ctx, log, sender, raw, in)
 }
 
-// recipientOf returns the first address of ours in the To or Cc of raw,
-// else self.email.
-func (r *Receiver) recipientOf(raw []byte) string {
+// recipientIn returns the first address of ours in the To or Cc of a mail
+// header, else self.email.
+func (r *Receiver) recipientIn(h textproto.Header) string {
 	cfg := r.Opener.Config
-	if h, err := headerOf(raw); err == nil {
-		for _, field := range []string{"To", "Cc"} {
-			list, _ := mail.ParseAddressList(h.Get(field))
-			for _, a := range list {
-				if cfg.IsOurs(a.Address) {
-					return a.Address
-				}
+	for _, field := range []string{"To", "Cc"} {
+		list, _ := mail.ParseAddressList(h.Get(field))
+		for _, a := range list {
+			if cfg.IsOurs(a.Address) {
+				return a.Address
 			}
 		}
 	}
@@ -209,7 +204,7 @@ func (r *Receiver) refusalReceipt(ctx context.Context, log *slog.Logger, raw []b
 	if req, err := security.ParseMDNRequest(h); err != nil || req == nil {
 		return nil
 	}
-	self := r.recipientOf(raw)
+	self := r.recipientIn(h)
 	mdn := &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
 		OriginalMessageID: messageID, Disposition: d, Error: text,
 		Text: "The message was not processed: " + text + "."}
@@ -292,7 +287,8 @@ func (r *Receiver) Release(ctx context.Context, id int64, by, note string) (Resu
 			return Result{}, fmt.Errorf("release: %s was received already as message %d", in.MessageID, prev.ID)
 		}
 	}
-	in.Recipient = r.recipientOf(q.Raw)
+	h, _ := headerOf(q.Raw)
+	in.Recipient = r.recipientIn(h)
 	res, err := r.take(ctx, log, q.Sender, q.Raw, in)
 	if err != nil {
 		return res, err
