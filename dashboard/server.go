@@ -287,11 +287,7 @@ func (s *Server) partners(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) alerts(w http.ResponseWriter, r *http.Request) {
 	list, err := s.o.Instance.Store().Alerts(r.Context(), r.URL.Query().Get("all") != "", limit(r, 500))
-	if err != nil {
-		fail(w, err)
-		return
-	}
-	writeJSON(w, nonNil(list))
+	writeList(w, list, err)
 }
 
 // Who and why, sent with an acknowledgement or a release.
@@ -342,11 +338,7 @@ func (s *Server) ackAlert(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 	list, err := s.o.Instance.Store().Search(r.Context(), r.URL.Query().Get("q"), limit(r, 200))
-	if err != nil {
-		fail(w, err)
-		return
-	}
-	writeJSON(w, nonNil(list))
+	writeList(w, list, err)
 }
 
 func (s *Server) retry(w http.ResponseWriter, r *http.Request) {
@@ -367,11 +359,7 @@ func (s *Server) retry(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) quarantine(w http.ResponseWriter, r *http.Request) {
 	list, err := s.o.Instance.Store().QuarantineList(r.Context(), limit(r, 200))
-	if err != nil {
-		fail(w, err)
-		return
-	}
-	writeJSON(w, nonNil(list))
+	writeList(w, list, err)
 }
 
 func (s *Server) release(w http.ResponseWriter, r *http.Request) {
@@ -406,11 +394,16 @@ func limit(r *http.Request, def int) int {
 	return def
 }
 
-func nonNil[T any](s []T) []T {
-	if s == nil {
-		return []T{}
+// writeList answers with list (as [] when empty), or with err.
+func writeList[T any](w http.ResponseWriter, list []T, err error) {
+	if err != nil {
+		fail(w, err)
+		return
 	}
-	return s
+	if list == nil {
+		list = []T{}
+	}
+	writeJSON(w, list)
 }
 
 // logStream sends the log tail as Server-Sent Events: the kept records

@@ -82,70 +82,76 @@ async function loadOverview() {
   }
 }
 
-async function loadAlerts() {
-  const list = await api("api/alerts");
-  const ul = $("alerts");
+// fillList shows one li per item in ul, or a muted line saying empty.
+// line(item) gives the li's data key, its text, an optional title, and an
+// optional button {label, act}; act returns false when nothing was done.
+function fillList(ul, items, empty, line) {
   ul.replaceChildren();
-  if (!list.length) {
+  if (!items.length) {
     const li = document.createElement("li");
-    li.textContent = "No open alerts.";
+    li.textContent = empty;
     li.className = "muted";
     ul.appendChild(li);
   }
-  for (const a of list) {
+  for (const item of items) {
+    const { key, text, title, button } = line(item);
     const li = document.createElement("li");
-    li.dataset.alert = a.id;
+    li.dataset[key] = item.id;
     const t = document.createElement("span");
     t.className = "text";
-    t.textContent = fmtTime(a.raised) + " " + (a.partner || "-") + ": " + a.text +
-      (a.control_id ? " [" + a.control_id + "]" : "") + (a.message_id ? " " + a.message_id : "");
-    const b = document.createElement("button");
-    b.textContent = "Acknowledge";
-    b.onclick = async () => {
-      const by = prompt("Acknowledged by (your name):");
-      if (!by) return;
-      try { await post("api/alerts/" + a.id + "/ack", { by }); } catch (e) { alert(e.message); }
-      refresh();
-    };
-    li.append(t, b);
-    ul.appendChild(li);
-  }
-}
-
-async function loadQuarantine() {
-  const list = await api("api/quarantine?limit=50");
-  const ul = $("quarantine");
-  ul.replaceChildren();
-  if (!list.length) {
-    const li = document.createElement("li");
-    li.textContent = "Nothing quarantined.";
-    li.className = "muted";
-    ul.appendChild(li);
-  }
-  for (const q of list) {
-    const li = document.createElement("li");
-    li.dataset.quarantine = q.id;
-    const t = document.createElement("span");
-    t.className = "text";
-    t.textContent = "#" + q.id + " " + fmtTime(q.received) + " " + (q.partner || q.sender) + ": " + q.reason +
-      (q.released_by ? " — released by " + q.released_by + " as message " + q.released_as : "");
-    t.title = q.detail;
+    t.textContent = text;
+    if (title) t.title = title;
     li.appendChild(t);
-    if (!q.released_by && q.reason !== "replay") {
+    if (button) {
       const b = document.createElement("button");
-      b.textContent = "Release";
+      b.textContent = button.label;
       b.onclick = async () => {
-        const by = prompt("Released by (your name):");
-        if (!by) return;
-        const note = prompt("Why may this mail be delivered? (recorded)");
-        if (!note) return;
-        try { await post("api/quarantine/" + q.id + "/release", { by, note }); } catch (e) { alert(e.message); }
+        try {
+          if ((await button.act()) === false) return;
+        } catch (e) {
+          alert(e.message);
+        }
         refresh();
       };
       li.appendChild(b);
     }
     ul.appendChild(li);
   }
+}
+
+async function loadAlerts() {
+  fillList($("alerts"), await api("api/alerts"), "No open alerts.", (a) => ({
+    key: "alert",
+    text: fmtTime(a.raised) + " " + (a.partner || "-") + ": " + a.text +
+      (a.control_id ? " [" + a.control_id + "]" : "") + (a.message_id ? " " + a.message_id : ""),
+    button: {
+      label: "Acknowledge",
+      act: async () => {
+        const by = prompt("Acknowledged by (your name):");
+        if (!by) return false;
+        await post("api/alerts/" + a.id + "/ack", { by });
+      },
+    },
+  }));
+}
+
+async function loadQuarantine() {
+  fillList($("quarantine"), await api("api/quarantine?limit=50"), "Nothing quarantined.", (q) => ({
+    key: "quarantine",
+    text: "#" + q.id + " " + fmtTime(q.received) + " " + (q.partner || q.sender) + ": " + q.reason +
+      (q.released_by ? " — released by " + q.released_by + " as message " + q.released_as : ""),
+    title: q.detail,
+    button: q.released_by || q.reason === "replay" ? null : {
+      label: "Release",
+      act: async () => {
+        const by = prompt("Released by (your name):");
+        if (!by) return false;
+        const note = prompt("Why may this mail be delivered? (recorded)");
+        if (!note) return false;
+        await post("api/quarantine/" + q.id + "/release", { by, note });
+      },
+    },
+  }));
 }
 
 async function loadMessages() {
