@@ -16,12 +16,7 @@ import (
 // Build re-verifies the chain of message m from the journals in the store
 // folder.
 func Build(ctx context.Context, o Options, m store.Message) (*Report, error) {
-	r := &Report{Message: m}
-	for i := range o.Config.Partners {
-		if o.Config.Partners[i].Name == m.Partner {
-			r.Partner = &o.Config.Partners[i]
-		}
-	}
+	r := &Report{Message: m, Partner: o.Config.Partner(m.Partner)}
 	if r.Partner == nil {
 		return nil, fmt.Errorf("message %d: partner %s is not in the configuration", m.ID, m.Partner)
 	}
