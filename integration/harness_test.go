@@ -47,12 +47,30 @@ func TestMain(m *testing.M) {
 func requireTool(t *testing.T, path string) string {
 	t.Helper()
 	if _, err := os.Stat(path); err != nil {
-		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
-			t.Fatalf("%s is missing: run integration/deps.sh (make test does)", path)
-		}
-		t.Skipf("%s is missing: run integration/deps.sh or make test", path)
+		unavailable(t, path+" is missing: run integration/deps.sh (make test does)")
 	}
 	return path
+}
+
+// requireMailServers checks for Postfix and Dovecot, and for root, which
+// they need.
+func requireMailServers(t *testing.T) {
+	t.Helper()
+	requireTool(t, "/usr/sbin/postfix")
+	requireTool(t, "/usr/sbin/dovecot")
+	if os.Geteuid() != 0 {
+		unavailable(t, "the mail servers need root")
+	}
+}
+
+// unavailable fails the test when the real parts are required (make test
+// sets HL7MAIL_REQUIRE_REAL; CI), else skips it.
+func unavailable(t *testing.T, why string) {
+	t.Helper()
+	if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
+		t.Fatal(why)
+	}
+	t.Skip(why)
 }
 
 // freePort returns a loopback address that was free a moment ago.

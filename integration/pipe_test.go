@@ -23,15 +23,8 @@ import (
 // read the keys) and exits 75: Postfix keeps the mail, and delivers it once
 // the instance runs again.
 func TestPipeMode(t *testing.T) {
-	requireTool(t, "/usr/sbin/postfix")
-	requireTool(t, "/usr/sbin/dovecot")
+	requireMailServers(t)
 	python := requireTool(t, "/usr/bin/python3")
-	if os.Geteuid() != 0 {
-		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
-			t.Fatal("the mail servers need root")
-		}
-		t.Skip("the mail servers need root")
-	}
 	dir, err := os.MkdirTemp("", "hl7mail-pipe")
 	if err != nil {
 		t.Fatal(err)

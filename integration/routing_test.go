@@ -20,14 +20,7 @@ import (
 // order's answer comes back to the router of the address it went out
 // from, and a message the lab company starts reaches the lab system.
 func TestRoutingRealMail(t *testing.T) {
-	requireTool(t, "/usr/sbin/postfix")
-	requireTool(t, "/usr/sbin/dovecot")
-	if os.Geteuid() != 0 {
-		if os.Getenv("HL7MAIL_REQUIRE_REAL") != "" || os.Getenv("CI") != "" {
-			t.Fatal("the mail servers need root")
-		}
-		t.Skip("the mail servers need root")
-	}
+	requireMailServers(t)
 	dir, err := os.MkdirTemp("", "hl7mail-routing")
 	if err != nil {
 		t.Fatal(err)
