@@ -24,7 +24,8 @@ type Entry struct {
 // page resumes where it left off (Server-Sent Events, Last-Event-ID).
 type Tail struct {
 	mu      sync.Mutex
-	ring    []Entry
+	ring    []Entry // once full, written over in a circle: the oldest at start
+	start   int
 	next    uint64 // id of the next entry
 	changed chan struct{}
 }
@@ -44,8 +45,8 @@ func (t *Tail) add(e Entry) {
 	if len(t.ring) < cap(t.ring) {
 		t.ring = append(t.ring, e)
 	} else {
-		copy(t.ring, t.ring[1:])
-		t.ring[len(t.ring)-1] = e
+		t.ring[t.start] = e
+		t.start = (t.start + 1) % len(t.ring)
 	}
 	close(t.changed)
 	t.changed = make(chan struct{})
@@ -57,11 +58,17 @@ func (t *Tail) add(e Entry) {
 func (t *Tail) Since(after uint64) ([]Entry, <-chan struct{}) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	i := len(t.ring)
-	for i > 0 && t.ring[i-1].ID > after {
-		i--
+	n := len(t.ring)
+	// Ids run on without gaps: the newest k are those after after.
+	k := 0
+	if last := t.next - 1; after < last {
+		k = int(min(last-after, uint64(n)))
 	}
-	return append([]Entry(nil), t.ring[i:]...), t.changed
+	out := make([]Entry, 0, k)
+	for i := n - k; i < n; i++ {
+		out = append(out, t.ring[(t.start+i)%n])
+	}
+	return out, t.changed
 }
 
 // Handler returns a slog.Handler that passes every record to next and
