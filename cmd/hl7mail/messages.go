@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -54,9 +53,7 @@ whether or not hl7mail serve is running.`, stderr)
 		if list == nil {
 			list = []store.Message{}
 		}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(list); err != nil {
+		if err := printJSON(stdout, list); err != nil {
 			fmt.Fprintln(stderr, "hl7mail messages:", err)
 			return 1
 		}

@@ -154,10 +154,11 @@ func orStore(err error, cfg *config.Config, write bool, local func(st *store.Sto
 	return local(st)
 }
 
-func printJSON(w io.Writer, v any) {
+// printJSON writes v as indented JSON.
+func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	return enc.Encode(v)
 }
 
 func whoAmI() string {
