@@ -53,7 +53,12 @@ func summarize(conns int, all []time.Duration, bad int, elapsed time.Duration) R
 	all = slices.Clone(all)
 	slices.Sort(all)
 	return Result{Conns: conns, Messages: len(all), Elapsed: elapsed, Unexpected: bad,
-		P50: all[len(all)/2], P99: all[len(all)*99/100], PerSecond: float64(len(all)) / elapsed.Seconds()}
+		P50: percentile(all, 50), P99: percentile(all, 99), PerSecond: float64(len(all)) / elapsed.Seconds()}
+}
+
+// percentile returns the p-th percentile of sorted, which is not empty.
+func percentile(sorted []time.Duration, p int) time.Duration {
+	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
 }
 
 // drive is Drive returning every round-trip time.

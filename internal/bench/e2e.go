@@ -79,9 +79,9 @@ func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout ti
 	if len(out) != len(lat) {
 		return res, fmt.Errorf("%d of %d messages made the round trip", len(out), len(lat))
 	}
-	q := func(d []time.Duration, p int) time.Duration { return d[min(len(d)-1, len(d)*p/100)] }
 	res.LatencyMessages = len(out)
-	res.Out50, res.Out95, res.Back50, res.Back95 = q(out, 50), q(out, 95), q(back, 50), q(back, 95)
+	res.Out50, res.Out95 = percentile(out, 50), percentile(out, 95)
+	res.Back50, res.Back95 = percentile(back, 50), percentile(back, 95)
 
 	// Throughput: everything at once, one connection per partner.
 	burst := Unique(msgs, len(msgs), fmt.Sprintf("B%x", time.Now().UnixNano()))

@@ -68,115 +68,124 @@ func Load(ctx context.Context, o LoadOptions) (LoadResult, error) {
 	for _, q := range queues {
 		close(q)
 	}
-	var mu sync.Mutex
-	r := LoadResult{Messages: len(o.Messages)}
-	var lat []time.Duration
-	record := func(id string) {
-		if o.Record != nil {
-			fmt.Fprintln(o.Record, id)
-		}
-	}
+	l := &loader{o: o, r: LoadResult{Messages: len(o.Messages)}, due: time.Now()}
 	start := time.Now()
-	var next sync.Mutex // paces new messages when Rate is set
-	due := start
-	pace := func() {
-		if o.Rate <= 0 {
-			return
-		}
-		next.Lock()
-		wait := time.Until(due)
-		due = due.Add(time.Duration(float64(time.Second) / o.Rate))
-		next.Unlock()
-		if wait > 0 {
-			time.Sleep(wait)
-		}
-	}
 	var wg sync.WaitGroup
 	for i, addr := range o.Addrs {
 		for c := 0; c < o.Conns; c++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				var cl *mllp.Client
-				defer func() {
-					if cl != nil {
-						cl.Close()
-					}
-				}()
-				for m := range queues[i] {
-					pace()
-					h, _ := hl7.ParseHeader(m)
-					deadline := time.Now().Add(o.GiveUp)
-					for tries := 0; ; tries++ {
-						if ctx.Err() != nil || time.Now().After(deadline) {
-							mu.Lock()
-							r.Failed++
-							mu.Unlock()
-							break
-						}
-						if tries > 0 {
-							mu.Lock()
-							r.Resent++
-							mu.Unlock()
-						}
-						if cl == nil {
-							var err error
-							dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-							cl, err = mllp.Dial(dctx, addr)
-							cancel()
-							if err != nil {
-								cl = nil
-								time.Sleep(100 * time.Millisecond)
-								continue
-							}
-							if tries > 0 {
-								mu.Lock()
-								r.Reconnects++
-								mu.Unlock()
-							}
-						}
-						sent := time.Now()
-						sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-						reply, err := cl.Send(sctx, m)
-						cancel()
-						if err != nil {
-							cl.Close()
-							cl = nil
-							continue
-						}
-						a, err := hl7.ParseAck(reply)
-						if err != nil || a.ControlID != h.ControlID {
-							cl.Close()
-							cl = nil
-							continue
-						}
-						if a.Code == hl7.CommitError || a.Code == hl7.ApplicationError {
-							time.Sleep(200 * time.Millisecond) // "send it again later"
-							continue
-						}
-						mu.Lock()
-						if a.Accepted() {
-							r.CA++
-							lat = append(lat, time.Since(sent))
-							record(h.ControlID)
-						} else {
-							r.CR++
-						}
-						mu.Unlock()
-						break
-					}
-				}
+				l.conn(ctx, addr, queues[i])
 			}()
 		}
 	}
 	wg.Wait()
-	r.Elapsed = time.Since(start)
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		r.P50 = lat[len(lat)/2]
-		r.P99 = lat[min(len(lat)-1, len(lat)*99/100)]
+	l.r.Elapsed = time.Since(start)
+	slices.Sort(l.lat)
+	if len(l.lat) > 0 {
+		l.r.P50, l.r.P99 = percentile(l.lat, 50), percentile(l.lat, 99)
 	}
-	return r, nil
+	return l.r, nil
+}
+
+// loader is the state one Load run shares between its connections.
+type loader struct {
+	o   LoadOptions
+	mu  sync.Mutex // guards r and lat
+	r   LoadResult
+	lat []time.Duration
+
+	paceMu sync.Mutex // guards due
+	due    time.Time  // when the next new message may go (Rate)
+}
+
+func (l *loader) count(f func(r *LoadResult)) {
+	l.mu.Lock()
+	f(&l.r)
+	l.mu.Unlock()
+}
+
+// pace waits for the next new message's turn when Rate is set.
+func (l *loader) pace() {
+	if l.o.Rate <= 0 {
+		return
+	}
+	l.paceMu.Lock()
+	wait := time.Until(l.due)
+	l.due = l.due.Add(time.Duration(float64(time.Second) / l.o.Rate))
+	l.paceMu.Unlock()
+	if wait > 0 {
+		time.Sleep(wait)
+	}
+}
+
+// conn sends the messages of queue to addr over one connection, one after
+// the other.
+func (l *loader) conn(ctx context.Context, addr string, queue <-chan []byte) {
+	var cl *mllp.Client
+	for m := range queue {
+		l.pace()
+		cl = l.send(ctx, addr, cl, m)
+	}
+	if cl != nil {
+		cl.Close()
+	}
+}
+
+// send sends m over cl (connecting when nil) until it is answered CA or
+// CR, or GiveUp passes; it returns the connection to go on with.
+func (l *loader) send(ctx context.Context, addr string, cl *mllp.Client, m []byte) *mllp.Client {
+	h, _ := hl7.ParseHeader(m)
+	deadline := time.Now().Add(l.o.GiveUp)
+	for tries := 0; ; tries++ {
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			l.count(func(r *LoadResult) { r.Failed++ })
+			return cl
+		}
+		if tries > 0 {
+			l.count(func(r *LoadResult) { r.Resent++ })
+		}
+		if cl == nil {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			c, err := mllp.Dial(dctx, addr)
+			cancel()
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			cl = c
+			if tries > 0 {
+				l.count(func(r *LoadResult) { r.Reconnects++ })
+			}
+		}
+		sent := time.Now()
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		reply, err := cl.Send(sctx, m)
+		cancel()
+		a, perr := hl7.ParseAck(reply)
+		if err != nil || perr != nil || a.ControlID != h.ControlID {
+			cl.Close()
+			cl = nil
+			continue
+		}
+		if a.Code == hl7.CommitError || a.Code == hl7.ApplicationError {
+			time.Sleep(200 * time.Millisecond) // "send it again later"
+			continue
+		}
+		l.mu.Lock()
+		if a.Accepted() {
+			l.r.CA++
+			l.lat = append(l.lat, time.Since(sent))
+			if l.o.Record != nil {
+				fmt.Fprintln(l.o.Record, h.ControlID)
+			}
+		} else {
+			l.r.CR++
+		}
+		l.mu.Unlock()
+		return cl
+	}
 }
 
 // PrintLoad writes a load result as a table.
