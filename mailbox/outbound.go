@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
@@ -38,11 +39,25 @@ type Sealer struct {
 	SMIMEKey      crypto.Signer
 	PGPPartners   map[string]*openpgp.Entity   // by partner name
 	SMIMEPartners map[string]*x509.Certificate // by partner name
+	// Unusable says, by partner name, why a partner's key could not be
+	// loaded: its mail waits with that reason.
+	Unusable map[string]string
 }
 
-// ErrNoKey means a partner's key or ours is missing: the message cannot be
-// sent safely and is not sent at all.
+// ErrNoKey means a partner's key or ours is missing or unusable: the
+// message cannot be sent safely and is not sent at all. It is not about the
+// message: the partner's queue waits (a KeyError says why) until the key is
+// mended.
 var ErrNoKey = errors.New("no key to seal the message with")
+
+// KeyError says why a partner's mail cannot be sealed: its key or ours is
+// missing, expired or unreadable. It wraps ErrNoKey.
+type KeyError struct {
+	Reason string // our own words and dates: never key material
+}
+
+func (e *KeyError) Error() string { return "cannot seal: " + e.Reason }
+func (e *KeyError) Unwrap() error { return ErrNoKey }
 
 // Seal returns the MIME entity that carries payload of kind (a store kind)
 // to p, signed and then encrypted with p's suite, and the MIC of what was
@@ -57,12 +72,12 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 			return nil, security.MIC{}, err
 		}
 	}
+	if err := s.Usable(p, now); err != nil {
+		return nil, security.MIC{}, err
+	}
 	switch p.Security {
 	case "pgp":
 		to := s.PGPPartners[p.Name]
-		if s.PGPSelf == nil || to == nil {
-			return nil, security.MIC{}, ErrNoKey
-		}
 		signed, mic, err := security.PGPSign(edi, s.PGPSelf, now)
 		if err != nil {
 			return nil, mic, err
@@ -73,9 +88,6 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 		return enc, mic, err
 	case "smime":
 		to := s.SMIMEPartners[p.Name]
-		if s.SMIMECert == nil || to == nil {
-			return nil, security.MIC{}, ErrNoKey
-		}
 		signed, mic, err := security.SMIMESign(edi, s.SMIMECert, s.SMIMEKey)
 		if err != nil {
 			return nil, mic, err
@@ -95,6 +107,40 @@ func (s *Sealer) Seal(p *config.Partner, payload []byte, kind string, now time.T
 	return nil, security.MIC{}, fmt.Errorf("partner %s: unknown security %q", p.Name, p.Security)
 }
 
+// Usable returns a *KeyError when mail to p cannot be sealed at now: the
+// partner's key or ours is missing, or has no valid key for the job left
+// (expired, an expired encryption subkey, revoked, not yet valid).
+func (s *Sealer) Usable(p *config.Partner, now time.Time) error {
+	if why, ok := s.Unusable[p.Name]; ok {
+		return &KeyError{Reason: why}
+	}
+	switch p.Security {
+	case "pgp":
+		to := s.PGPPartners[p.Name]
+		if s.PGPSelf == nil || to == nil {
+			return &KeyError{Reason: "no OpenPGP key loaded for partner " + p.Name}
+		}
+		if why := security.PGPUnusable(to, now); why != "" {
+			return &KeyError{Reason: "partner " + p.Name + ": " + why}
+		}
+		if why := security.PGPUnusableToSign(s.PGPSelf, now); why != "" {
+			return &KeyError{Reason: "our OpenPGP key: " + why}
+		}
+	case "smime":
+		to := s.SMIMEPartners[p.Name]
+		if s.SMIMECert == nil || to == nil {
+			return &KeyError{Reason: "no S/MIME certificate loaded for partner " + p.Name}
+		}
+		if why := security.CertUnusable(to, now); why != "" {
+			return &KeyError{Reason: "partner " + p.Name + ": " + why}
+		}
+		if why := security.CertUnusable(s.SMIMECert, now); why != "" {
+			return &KeyError{Reason: "our S/MIME certificate: " + why}
+		}
+	}
+	return nil
+}
+
 // Submitter hands a mail to an SMTP server.
 type Submitter interface {
 	Submit(ctx context.Context, from string, to []string, mail []byte, opts SubmitOptions) error
@@ -108,8 +154,21 @@ type SubmitOptions struct {
 }
 
 // ErrTLSRequired is returned when a partner's require_tls cannot be met.
-// It is final for the message (an alert), not retried.
+// It is about the partner's policy and the server, not the message: the
+// partner's queue waits with an alert until the server offers it.
 var ErrTLSRequired = errors.New("TLS required for this partner (require_tls)")
+
+// SessionError is a submission that failed before the message was named:
+// connecting, the greeting, EHLO, STARTTLS, AUTH or MAIL FROM. It is about
+// the server or our account (a wrong password, a server that offers no
+// AUTH, one that refuses our sender), never about the message.
+type SessionError struct {
+	Stage string // connect, starttls, hello, auth, mail
+	Err   error
+}
+
+func (e *SessionError) Error() string { return e.Stage + ": " + e.Err.Error() }
+func (e *SessionError) Unwrap() error { return e.Err }
 
 // SMTPSubmitter submits over SMTP with go-smtp.
 type SMTPSubmitter struct {
@@ -120,29 +179,35 @@ type SMTPSubmitter struct {
 	TLSConfig *tls.Config // nil: verify the server's certificate for its host name
 	Username  string
 	Password  string
-	Timeout   time.Duration // for the whole exchange (default 2m)
+	Timeout   time.Duration // for each command and the data (default 2m)
 }
 
-// Submit sends one mail. An *smtp.SMTPError carries the server's reply.
+// Submit sends one mail. Errors before RCPT TO are *SessionError; an
+// *smtp.SMTPError carries the server's reply.
 func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
 	if opts.RequireTLS && s.TLS == "none" {
 		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
+	}
+	session := func(stage string, err error) error {
+		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: stage, Err: err})
 	}
 	timeout := s.Timeout
 	if timeout == 0 {
 		timeout = 2 * time.Minute
 	}
-	d := net.Dialer{Timeout: 30 * time.Second}
+	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
 	conn, err := d.DialContext(ctx, "tcp", s.Addr)
 	if err != nil {
-		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		return session("connect", err)
 	}
-	conn.SetDeadline(time.Now().Add(timeout))
 	tlsConfig := s.TLSConfig
 	if tlsConfig == nil {
 		host, _, _ := net.SplitHostPort(s.Addr)
 		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	}
+	// The greeting, EHLO and STARTTLS are bounded by the whole timeout;
+	// go-smtp then sets a deadline of its own for each command.
+	conn.SetDeadline(time.Now().Add(timeout))
 	var c *smtp.Client
 	switch s.TLS {
 	case "tls":
@@ -150,16 +215,19 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 	case "none":
 		c = smtp.NewClient(conn)
 	default:
-		c, err = smtp.NewClientStartTLS(conn, tlsConfig)
-		if err != nil {
+		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
 			conn.Close()
-			return fmt.Errorf("smtp %s: STARTTLS: %w", s.Addr, err)
+			return session("starttls", err)
 		}
 	}
+	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
 	defer c.Close()
+	if err := c.Hello("localhost"); err != nil {
+		return session("hello", err)
+	}
 	if s.Username != "" {
 		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
-			return fmt.Errorf("smtp %s: AUTH: %w", s.Addr, err)
+			return session("auth", err)
 		}
 	}
 	if err := c.Mail(from, &smtp.MailOptions{RequireTLS: opts.RequireTLS}); err != nil {
@@ -167,23 +235,23 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 			// go-smtp refuses before sending when REQUIRETLS is not offered.
 			return fmt.Errorf("smtp %s: %w: %v", s.Addr, ErrTLSRequired, err)
 		}
-		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		return session("mail", err)
 	}
 	for _, rcpt := range to {
 		if err := c.Rcpt(rcpt, nil); err != nil {
-			return fmt.Errorf("smtp %s: %w", s.Addr, err)
+			return fmt.Errorf("smtp %s: RCPT TO: %w", s.Addr, err)
 		}
 	}
 	w, err := c.Data()
 	if err != nil {
-		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
 	}
 	if _, err := w.Write(m); err != nil {
 		w.Close()
-		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
 	}
 	if err := w.Close(); err != nil {
-		return fmt.Errorf("smtp %s: %w", s.Addr, err)
+		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
 	}
 	return c.Quit()
 }
@@ -193,11 +261,42 @@ func isSMTPError(err error) bool {
 	return errors.As(err, &se)
 }
 
-// Permanent reports whether a submission error is final: an SMTP 5xx reply.
-// Anything else (4xx, network, TLS, timeout) is worth retrying.
-func Permanent(err error) bool {
+// Fault is whom a failed submission is about; Classify decides it, in one
+// place (draft-ietf-ediint-hl7-02 §6.1.1: store and forward holds what it
+// cannot forward yet).
+type Fault int
+
+const (
+	// FaultLink: the server or our account (unreachable, TLS, a refused
+	// login, a session refused before the message was named). Every queue
+	// waits; one alert; retried with backoff; no message fails.
+	FaultLink Fault = iota
+	// FaultPartner: what this partner needs is missing (its key or ours,
+	// its TLS requirement). Its queue waits with one alert.
+	FaultPartner
+	// FaultMessage: the server refused this message for good (5xx to RCPT
+	// TO or to the data): it fails, with the server's words.
+	FaultMessage
+	// FaultRetry: the server put this message off (4xx to RCPT TO or to the
+	// data): it is tried again; the link is fine.
+	FaultRetry
+)
+
+// Classify says whom err, from Seal or Submit, is about.
+func Classify(err error) Fault {
 	var se *smtp.SMTPError
-	return errors.As(err, &se) && se.Code >= 500 && se.Code < 600 || errors.Is(err, ErrTLSRequired)
+	var sess *SessionError
+	switch {
+	case errors.Is(err, ErrTLSRequired), errors.Is(err, ErrNoKey):
+		return FaultPartner
+	case errors.As(err, &sess):
+		return FaultLink
+	case errors.As(err, &se) && se.Code >= 500 && se.Code < 600:
+		return FaultMessage
+	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500:
+		return FaultRetry
+	}
+	return FaultLink // the connection broke while the message was on its way
 }
 
 // SenderOptions configure a Sender. Config, Store, Sealer, Submitter and
@@ -223,9 +322,10 @@ type SenderOptions struct {
 // Sender takes stored outbound messages to their partners, one goroutine
 // per partner, in the order they were accepted.
 type Sender struct {
-	o   SenderOptions
-	log *slog.Logger
-	q   *queue
+	o    SenderOptions
+	log  *slog.Logger
+	q    *queue
+	open keySet // conditions with an alert open: cleared when they end
 }
 
 // NewSender returns a Sender; Run starts it.
@@ -253,6 +353,16 @@ func (s *Sender) Notify(partner string) { s.q.notify(partner) }
 
 // Run delivers until ctx ends.
 func (s *Sender) Run(ctx context.Context) {
+	// Conditions raised before a restart are cleared as those after it.
+	for _, prefix := range []string{LinkAlertSMTP, heldAlertPrefix} {
+		keys, err := s.o.Store.OpenAlertKeys(ctx, prefix)
+		if err != nil {
+			s.log.Error("open alerts not read", "err", err)
+		}
+		for _, k := range keys {
+			s.open.add(k)
+		}
+	}
 	s.q.run(ctx, func(p *config.Partner) partnerWorker {
 		return partnerWorker{step: func(ctx context.Context, m store.Message) bool { return s.deliver(ctx, p, m) }}
 	})
@@ -281,6 +391,10 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return true
 	}
 	sealed, mic, err := s.o.Sealer.Seal(p, m.Payload, m.Kind, now)
+	if err != nil && Classify(err) == FaultPartner {
+		s.hold(ctx, p, m, err, log)
+		return false
+	}
 	if err != nil {
 		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, "cannot seal: "+err.Error()); err != nil {
 			log.Error("store", "err", err)
@@ -314,40 +428,101 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return false
 	}
 	err = s.o.Submitter.Submit(ctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
-	if err == nil || Permanent(err) {
-		s.o.Link.set(LinkUp, err) // the server answered
-	} else {
-		s.o.Link.set(LinkDown, err)
-	}
-	switch {
-	case err == nil:
+	if err == nil {
 		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
 			log.Error("store", "err", err)
 			return false
 		}
 		log.Info("mail submitted", "message_id", msgID, "mic", mic.String())
+		s.submitted(ctx, p)
 		return true
-	case Permanent(err):
+	}
+	switch Classify(err) {
+	case FaultMessage:
+		s.o.Link.set(LinkUp, err) // the server answered
 		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, err.Error()); err != nil {
 			log.Error("store", "err", err)
 			return false
 		}
-		text := "message failed: refused by the SMTP server"
-		if errors.Is(err, ErrTLSRequired) {
-			text = "message failed: TLS required for this partner and not available (require_tls)"
-		}
 		raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
-			MessageID: msgID, Text: text}, "message_id", msgID, "err", err)
+			MessageID: msgID, Text: "message failed: refused by the SMTP server"}, "message_id", msgID, "err", err)
 		return true
+	case FaultPartner:
+		s.o.Link.set(LinkUp, err)
+		s.hold(ctx, p, m, err, log)
+	case FaultRetry:
+		s.o.Link.set(LinkUp, err)
+		s.retryLater(ctx, m, err, log)
 	default:
-		attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)
-		next := now.Add(backoff(s.o.RetryBase, s.o.RetryMax, attempts))
-		if err := s.o.Store.MarkRetry(ctx, m.ID, err.Error(), next); err != nil {
-			log.Error("store", "err", err)
+		s.o.Link.set(LinkDown, err)
+		s.open.add(LinkAlertSMTP)
+		if _, raised, rerr := s.o.Store.RaiseOnce(ctx, LinkAlertSMTP, store.Alert{Kind: store.AlertLinkDown,
+			Text: "mail submission fails; every queue waits: " + err.Error()}); rerr != nil {
+			log.Error("alert not recorded", "err", rerr)
+		} else if raised {
+			log.Error("ALERT mail submission fails; every queue waits until it works again", "alert", store.AlertLinkDown, "err", err)
 		}
-		log.Warn("mail not submitted; will retry", "message_id", msgID, "err", err, "attempt", attempts+1,
-			"next", next.Format(time.RFC3339))
-		return false
+		s.retryLater(ctx, m, err, log)
+	}
+	return false
+}
+
+// Alert keys of the conditions the sender raises and clears.
+const (
+	LinkAlertSMTP   = "link:smtp" // mail submission fails (FaultLink)
+	heldAlertPrefix = "held:"     // + partner: its queue waits (FaultPartner)
+)
+
+// retryLater schedules m's next attempt after the backoff.
+func (s *Sender) retryLater(ctx context.Context, m store.Message, err error, log *slog.Logger) {
+	attempts, _, _, _ := s.o.Store.Delivery(ctx, m.ID)
+	next := s.o.Now().Add(backoff(s.o.RetryBase, s.o.RetryMax, attempts))
+	if serr := s.o.Store.MarkRetry(ctx, m.ID, err.Error(), next); serr != nil {
+		log.Error("store", "err", serr)
+	}
+	log.Warn("mail not submitted; will retry", "err", err, "attempt", attempts+1, "next", next.Format(time.RFC3339))
+}
+
+// hold keeps p's queue waiting for what only an operator can mend (a key,
+// the TLS the partner requires): one alert for the partner, the message
+// tried again after the backoff, never failed for it.
+func (s *Sender) hold(ctx context.Context, p *config.Partner, m store.Message, err error, log *slog.Logger) {
+	s.open.add(heldAlertPrefix + p.Name)
+	if _, raised, rerr := s.o.Store.RaiseOnce(ctx, heldAlertPrefix+p.Name, store.Alert{Kind: store.AlertHeld,
+		Partner: p.Name, Text: "queue waits: " + err.Error()}); rerr != nil {
+		log.Error("alert not recorded", "err", rerr)
+	} else if raised {
+		log.Error("ALERT partner's queue waits until this is mended", "alert", store.AlertHeld, "err", err)
+	}
+	s.retryLater(ctx, m, err, log)
+}
+
+// submitted records that a submission for p went through: the link is up,
+// and the conditions that held the queues are over. When submission had
+// been failing, every queue waiting for a retry goes on at once.
+func (s *Sender) submitted(ctx context.Context, p *config.Partner) {
+	s.o.Link.set(LinkUp, nil)
+	for _, key := range []string{heldAlertPrefix + p.Name, LinkAlertSMTP} {
+		if !s.open.take(key) {
+			continue
+		}
+		cleared, err := s.o.Store.ClearAlert(ctx, key)
+		if err != nil {
+			s.log.Error("alert not cleared", "err", err)
+			continue
+		}
+		if !cleared {
+			continue
+		}
+		s.log.Info("alert cleared: mail submission works again", "partner", p.Name, "alert", key)
+		if key == LinkAlertSMTP {
+			if err := s.o.Store.Reschedule(ctx, store.Outbound, ""); err != nil {
+				s.log.Error("store", "err", err)
+			}
+			for _, q := range s.o.Config.Partners {
+				s.Notify(q.Name)
+			}
+		}
 	}
 }
 
@@ -408,4 +583,28 @@ func newMessageID(id int64, self string) string {
 		domain = d
 	}
 	return fmt.Sprintf("<hl7mail.%d.%s@%s>", id, hex.EncodeToString(r[:]), domain)
+}
+
+// keySet is a set of alert keys, safe for concurrent use.
+type keySet struct {
+	mu sync.Mutex
+	m  map[string]bool
+}
+
+func (k *keySet) add(key string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.m == nil {
+		k.m = map[string]bool{}
+	}
+	k.m[key] = true
+}
+
+// take removes key and reports whether it was there.
+func (k *keySet) take(key string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	ok := k.m[key]
+	delete(k.m, key)
+	return ok
 }

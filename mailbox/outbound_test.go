@@ -10,6 +10,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -97,13 +98,25 @@ partners:
 // run starts a Sender submitting to addr and returns its stop function.
 func (f *fixture) run(t *testing.T, addr string, now func() time.Time) (*Sender, func()) {
 	t.Helper()
+	return f.start(t, SenderOptions{Submitter: &SMTPSubmitter{Addr: addr, TLS: "none", Timeout: 10 * time.Second}, Now: now})
+}
+
+// runSubmitter starts a Sender submitting through sub, following link.
+func (f *fixture) runSubmitter(t *testing.T, sub Submitter, link *Link) (*Sender, func()) {
+	t.Helper()
+	return f.start(t, SenderOptions{Submitter: sub, Link: link, RetryBase: time.Millisecond, RetryMax: 20 * time.Millisecond})
+}
+
+// start starts a Sender with o, completed with the fixture's parts.
+func (f *fixture) start(t *testing.T, o SenderOptions) (*Sender, func()) {
+	t.Helper()
 	j, err := journal.Open(f.journal)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := NewSender(SenderOptions{Config: f.cfg, Store: f.st, Sealer: f.sealer, Journal: j,
-		Submitter: &SMTPSubmitter{Addr: addr, TLS: "none", Timeout: 10 * time.Second},
-		Logger:    testlog.New(t, slog.LevelInfo), Now: now, Poll: 10 * time.Millisecond})
+	o.Config, o.Store, o.Sealer, o.Journal = f.cfg, f.st, f.sealer, j
+	o.Logger, o.Poll = testlog.New(t, slog.LevelInfo), 10*time.Millisecond
+	s, err := NewSender(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,29 +288,154 @@ func TestSend550Fails(t *testing.T) {
 }
 
 // TestSendRequireTLS: a partner with require_tls, an SMTP server reached
-// without TLS: the message fails at once with an alert; nothing is sent,
-// and the other partner's mail goes on.
+// without TLS: the partner's queue waits with one alert, nothing is sent
+// and nothing fails; the other partner's mail goes on.
 func TestSendRequireTLS(t *testing.T) {
 	f := newFixture(t, nil)
 	f.cfg.Partners[0].RequireTLS = true
 	srv, addr := newSMTP(t, "127.0.0.1:0")
 	f.accept(t, "lab", "t1")
+	f.accept(t, "lab", "t1b")
 	f.accept(t, "clinic", "t2")
 	_, stop := f.run(t, addr, nil)
 	defer stop()
 	ctx := context.Background()
-	waitFor(t, "the lab's message failed and the clinic's sent", func() bool {
-		failed, _ := f.st.List(ctx, store.Filter{State: store.Failed})
+	waitFor(t, "the lab's message tried three times and the clinic's sent", func() bool {
+		queued, _ := f.st.List(ctx, store.Filter{State: store.Queued})
 		sent, _ := f.st.List(ctx, store.Filter{State: store.Sent})
-		return len(failed) == 1 && len(sent) == 1
+		if len(queued) != 2 || len(sent) != 1 {
+			return false
+		}
+		n, _, _, _ := f.st.Delivery(ctx, queued[len(queued)-1].ID)
+		return n >= 3
 	})
 	stop()
 	if got := srv.Mails(); len(got) != 1 || got[0].To[0] != "edi@clinic.test" {
 		t.Errorf("server got %+v; want only the clinic's mail", got)
 	}
+	if failed, _ := f.st.List(ctx, store.Filter{State: store.Failed}); len(failed) != 0 {
+		t.Errorf("%d messages failed, want none: the partner's queue waits", len(failed))
+	}
 	alerts, _ := f.st.Alerts(ctx, false, 0)
-	if len(alerts) != 1 || alerts[0].Partner != "lab" || !strings.Contains(alerts[0].Text, "require_tls") {
-		t.Errorf("alerts = %+v", alerts)
+	if len(alerts) != 1 || alerts[0].Partner != "lab" || alerts[0].Kind != store.AlertHeld ||
+		!strings.Contains(alerts[0].Text, "require_tls") {
+		t.Errorf("alerts = %+v, want one partner-held alert for the lab naming require_tls", alerts)
+	}
+}
+
+// swapSubmitter lets a test mend the submission while the sender runs.
+type swapSubmitter struct {
+	mu sync.Mutex
+	s  Submitter
+}
+
+func (w *swapSubmitter) set(s Submitter) { w.mu.Lock(); w.s = s; w.mu.Unlock() }
+func (w *swapSubmitter) Submit(ctx context.Context, from string, to []string, m []byte, o SubmitOptions) error {
+	w.mu.Lock()
+	s := w.s
+	w.mu.Unlock()
+	return s.Submit(ctx, from, to, m, o)
+}
+
+// TestSendSessionFaultsDefer: errors at the greeting, AUTH and MAIL FROM
+// are about the session: no message fails, one alert is open for the
+// outage, and once mended every message leaves in order and the alert is
+// cleared (kept in the history).
+func TestSendSessionFaultsDefer(t *testing.T) {
+	right := map[string]string{"edi@hospital.test": "s3cret"}
+	for _, tt := range []struct {
+		name  string
+		users map[string]string // the server's accounts (nil: no AUTH offered)
+		pass  string            // the password the sender has, "" for none
+		fix   string            // the password once mended
+		stage string            // RefuseSessions
+		words string            // in the alert: the server's words
+	}{
+		{name: "wrong password", users: right, pass: "guess", fix: "s3cret", words: "535"},
+		{name: "no AUTH offered", pass: "s3cret", fix: "", words: "503"},
+		{name: "greeting 554", stage: "greeting", words: "554"},
+		{name: "MAIL FROM 553", stage: "mail", words: "553"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t, nil)
+			srv := &embedded.SMTP{Users: tt.users}
+			addr, err := srv.Serve("127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer srv.Close()
+			srv.RefuseSessions(tt.stage)
+			user := ""
+			if tt.pass != "" {
+				user = "edi@hospital.test"
+			}
+			sub := &swapSubmitter{s: &SMTPSubmitter{Addr: addr, TLS: "none", Username: user, Password: tt.pass}}
+			for i := range 6 {
+				f.accept(t, []string{"lab", "clinic"}[i%2], fmt.Sprintf("s%d", i))
+			}
+			link := &Link{}
+			_, stop := f.runSubmitter(t, sub, link)
+			defer stop()
+			ctx := context.Background()
+			waitFor(t, "each queue's first message tried three times", func() bool {
+				list, _ := f.st.List(ctx, store.Filter{State: store.Queued})
+				tried := 0
+				for _, m := range list {
+					if n, _, _, _ := f.st.Delivery(ctx, m.ID); n >= 3 {
+						tried++
+					}
+				}
+				return tried == 2
+			})
+			if failed, _ := f.st.List(ctx, store.Filter{State: store.Failed}); len(failed) != 0 || srv.Count() != 0 {
+				t.Fatalf("%d failed, %d mails; want none of either", len(failed), srv.Count())
+			}
+			alerts, _ := f.st.Alerts(ctx, false, 0)
+			if len(alerts) != 1 || alerts[0].Kind != store.AlertLinkDown || !strings.Contains(alerts[0].Text, tt.words) {
+				t.Fatalf("open alerts = %+v, want one link-down alert with the server's %s", alerts, tt.words)
+			}
+			if st := link.Status(); st.State != LinkDown {
+				t.Errorf("link %s, want down", st.State)
+			}
+			// Mended: the right password, or none where AUTH is not offered,
+			// or the server accepts again.
+			srv.Recover()
+			fixUser := ""
+			if tt.fix != "" {
+				fixUser = "edi@hospital.test"
+			}
+			sub.set(&SMTPSubmitter{Addr: addr, TLS: "none", Username: fixUser, Password: tt.fix})
+			waitFor(t, "all six mails", func() bool { return srv.Count() == 6 })
+			stop()
+			var order []string
+			for _, m := range srv.Mails() {
+				h := header(t, m.Data)
+				order = append(order, strings.TrimPrefix(h.Get("Subject"), "HL7 ORU^R01 "))
+			}
+			for _, p := range []string{"lab", "clinic"} {
+				var seq []string
+				for _, id := range order {
+					n := int(id[1] - '0')
+					if []string{"lab", "clinic"}[n%2] == p {
+						seq = append(seq, id)
+					}
+				}
+				want := map[string]string{"lab": "s0 s2 s4", "clinic": "s1 s3 s5"}[p]
+				if got := strings.Join(seq, " "); got != want {
+					t.Errorf("%s's mails arrived as %s, want %s", p, got, want)
+				}
+			}
+			if open, _ := f.st.Alerts(ctx, false, 0); len(open) != 0 {
+				t.Errorf("open alerts after the fix: %+v, want none", open)
+			}
+			all, _ := f.st.Alerts(ctx, true, 0)
+			if len(all) != 1 || all[0].Cleared.IsZero() || !all[0].Acked.IsZero() {
+				t.Errorf("alert history %+v, want the outage's alert, cleared by itself", all)
+			}
+			if st := link.Status(); st.State != LinkUp {
+				t.Errorf("link %s, want up", st.State)
+			}
+		})
 	}
 }
 

@@ -133,8 +133,15 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	// What happened is recorded even when shutdown begins meanwhile.
 	rctx := context.WithoutCancel(ctx)
 	if err == nil && wantsAck {
-		if r, perr := hl7.ParseAck(ack); perr != nil || r.ControlID != m.ControlID {
+		r, perr := hl7.ParseAck(ack)
+		switch {
+		case perr != nil || r.ControlID != m.ControlID:
 			err = fmt.Errorf("router answered with something else than an ACK for %s", m.ControlID)
+		case r.Code == hl7.CommitError:
+			// CE: the router could not take responsibility; send again. AE,
+			// AR and CR are its answer, delivered and passed on to the
+			// partner in the response.
+			err = errors.New("router answered CE (could not take responsibility yet)")
 		}
 	}
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
@@ -243,6 +244,120 @@ func TestRecoverResponses(t *testing.T) {
 		resp, _, err := security.DecodeEDI(b.Response, security.Accept{})
 		if err != nil || !bytes.Equal(resp, ack) || b.MDN.OriginalMessageID != "<r1@h>" {
 			t.Errorf("the recovered response carries %q (%v), MDN for %s; want the router's stored ACK", resp, err, b.MDN.OriginalMessageID)
+		}
+	}
+}
+
+// scriptedRouter answers each message with the next code of codes (AA once
+// they run out) and records every frame it got.
+type scriptedRouter struct {
+	addr  string
+	mu    sync.Mutex
+	codes []hl7.AckCode
+	got   [][]byte
+}
+
+func startScriptedRouter(t *testing.T, codes ...hl7.AckCode) *scriptedRouter {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	r := &scriptedRouter{addr: ln.Addr().String(), codes: codes}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				rd := mllp.NewReader(c, 1<<20)
+				for {
+					frame, err := rd.ReadFrame()
+					if err != nil {
+						return
+					}
+					h, err := hl7.ParseHeader(frame)
+					if err != nil {
+						return
+					}
+					r.mu.Lock()
+					r.got = append(r.got, bytes.Clone(frame))
+					code := hl7.ApplicationAccept
+					if len(r.codes) > 0 {
+						code, r.codes = r.codes[0], r.codes[1:]
+					}
+					r.mu.Unlock()
+					if mllp.WriteFrame(c, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: "R1"})) != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return r
+}
+
+func (r *scriptedRouter) frames() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]byte(nil), r.got...)
+}
+
+// TestRouterCE: CE means the router could not take responsibility: the
+// same bytes are sent again until it answers AA, and the message is
+// delivered once. AE is the router's answer: delivered once, and passed on.
+func TestRouterCE(t *testing.T) {
+	r := startScriptedRouter(t, hl7.CommitError, hl7.CommitError, hl7.ApplicationAccept, hl7.ApplicationError)
+	cfg, st := delivererFixture(t, r.addr)
+	ce := inbound(t, st, "ce1")
+	ae := inbound(t, st, "ae1")
+	var mu sync.Mutex
+	var delivered []string
+	d, err := NewDeliverer(DelivererOptions{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo),
+		Poll: 10 * time.Millisecond, RetryBase: time.Millisecond, RetryMax: 5 * time.Millisecond,
+		Delivered: func(_ context.Context, m store.Message, ack []byte) {
+			a, _ := hl7.ParseAck(ack)
+			mu.Lock()
+			delivered = append(delivered, m.ControlID+":"+string(a.Code))
+			mu.Unlock()
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.Run(ctx); close(done) }()
+	waitFor(t, "both delivered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(delivered) == 2
+	})
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	<-done
+	frames := r.frames()
+	if len(frames) != 4 {
+		t.Fatalf("router got %d frames, want 4 (ce1 three times, ae1 once)", len(frames))
+	}
+	for i, f := range frames[:3] {
+		if !bytes.Equal(f, ce) {
+			t.Errorf("frame %d = %q, want ce1's bytes", i, f)
+		}
+	}
+	if !bytes.Equal(frames[3], ae) {
+		t.Errorf("frame 3 = %q, want ae1's bytes", frames[3])
+	}
+	if got := fmt.Sprint(delivered); got != "[ce1:AA ae1:AE]" {
+		t.Errorf("delivered %s, want [ce1:AA ae1:AE]", got)
+	}
+	list, _ := st.List(ctx, store.Filter{Direction: store.Inbound})
+	for _, m := range list {
+		n, _, _, _ := st.Delivery(context.Background(), m.ID)
+		if m.State != store.Delivered {
+			t.Errorf("%s: %s after %d attempts, want delivered", m.ControlID, m.State, n)
 		}
 	}
 }

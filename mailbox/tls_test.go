@@ -60,13 +60,13 @@ func TestSubmitStartTLSAuth(t *testing.T) {
 	wrong := *good
 	wrong.Password = "guess"
 	err = wrong.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{})
-	if err == nil || !strings.Contains(err.Error(), "AUTH") {
-		t.Errorf("Submit with a wrong password = %v, want an AUTH error", err)
+	if err == nil || !strings.Contains(err.Error(), "auth") || Classify(err) != FaultLink {
+		t.Errorf("Submit with a wrong password = %v, want an AUTH error about the link (FaultLink)", err)
 	}
 	untrusted := &SMTPSubmitter{Addr: addr, TLS: "starttls", Username: "edi@hospital.test", Password: "s3cret"}
 	err = untrusted.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{})
 	// The handshake completes with the first command after STARTTLS.
-	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") || Permanent(err) {
+	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") || Classify(err) != FaultLink {
 		t.Errorf("Submit to an untrusted certificate = %v, want a certificate error that is retried", err)
 	}
 	if n := srv.Count(); n != 1 {
@@ -107,9 +107,9 @@ func TestRequireTLS(t *testing.T) {
 			}
 			continue
 		}
-		if !errors.Is(err, ErrTLSRequired) || !Permanent(err) || len(got) != 0 {
-			t.Errorf("%s: Submit = %v (permanent %v), server got %d mails; want ErrTLSRequired, final, nothing sent",
-				tt.name, err, Permanent(err), len(got))
+		if !errors.Is(err, ErrTLSRequired) || Classify(err) != FaultPartner || len(got) != 0 {
+			t.Errorf("%s: Submit = %v (fault %v), server got %d mails; want ErrTLSRequired, the partner held, nothing sent",
+				tt.name, err, Classify(err), len(got))
 		}
 	}
 }

@@ -142,11 +142,18 @@ func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pend
 	})
 }
 
-// MarkSent records that the SMTP server took the message.
+// MarkSent records that the SMTP server took the message. The receipt it
+// awaits is due from now on: the time of an outage before this submission
+// is not counted against the partner.
 func (s *Store) MarkSent(ctx context.Context, id int64) error {
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
-			last_error = '', updated = ? WHERE id = ?`, now, id))
+		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
+			last_error = '', updated = ? WHERE id = ?`, now, id)); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, `UPDATE pending SET due = ? + (due - sent), sent = ?, updated = ?
+			WHERE id = ? AND state = 'waiting'`, now, now, now, id)
+		return err
 	})
 }
 

@@ -108,86 +108,6 @@ func (s *Store) MarkReleased(ctx context.Context, id int64, by, note string, as 
 	})
 }
 
-// Alert is something an operator must look at (draft-ietf-ediint-hl7-02
-// §6.4): a receipt overdue or not matching, a message failed or expired, a
-// mail quarantined, a key about to expire.
-type Alert struct {
-	ID        int64     `json:"id"`
-	Raised    time.Time `json:"raised"`
-	Kind      string    `json:"kind"`
-	Partner   string    `json:"partner,omitempty"`
-	ControlID string    `json:"control_id,omitempty"`
-	MessageID string    `json:"message_id,omitempty"`
-	Text      string    `json:"text"`
-	Acked     time.Time `json:"acked,omitzero"`
-	AckedBy   string    `json:"acked_by,omitempty"`
-}
-
-// Alert kinds.
-const (
-	AlertOverdue    = "receipt-overdue"
-	AlertMismatch   = "receipt-mismatch"
-	AlertExpired    = "expired"
-	AlertFailed     = "failed"
-	AlertQuarantine = "quarantined"
-	AlertStuck      = "router-stuck"
-	AlertKey        = "key-expiry"
-	AlertOrder      = "out-of-order" // a sequence gap or a missing request, waited for in vain
-)
-
-// RaiseAlert records a (synced before it returns) and returns its id.
-func (s *Store) RaiseAlert(ctx context.Context, a Alert) (int64, error) {
-	var id int64
-	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
-		res, err := tx.ExecContext(ctx, `INSERT INTO alerts (raised, kind, partner, control_id, message_id, text)
-			VALUES (?, ?, ?, ?, ?, ?)`, now, a.Kind, a.Partner, a.ControlID, a.MessageID, a.Text)
-		if err != nil {
-			return fmt.Errorf("store: alert: %w", err)
-		}
-		id, err = res.LastInsertId()
-		return err
-	})
-	return id, err
-}
-
-// Alerts lists alerts, newest first: open ones only unless all is set.
-func (s *Store) Alerts(ctx context.Context, all bool, limit int) ([]Alert, error) {
-	if limit <= 0 {
-		limit = 1000
-	}
-	q := `SELECT id, raised, kind, partner, control_id, message_id, text, acked, acked_by FROM alerts`
-	if !all {
-		q += ` WHERE acked = 0`
-	}
-	return queryAll(ctx, s.db, "alerts", func(scan func(...any) error) (Alert, error) {
-		var a Alert
-		var raised, acked int64
-		err := scan(&a.ID, &raised, &a.Kind, &a.Partner, &a.ControlID, &a.MessageID, &a.Text, &acked, &a.AckedBy)
-		a.Raised = time.UnixMicro(raised)
-		if acked != 0 {
-			a.Acked = time.UnixMicro(acked)
-		}
-		return a, err
-	}, q+` ORDER BY id DESC LIMIT ?`, limit)
-}
-
-// AckAlert marks alert id acknowledged by who. Acknowledging twice is not
-// an error; an unknown id is ErrNotFound.
-func (s *Store) AckAlert(ctx context.Context, id int64, who string) error {
-	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
-		var acked int64
-		err := tx.QueryRowContext(ctx, `SELECT acked FROM alerts WHERE id = ?`, id).Scan(&acked)
-		if errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("%w: alert %d", ErrNotFound, id)
-		}
-		if err != nil || acked != 0 {
-			return err
-		}
-		_, err = tx.ExecContext(ctx, `UPDATE alerts SET acked = ?, acked_by = ? WHERE id = ?`, now, who, id)
-		return err
-	})
-}
-
 // Retry puts a failed or expired outbound message back in its partner's
 // queue; its next attempt is at once and expire_after counts again from
 // now (Message.Retried), so that it is not expired straight away. The Message-ID is kept: a partner
@@ -214,6 +134,58 @@ func (s *Store) Retry(ctx context.Context, id int64) error {
 		}
 		_, err = tx.ExecContext(ctx, `DELETE FROM pending WHERE id = ? AND state = 'cancelled'`, id)
 		return err
+	})
+}
+
+// RetryAll puts every failed or expired outbound message of partner (of
+// every partner when partner is "") back in its queue, as Retry does one:
+// they leave in the order they were accepted. It returns the partners
+// whose queues changed, with how many each.
+func (s *Store) RetryAll(ctx context.Context, partner string) (map[string]int, error) {
+	out := map[string]int{}
+	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
+		rows, err := tx.QueryContext(ctx, `UPDATE messages SET state = 'queued', attempts = 0, next_attempt = 0,
+			retried = ?, updated = ? WHERE direction = 'out' AND state IN ('failed', 'expired') AND (? = '' OR partner = ?)
+			RETURNING id, partner`, now, now, partner, partner)
+		if err != nil {
+			return fmt.Errorf("store: retry: %w", err)
+		}
+		var ids []int64
+		for rows.Next() {
+			var id int64
+			var p string
+			if err := rows.Scan(&id, &p); err != nil {
+				rows.Close()
+				return fmt.Errorf("store: retry: %w", err)
+			}
+			ids = append(ids, id)
+			out[p]++
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("store: retry: %w", err)
+		}
+		for _, id := range ids {
+			if _, err := tx.ExecContext(ctx, `DELETE FROM pending WHERE id = ? AND state = 'cancelled'`, id); err != nil {
+				return fmt.Errorf("store: retry: %w", err)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Reschedule makes the queued messages of direction d that wait for a
+// retry due at once: for partner, or every partner when partner is "".
+// What held them was mended (a mail server back, a new configuration).
+func (s *Store) Reschedule(ctx context.Context, d Direction, partner string) error {
+	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
+		_, err := tx.ExecContext(ctx, `UPDATE messages SET next_attempt = 0 WHERE state = 'queued' AND direction = ?
+			AND next_attempt > 0 AND (? = '' OR partner = ?)`, d, partner, partner)
+		if err != nil {
+			return fmt.Errorf("store: reschedule: %w", err)
+		}
+		return nil
 	})
 }
 
@@ -352,14 +324,6 @@ func (s *Store) Counts(ctx context.Context) ([]Count, error) {
 	}, `SELECT partner, direction, state, count(*) FROM messages GROUP BY partner, direction, state`)
 }
 
-// OpenAlerts returns the number of alerts not acknowledged.
-func (s *Store) OpenAlerts(ctx context.Context) (int, error) {
-	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM alerts WHERE acked = 0`).Scan(&n); err != nil {
-		return 0, fmt.Errorf("store: open alerts: %w", err)
-	}
-	return n, nil
-}
 
 // QuarantineReasons returns how many mails were refused, by reason.
 func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {

@@ -471,6 +471,17 @@ var schema = []string{
 	`ALTER TABLE messages ADD COLUMN recipient TEXT NOT NULL DEFAULT '';`,
 	// 11: a request's response is found by the Message-ID it answers.
 	`CREATE INDEX messages_reply ON messages(partner, in_reply_to) WHERE direction = 'out';`,
+	// 12: an alert about a condition rather than one event (a mail server
+	// down, a partner's key unusable) has a key: at most one is open per
+	// key, and it is cleared by itself when the condition ends. notified
+	// and clear_notified record what the notices to personnel told.
+	`ALTER TABLE alerts ADD COLUMN key TEXT NOT NULL DEFAULT '';
+	ALTER TABLE alerts ADD COLUMN cleared INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE alerts ADD COLUMN notified INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE alerts ADD COLUMN clear_notified INTEGER NOT NULL DEFAULT 0;
+	UPDATE alerts SET notified = raised;
+	CREATE UNIQUE INDEX alerts_key_open ON alerts(key) WHERE key != '' AND acked = 0 AND cleared = 0;
+	CREATE INDEX alerts_notify ON alerts(notified) WHERE notified = 0;`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

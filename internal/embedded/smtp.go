@@ -2,7 +2,6 @@ package embedded
 
 import (
 	"crypto/tls"
-	"errors"
 	"io"
 	"net"
 	"sync"
@@ -32,8 +31,9 @@ type SMTP struct {
 
 	mu       sync.Mutex
 	mails    []Mail
-	tempFail int  // reply 451 to this many DATA commands
-	permFail bool // reply 550 to every DATA command
+	tempFail int    // reply 451 to this many DATA commands
+	permFail bool   // reply 550 to every DATA command
+	refuse   string // "greeting" or "mail": refuse every session there (RefuseSessions)
 	srv      *smtp.Server
 }
 
@@ -44,6 +44,8 @@ func (s *SMTP) Serve(addr string) (string, error) {
 	s.srv.Domain = "localhost"
 	s.srv.TLSConfig = s.TLSConfig
 	s.srv.EnableREQUIRETLS = s.RequireTLS
+	// Without TLS to offer (loopback tests), AUTH is allowed in the clear.
+	s.srv.AllowInsecureAuth = s.TLSConfig == nil
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return "", err
@@ -69,11 +71,25 @@ func (s *SMTP) FailPermanently() {
 	s.mu.Unlock()
 }
 
-// Recover makes DATA commands succeed again.
+// RefuseSessions makes the server refuse every session at stage, as
+// Postfix does: "greeting" (554 before EHLO), "mail" (553 to MAIL FROM).
+func (s *SMTP) RefuseSessions(stage string) {
+	s.mu.Lock()
+	s.refuse = stage
+	s.mu.Unlock()
+}
+
+// Recover makes sessions and DATA commands succeed again.
 func (s *SMTP) Recover() {
 	s.mu.Lock()
-	s.permFail, s.tempFail = false, 0
+	s.permFail, s.tempFail, s.refuse = false, 0, ""
 	s.mu.Unlock()
+}
+
+func (s *SMTP) refusing(stage string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.refuse == stage
 }
 
 // Mails returns the mails taken so far.
@@ -91,7 +107,12 @@ func (s *SMTP) Count() int {
 }
 
 // NewSession implements smtp.Backend.
-func (s *SMTP) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{s: s}, nil }
+func (s *SMTP) NewSession(*smtp.Conn) (smtp.Session, error) {
+	if s.refusing("greeting") {
+		return nil, &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 3, 2}, Message: "Service not available"}
+	}
+	return &session{s: s}, nil
+}
 
 type session struct {
 	s     *SMTP
@@ -107,11 +128,15 @@ func (x *session) AuthMechanisms() []string {
 	return []string{sasl.Plain}
 }
 
-// Auth implements smtp.AuthSession.
+// Auth implements smtp.AuthSession. It answers as Postfix with Dovecot
+// SASL does: 503 when AUTH is not offered, 535 to a wrong password.
 func (x *session) Auth(mech string) (sasl.Server, error) {
+	if x.s.Users == nil {
+		return nil, &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "Error: authentication not enabled"}
+	}
 	return sasl.NewPlainServer(func(_, username, password string) error {
 		if pw, ok := x.s.Users[username]; !ok || pw != password {
-			return errors.New("invalid username or password")
+			return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Error: authentication failed"}
 		}
 		x.authd = true
 		return nil
@@ -123,6 +148,9 @@ func (x *session) Logout() error { return nil }
 func (x *session) Mail(from string, opts *smtp.MailOptions) error {
 	if x.s.Users != nil && !x.authd {
 		return smtp.ErrAuthRequired
+	}
+	if x.s.refusing("mail") {
+		return &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Sender address rejected: not owned by user"}
 	}
 	x.cur.From = from
 	x.cur.RequireTLS = opts != nil && opts.RequireTLS
