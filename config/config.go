@@ -38,6 +38,8 @@ type Config struct {
 	// application with its own router (draft-ietf-ediint-hl7-02 §6.3):
 	// mail sent to one goes to its router.
 	Local []Local `yaml:"local"`
+	// Alerts says who is told of alerts besides the log and the dashboard.
+	Alerts Alerts `yaml:"alerts"`
 	// Partners are the remote parties; at least one is required.
 	Partners []Partner `yaml:"partners"`
 
@@ -117,6 +119,29 @@ type Dashboard struct {
 	// Addr is host:port (default 127.0.0.1:8025).
 	Addr string `yaml:"addr"`
 	// TokenFile holds the bearer token required on non-loopback addresses.
+	TokenFile string `yaml:"token_file"`
+}
+
+// Alerts are the notices to personnel (draft-ietf-ediint-hl7-02 §6.4:
+// "alert personnel for corrective action"). Each alert is told once, many
+// within a minute as one digest, and an outage's alert once more when it
+// clears. A notice names the alert's kind, partner, control IDs,
+// Message-IDs, times and the servers' words: never message content.
+// Sending notices never holds up HL7 traffic.
+type Alerts struct {
+	// Email are addresses sent a plain-text notice through the smtp
+	// server, from self.email. Never encrypted (it holds no PHI).
+	Email []string `yaml:"email"`
+	// Webhook, when its URL is set, gets each notice as a JSON POST,
+	// retried until it answers 2xx.
+	Webhook Webhook `yaml:"webhook"`
+}
+
+// Webhook is an HTTP endpoint for alert notices.
+type Webhook struct {
+	// URL is http:// or https://.
+	URL string `yaml:"url"`
+	// TokenFile, when set, holds a bearer token sent with each POST.
 	TokenFile string `yaml:"token_file"`
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/mail"
+	"net/url"
 	"os"
 	"reflect"
 	"regexp"
@@ -233,6 +234,16 @@ func (v *validator) validate() {
 	v.addr("dashboard.addr", "", c.Dashboard.Addr, true)
 	if host, _, err := net.SplitHostPort(c.Dashboard.Addr); err == nil && !isLoopback(host) && c.Dashboard.TokenFile == "" {
 		v.addf("dashboard.token_file", "", "or listen on 127.0.0.1", "required when the dashboard listens on %s, not loopback", host)
+	}
+	for i, a := range c.Alerts.Email {
+		v.email(fmt.Sprintf("alerts.email[%d]", i), "", a)
+	}
+	if u := c.Alerts.Webhook.URL; u != "" {
+		if pu, err := url.Parse(u); err != nil || pu.Scheme != "http" && pu.Scheme != "https" || pu.Host == "" {
+			v.addf("alerts.webhook.url", "", "e.g. https://ops.hospital.example/hooks/hl7mail", "%q is not an http or https URL", u)
+		}
+	} else if c.Alerts.Webhook.TokenFile != "" {
+		v.addf("alerts.webhook.url", "", "", "required with alerts.webhook.token_file")
 	}
 	if len(c.Partners) == 0 {
 		v.addf("partners", "", "see the shipped partners.yaml", "at least one partner is required")
@@ -473,7 +484,8 @@ func (e *Error) Err() error {
 func (c *Config) CheckFiles() error {
 	v := validator{c: c, e: c.Problems(), lines: c.lines}
 	secret := map[string]bool{"self.pgp_key": true, "self.smime_key": true, "self.passphrase_file": true,
-		"smtp.password_file": true, "imap.password_file": true, "dashboard.token_file": true}
+		"smtp.password_file": true, "imap.password_file": true, "dashboard.token_file": true,
+		"alerts.webhook.token_file": true}
 	file := func(path, who, name string) {
 		if name == "" {
 			return
@@ -514,6 +526,7 @@ func (c *Config) CheckFiles() error {
 	file("imap.password_file", "", c.IMAP.PasswordFile)
 	env("imap.password_env", c.IMAP.PasswordEnv)
 	file("dashboard.token_file", "", c.Dashboard.TokenFile)
+	file("alerts.webhook.token_file", "", c.Alerts.Webhook.TokenFile)
 	file("smtp.ca_file", "", c.SMTP.CAFile)
 	file("imap.ca_file", "", c.IMAP.CAFile)
 	for i, l := range c.Local {

@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -48,6 +49,12 @@ type Instance interface {
 	IMAPStatusFor(partner string) mailbox.LinkStatus
 	// Retry puts a failed or expired outbound message back in its queue.
 	Retry(ctx context.Context, id int64) error
+	// RetryAll puts every failed or expired outbound message of partner
+	// (of every partner for "") back in its queue; it returns how many.
+	RetryAll(ctx context.Context, partner string) (int, error)
+	// Reload reads the configuration, keys and secrets again and applies
+	// them, or refuses them and keeps the running configuration.
+	Reload(ctx context.Context) error
 	// Release takes in quarantined mail after a person checked it; it
 	// returns the stored message's id.
 	Release(ctx context.Context, id int64, by, note string) (int64, error)
@@ -80,12 +87,13 @@ var static embed.FS
 
 // Server is the dashboard's HTTP server.
 type Server struct {
-	o    Options
-	log  *slog.Logger
-	srv  *http.Server
-	mux  *http.ServeMux
-	ln   net.Listener
-	quit chan struct{} // closed by Shutdown: event streams end
+	o     Options
+	token atomic.Pointer[string] // Options.Token, changed by SetToken
+	log   *slog.Logger
+	srv   *http.Server
+	mux   *http.ServeMux
+	ln    net.Listener
+	quit  chan struct{} // closed by Shutdown: event streams end
 }
 
 // New checks the options and builds the handlers; Serve starts it.
@@ -110,6 +118,7 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("dashboard: metrics: %w", err)
 	}
 	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), quit: make(chan struct{})}
+	s.token.Store(&o.Token)
 	s.routes()
 	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
@@ -165,6 +174,8 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("POST /api/alerts/{id}/ack", s.ackAlert)
 	s.mux.HandleFunc("GET /api/messages", s.messages)
 	s.mux.HandleFunc("POST /api/messages/{id}/retry", s.retry)
+	s.mux.HandleFunc("POST /api/retry", s.retryAll)
+	s.mux.HandleFunc("POST /api/reload", s.reload)
 	s.mux.HandleFunc("GET /api/quarantine", s.quarantine)
 	s.mux.HandleFunc("POST /api/quarantine/{id}/release", s.release)
 	s.mux.HandleFunc("GET /api/log", s.logStream)
@@ -189,7 +200,7 @@ func (s *Server) auth(next http.Handler) http.Handler {
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("X-Frame-Options", "DENY")
 		w.Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'self'; script-src 'self'")
-		if s.o.Token != "" {
+		if token := *s.token.Load(); token != "" {
 			got := ""
 			if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {
 				got = strings.TrimPrefix(h, "Bearer ")
@@ -198,13 +209,13 @@ func (s *Server) auth(next http.Handler) http.Handler {
 			} else if c, err := r.Cookie(tokenCookie); err == nil {
 				got = c.Value
 			}
-			if subtle.ConstantTimeCompare([]byte(got), []byte(s.o.Token)) != 1 {
+			if subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="hl7mail"`)
 				http.Error(w, "401 unauthorized: a dashboard token is required", http.StatusUnauthorized)
 				return
 			}
 			if r.URL.Query().Get("token") != "" {
-				http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: s.o.Token, Path: "/", HttpOnly: true,
+				http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: token, Path: "/", HttpOnly: true,
 					SameSite: http.SameSiteStrictMode})
 			}
 		}
@@ -355,6 +366,45 @@ func (s *Server) retry(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, map[string]any{"requeued": id})
+}
+
+// retryAll puts the failed and expired messages of the partner named in
+// the body ({"partner": "tucker-lab"}), or of all ({"partner": ""}), back
+// in their queues.
+func (s *Server) retryAll(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Partner string `json:"partner"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 4096)).Decode(&body); err != nil {
+		fail(w, fmt.Errorf("%w: a JSON body {\"partner\": NAME or \"\"} is required", errBadRequest))
+		return
+	}
+	n, err := s.o.Instance.RetryAll(r.Context(), body.Partner)
+	if err != nil {
+		fail(w, err)
+		return
+	}
+	writeJSON(w, map[string]any{"requeued": n})
+}
+
+// reload applies the configuration file again, or says why it was refused.
+func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
+	if err := s.o.Instance.Reload(r.Context()); err != nil {
+		fail(w, fmt.Errorf("%w: %v", errConflict, err))
+		return
+	}
+	writeJSON(w, map[string]any{"reloaded": true})
+}
+
+// SetToken changes the token required from now on (a reload read the
+// token file again); it may not become empty on a non-loopback address.
+func (s *Server) SetToken(token string) error {
+	host, _, _ := net.SplitHostPort(s.o.Addr)
+	if token == "" && !loopback(host) {
+		return ErrNoToken
+	}
+	s.token.Store(&token)
+	return nil
 }
 
 func (s *Server) quarantine(w http.ResponseWriter, r *http.Request) {

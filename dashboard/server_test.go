@@ -29,6 +29,7 @@ type fakeInstance struct {
 	released []int64
 	notReady error
 	received [][]byte
+	reloads  int
 }
 
 func (f *fakeInstance) Config() *config.Config         { return f.cfg }
@@ -40,6 +41,15 @@ func (f *fakeInstance) IMAPStatus() mailbox.LinkStatus {
 }
 func (f *fakeInstance) IMAPStatusFor(string) mailbox.LinkStatus   { return f.IMAPStatus() }
 func (f *fakeInstance) Retry(ctx context.Context, id int64) error { return f.st.Retry(ctx, id) }
+func (f *fakeInstance) RetryAll(ctx context.Context, partner string) (int, error) {
+	counts, err := f.st.RetryAll(ctx, partner)
+	n := 0
+	for _, k := range counts {
+		n += k
+	}
+	return n, err
+}
+func (f *fakeInstance) Reload(context.Context) error { f.reloads++; return nil }
 func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (int64, error) {
 	f.released = append(f.released, id)
 	return 99, f.st.MarkReleased(ctx, id, by, note, 99)

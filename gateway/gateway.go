@@ -9,14 +9,11 @@ package gateway
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -37,10 +34,15 @@ type Options struct {
 	Config *config.Config
 	Keys   *Keys        // from LoadKeys
 	Logger *slog.Logger // default slog.Default()
+	// ConfigPath is the file Reload reads again (default Config.File).
+	ConfigPath string
 	// Submitter replaces SMTP submission (tests); default: the smtp section.
 	Submitter mailbox.Submitter
 	// RetryBase is the sender's first retry wait (default 30s).
 	RetryBase time.Duration
+	// NoticeGather is how long the notices to personnel wait for more
+	// alerts to send as one (default notify's 10s).
+	NoticeGather time.Duration
 	// Tail is the log tail the dashboard streams (nil: the page has no
 	// live log). The Logger's records should feed it (Tail.Handler).
 	Tail *dashboard.Tail
@@ -54,28 +56,31 @@ const (
 	IncomingJournal = "incoming.mbox"
 )
 
-// Gateway is a running hl7mail instance.
+// Gateway is a running hl7mail instance. The store, the journals, the
+// dashboard and the links stay for its life; the configuration, the keys
+// and the mail side built from them (side) are replaced by Reload, and the
+// surrogates are added, kept or removed to match.
 type Gateway struct {
-	cfg        *config.Config
-	log        *slog.Logger
-	store      *store.Store
-	outgoing   *journal.Journal
-	incoming   *journal.Journal
-	sender     *mailbox.Sender
-	stopMail   context.CancelFunc
-	mailWG     sync.WaitGroup // sender, deliverer, watcher
-	surrogates []*partnerListener
-	wg         sync.WaitGroup
-	receiver   *mailbox.Receiver
-	deliverer  *mailbox.Deliverer
-	smtpLink   mailbox.Link
-	imapLink   mailbox.Link
-	dash       *dashboard.Server
-	dashLn     net.Listener
-	dashWG     sync.WaitGroup
-	stopping   atomic.Bool
-	rdv        *rendezvous
-	localLinks map[string]*mailbox.Link // local address (lower case) → its own IMAP account
+	opts     Options
+	log      *slog.Logger
+	store    *store.Store
+	outgoing *journal.Journal
+	incoming *journal.Journal
+	smtpLink mailbox.Link
+	imapLink mailbox.Link
+	dash     *dashboard.Server
+	dashLn   net.Listener
+	dashWG   sync.WaitGroup
+	stopping atomic.Bool
+	rdv      *rendezvous
+	metrics  *dashboard.Metrics
+	ids      *hl7.IDGen
+
+	cur        atomic.Pointer[side]
+	reloadMu   sync.Mutex // one Reload at a time, and none during Shutdown
+	mu         sync.Mutex // guards surrogates
+	surrogates map[string]*partnerListener
+	wg         sync.WaitGroup // the surrogates' Serve loops
 }
 
 type partnerListener struct {
@@ -94,8 +99,12 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.ConfigPath == "" {
+		opts.ConfigPath = opts.Config.File
+	}
 	cfg := opts.Config
-	g := &Gateway{cfg: cfg, log: opts.Logger, rdv: newRendezvous()}
+	g := &Gateway{opts: opts, log: opts.Logger, rdv: newRendezvous(), metrics: dashboard.NewMetrics(),
+		ids: hl7.NewIDGen("HM", time.Now()), surrogates: map[string]*partnerListener{}}
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
 	if err != nil {
 		return nil, err
@@ -109,171 +118,109 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		g.rollback()
 		return nil, err
 	}
-	submitter := opts.Submitter
-	if submitter == nil {
-		password, err := cfg.Secret(cfg.SMTP.PasswordFile, cfg.SMTP.PasswordEnv)
-		if err != nil {
-			g.rollback()
-			return nil, fmt.Errorf("smtp password: %w", err)
-		}
-		tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile))
-		if err != nil {
-			g.rollback()
-			return nil, fmt.Errorf("smtp.ca_file: %w", err)
-		}
-		submitter = &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
-			Password: password}
-	}
-	sealer := &opts.Keys.Sealer
-	g.sender, err = mailbox.NewSender(mailbox.SenderOptions{
-		Config: cfg, Store: st, Journal: g.outgoing, Submitter: submitter, RetryBase: retryBase(opts.RetryBase, cfg.SMTP.Retry.D()),
-		Logger: opts.Logger.With("component", "sender"), Sealer: sealer, Link: &g.smtpLink,
-	})
+	sd, err := g.buildSide(cfg, opts.Keys)
 	if err != nil {
 		g.rollback()
 		return nil, err
 	}
-	// The sender learns of the responses queued from the store (OnIngest).
-	responder := &mailbox.Responder{Config: cfg, Store: st, Logger: opts.Logger.With("component", "responder")}
-	deliverer, err := mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: st,
-		Logger: opts.Logger.With("component", "deliverer"), RetryBase: routerRetryBase(opts.RetryBase),
-		Delivered: responder.Delivered, Held: g.held})
-	if err != nil {
-		g.rollback()
-		return nil, err
-	}
-	receiver := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: sealer, MaxSize: cfg.IMAP.MaxMailSize},
-		Store: st, Journal: g.incoming,
-		Logger: opts.Logger.With("component", "receiver"), Notify: g.sender.Notify}
-	g.receiver, g.deliverer = receiver, deliverer
-	// Without imap.addr, mail comes in only through "hl7mail receive"
-	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
-	var watchers []func(context.Context)
-	if cfg.IMAP.Addr != "" {
-		run, err := g.watcher(&cfg.IMAP, "imap", "", &g.imapLink, opts.Logger.With("component", "imap"))
-		if err != nil {
-			g.rollback()
-			return nil, err
-		}
-		watchers = append(watchers, run)
-	} else {
-		g.imapLink.Off()
-	}
-	// Local addresses with an account of their own (§6.3): mail fetched
-	// there is for that address, and goes to its router.
-	for i := range cfg.Local {
-		l := &cfg.Local[i]
-		if l.IMAP == nil || l.IMAP.Addr == "" {
-			continue
-		}
-		run, err := g.watcher(l.IMAP, "local "+l.Address+" imap", l.Address, g.localLink(l.Address),
-			opts.Logger.With("component", "imap", "local", l.Address))
-		if err != nil {
-			g.rollback()
-			return nil, err
-		}
-		watchers = append(watchers, run)
-	}
-	watchMail := func(ctx context.Context) {
-		var wg sync.WaitGroup
-		for _, run := range watchers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				run(ctx)
-			}()
-		}
-		wg.Wait()
-	}
-	metrics := dashboard.NewMetrics()
+	g.cur.Store(sd)
 	// The sender and the deliverer read their queues from the database:
 	// they are woken when new messages have entered it.
 	st.OnIngest(func(partner string, d store.Direction) {
 		if d == store.Outbound {
-			g.sender.Notify(partner)
+			g.side().sender.Notify(partner)
 		} else {
-			g.deliverer.Notify(partner)
+			g.side().deliverer.Notify(partner)
 		}
 	})
-	ids := hl7.NewIDGen("HM", time.Now())
 	for i := range cfg.Partners {
-		p := &cfg.Partners[i]
-		srv, err := surrogate.New(surrogate.Options{
-			Partner:        p.Name,
-			Spool:          st,
-			Logger:         opts.Logger.With("component", "surrogate"),
-			MaxMessageSize: p.MaxMessageSize,
-			MaxConnections: p.MaxConnections,
-			IdleTimeout:    p.IdleTimeout.D(),
-			IDs:            ids,
-			Observe:        metrics.AckObserver(p.Name),
-			LimitHit:       func(limit string) { metrics.LimitHit(p.Name, limit) },
-			Rendezvous:     g.rendezvousFor(p),
-		})
-		if err == nil {
-			var ln net.Listener
-			ln, err = surrogate.Listen(ctx, p.Listen)
-			if err == nil {
-				g.surrogates = append(g.surrogates, &partnerListener{partner: p, srv: srv, ln: ln})
-				continue
-			}
+		pl, err := g.newSurrogate(ctx, &cfg.Partners[i])
+		if err != nil {
+			g.rollback()
+			return nil, err
 		}
-		g.rollback()
-		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
+		g.surrogates[pl.partner.Name] = pl
 	}
 	if !opts.NoDashboard {
-		if err := g.startDashboard(opts, metrics); err != nil {
+		if err := g.startDashboard(opts); err != nil {
 			g.rollback()
 			return nil, err
 		}
 	}
-	for _, w := range opts.Keys.Expiring(time.Now()) {
-		g.keyAlert(ctx, w)
-	}
+	g.keyProblems(ctx, opts.Keys)
 	// Requests the router took before a crash cut off their response.
-	if err := responder.Recover(ctx); err != nil {
+	if err := sd.responder.Recover(ctx); err != nil {
 		g.rollback()
 		return nil, fmt.Errorf("responses left unsent: %w", err)
 	}
-	mctx, cancel := context.WithCancel(context.Background())
-	g.stopMail = cancel
-	sweep := func(ctx context.Context) {
-		mailbox.RunSweeper(ctx, cfg, st, opts.Logger.With("component", "sweeper"), time.Minute)
-	}
-	// Keys that come within ExpiryWarning of their end while running are
-	// reported too: looked at again twice a day.
-	keyWatch := func(ctx context.Context) {
-		t := time.NewTicker(12 * time.Hour)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case now := <-t.C:
-				for _, w := range opts.Keys.Expiring(now) {
-					g.keyAlert(ctx, w)
-				}
-			}
-		}
-	}
-	for _, run := range []func(context.Context){g.sender.Run, deliverer.Run, watchMail, sweep, keyWatch} {
-		g.mailWG.Add(1)
-		go func() {
-			defer g.mailWG.Done()
-			run(mctx)
-		}()
-	}
+	sd.start()
+	g.mu.Lock()
 	for _, pl := range g.surrogates {
-		g.wg.Add(1)
-		go func() {
-			defer g.wg.Done()
-			if err := pl.srv.Serve(pl.ln); err != nil && !errors.Is(err, surrogate.ErrServerClosed) {
-				g.log.Error("surrogate stopped", "partner", pl.partner.Name, "err", err)
-			}
-		}()
+		g.serve(pl)
 	}
+	g.mu.Unlock()
 	g.log.Info("hl7mail ready", "partners", len(cfg.Partners), "store", cfg.StoreDir(), "dashboard", g.DashboardURL())
 	return g, nil
+}
+
+// side returns the mail side in use.
+func (g *Gateway) side() *side { return g.cur.Load() }
+
+// newSurrogate listens on p's address; serve starts it.
+func (g *Gateway) newSurrogate(ctx context.Context, p *config.Partner) (*partnerListener, error) {
+	srv, err := surrogate.New(surrogate.Options{
+		Partner:        p.Name,
+		Spool:          g.store,
+		Logger:         g.log.With("component", "surrogate"),
+		MaxMessageSize: p.MaxMessageSize,
+		MaxConnections: p.MaxConnections,
+		IdleTimeout:    p.IdleTimeout.D(),
+		IDs:            g.ids,
+		Observe:        g.metrics.AckObserver(p.Name),
+		LimitHit:       func(limit string) { g.metrics.LimitHit(p.Name, limit) },
+		Rendezvous:     g.rendezvousFor(p),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("partner %s: surrogate: %w", p.Name, err)
+	}
+	ln, err := surrogate.Listen(ctx, p.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
+	}
+	return &partnerListener{partner: p, srv: srv, ln: ln}, nil
+}
+
+// serve runs pl's accept loop (g.mu held).
+func (g *Gateway) serve(pl *partnerListener) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		if err := pl.srv.Serve(pl.ln); err != nil && !errors.Is(err, surrogate.ErrServerClosed) {
+			g.log.Error("surrogate stopped", "partner", pl.partner.Name, "err", err)
+		}
+	}()
+}
+
+// keyProblems reports the partners' key problems of keys at start or
+// reload: logged, and an alert for each partner whose key cannot be used
+// at all (its queue waits; the sender raises the same alert when it tries).
+// Keys that expire soon, or did, get their alert too.
+func (g *Gateway) keyProblems(ctx context.Context, keys *Keys) {
+	if keys.Problems != nil {
+		for _, p := range keys.Problems.Problems {
+			g.log.Error("partner key problem: that partner's mail waits until it is mended", "partner", p.Partner,
+				"problem", p.String())
+		}
+	}
+	for partner, why := range keys.Unusable {
+		if _, _, err := g.store.RaiseOnce(ctx, "held:"+partner, store.Alert{Kind: store.AlertHeld, Partner: partner,
+			Text: "queue waits: cannot seal: " + why}); err != nil {
+			g.log.Error("alert not recorded", "err", err)
+		}
+	}
+	for _, w := range keys.Expiring(time.Now()) {
+		g.keyAlert(ctx, w)
+	}
 }
 
 // rollback releases what Start opened before it failed.
@@ -314,14 +261,22 @@ func routerRetryBase(d time.Duration) time.Duration {
 }
 
 // Shutdown stops the surrogates (each finishing the messages it is
-// committing), then closes the store. When ctx ends first, connections are
-// closed at once; the store is closed either way.
+// committing), then the mail side, then closes the store. When ctx ends
+// first, connections are closed at once; the store is closed either way.
 func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.reloadMu.Lock()
+	defer g.reloadMu.Unlock()
 	g.stopping.Store(true)
 	g.rdv.stop() // connections waiting for a response answer now
+	g.mu.Lock()
+	list := make([]*partnerListener, 0, len(g.surrogates))
+	for _, pl := range g.surrogates {
+		list = append(list, pl)
+	}
+	g.mu.Unlock()
 	var wg sync.WaitGroup
-	errs := make([]error, len(g.surrogates))
-	for i, pl := range g.surrogates {
+	errs := make([]error, len(list))
+	for i, pl := range list {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -332,8 +287,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.wg.Wait()
 	// The mail side finishes what it is doing: an attempt, a delivery,
 	// the mail in hand.
-	g.stopMail()
-	g.mailWG.Wait()
+	g.side().stop()
 	if g.dash != nil {
 		errs = append(errs, g.dash.Shutdown(ctx))
 		g.dashWG.Wait()
@@ -346,18 +300,25 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 // Store returns the instance's store.
 func (g *Gateway) Store() *store.Store { return g.store }
 
+// surrogate returns partner's surrogate, nil when it has none.
+func (g *Gateway) surrogate(partner string) *partnerListener {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.surrogates[partner]
+}
+
 // SurrogateAddr returns the address partner's surrogate listens on.
 func (g *Gateway) SurrogateAddr(partner string) string {
-	for _, pl := range g.surrogates {
-		if pl.partner.Name == partner {
-			return pl.ln.Addr().String()
-		}
+	if pl := g.surrogate(partner); pl != nil {
+		return pl.ln.Addr().String()
 	}
 	return ""
 }
 
 // Panics returns the number of panics recovered in surrogate connections.
 func (g *Gateway) Panics() int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	var n int64
 	for _, pl := range g.surrogates {
 		n += pl.srv.Panics()
@@ -366,8 +327,8 @@ func (g *Gateway) Panics() int64 {
 }
 
 // startDashboard listens on dashboard.addr and serves the page.
-func (g *Gateway) startDashboard(opts Options, metrics *dashboard.Metrics) error {
-	cfg := g.cfg
+func (g *Gateway) startDashboard(opts Options) error {
+	cfg := opts.Config
 	token := ""
 	if cfg.Dashboard.TokenFile != "" {
 		t, err := cfg.Secret(cfg.Dashboard.TokenFile, "")
@@ -377,7 +338,7 @@ func (g *Gateway) startDashboard(opts Options, metrics *dashboard.Metrics) error
 		token = t
 	}
 	d, err := dashboard.New(dashboard.Options{Addr: cfg.Dashboard.Addr, Instance: g, Token: token, Tail: opts.Tail,
-		Metrics: metrics, Logger: opts.Logger.With("component", "dashboard")})
+		Metrics: g.metrics, Logger: opts.Logger.With("component", "dashboard")})
 	if err != nil {
 		return err
 	}
@@ -399,19 +360,11 @@ func (g *Gateway) startDashboard(opts Options, metrics *dashboard.Metrics) error
 // keyAlert raises an alert for a key or certificate that expires soon,
 // unless one is open for it already (it is found again at each start).
 func (g *Gateway) keyAlert(ctx context.Context, warning string) {
-	g.log.Warn("ALERT key or certificate expires soon", "alert", store.AlertKey, "detail", warning)
-	open, err := g.store.Alerts(ctx, false, 0)
+	_, raised, err := g.store.RaiseOnce(ctx, "key-expiry:"+warning, store.Alert{Kind: store.AlertKey, Text: warning})
 	if err != nil {
 		g.log.Error("alert not recorded", "err", err)
-		return
-	}
-	for _, a := range open {
-		if a.Kind == store.AlertKey && a.Text == warning {
-			return
-		}
-	}
-	if _, err := g.store.RaiseAlert(ctx, store.Alert{Kind: store.AlertKey, Text: warning}); err != nil {
-		g.log.Error("alert not recorded", "err", err)
+	} else if raised {
+		g.log.Warn("ALERT key or certificate expires soon", "alert", store.AlertKey, "detail", warning)
 	}
 }
 
@@ -423,16 +376,14 @@ func (g *Gateway) DashboardURL() string {
 	return "http://" + g.dashLn.Addr().String() + "/"
 }
 
-// Config returns the instance's configuration.
-func (g *Gateway) Config() *config.Config { return g.cfg }
+// Config returns the configuration in use.
+func (g *Gateway) Config() *config.Config { return g.side().cfg }
 
 // Connections returns the number of open router connections to partner's
 // surrogate.
 func (g *Gateway) Connections(partner string) int {
-	for _, pl := range g.surrogates {
-		if pl.partner.Name == partner {
-			return pl.srv.Connections()
-		}
+	if pl := g.surrogate(partner); pl != nil {
+		return pl.srv.Connections()
 	}
 	return 0
 }
@@ -446,8 +397,9 @@ func (g *Gateway) IMAPStatus() mailbox.LinkStatus { return g.imapLink.Status() }
 // IMAPStatusFor returns the state of the account partner's mail comes to:
 // its local address's own, or the imap section's.
 func (g *Gateway) IMAPStatusFor(partner string) mailbox.LinkStatus {
-	if p := g.cfg.Partner(partner); p != nil {
-		if l, ok := g.localLinks[strings.ToLower(p.Local)]; ok {
+	sd := g.side()
+	if p := sd.cfg.Partner(partner); p != nil {
+		if l, ok := sd.localLinks[strings.ToLower(p.Local)]; ok {
 			return l.Status()
 		}
 	}
@@ -465,15 +417,35 @@ func (g *Gateway) Retry(ctx context.Context, id int64) error {
 		return err
 	}
 	g.log.Info("message put back in the queue by an operator", "partner", m.Partner, "id", id, "control_id", m.ControlID)
-	g.sender.Notify(m.Partner)
+	g.side().sender.Notify(m.Partner)
 	return nil
+}
+
+// RetryAll puts every failed or expired outbound message of partner (of
+// every partner for "") back in its queue, oldest first, and wakes the
+// sender; it returns how many.
+func (g *Gateway) RetryAll(ctx context.Context, partner string) (int, error) {
+	if partner != "" && g.Config().Partner(partner) == nil {
+		return 0, fmt.Errorf("%w: no partner %q", store.ErrNotFound, partner)
+	}
+	counts, err := g.store.RetryAll(ctx, partner)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for p, k := range counts {
+		g.log.Info("messages put back in the queue by an operator", "partner", p, "count", k)
+		g.side().sender.Notify(p)
+		n += k
+	}
+	return n, nil
 }
 
 // Release takes in quarantined mail id (see mailbox.Receiver.Release); it
 // returns the stored message's id. The deliverer learns of it from the
 // store (OnIngest).
 func (g *Gateway) Release(ctx context.Context, id int64, by, note string) (int64, error) {
-	res, err := g.receiver.Release(ctx, id, by, note)
+	res, err := g.side().receiver.Release(ctx, id, by, note)
 	return res.ID, err
 }
 
@@ -483,52 +455,14 @@ func (g *Gateway) Ready() error {
 	if g.stopping.Load() {
 		return errors.New("shutting down")
 	}
-	if len(g.surrogates) != len(g.cfg.Partners) {
-		return errors.New("surrogates not listening")
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, p := range g.Config().Partners {
+		if g.surrogates[p.Name] == nil {
+			return errors.New("surrogates not listening")
+		}
 	}
 	return nil
-}
-
-// watcher makes the watcher of one IMAP account: imap's (recipient "") or
-// a local address's own. name says which in errors.
-func (g *Gateway) watcher(im *config.IMAP, name, recipient string, link *mailbox.Link, log *slog.Logger) (func(context.Context), error) {
-	password, err := g.cfg.Secret(im.PasswordFile, im.PasswordEnv)
-	if err != nil {
-		return nil, fmt.Errorf("%s password: %w", name, err)
-	}
-	tc, err := tlsConfig(im.Addr, g.cfg.Path(im.CAFile))
-	if err != nil {
-		return nil, fmt.Errorf("%s.ca_file: %w", name, err)
-	}
-	w, err := mailbox.NewWatcher(mailbox.WatcherOptions{
-		Addr: im.Addr, TLS: im.TLS, TLSConfig: tc, Username: im.Username, Password: password,
-		Mailbox: im.Mailbox, Processed: im.Processed, Quarantine: im.Quarantine,
-		Poll: im.Poll.D(), MaxSize: int64(im.MaxMailSize), Receiver: g.receiver, Store: g.store,
-		Logger: log, Recipient: recipient, Link: link, Handled: g.handled,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return w.Run, nil
-}
-
-// tlsConfig returns the TLS settings for a mail server at addr: nil (the
-// system's roots) unless a CA file is configured, whose certificates then
-// are the only ones trusted. Verification is never turned off.
-func tlsConfig(addr, caFile string) (*tls.Config, error) {
-	if caFile == "" {
-		return nil, nil
-	}
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
-	}
-	host, _, _ := net.SplitHostPort(addr)
-	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
 // rendezvousFor returns the surrogate's Rendezvous for partner p, nil for
@@ -550,7 +484,7 @@ func (g *Gateway) handled(r mailbox.Result) {
 		return
 	}
 	if r.ID != 0 && r.Incoming != nil && !r.Replay {
-		g.deliverer.Notify(r.Incoming.Partner.Name)
+		g.side().deliverer.Notify(r.Incoming.Partner.Name)
 	}
 }
 
@@ -559,23 +493,14 @@ func (g *Gateway) handled(r mailbox.Result) {
 // watcher fetches. An error means nothing was decided: the MTA keeps the
 // mail and tries again.
 func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
-	if to != "" && !g.cfg.IsOurs(to) {
+	sd := g.side()
+	if to != "" && !sd.cfg.IsOurs(to) {
 		g.log.Warn("mail from the MTA for an address that is not ours; routed by its To", "to", to)
 		to = ""
 	}
-	res, err := g.receiver.HandleTo(ctx, raw, to)
+	res, err := sd.receiver.HandleTo(ctx, raw, to)
 	if err == nil {
 		g.handled(res)
 	}
 	return res, err
-}
-
-// localLink returns the link of local address addr's own IMAP account.
-func (g *Gateway) localLink(addr string) *mailbox.Link {
-	if g.localLinks == nil {
-		g.localLinks = map[string]*mailbox.Link{}
-	}
-	l := &mailbox.Link{}
-	g.localLinks[strings.ToLower(addr)] = l
-	return l
 }

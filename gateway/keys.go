@@ -3,6 +3,7 @@ package gateway
 import (
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -24,6 +25,11 @@ type Keys struct {
 	mailbox.Sealer
 	// Warnings name keys and certificates that expire within ExpiryWarning.
 	Warnings []string
+	// Problems are the partners' key problems (unreadable, wrong address,
+	// expired, an expired encryption subkey), nil when there are none. They
+	// do not stop the gateway: that partner's queue waits with an alert
+	// (Sealer.Usable) while every other partner works.
+	Problems *config.Error
 
 	expiries []expiry // every loaded key or certificate that expires
 }
@@ -52,8 +58,14 @@ func (k *Keys) Expiring(now time.Time) []string {
 // LoadKeys reads every key and certificate the configuration names. It
 // reports all problems at once as a *config.Error (unreadable, wrong kind,
 // protected without passphrase, expired, no address matching the partner).
+//
+// Only our own keys stop the start: a partner's key problem is kept in
+// Problems, and when the key cannot be used at all (unreadable, another
+// address), in Sealer.Unusable. When ours have problems, the error lists
+// the partners' too, so that check names everything at once.
 func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
-	k := &Keys{Sealer: mailbox.Sealer{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{}}}
+	k := &Keys{Sealer: mailbox.Sealer{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{},
+		Unusable: map[string]string{}}}
 	e := cfg.Problems()
 	pass, err := passphrase(cfg)
 	if err != nil {
@@ -84,37 +96,57 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 			k.checkCert("self.smime_cert", "", cert, now, e)
 		}
 	}
+	pe := cfg.Problems()
 	for i, p := range cfg.Partners {
-		field := func(f string) string { return fmt.Sprintf("partners[%d].%s", i, f) }
-		switch p.Security {
-		case "pgp":
-			ent, err := security.LoadPGPKey(cfg.Path(p.PGPKey), nil)
-			if err != nil {
-				e.Addf(field("pgp_key"), p.Name, "", "%v", err)
-				continue
-			}
-			if !pgpHasEmail(ent, p.Email) {
-				e.Addf(field("pgp_key"), p.Name, "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
-			}
-			k.PGPPartners[p.Name] = ent
-			k.checkPGP(field("pgp_key"), p.Name, ent, now, e)
-		case "smime":
-			cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
-			if err != nil {
-				e.Addf(field("smime_cert"), p.Name, "", "%v", err)
-				continue
-			}
-			if !certHasEmail(cert, p.Email) {
-				e.Addf(field("smime_cert"), p.Name, "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
-			}
-			k.SMIMEPartners[p.Name] = cert
-			k.checkCert(field("smime_cert"), p.Name, cert, now, e)
-		}
+		k.loadPartner(cfg, i, &p, now, pe)
 	}
-	if err := e.Err(); err != nil {
-		return nil, err
+	if e.Err() != nil {
+		e.Problems = append(e.Problems, pe.Problems...)
+		return nil, e
+	}
+	if pe.Err() != nil {
+		k.Problems = pe
 	}
 	return k, nil
+}
+
+// loadPartner loads the key or certificate of partner p (partners[i]),
+// adding its problems to e. One that cannot serve p at all is Unusable.
+func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now time.Time, e *config.Error) {
+	field := func(f string) string { return fmt.Sprintf("partners[%d].%s", i, f) }
+	unusable := func(f, hint, format string, args ...any) {
+		e.Addf(field(f), p.Name, hint, format, args...)
+		k.Unusable[p.Name] = fmt.Sprintf("partner %s: %s: ", p.Name, field(f)) + fmt.Sprintf(format, args...)
+	}
+	switch p.Security {
+	case "pgp":
+		ent, err := security.LoadPGPKey(cfg.Path(p.PGPKey), nil)
+		if err != nil {
+			unusable("pgp_key", "", "%v", err)
+			return
+		}
+		if !pgpHasEmail(ent, p.Email) {
+			unusable("pgp_key", "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
+		}
+		k.PGPPartners[p.Name] = ent
+		k.checkPGP(field("pgp_key"), p.Name, ent, now, e)
+		// An expired encryption subkey is an expired key (checkPGP
+		// reports the primary key's own expiry).
+		if why := security.PGPUnusable(ent, now); why != "" && !strings.Contains(why, "OpenPGP key expired") {
+			e.Addf(field("pgp_key"), p.Name, "ask the partner for its renewed key", "%s", why)
+		}
+	case "smime":
+		cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
+		if err != nil {
+			unusable("smime_cert", "", "%v", err)
+			return
+		}
+		if !certHasEmail(cert, p.Email) {
+			unusable("smime_cert", "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
+		}
+		k.SMIMEPartners[p.Name] = cert
+		k.checkCert(field("smime_cert"), p.Name, cert, now, e)
+	}
 }
 
 func passphrase(cfg *config.Config) ([]byte, error) {
@@ -178,4 +210,35 @@ func samePublicKey(c *x509.Certificate, key crypto.Signer) bool {
 	type equaler interface{ Equal(crypto.PublicKey) bool }
 	pub, ok := key.Public().(equaler)
 	return ok && pub.Equal(c.PublicKey)
+}
+
+// Load reads the configuration at path, checks the files it names and
+// loads the keys: what serve, check and a reload do. A partner's missing or
+// unreadable key file is left to LoadKeys, which keeps it a partner
+// problem (Keys.Problems) rather than one that stops the start.
+func Load(path string, now time.Time) (*config.Config, *Keys, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	var ce *config.Error
+	if err := cfg.CheckFiles(); errors.As(err, &ce) {
+		kept := ce.Problems[:0]
+		for _, p := range ce.Problems {
+			if p.Partner == "" || !strings.HasSuffix(p.Field, ".pgp_key") && !strings.HasSuffix(p.Field, ".smime_cert") {
+				kept = append(kept, p)
+			}
+		}
+		ce.Problems = kept
+		if ce.Err() != nil {
+			return nil, nil, ce
+		}
+	} else if err != nil {
+		return nil, nil, err
+	}
+	keys, err := LoadKeys(cfg, now)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cfg, keys, nil
 }

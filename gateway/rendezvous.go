@@ -165,7 +165,7 @@ func (g *Gateway) rendezvousResponse(r mailbox.Result) bool {
 	written := func(err error) {
 		if err != nil {
 			g.log.Info("response left for the deliverer", "partner", partner, "id", r.ID, "reason", err.Error())
-			g.deliverer.Notify(partner)
+			g.side().deliverer.Notify(partner)
 			return
 		}
 		if err := g.store.MarkDelivered(context.Background(), r.ID, nil); err != nil {

@@ -73,9 +73,36 @@ func (s *Server) limitHit(limit string) {
 	}
 }
 
+// Limits are the settings of a running Server that SetLimits changes.
+type Limits struct {
+	MaxMessageSize int           // bytes
+	MaxConnections int           // simultaneous connections
+	IdleTimeout    time.Duration // close a silent connection
+}
+
+// SetLimits changes the limits of a running server (a reload): new
+// connections, and every read after it, follow them; zero fields keep
+// their value.
+func (s *Server) SetLimits(l Limits) {
+	cur := *s.lim.Load()
+	if l.MaxMessageSize > 0 {
+		cur.MaxMessageSize = l.MaxMessageSize
+	}
+	if l.MaxConnections > 0 {
+		cur.MaxConnections = l.MaxConnections
+	}
+	if l.IdleTimeout > 0 {
+		cur.IdleTimeout = l.IdleTimeout
+	}
+	s.lim.Store(&cur)
+}
+
+func (s *Server) limits() Limits { return *s.lim.Load() }
+
 // Server is one partner's surrogate listener.
 type Server struct {
 	opts     Options
+	lim      atomic.Pointer[Limits]
 	log      *slog.Logger
 	mu       sync.Mutex
 	ln       net.Listener
@@ -112,7 +139,9 @@ func New(opts Options) (*Server, error) {
 	if opts.IDs == nil {
 		opts.IDs = hl7.NewIDGen("HM", time.Now())
 	}
-	return &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{}}, nil
+	s := &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{}}
+	s.lim.Store(&Limits{MaxMessageSize: opts.MaxMessageSize, MaxConnections: opts.MaxConnections, IdleTimeout: opts.IdleTimeout})
+	return s, nil
 }
 
 // Listen opens a TCP listener on addr with keepalive probes, so that a router
@@ -173,9 +202,9 @@ func (s *Server) startConn(nc net.Conn) {
 		nc.Close()
 		return
 	}
-	if len(s.conns) >= s.opts.MaxConnections {
+	if limit := s.limits().MaxConnections; len(s.conns) >= limit {
 		s.mu.Unlock()
-		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", s.opts.MaxConnections)
+		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", limit)
 		s.limitHit(LimitConnections)
 		nc.Close()
 		return
@@ -268,7 +297,7 @@ func (c *conn) beginRead() bool {
 		return false
 	}
 	c.busy = false
-	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.IdleTimeout))
+	c.nc.SetReadDeadline(time.Now().Add(c.s.limits().IdleTimeout))
 	return true
 }
 
@@ -296,7 +325,7 @@ func (c *conn) serve() {
 		s.wg.Done()
 	}()
 	c.log.Info("router connected", "remote", c.nc.RemoteAddr().String())
-	rd := mllp.NewReader(c.nc, s.opts.MaxMessageSize)
+	rd := mllp.NewReader(c.nc, s.limits().MaxMessageSize)
 	for {
 		current = nil
 		if !c.beginRead() {
@@ -337,7 +366,7 @@ func (c *conn) frameError(err error) bool {
 		h, _ := hl7.ParseHeader(fe.Prefix)
 		reason := "frame has no end block"
 		if errors.Is(err, mllp.ErrTooLarge) {
-			reason = fmt.Sprintf("message of %d bytes exceeds the limit of %d", fe.Size, c.s.opts.MaxMessageSize)
+			reason = fmt.Sprintf("message of %d bytes exceeds the limit of %d", fe.Size, c.s.limits().MaxMessageSize)
 			c.s.limitHit(LimitMessageSize)
 		}
 		attrs := []any{"reason", reason, "size", fe.Size}
@@ -350,7 +379,7 @@ func (c *conn) frameError(err error) bool {
 	case c.s.closing.Load():
 		c.log.Info("connection closed for shutdown")
 	case isTimeout(err):
-		c.log.Info("closing idle connection", "idle_timeout", c.s.opts.IdleTimeout.String())
+		c.log.Info("closing idle connection", "idle_timeout", c.s.limits().IdleTimeout.String())
 	default:
 		c.log.Warn("connection ended", "err", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -22,7 +23,9 @@ outgoing.mbox, retried while the SMTP server is unreachable); the IMAP
 watcher that takes partner mail in and delivers it to the router; and the
 dashboard (dashboard.addr: the page, /metrics, /healthz, /readyz). Stops on
 SIGINT or SIGTERM, finishing the messages being stored and the mail being
-sent.`, stderr)
+sent. SIGHUP (or "hl7mail reload") reads the configuration, the keys and the
+secret files again and applies them without dropping router connections; a
+configuration with problems is refused and the running one kept.`, stderr)
 	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	format := fs.String("log-format", "auto", "log format: auto (text on a terminal, else JSON), json, text")
@@ -50,12 +53,23 @@ sent.`, stderr)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log, Tail: tail})
+	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log, Tail: tail, ConfigPath: *cfgPath})
 	if err != nil {
 		log.Error("start failed", "err", err)
 		return 1
 	}
-	<-ctx.Done()
+	// SIGHUP reloads partners.yaml, the keys and the secret files.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-hup:
+			log.Info("SIGHUP: reloading the configuration", "config", *cfgPath)
+			g.Reload(ctx) // refused reloads are logged with every problem
+		}
+	}
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), *grace)
 	defer cancel()

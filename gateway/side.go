@@ -1,0 +1,241 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/notify"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// side is what one configuration builds and a reload replaces: the keys
+// and the mail side (the sender, the deliverer, the receiver and its IMAP
+// watchers, the sweeper, the key watch and the notices to personnel). The
+// store, the journals, the surrogates and the dashboard stay.
+type side struct {
+	cfg        *config.Config
+	keys       *Keys
+	sender     *mailbox.Sender
+	deliverer  *mailbox.Deliverer
+	receiver   *mailbox.Receiver
+	responder  *mailbox.Responder
+	localLinks map[string]*mailbox.Link // local address (lower case) → its own IMAP account
+	runs       []func(context.Context)
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// buildSide makes the mail side of cfg and keys; nothing runs until start.
+// Secrets (the SMTP and IMAP passwords, the webhook token) are read here,
+// so that a reload reads them again.
+func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
+	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*mailbox.Link{}}
+	log := g.log
+	submitter := g.opts.Submitter
+	if submitter == nil {
+		var err error
+		if submitter, err = newSubmitter(cfg); err != nil {
+			return nil, err
+		}
+	}
+	var err error
+	s.sender, err = mailbox.NewSender(mailbox.SenderOptions{
+		Config: cfg, Store: g.store, Journal: g.outgoing, Submitter: submitter,
+		RetryBase: retryBase(g.opts.RetryBase, cfg.SMTP.Retry.D()),
+		Logger:    log.With("component", "sender"), Sealer: &keys.Sealer, Link: &g.smtpLink,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// The sender learns of the responses queued from the store (OnIngest).
+	s.responder = &mailbox.Responder{Config: cfg, Store: g.store, Logger: log.With("component", "responder")}
+	s.deliverer, err = mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: g.store,
+		Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
+		Delivered: s.responder.Delivered, Held: g.held})
+	if err != nil {
+		return nil, err
+	}
+	s.receiver = &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
+		Store: g.store, Journal: g.incoming, Logger: log.With("component", "receiver"), Notify: s.sender.Notify}
+	// Without imap.addr, mail comes in only through "hl7mail receive"
+	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
+	if cfg.IMAP.Addr != "" {
+		run, err := g.watcher(s, &cfg.IMAP, "imap", "", &g.imapLink, log.With("component", "imap"))
+		if err != nil {
+			return nil, err
+		}
+		s.runs = append(s.runs, run)
+	} else {
+		g.imapLink.Off()
+	}
+	// Local addresses with an account of their own (§6.3): mail fetched
+	// there is for that address, and goes to its router.
+	for i := range cfg.Local {
+		l := &cfg.Local[i]
+		if l.IMAP == nil || l.IMAP.Addr == "" {
+			continue
+		}
+		link := &mailbox.Link{}
+		s.localLinks[strings.ToLower(l.Address)] = link
+		run, err := g.watcher(s, l.IMAP, "local "+l.Address+" imap", l.Address, link,
+			log.With("component", "imap", "local", l.Address))
+		if err != nil {
+			return nil, err
+		}
+		s.runs = append(s.runs, run)
+	}
+	notifier, err := newNotifier(cfg, g.store, submitter, log.With("component", "notify"), g.opts.NoticeGather)
+	if err != nil {
+		return nil, err
+	}
+	sweep := func(ctx context.Context) {
+		mailbox.RunSweeper(ctx, cfg, g.store, log.With("component", "sweeper"), sweepInterval(cfg))
+	}
+	s.runs = append(s.runs, s.sender.Run, s.deliverer.Run, sweep, g.keyWatch(keys))
+	if notifier != nil {
+		s.runs = append(s.runs, notifier.Run)
+	}
+	return s, nil
+}
+
+// sweepInterval is how often receipts and stuck messages are looked at: a
+// tenth of the shortest mdn_timeout, between a second and a minute.
+func sweepInterval(cfg *config.Config) time.Duration {
+	d := time.Minute
+	for _, p := range cfg.Partners {
+		d = min(d, p.MDNTimeout.D()/10)
+	}
+	return max(d, time.Second)
+}
+
+// newSubmitter is the SMTP submission of cfg's smtp section.
+func newSubmitter(cfg *config.Config) (*mailbox.SMTPSubmitter, error) {
+	password, err := cfg.Secret(cfg.SMTP.PasswordFile, cfg.SMTP.PasswordEnv)
+	if err != nil {
+		return nil, fmt.Errorf("smtp password: %w", err)
+	}
+	tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile))
+	if err != nil {
+		return nil, fmt.Errorf("smtp.ca_file: %w", err)
+	}
+	return &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
+		Password: password}, nil
+}
+
+// newNotifier is the notices to personnel of cfg's alerts section, nil
+// when it names nobody.
+func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log *slog.Logger, gather time.Duration) (*notify.Notifier, error) {
+	a := cfg.Alerts
+	if len(a.Email) == 0 && a.Webhook.URL == "" {
+		return nil, nil
+	}
+	o := notify.Options{Store: st, Logger: log, Site: cfg.Self.Name, Gather: gather}
+	if len(a.Email) > 0 {
+		o.Mail = &notify.Mail{From: cfg.Self.Email, To: a.Email,
+			Send: func(ctx context.Context, from string, to []string, msg []byte) error {
+				return sub.Submit(ctx, from, to, msg, mailbox.SubmitOptions{})
+			}}
+	}
+	if a.Webhook.URL != "" {
+		token, err := cfg.Secret(a.Webhook.TokenFile, "")
+		if err != nil {
+			return nil, fmt.Errorf("alerts.webhook.token_file: %w", err)
+		}
+		o.Webhook = &notify.Webhook{URL: a.Webhook.URL, Token: token}
+	}
+	return notify.New(o)
+}
+
+// start runs the side until stop.
+func (s *side) start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	for _, run := range s.runs {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			run(ctx)
+		}()
+	}
+}
+
+// stop ends the side and waits for it: the mail in hand and the attempt
+// under way finish.
+func (s *side) stop() {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+}
+
+// keyWatch reports keys that come within ExpiryWarning of their end while
+// running: looked at again twice a day.
+func (g *Gateway) keyWatch(keys *Keys) func(context.Context) {
+	return func(ctx context.Context) {
+		t := time.NewTicker(12 * time.Hour)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-t.C:
+				for _, w := range keys.Expiring(now) {
+					g.keyAlert(ctx, w)
+				}
+			}
+		}
+	}
+}
+
+// watcher makes the watcher of one IMAP account: imap's (recipient "") or
+// a local address's own. name says which in errors.
+func (g *Gateway) watcher(s *side, im *config.IMAP, name, recipient string, link *mailbox.Link, log *slog.Logger) (func(context.Context), error) {
+	password, err := s.cfg.Secret(im.PasswordFile, im.PasswordEnv)
+	if err != nil {
+		return nil, fmt.Errorf("%s password: %w", name, err)
+	}
+	tc, err := tlsConfig(im.Addr, s.cfg.Path(im.CAFile))
+	if err != nil {
+		return nil, fmt.Errorf("%s.ca_file: %w", name, err)
+	}
+	w, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+		Addr: im.Addr, TLS: im.TLS, TLSConfig: tc, Username: im.Username, Password: password,
+		Mailbox: im.Mailbox, Processed: im.Processed, Quarantine: im.Quarantine,
+		Poll: im.Poll.D(), MaxSize: int64(im.MaxMailSize), Receiver: s.receiver, Store: g.store,
+		Logger: log, Recipient: recipient, Link: link, Handled: g.handled,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return w.Run, nil
+}
+
+// tlsConfig returns the TLS settings for a mail server at addr: nil (the
+// system's roots) unless a CA file is configured, whose certificates then
+// are the only ones trusted. Verification is never turned off.
+func tlsConfig(addr, caFile string) (*tls.Config, error) {
+	if caFile == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
