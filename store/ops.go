@@ -324,7 +324,6 @@ func (s *Store) Counts(ctx context.Context) ([]Count, error) {
 	}, `SELECT partner, direction, state, count(*) FROM messages GROUP BY partner, direction, state`)
 }
 
-
 // QuarantineReasons returns how many mails were refused, by reason.
 func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT reason, count(*) FROM quarantine GROUP BY reason`)
