@@ -218,10 +218,27 @@ func (g *Gateway) keyProblems(ctx context.Context, keys *Keys) {
 			g.log.Error("alert not recorded", "err", err)
 		}
 	}
+	current := map[string]bool{}
 	for _, w := range keys.Expiring(time.Now()) {
+		current[keyAlertPrefix+w] = true
 		g.keyAlert(ctx, w)
 	}
+	// A key replaced since its alert was raised is no longer a problem.
+	open, err := g.store.OpenAlertKeys(ctx, keyAlertPrefix)
+	if err != nil {
+		g.log.Error("alerts not readable", "err", err)
+	}
+	for _, k := range open {
+		if !current[k] {
+			if _, err := g.store.ClearAlert(ctx, k); err != nil {
+				g.log.Error("alert not cleared", "err", err)
+			}
+		}
+	}
 }
+
+// keyAlertPrefix starts the alert key of a key that expires soon, or did.
+const keyAlertPrefix = "key-expiry:"
 
 // rollback releases what Start opened before it failed.
 func (g *Gateway) rollback() {
@@ -360,7 +377,7 @@ func (g *Gateway) startDashboard(opts Options) error {
 // keyAlert raises an alert for a key or certificate that expires soon,
 // unless one is open for it already (it is found again at each start).
 func (g *Gateway) keyAlert(ctx context.Context, warning string) {
-	_, raised, err := g.store.RaiseOnce(ctx, "key-expiry:"+warning, store.Alert{Kind: store.AlertKey, Text: warning})
+	_, raised, err := g.store.RaiseOnce(ctx, keyAlertPrefix+warning, store.Alert{Kind: store.AlertKey, Text: warning})
 	if err != nil {
 		g.log.Error("alert not recorded", "err", err)
 	} else if raised {
