@@ -135,6 +135,10 @@ type Alerts struct {
 	// Webhook, when its URL is set, gets each notice as a JSON POST,
 	// retried until it answers 2xx.
 	Webhook Webhook `yaml:"webhook"`
+	// Digest is the least time between two notices: alerts raised within it
+	// are told as one digest (default 1m). A first alert waits a sixth of
+	// it (at most 10s) for others to go with it.
+	Digest Duration `yaml:"digest"`
 }
 
 // Webhook is an HTTP endpoint for alert notices.
@@ -357,6 +361,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Dashboard.Addr == "" {
 		c.Dashboard.Addr = DefaultDashboard
+	}
+	if c.Alerts.Digest == 0 {
+		c.Alerts.Digest = Duration(time.Minute)
 	}
 	for i := range c.Partners {
 		p := &c.Partners[i]

@@ -140,7 +140,10 @@ func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log
 	if len(a.Email) == 0 && a.Webhook.URL == "" {
 		return nil, nil
 	}
-	o := notify.Options{Store: st, Logger: log, Site: cfg.Self.Name, Gather: gather}
+	if gather == 0 {
+		gather = min(a.Digest.D()/6, 10*time.Second)
+	}
+	o := notify.Options{Store: st, Logger: log, Site: cfg.Self.Name, Gather: gather, Every: a.Digest.D()}
 	if len(a.Email) > 0 {
 		o.Mail = &notify.Mail{From: cfg.Self.Email, To: a.Email,
 			Send: func(ctx context.Context, from string, to []string, msg []byte) error {

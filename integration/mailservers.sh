@@ -6,6 +6,12 @@
 #   mailservers.sh start DIR SMTP_PORT IMAP_PORT LMTP_PORT ADDRESS...
 #   mailservers.sh stop DIR
 #
+# With SUBMISSION_PORT and AUTH_PORT set, Postfix also listens for
+# submission on SUBMISSION_PORT as sites run it: STARTTLS required (a
+# certificate for 127.0.0.1 from a CA made here, DIR/tls/ca.pem) and SASL
+# AUTH through Dovecot's auth service (on AUTH_PORT), relaying only for a
+# client that logged in. The port SMTP_PORT stays as it is: no AUTH offered.
+#
 # With PIPE_DOMAIN and PIPE_ALIASES set, Postfix also delivers mail for
 # PIPE_DOMAIN locally, through the aliases file PIPE_ALIASES (e.g.
 # ward: "|/usr/local/bin/hl7mail receive -config ..."), whose commands run
@@ -82,6 +88,16 @@ protocol lmtp {
   auth_username_format = %u
 }
 CONF
+if [ -n "${AUTH_PORT:-}" ]; then
+  cat >> "$dir/dovecot/dovecot.conf" <<CONF
+service auth {
+  inet_listener {
+    address = 127.0.0.1
+    port = $AUTH_PORT
+  }
+}
+CONF
+fi
 dovecot -c "$dir/dovecot/dovecot.conf" </dev/null >/dev/null 2>&1
 
 # Postfix: a configuration directory of its own, which root may use only
@@ -116,13 +132,37 @@ if [ -n "${PIPE_DOMAIN:-}" ]; then
     "alias_database = hash:$dir/postfix/aliases" 'local_recipient_maps = $alias_maps' "default_privs = nobody"
   postalias -c "$dir/postfix" "$dir/postfix/aliases"
 fi
+if [ -n "${SUBMISSION_PORT:-}" ]; then
+  tls=$dir/tls
+  mkdir -p "$tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=hl7mail test CA" -keyout "$tls/ca.key" \
+    -out "$tls/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$tls/ext"
+  openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial -days 2 \
+    -extfile "$tls/ext" -out "$tls/server.pem" 2>/dev/null
+  chmod 644 "$tls/ca.pem" "$tls/server.pem"
+  postconf -c "$dir/postfix" -e "smtpd_tls_cert_file = $tls/server.pem" "smtpd_tls_key_file = $tls/server.key" \
+    "smtpd_sasl_type = dovecot" "smtpd_sasl_path = inet:127.0.0.1:$AUTH_PORT"
+  cat >> "$dir/postfix/master.cf" <<CONF
+127.0.0.1:$SUBMISSION_PORT inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_tls_auth_only=yes
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+CONF
+fi
 mkdir -p "$dir/postfix/queue" "$dir/postfix/data"
 chown postfix "$dir/postfix/data"
 postfix -c "$dir/postfix" check
 postfix -c "$dir/postfix" start </dev/null >/dev/null 2>&1
-for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$smtp") 2>/dev/null && exit 0
-  sleep 0.1
+for port in $smtp ${SUBMISSION_PORT:-}; do
+  for i in $(seq 51); do
+    [ "$i" = 51 ] && { echo "mailservers.sh: Postfix does not listen on 127.0.0.1:$port; see $dir/postfix/log" >&2; exit 1; }
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
 done
-echo "mailservers.sh: Postfix does not listen on 127.0.0.1:$smtp; see $dir/postfix/log" >&2
-exit 1
+exit 0

@@ -1,0 +1,324 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+	"github.com/hl7mail/hl7mail/mllp"
+)
+
+// alertRow is one entry of "hl7mail alerts -json".
+type alertRow struct {
+	ID      int64  `json:"id"`
+	Kind    string `json:"kind"`
+	Partner string `json:"partner"`
+	Text    string `json:"text"`
+	Cleared string `json:"cleared"`
+}
+
+// alerts runs "hl7mail alerts -json" (-all with all).
+func (in *instance) alerts(all bool) []alertRow {
+	in.t.Helper()
+	args := []string{"alerts", "-config", in.config, "-json"}
+	if all {
+		args = append(args, "-all")
+	}
+	out, code := in.run(args...)
+	var list []alertRow
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil {
+		in.t.Fatalf("hl7mail alerts: exit %d\n%s", code, out)
+	}
+	return list
+}
+
+// reload sends SIGHUP to the running instance.
+func (in *instance) reload() {
+	in.t.Helper()
+	if err := in.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		in.t.Fatal(err)
+	}
+}
+
+// maildir returns the mails delivered to account's inbox, in the order
+// Dovecot delivered them (its file names start with seconds and
+// microseconds).
+func maildir(t *testing.T, servers, account string) []string {
+	t.Helper()
+	var files []string
+	for _, sub := range []string{"new", "cur"} {
+		names, _ := filepath.Glob(filepath.Join(servers, "mail", account, "Maildir", sub, "*"))
+		files = append(files, names...)
+	}
+	when := func(name string) (int64, int64) {
+		base := filepath.Base(name)
+		secs, rest, _ := strings.Cut(base, ".M")
+		micro, _, _ := strings.Cut(rest, "P")
+		s, _ := strconv.ParseInt(secs, 10, 64)
+		m, _ := strconv.ParseInt(micro, 10, 64)
+		return s, m
+	}
+	sort.Slice(files, func(i, j int) bool {
+		si, mi := when(files[i])
+		sj, mj := when(files[j])
+		return si < sj || si == sj && mi < mj
+	})
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err == nil {
+			out = append(out, string(b))
+		}
+	}
+	return out
+}
+
+// subjectControlID returns the control ID in a mail's "HL7 <type> <id>"
+// Subject.
+func subjectControlID(mail string) string {
+	for _, line := range strings.Split(mail, "\n") {
+		line = strings.TrimRight(line, "\r")
+		if line == "" {
+			break
+		}
+		if v, ok := strings.CutPrefix(line, "Subject: HL7 "); ok {
+			if _, id, ok := strings.Cut(v, " "); ok {
+				return id
+			}
+		}
+	}
+	return ""
+}
+
+// hooks records the webhook's POSTs.
+type hooks struct {
+	mu     sync.Mutex
+	bodies []string
+}
+
+func (h *hooks) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(r.Body)
+	h.mu.Lock()
+	h.bodies = append(h.bodies, string(b))
+	h.mu.Unlock()
+}
+
+func (h *hooks) all() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.bodies...)
+}
+
+// TestSMTPSessionFaults runs the hospital's binary against real Postfix
+// submission with SASL AUTH through Dovecot over STARTTLS, as sites run it.
+//   - A wrong password: 50 messages all get CA, none fails, one alert is
+//     open; the password file is mended and SIGHUP sent: all 50 reach the
+//     lab's Maildir in order, the alert clears, and the ops address gets
+//     the alert and a "cleared" notice.
+//   - The same with a server that offers no AUTH (Postfix's port without
+//     SASL) while smtp.username is set.
+//   - An overdue receipt: one notice mail (read from Dovecot) and one
+//     webhook POST. No notice holds a patient's name or ID.
+func TestSMTPSessionFaults(t *testing.T) {
+	mllpSend := requireTool(t, "/usr/bin/mllp_send")
+	requireMailServers(t)
+	dir, err := os.MkdirTemp("", "hl7mail-sasl") // not t.TempDir: its parent is closed to the servers' users
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
+	smtpPort, imapPort, lmtpPort, subPort, authPort := port(), port(), port(), port(), port()
+	servers := filepath.Join(dir, "servers")
+	start := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
+		"edi@hospital.test", "lab@partner.test", "slow@partner.test", "ops@hospital.test")
+	start.Env = append(os.Environ(), "SUBMISSION_PORT="+subPort, "AUTH_PORT="+authPort)
+	if out, err := start.CombinedOutput(); err != nil {
+		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
+	}
+	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+
+	hook := &hooks{}
+	web := httptest.NewServer(hook)
+	defer web.Close()
+	siteKeys(t, dir, "hospital", "edi@hospital.test", "pgp")
+	siteKeys(t, dir, "lab", "lab@partner.test", "pgp")
+	siteKeys(t, dir, "slow", "slow@partner.test", "pgp")
+	hdir := filepath.Join(dir, "hospital")
+	password := filepath.Join(hdir, "smtp-password")
+	os.WriteFile(password, []byte("not-the-password\n"), 0o600)
+	toLab, toSlow := freePort(t), freePort(t)
+	submission := fmt.Sprintf("smtp: {addr: 127.0.0.1:%s, tls: starttls, ca_file: ../servers/tls/ca.pem,", subPort)
+	cfg := filepath.Join(hdir, "partners.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`self: {name: General Hospital, email: edi@hospital.test, pgp_key: private.asc}
+store: var
+router: {addr: %s}
+%s username: edi@hospital.test, password_file: smtp-password, retry: 1s}
+imap: {addr: 127.0.0.1:%s, tls: none, username: edi@hospital.test, password_file: imap-password, poll: 2s}
+dashboard: {addr: %s}
+alerts: {email: [ops@hospital.test], webhook: {url: %s}, digest: 3s}
+partners:
+  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc, mdn: none}
+  - {name: slow, listen: %s, email: slow@partner.test, security: pgp, pgp_key: ../slow/public.asc, mdn_timeout: 3s}
+`, freePort(t), submission, imapPort, freePort(t), web.URL, toLab, toSlow)), 0o600)
+	in := &instance{t: t, dir: hdir, config: cfg, listen: map[string]string{"lab": toLab, "slow": toSlow}}
+	in.start()
+	defer in.stop()
+
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := msgs[:61]
+	// sendTo sends batch to the partner's surrogate with mllp_send and
+	// returns the control IDs in the order sent; every answer must be CA.
+	sendTo := func(addr string, batch [][]byte) []string {
+		t.Helper()
+		var framed []byte
+		var ids []string
+		for _, m := range batch {
+			framed = mllp.AppendFrame(framed, m)
+			h, _ := hl7.ParseHeader(m)
+			ids = append(ids, h.ControlID)
+		}
+		file := filepath.Join(dir, "batch.mllp")
+		os.WriteFile(file, framed, 0o600)
+		host, p, _ := net.SplitHostPort(addr)
+		out, err := exec.Command(mllpSend, "-p", p, "-f", file, host).Output()
+		if err != nil {
+			t.Fatalf("mllp_send: %v", err)
+		}
+		if n := strings.Count(string(out), "\rMSA|CA|"); n != len(batch) {
+			t.Fatalf("mllp_send got %d CA answers, want %d", n, len(batch))
+		}
+		return ids
+	}
+	wait := func(what string, d time.Duration, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(d)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out after %s waiting for %s\nhospital log:\n%s", d, what, in.log)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	// outage checks that nothing failed and exactly one alert is open: the
+	// link-down alert with the server's words.
+	outage := func(words string) {
+		t.Helper()
+		wait("the link-down alert", 30*time.Second, func() bool {
+			for _, a := range in.alerts(false) {
+				if a.Kind == "link-down" && strings.Contains(a.Text, words) {
+					return true
+				}
+			}
+			return false
+		})
+		time.Sleep(3 * time.Second) // several retries: still one alert, nothing failed
+		open := in.alerts(false)
+		if len(open) != 1 || open[0].Kind != "link-down" || !strings.Contains(open[0].Text, words) {
+			t.Fatalf("open alerts %+v, want the one link-down alert with %q", open, words)
+		}
+		for _, m := range in.messages() {
+			if m.State == "failed" {
+				t.Fatalf("message %s failed during the outage", m.ControlID)
+			}
+		}
+	}
+	// delivered waits until the lab's Maildir holds want, in that order.
+	delivered := func(want []string) {
+		t.Helper()
+		wait(fmt.Sprintf("%d mails in the lab's Maildir", len(want)), 60*time.Second, func() bool {
+			return len(maildir(t, servers, "lab@partner.test")) >= len(want)
+		})
+		var got []string
+		for _, m := range maildir(t, servers, "lab@partner.test") {
+			got = append(got, subjectControlID(m))
+		}
+		if strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Fatalf("the lab's Maildir holds\n%v\nwant, in order,\n%v", got, want)
+		}
+	}
+	cleared := func() {
+		t.Helper()
+		wait("the alert cleared", 30*time.Second, func() bool { return len(in.alerts(false)) == 0 })
+	}
+
+	// A wrong password: 535 to AUTH.
+	ids := sendTo(toLab, used[:50])
+	outage("535")
+	os.WriteFile(password, []byte("secret\n"), 0o600)
+	in.reload()
+	delivered(ids)
+	cleared()
+	notices := func() []string { return maildir(t, servers, "ops@hospital.test") }
+	wait("the alert and the cleared notice at the ops address", 60*time.Second, func() bool {
+		raised, clearedNotice := false, false
+		for _, m := range notices() {
+			raised = raised || strings.Contains(m, "raised alert") && strings.Contains(m, "(link-down)") && strings.Contains(m, "535")
+			clearedNotice = clearedNotice || strings.Contains(m, "cleared alert") && strings.Contains(m, "(link-down)")
+		}
+		return raised && clearedNotice
+	})
+
+	// A server that offers no AUTH while smtp.username is set: 503.
+	in.edit(submission, fmt.Sprintf("smtp: {addr: 127.0.0.1:%s, tls: none,", smtpPort))
+	in.reload()
+	wait("the reload", 20*time.Second, func() bool {
+		return strings.Count(in.log.String(), `"msg":"configuration reloaded"`) == 2
+	})
+	ids = append(ids, sendTo(toLab, used[50:60])...)
+	outage("503")
+	in.edit(fmt.Sprintf("smtp: {addr: 127.0.0.1:%s, tls: none,", smtpPort), submission)
+	in.reload()
+	delivered(ids)
+	cleared()
+	all := in.alerts(true)
+	if len(all) != 2 || all[0].Cleared == "" || all[1].Cleared == "" {
+		t.Errorf("alert history %+v, want the two outages, each cleared by itself", all)
+	}
+
+	// An overdue receipt: the slow partner never answers.
+	sendTo(toSlow, used[60:61])
+	overdue := func() (mails, posts int) {
+		for _, m := range notices() {
+			mails += strings.Count(m, "(receipt-overdue)")
+		}
+		for _, b := range hook.all() {
+			posts += strings.Count(b, `"kind":"receipt-overdue"`)
+		}
+		return mails, posts
+	}
+	wait("the overdue receipt's notices", 60*time.Second, func() bool { m, p := overdue(); return m >= 1 && p >= 1 })
+	time.Sleep(5 * time.Second) // no second notice of it
+	if m, p := overdue(); m != 1 || p != 1 {
+		t.Errorf("the overdue receipt was told in %d mails and %d webhook POSTs, want one of each", m, p)
+	}
+
+	// No notice names a patient.
+	texts := append(notices(), hook.all()...)
+	for _, v := range corpus.PatientData(used) {
+		for _, text := range texts {
+			if strings.Contains(text, v) {
+				t.Fatalf("a notice holds patient data %q:\n%s", v, text)
+			}
+		}
+	}
+}
