@@ -322,3 +322,114 @@ partners:
 		}
 	}
 }
+
+// TestRouterCE: over real Postfix and Dovecot, a lab sends two messages to
+// the hospital, whose router (python3-hl7's asyncio server, scripted)
+// answers the first CE twice, then AA, and the second AE. The first reaches
+// the router three times with the same bytes and is delivered once; the
+// second is delivered once, and each answer reaches the lab's router.
+func TestRouterCE(t *testing.T) {
+	mllpSend := requireTool(t, "/usr/bin/mllp_send")
+	requireMailServers(t)
+	python := requireTool(t, "/usr/bin/python3")
+	dir, err := os.MkdirTemp("", "hl7mail-ce")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
+	smtpPort, imapPort, lmtpPort := port(), port(), port()
+	servers := filepath.Join(dir, "servers")
+	if out, err := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
+		"edi@hospital.test", "lab@partner.test").CombinedOutput(); err != nil {
+		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
+	}
+	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+	siteKeys(t, dir, "hospital", "edi@hospital.test", "pgp")
+	siteKeys(t, dir, "lab", "lab@partner.test", "pgp")
+	hospRouter := startPyRouter(t, python, filepath.Join(dir, "hospital", "router"), "CE", "CE", "AA", "AE")
+	labRouter := startPyRouter(t, python, filepath.Join(dir, "lab", "router"))
+	toHospital := freePort(t)
+	write := func(name, email, router, partner, partnerEmail, listen string) *instance {
+		cfg := filepath.Join(dir, name, "partners.yaml")
+		os.WriteFile(cfg, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: private.asc}
+store: var
+router: {addr: %s, ack_timeout: 5s}
+smtp: {addr: 127.0.0.1:%s, tls: none}
+imap: {addr: 127.0.0.1:%s, tls: none, username: %s, password_file: imap-password, poll: 1s}
+dashboard: {addr: %s}
+partners:
+  - {name: %s, listen: %s, email: %s, security: pgp, pgp_key: ../%s/public.asc}
+`, name, email, router, smtpPort, imapPort, email, freePort(t), partner, listen, partnerEmail, partner)), 0o600)
+		return &instance{t: t, dir: filepath.Join(dir, name), config: cfg, listen: map[string]string{partner: listen}}
+	}
+	hospital := write("hospital", "edi@hospital.test", hospRouter.addr, "lab", "lab@partner.test", freePort(t))
+	lab := write("lab", "lab@partner.test", labRouter.addr, "hospital", "edi@hospital.test", toHospital)
+	for _, in := range []*instance{hospital, lab} {
+		in.start()
+		defer in.stop()
+	}
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var framed []byte
+	var ids []string
+	for _, m := range msgs[100:102] {
+		framed = mllp.AppendFrame(framed, m)
+		h, _ := hl7.ParseHeader(m)
+		ids = append(ids, h.ControlID)
+	}
+	file := filepath.Join(dir, "two.mllp")
+	os.WriteFile(file, framed, 0o600)
+	host, p, _ := net.SplitHostPort(toHospital)
+	if out, err := exec.Command(mllpSend, "-p", p, "-f", file, host).Output(); err != nil ||
+		strings.Count(string(out), "\rMSA|CA|") != 2 {
+		t.Fatalf("mllp_send: %v\n%q", err, out)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for len(labRouter.messages()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 90s the lab's router has %d answers, the hospital's router %d frames\nhospital log:\n%s",
+				len(labRouter.messages()), len(hospRouter.messages()), hospital.log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	frames := hospRouter.messages()
+	if len(frames) != 4 {
+		t.Fatalf("the hospital's router got %d frames, want 4 (the first message three times, the second once)", len(frames))
+	}
+	for i, f := range frames {
+		want := ids[0]
+		if i == 3 {
+			want = ids[1]
+		}
+		if h, err := hl7.ParseHeader(f); err != nil || h.ControlID != want || i > 0 && i < 3 && string(f) != string(frames[0]) {
+			t.Errorf("frame %d: %v, %v; want %s, the same bytes each time", i, h, err, want)
+		}
+	}
+	answers := map[string]hl7.AckCode{}
+	for _, m := range labRouter.messages() {
+		a, err := hl7.ParseAck(m)
+		if err != nil {
+			t.Fatalf("the lab's router got %q: %v", m, err)
+		}
+		answers[a.ControlID] = a.Code
+	}
+	if answers[ids[0]] != hl7.ApplicationAccept || answers[ids[1]] != hl7.ApplicationError {
+		t.Errorf("answers at the lab's router %v, want %s AA and %s AE", answers, ids[0], ids[1])
+	}
+	in := 0
+	for _, m := range hospital.messages() {
+		if m.Direction == "in" {
+			in++
+			if m.State != "delivered" {
+				t.Errorf("inbound %s is %s, want delivered", m.ControlID, m.State)
+			}
+		}
+	}
+	if in != 2 {
+		t.Errorf("the hospital stored %d inbound messages, want 2", in)
+	}
+}

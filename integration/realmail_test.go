@@ -28,14 +28,20 @@ type pyRouter struct {
 	dir  string
 }
 
-func startPyRouter(t *testing.T, python, dir string) *pyRouter {
+// codes, when given, are the answers to the first messages (router.py's
+// CODES), AA after them.
+func startPyRouter(t *testing.T, python, dir string, codes ...string) *pyRouter {
 	t.Helper()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	r := &pyRouter{addr: freePort(t), dir: dir}
 	_, port, _ := net.SplitHostPort(r.addr)
-	cmd := exec.Command(python, "router.py", port, dir)
+	args := []string{"router.py", port, dir}
+	if len(codes) > 0 {
+		args = append(args, strings.Join(codes, ","))
+	}
+	cmd := exec.Command(python, args...)
 	stdout, _ := cmd.StdoutPipe()
 	log := &lockedBuffer{}
 	cmd.Stderr = log

@@ -3,12 +3,13 @@
 asyncio MLLP server of Debian's python3-hl7: a foreign MLLP peer that
 hl7mail delivers to.
 
-Usage: router.py PORT OUTDIR
+Usage: router.py PORT OUTDIR [CODES]
 
 Every message received is written to OUTDIR as it arrived, one file each
-(000001.hl7, ...), and answered with the application ACK (MSA-1 AA) that
-python-hl7's create_ack makes. ACK messages are answers themselves and get
-none. Prints "listening" once the port is open.
+(000001.hl7, ...), and answered with the acknowledgement that python-hl7's
+create_ack makes: MSA-1 AA, or, with CODES (e.g. CE,CE,AA,AE), the next of
+those codes for each message until they run out. ACK messages are answers
+themselves and get none. Prints "listening" once the port is open.
 """
 import asyncio
 import os
@@ -18,7 +19,7 @@ import hl7
 from hl7.mllp import start_hl7_server
 
 
-async def main(port, outdir):
+async def main(port, outdir, codes):
     count = 0
 
     async def handle(reader, writer):
@@ -34,7 +35,8 @@ async def main(port, outdir):
                 msg = hl7.parse(block.decode("utf-8"))
                 if str(msg.segment("MSH")(9)(1)(1)) == "ACK":
                     continue
-                writer.writeblock(str(msg.create_ack("AA")).encode("utf-8"))
+                code = codes.pop(0) if codes else "AA"
+                writer.writeblock(str(msg.create_ack(code)).encode("utf-8"))
                 await writer.drain()
         except asyncio.IncompleteReadError:
             pass
@@ -48,4 +50,5 @@ async def main(port, outdir):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    codes = sys.argv[3].split(",") if len(sys.argv) > 3 else []
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], codes))
