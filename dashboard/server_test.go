@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"encoding/json"
 	"errors"
 	"io"
@@ -484,5 +485,42 @@ func TestReceive(t *testing.T) {
 	}
 	if len(inst.received) != 2 {
 		t.Errorf("instance got %d mails, want 2", len(inst.received))
+	}
+}
+
+// TestRetryAllAndReload: POST /api/retry puts back every failed message of
+// one partner ({"partner": NAME}) or of all ({"partner": ""}); POST
+// /api/reload asks the instance to reload.
+func TestRetryAllAndReload(t *testing.T) {
+	inst := newInstance(t)
+	ctx := context.Background()
+	st := inst.st
+	var ids []int64
+	for i, p := range []string{"tucker-lab", "clinic", "tucker-lab"} {
+		a, _ := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: p, ControlID: fmt.Sprint("F", i),
+			MessageType: "ORM^O01", Payload: []byte(fmt.Sprint("MSH|", i))})
+		st.MarkFinal(ctx, a.ID, store.Failed, "550 no such user")
+		ids = append(ids, a.ID)
+	}
+	_, ts := newServer(t, Options{Instance: inst})
+	if code, body := post(t, ts.URL+"/api/retry", `{"partner":"tucker-lab"}`); code != 200 || !strings.Contains(body, `"requeued": 2`) {
+		t.Errorf("retry tucker-lab = %d %s, want 2 requeued", code, body)
+	}
+	if m, _ := st.Get(ctx, ids[1]); m.State != store.Failed {
+		t.Errorf("the clinic's message is %s, want still failed", m.State)
+	}
+	if code, body := post(t, ts.URL+"/api/retry", `{"partner":""}`); code != 200 || !strings.Contains(body, `"requeued": 1`) {
+		t.Errorf("retry all = %d %s, want 1 requeued", code, body)
+	}
+	for _, id := range ids {
+		if m, _ := st.Get(ctx, id); m.State != store.Queued {
+			t.Errorf("message %d is %s, want queued", id, m.State)
+		}
+	}
+	if code, _ := post(t, ts.URL+"/api/retry", `nonsense`); code != http.StatusBadRequest {
+		t.Errorf("retry without a JSON body = %d, want 400", code)
+	}
+	if code, body := post(t, ts.URL+"/api/reload", `{}`); code != 200 || inst.reloads != 1 {
+		t.Errorf("reload = %d %s, %d reloads", code, body, inst.reloads)
 	}
 }

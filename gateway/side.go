@@ -125,12 +125,18 @@ func newSubmitter(cfg *config.Config) (*mailbox.SMTPSubmitter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("smtp password: %w", err)
 	}
-	tc, err := tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile))
+	tc, err := SMTPTLSConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("smtp.ca_file: %w", err)
 	}
 	return &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
 		Password: password}, nil
+}
+
+// SMTPTLSConfig returns the TLS settings for cfg's SMTP server (see
+// tlsConfig).
+func SMTPTLSConfig(cfg *config.Config) (*tls.Config, error) {
+	return tlsConfig(cfg.SMTP.Addr, cfg.Path(cfg.SMTP.CAFile))
 }
 
 // newNotifier is the notices to personnel of cfg's alerts section, nil

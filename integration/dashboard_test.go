@@ -243,8 +243,30 @@ func TestOperatorCommands(t *testing.T) {
 	if out, code := in.run("retry", "-config", in.config, id); code == 0 || !strings.Contains(out, "only failed or expired") {
 		t.Errorf("retry of a sent message: %d\n%s", code, out)
 	}
-	if out, code := in.run("alerts", "-config", in.config, "-ack", fmt.Sprint(open[0].ID), "-by", "night shift"); code != 0 {
-		t.Fatalf("alerts -ack: %d\n%s", code, out)
+	// Two more fail; "retry -all" puts both back, and they leave in order.
+	smtpSrv.FailPermanently()
+	for _, m := range msgs[4:6] {
+		if code := sendOne(t, in.listen["tucker-lab"], m); code != hl7.CommitAccept {
+			t.Fatalf("surrogate answered %s", code)
+		}
+	}
+	in.waitMessages(3, func(l []storedMessage) bool { return l[0].State == "failed" && l[1].State == "failed" })
+	smtpSrv.Recover()
+	if out, code := in.run("retry", "-config", in.config, "-all"); code != 0 || !strings.Contains(out, "2 messages queued again") {
+		t.Fatalf("retry -all: %d\n%s", code, out)
+	}
+	in.waitMessages(3, func(l []storedMessage) bool {
+		return l[0].State == "sent" && l[1].State == "sent" && l[2].State == "sent"
+	})
+	if mails := smtpSrv.Mails(); len(mails) != 3 || messageID(mails[1].Data) == messageID(mails[2].Data) ||
+		!strings.Contains(string(mails[1].Data), "Subject: HL7 ") {
+		t.Errorf("SMTP server took %d mails, want 3", len(mails))
+	}
+	open = alerts()
+	for _, a := range open {
+		if out, code := in.run("alerts", "-config", in.config, "-ack", fmt.Sprint(a.ID), "-by", "night shift"); code != 0 {
+			t.Fatalf("alerts -ack: %d\n%s", code, out)
+		}
 	}
 	if a := alerts(); len(a) != 0 {
 		t.Errorf("open alerts after ack = %+v", a)
@@ -255,10 +277,49 @@ func TestOperatorCommands(t *testing.T) {
 	if out, _ := in.run("status", "-config", in.config); !strings.Contains(out, "not running") || !strings.Contains(out, "tucker-lab") {
 		t.Errorf("status while stopped:\n%s", out)
 	}
-	if a := alerts("-all"); len(a) != 1 || a[0].AckedBy != "night shift" {
+	if a := alerts("-all"); len(a) != 3 || a[0].AckedBy != "night shift" {
 		t.Errorf("alerts -all while stopped = %+v", a)
 	}
 	if out, code := in.run("retry", "-config", in.config, "999"); code == 0 || !strings.Contains(out, "no such message") {
 		t.Errorf("retry of an unknown message while stopped: %d\n%s", code, out)
 	}
+}
+
+// TestDashboardRetryButton: in headless Chromium, a partner with a failed
+// message shows a Retry button in its row; once the SMTP server takes mail
+// again, a click sends the message.
+func TestDashboardRetryButton(t *testing.T) {
+	b := startBrowser(t)
+	smtpSrv := &embedded.SMTP{}
+	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer smtpSrv.Close()
+	smtpSrv.FailPermanently()
+	in := newInstance(t, "tucker-lab")
+	data, _ := os.ReadFile(in.config)
+	old := string(data)[strings.Index(string(data), "smtp: {addr: "):]
+	in.edit(old[:strings.Index(old, "}")+1], "smtp: {addr: "+smtpAddr+", tls: none}")
+	in.start()
+	in.waitReady("")
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := sendOne(t, in.listen["tucker-lab"], msgs[9]); code != hl7.CommitAccept {
+		t.Fatalf("surrogate answered %s", code)
+	}
+	in.waitMessages(1, func(l []storedMessage) bool { return l[0].State == "failed" })
+	b.open("http://" + in.dash + "/")
+	button := `document.querySelector('#partners tbody tr[data-partner="tucker-lab"] button.retry-partner')`
+	b.waitFor("the Retry button", "return "+button+" !== null", 10*time.Second)
+	smtpSrv.Recover()
+	var clicked bool
+	b.eval("const b = "+button+"; b.click(); return true", &clicked)
+	in.waitMessages(1, func(l []storedMessage) bool { return l[0].State == "sent" })
+	if smtpSrv.Count() != 1 {
+		t.Errorf("SMTP server took %d mails, want 1", smtpSrv.Count())
+	}
+	b.waitFor("the button gone", "return "+button+" === null", 10*time.Second)
 }

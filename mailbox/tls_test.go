@@ -113,3 +113,29 @@ func TestRequireTLS(t *testing.T) {
 		}
 	}
 }
+
+// TestProbe: Probe reports what the server offers after STARTTLS, sending
+// nothing.
+func TestProbe(t *testing.T) {
+	cert, pool := serverCert(t)
+	for _, tt := range []struct {
+		users      map[string]string
+		requireTLS bool
+		want       Offer
+	}{
+		{want: Offer{TLS: true}},
+		{users: map[string]string{"a": "b"}, requireTLS: true, want: Offer{TLS: true, Auth: true, RequireTLS: true}},
+	} {
+		srv := &embedded.SMTP{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, Users: tt.users, RequireTLS: tt.requireTLS}
+		addr, err := srv.Serve("127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub := &SMTPSubmitter{Addr: addr, TLS: "starttls", TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}
+		got, err := sub.Probe(context.Background(), 5*time.Second)
+		srv.Close()
+		if err != nil || got != tt.want || srv.Count() != 0 {
+			t.Errorf("Probe = %+v, %v (%d mails); want %+v and nothing sent", got, err, srv.Count(), tt.want)
+		}
+	}
+}

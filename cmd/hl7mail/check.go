@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/mailbox"
 )
 
 func runCheck(args []string, stdout, stderr io.Writer) int {
@@ -17,8 +19,12 @@ the partner's address and has not expired, and warns of any that expire within
 30 days. Prints every problem with its line and exits 1, or prints a summary
 and exits 0. A partner's key problem (unreadable, expired, another address)
 is a problem here too, though serve starts with it: that partner's queue
-waits with an alert while the others work.`, stderr)
+waits with an alert while the others work. It also connects to the SMTP
+server (unless -offline) and warns when it does not offer what the
+configuration needs: AUTH for smtp.username, REQUIRETLS for a partner's
+require_tls. Such a server holds the mail with an alert; it fails nothing.`, stderr)
 	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	offline := fs.Bool("offline", false, "do not connect to the SMTP server to see what it offers")
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
@@ -29,6 +35,11 @@ waits with an alert while the others work.`, stderr)
 	}
 	for _, w := range keys.Warnings {
 		fmt.Fprintln(stderr, "warning:", w)
+	}
+	if !*offline {
+		for _, w := range smtpWarnings(cfg) {
+			fmt.Fprintln(stderr, "warning:", w)
+		}
 	}
 	if keys.Problems != nil {
 		// serve starts with these, and holds these partners' queues.
@@ -47,4 +58,31 @@ waits with an alert while the others work.`, stderr)
 // the keys and certificates (gateway.Load).
 func loadChecked(path string) (*config.Config, *gateway.Keys, error) {
 	return gateway.Load(path, time.Now())
+}
+
+// smtpWarnings says what the configured SMTP server lacks for cfg: it is
+// reached as the sender would reach it, and nothing is sent.
+func smtpWarnings(cfg *config.Config) []string {
+	tc, err := gateway.SMTPTLSConfig(cfg)
+	if err != nil {
+		return []string{"smtp.ca_file: " + err.Error()}
+	}
+	sub := &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	offer, err := sub.Probe(ctx, 5*time.Second)
+	if err != nil {
+		return []string{fmt.Sprintf("the SMTP server cannot be used now (%v): mail waits until it can", err)}
+	}
+	var out []string
+	if cfg.SMTP.Username != "" && !offer.Auth {
+		out = append(out, fmt.Sprintf("smtp.username is set but %s offers no AUTH: mail waits until it does", cfg.SMTP.Addr))
+	}
+	for _, p := range cfg.Partners {
+		if p.RequireTLS && (!offer.TLS || !offer.RequireTLS) {
+			out = append(out, fmt.Sprintf("partner %s: require_tls, but %s offers no REQUIRETLS over TLS: its mail waits until it does",
+				p.Name, cfg.SMTP.Addr))
+		}
+	}
+	return out
 }

@@ -68,7 +68,19 @@ async function loadOverview() {
     cell(tr, (p.queued_out || 0) + " / " + (p.queued_in || 0), "num");
     num(tr, p.awaiting_receipt);
     num(tr, p.overdue, true);
-    num(tr, p.failed, true);
+    const failed = num(tr, p.failed, true);
+    if (p.failed > 0) {
+      // Every failed or expired message of the partner back in its queue.
+      const b = document.createElement("button");
+      b.textContent = "Retry";
+      b.title = "send every failed or expired message of " + p.name + " again, oldest first";
+      b.className = "retry-partner";
+      b.onclick = async () => {
+        try { await post("api/retry", { partner: p.name }); } catch (e) { alert(e.message); }
+        refresh();
+      };
+      failed.appendChild(b);
+    }
     num(tr, p.quarantined, true);
     cell(tr, fmtTime(p.last_activity));
     cell(tr, p.smtp.state);

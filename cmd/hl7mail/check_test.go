@@ -1,0 +1,125 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// TestCheckWarnsOfTheServer: check connects to the SMTP server and warns
+// when it offers no AUTH though smtp.username is set; a configuration that
+// is otherwise fine still passes, and -offline does not connect.
+func TestCheckWarnsOfTheServer(t *testing.T) {
+	srv := &embedded.SMTP{}
+	addr, err := srv.Serve("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "pw"), []byte("x\n"), 0o600)
+	path := filepath.Join(dir, "partners.yaml")
+	os.WriteFile(path, []byte(fmt.Sprintf(`self: {name: h, email: edi@hospital.test}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: %s, tls: none, username: edi@hospital.test, password_file: pw}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@partner.test, security: none, allow_unencrypted: true}
+`, addr)), 0o600)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"check", "-config", path}, &out, &errOut); code != 0 {
+		t.Fatalf("check = %d\n%s%s", code, out.String(), errOut.String())
+	}
+	if !strings.Contains(errOut.String(), "smtp.username is set but "+addr+" offers no AUTH") {
+		t.Errorf("check warnings:\n%s", errOut.String())
+	}
+	errOut.Reset()
+	srv.Close()
+	if code := run([]string{"check", "-offline", "-config", path}, &out, &errOut); code != 0 || errOut.Len() != 0 {
+		t.Errorf("check -offline = %d, warnings:\n%s", code, errOut.String())
+	}
+}
+
+// TestRetryBulkStopped: with the instance stopped, "retry -partner" puts
+// back that partner's failed messages and "retry -all" everyone's, on the
+// store.
+func TestRetryBulkStopped(t *testing.T) {
+	dir := t.TempDir()
+	dash := closedPort(t)
+	path := filepath.Join(dir, "partners.yaml")
+	os.WriteFile(path, []byte(fmt.Sprintf(`self: {name: h, email: edi@hospital.test}
+store: var
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+dashboard: {addr: %s}
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@partner.test, security: none, allow_unencrypted: true}
+  - {name: clinic, listen: 127.0.0.1:9013, email: edi@clinic.test, security: none, allow_unencrypted: true}
+`, dash)), 0o600)
+	st, err := store.Open(store.Options{Dir: filepath.Join(dir, "var")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var ids []int64
+	for i, p := range []string{"lab", "clinic", "lab"} {
+		a, err := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: p, ControlID: fmt.Sprint("F", i),
+			MessageType: "ORM^O01", Payload: []byte(fmt.Sprint("MSH|", i))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.MarkFinal(ctx, a.ID, store.Failed, "550 no such user")
+		ids = append(ids, a.ID)
+	}
+	st.Close()
+	states := func() string {
+		ro, err := store.OpenReadOnly(filepath.Join(dir, "var"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ro.Close()
+		var s []string
+		for _, id := range ids {
+			m, _ := ro.Get(ctx, id)
+			s = append(s, string(m.State))
+		}
+		return strings.Join(s, " ")
+	}
+	for _, tt := range []struct {
+		args   []string
+		code   int
+		out    string
+		states string
+	}{
+		{[]string{"-all", "7"}, 2, "", "failed failed failed"},
+		{[]string{"-partner", "nobody"}, 1, "", "failed failed failed"},
+		{[]string{"-partner", "lab"}, 0, "2 messages queued again", "queued failed queued"},
+		{[]string{"-all"}, 0, "1 messages queued again", "queued queued queued"},
+	} {
+		var out, errOut bytes.Buffer
+		code := run(append([]string{"retry", "-config", path}, tt.args...), &out, &errOut)
+		if code != tt.code || !strings.Contains(out.String(), tt.out) || states() != tt.states {
+			t.Errorf("retry %v = %d %q %q, states %s; want %d %q, %s", tt.args, code, out.String(), errOut.String(), states(),
+				tt.code, tt.out, tt.states)
+		}
+	}
+}
+
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
