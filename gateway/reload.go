@@ -93,8 +93,16 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 		sd.sender.Notify(p.Name)
 		sd.deliverer.Notify(p.Name)
 	}
-	for _, name := range plan.removed {
-		// Nothing will send for it now; its queued messages wait for it.
+	// A partner removed, or whose keys now serve, is no longer held (the
+	// sender raises the alert again if its next attempt finds otherwise).
+	release := append([]string(nil), plan.removed...)
+	for i := range cfg.Partners {
+		p := &cfg.Partners[i]
+		if !p.RequireTLS && keys.Usable(p, time.Now()) == nil {
+			release = append(release, p.Name)
+		}
+	}
+	for _, name := range release {
 		if _, err := g.store.ClearAlert(ctx, "held:"+name); err != nil {
 			g.log.Error("alert not cleared", "err", err)
 		}
