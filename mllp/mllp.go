@@ -34,7 +34,7 @@ const prefixSize = 4096
 // the next frame. ErrNoStartBlock and ErrIncomplete end the stream.
 var (
 	ErrTooLarge     = errors.New("mllp: frame exceeds the maximum size")
-	ErrNoEndBlock   = errors.New("mllp: start block inside a frame (previous frame has no end block)")
+	ErrNoEndBlock   = errors.New("mllp: a new message began inside a frame (previous frame has no end block)")
 	ErrNoStartBlock = errors.New("mllp: data without a start block")
 	ErrIncomplete   = errors.New("mllp: stream ended inside a frame")
 )
@@ -98,7 +98,17 @@ func (r *Reader) ReadFrame() ([]byte, error) {
 		if end >= 0 {
 			chunk = data[:end]
 		}
-		if sb := bytes.IndexByte(chunk, StartBlock); sb >= 0 {
+		sb, more := frameStart(data, len(chunk))
+		if more > 0 {
+			// The bytes that tell a stray start block from a new frame
+			// have not arrived: wait for them (the frame is not over, so
+			// the sender has more to send), then look again.
+			if _, err := r.br.Peek(more); err == nil {
+				continue
+			}
+			sb = -1 // the stream ends: the start block was data
+		}
+		if sb >= 0 {
 			// A new frame starts before this one ended.
 			r.take(chunk[:sb], &size, &ferr)
 			r.br.Discard(sb + 1)
@@ -123,6 +133,32 @@ func (r *Reader) ReadFrame() ([]byte, error) {
 		}
 		return r.buf, nil
 	}
+}
+
+// frameStart returns the offset in data[:n] of a start block that begins a
+// new frame: one followed by a segment that starts a message (MSH) or a
+// batch (FHS, BHS), so that the frame before it lacked its end block. Any
+// other start block inside a frame is data of that frame (a stray 0x0B,
+// such as a word processor's manual line break pasted into a field): the
+// frame stays whole and gets one answer. It returns -1 when there is none;
+// more > 0 says how many bytes of data must be buffered to decide.
+func frameStart(data []byte, n int) (off, more int) {
+	for i := 0; i < n; i++ {
+		if data[i] != StartBlock {
+			continue
+		}
+		rest := data[i+1:]
+		if len(rest) < 3 {
+			if bytes.IndexByte(rest, EndBlock) >= 0 {
+				continue // the frame ends right after it: data
+			}
+			return -1, i + 4
+		}
+		if seg := string(rest[:3]); seg == "MSH" || seg == "FHS" || seg == "BHS" {
+			return i, 0
+		}
+	}
+	return -1, 0
 }
 
 // take appends p to the frame unless the frame has grown too large, in

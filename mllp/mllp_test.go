@@ -52,8 +52,16 @@ func TestReadFrame(t *testing.T) {
 		{"junk before start", "GET / HTTP/1.1" + sb + "A" + eb + cr, 0, []result{{"A", nil}}},
 		{"junk only", "GET / HTTP/1.1\r\n\r\n", 0, []result{{"", ErrNoStartBlock}}},
 		{"junk over limit", strings.Repeat("z", 100), 10, []result{{"", ErrNoStartBlock}}},
-		{"missing end block", sb + "A\rPID" + sb + "B" + eb + cr, 0,
-			[]result{{"", ErrNoEndBlock}, {"B", nil}}},
+		{"missing end block", sb + "A\rPID" + sb + "MSH|B" + eb + cr, 0,
+			[]result{{"", ErrNoEndBlock}, {"MSH|B", nil}}},
+		{"missing end block before a batch", sb + "A" + sb + "FHS|B" + eb + cr, 0,
+			[]result{{"", ErrNoEndBlock}, {"FHS|B", nil}}},
+		// A stray start block (a pasted manual line break) is data: one
+		// frame, one answer.
+		{"stray start block", sb + "MSH|a\rNTE|1||line one" + sb + "line two\r" + eb + cr + sb + "MSH|b" + eb + cr, 0,
+			[]result{{"MSH|a\rNTE|1||line one" + sb + "line two\r", nil}, {"MSH|b", nil}}},
+		{"stray start block before the end", sb + "MSH|a" + sb + eb + cr, 0, []result{{"MSH|a" + sb, nil}}},
+		{"stray start block, stream ends", sb + "MSH|a" + sb + "x", 0, []result{{"", ErrIncomplete}}},
 		{"stream ends in frame", sb + "MSH|partial", 0, []result{{"", ErrIncomplete}}},
 		{"too large, then next", sb + big + eb + cr + sb + "ok" + eb + cr, 10,
 			[]result{{"", ErrTooLarge}, {"ok", nil}}},
@@ -115,7 +123,8 @@ func TestWriteFrame(t *testing.T) {
 }
 
 // FuzzReadFrame feeds arbitrary streams: the reader must terminate without
-// panicking, return payloads that hold no frame bytes and respect the limit.
+// panicking, return payloads that hold no end block and no start block
+// that begins a message, and respect the limit.
 func FuzzReadFrame(f *testing.F) {
 	f.Add([]byte(sb+"MSH|a"+eb+cr+sb+"B"+eb+cr), 0)
 	f.Add([]byte("junk"+sb+"A"+sb+"B"+eb), 4)
@@ -142,12 +151,23 @@ func FuzzReadFrame(f *testing.F) {
 				}
 				continue
 			}
-			if len(p) > limit || bytes.IndexByte(p, StartBlock) >= 0 || bytes.IndexByte(p, EndBlock) >= 0 {
+			if len(p) > limit || bytes.IndexByte(p, EndBlock) >= 0 || startsMessage(p) {
 				t.Fatalf("ReadFrame(%q) returned bad payload %q", in, p)
 			}
 		}
 		t.Fatalf("ReadFrame(%q) returned more frames than bytes", in)
 	})
+}
+
+// startsMessage reports whether p holds a start block followed by MSH, FHS
+// or BHS: a frame boundary, never data.
+func startsMessage(p []byte) bool {
+	for _, seg := range []string{"MSH", "FHS", "BHS"} {
+		if bytes.Contains(p, []byte(sb+seg)) {
+			return true
+		}
+	}
+	return false
 }
 
 // FuzzRoundTrip checks that any payload free of frame bytes comes back
