@@ -200,6 +200,13 @@ type Partner struct {
 	IdleTimeout Duration `yaml:"idle_timeout"`
 	// MaxMessageSize bounds one HL7 message in bytes (default 1 MiB).
 	MaxMessageSize int `yaml:"max_message_size"`
+	// MaxConnectionsPerHost bounds the router connections from one source
+	// address (default three quarters of max_connections): one host cannot
+	// take every slot.
+	MaxConnectionsPerHost int `yaml:"max_connections_per_host"`
+	// FirstFrameTimeout closes a router connection that sends no complete
+	// message this long after it opened (default 30s).
+	FirstFrameTimeout Duration `yaml:"first_frame_timeout"`
 	// KeyTransport is how S/MIME content keys are encrypted to this
 	// partner: oaep (RSA-OAEP-SHA256, default) or pkcs1v15 for partners
 	// whose software needs it.
@@ -243,6 +250,7 @@ const (
 	DefaultMaxConnections = 16
 	DefaultIdleTimeout    = 10 * time.Minute
 	DefaultMaxMessageSize = 1 << 20
+	DefaultFirstFrame     = 30 * time.Second
 	DefaultMaxMailSize    = 32 << 20
 	DefaultRendezvous     = 30 * time.Second
 	DefaultOrderWait      = 10 * time.Minute
@@ -387,6 +395,12 @@ func (c *Config) applyDefaults() {
 		}
 		if p.MaxMessageSize == 0 {
 			p.MaxMessageSize = DefaultMaxMessageSize
+		}
+		if p.MaxConnectionsPerHost == 0 {
+			p.MaxConnectionsPerHost = max(1, p.MaxConnections-p.MaxConnections/4)
+		}
+		if p.FirstFrameTimeout == 0 {
+			p.FirstFrameTimeout = Duration(DefaultFirstFrame)
 		}
 		if p.KeyTransport == "" {
 			p.KeyTransport = "oaep"

@@ -176,9 +176,12 @@ func (g *Gateway) newSurrogate(ctx context.Context, p *config.Partner) (*partner
 		MaxConnections: p.MaxConnections,
 		IdleTimeout:    p.IdleTimeout.D(),
 		IDs:            g.ids,
-		Observe:        g.metrics.AckObserver(p.Name),
-		LimitHit:       func(limit string) { g.metrics.LimitHit(p.Name, limit) },
-		Rendezvous:     g.rendezvousFor(p),
+
+		FirstFrameTimeout:     p.FirstFrameTimeout.D(),
+		MaxConnectionsPerHost: p.MaxConnectionsPerHost,
+		Observe:               g.metrics.AckObserver(p.Name),
+		LimitHit:              func(limit string) { g.metrics.LimitHit(p.Name, limit) },
+		Rendezvous:            g.rendezvousFor(p),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("partner %s: surrogate: %w", p.Name, err)

@@ -184,7 +184,8 @@ func (p *surrogatePlan) commit(g *Gateway) {
 	for name, np := range p.keep {
 		pl := g.surrogates[name]
 		pl.srv.SetLimits(surrogate.Limits{MaxMessageSize: np.MaxMessageSize, MaxConnections: np.MaxConnections,
-			IdleTimeout: np.IdleTimeout.D()})
+			MaxConnectionsPerHost: np.MaxConnectionsPerHost, IdleTimeout: np.IdleTimeout.D(),
+			FirstFrameTimeout: np.FirstFrameTimeout.D()})
 		pl.partner = np
 	}
 	for _, pl := range p.close {

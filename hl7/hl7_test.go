@@ -299,3 +299,29 @@ func TestParseAck(t *testing.T) {
 		}
 	}
 }
+
+// TestParseHeaderErrorsHoldNoContent: errors name fields, lengths and
+// positions, never what the message holds (they reach logs and ACKs).
+func TestParseHeaderErrorsHoldNoContent(t *testing.T) {
+	name := "Quigglesworth^Bartholomew"
+	for _, msg := range []string{
+		// No CR and an MSH-1 that does not recur: the whole message would be MSH-2.
+		"MSH#^~\\&|HIS|GH|LAB|TL|2026||ADT^A01|1|P|2.5PID|1||555-44-3333||" + name,
+		"MSH|^~" + name + "|HIS|GH\r",
+		"MSH|^~\\&|HIS|GH|LAB|TL|2026||ADT^A01|1|P|2.5|||" + name + "\rPID|1||x||" + name + "\r",
+		"MSH|^~\\&|HIS|GH|LAB|TL|2026||ADT^A01|" + strings.Repeat("7", 60000) + "|P|2.5\r",
+	} {
+		_, err := ParseHeader([]byte(msg))
+		if err == nil {
+			t.Errorf("ParseHeader(%.40q…) = nil error", msg)
+			continue
+		}
+		if strings.Contains(err.Error(), "Quigglesworth") || strings.Contains(err.Error(), "555-44") || len(err.Error()) > 200 {
+			t.Errorf("ParseHeader(%.40q…) error holds content: %q", msg, err)
+		}
+	}
+	h, err := ParseHeader([]byte("MSH|^~\\&|A|B|C|D|2026||ADT^A01|" + strings.Repeat("7", 500) + "|P|2.7\r"))
+	if !errors.Is(err, ErrFieldTooLong) || h == nil || len(h.ControlID) != MaxControlID {
+		t.Errorf("ParseHeader(500-character MSH-10) = %v, %v; want ErrFieldTooLong and the ID cut to %d", h, err, MaxControlID)
+	}
+}

@@ -23,6 +23,9 @@ var (
 	ErrBadDelimiters = errors.New("bad MSH-1/MSH-2 delimiters")
 	// ErrMissingField means a required MSH field is empty.
 	ErrMissingField = errors.New("required MSH field missing")
+	// ErrFieldTooLong: a field of MSH is longer than any HL7 version
+	// allows (MSH-10, the control ID, at most MaxControlID characters).
+	ErrFieldTooLong = errors.New("MSH field too long")
 )
 
 // Delimiters are the separators a message declares in MSH-1 and MSH-2
@@ -114,11 +117,16 @@ func (h *Header) VersionAtLeast(major, minor int) bool {
 	return a > major || a == major && b >= minor
 }
 
+// MaxControlID is the longest MSH-10 accepted: the length HL7 v2.7 and
+// later allow (ST 199); earlier versions allow 20.
+const MaxControlID = 199
+
 // ParseHeader parses the MSH segment at the start of msg. Segments may end in
 // CR (the standard), LF or CRLF. When the delimiters are usable but a required
-// field is missing, the partly filled header is returned together with an
-// error wrapping ErrMissingField, so that a rejecting ACK can still be
-// addressed to the sender.
+// field is missing or too long, the partly filled header is returned together
+// with an error wrapping ErrMissingField or ErrFieldTooLong, so that a
+// rejecting ACK can still be addressed to the sender. Errors name fields,
+// lengths and positions, never what the message holds.
 func ParseHeader(msg []byte) (*Header, error) {
 	if len(msg) < 4 || !bytes.HasPrefix(msg, []byte("MSH")) {
 		return nil, ErrNotHL7
@@ -132,7 +140,7 @@ func ParseHeader(msg []byte) (*Header, error) {
 	}
 	fs := seg[3]
 	if !isDelimiter(fs) {
-		return nil, fmt.Errorf("%w: field separator %q", ErrBadDelimiters, fs)
+		return nil, fmt.Errorf("%w: MSH-1 is byte 0x%02X, not a printable delimiter", ErrBadDelimiters, fs)
 	}
 	fields := strings.Split(string(seg), string(fs))
 	// fields[0] is "MSH", fields[1] is MSH-2; fields[n-1] is MSH-n for n >= 2.
@@ -141,7 +149,7 @@ func ParseHeader(msg []byte) (*Header, error) {
 	}
 	enc := fields[1]
 	if len(enc) < 1 || len(enc) > 5 {
-		return nil, fmt.Errorf("%w: MSH-2 %q must hold 1 to 5 characters", ErrBadDelimiters, enc)
+		return nil, fmt.Errorf("%w: MSH-2 holds %d characters, must hold 1 to 5 (does MSH-1 recur?)", ErrBadDelimiters, len(enc))
 	}
 	d := DefaultDelimiters
 	d.Field = fs
@@ -150,7 +158,7 @@ func ParseHeader(msg []byte) (*Header, error) {
 	for i := 0; i < len(enc); i++ {
 		c := enc[i]
 		if !isDelimiter(c) || seen[c] {
-			return nil, fmt.Errorf("%w: MSH-2 %q", ErrBadDelimiters, enc)
+			return nil, fmt.Errorf("%w: MSH-2 character %d is not a usable delimiter", ErrBadDelimiters, i+1)
 		}
 		seen[c] = true
 		*slots[i] = c
@@ -197,10 +205,16 @@ func ParseHeader(msg []byte) (*Header, error) {
 	if len(missing) > 0 {
 		return h, fmt.Errorf("%w: %s", ErrMissingField, strings.Join(missing, ", "))
 	}
+	if n := len(h.ControlID); n > MaxControlID {
+		// The ACK that refuses it echoes no more than the limit.
+		h.ControlID = h.ControlID[:MaxControlID]
+		return h, fmt.Errorf("%w: MSH-10 holds %d characters, at most %d", ErrFieldTooLong, n, MaxControlID)
+	}
 	switch h.AcceptAckType {
 	case "", "AL", "NE", "ER", "SU":
 	default:
-		return h, fmt.Errorf("%w: MSH-15 %q is not AL, NE, ER or SU", ErrMissingField, h.AcceptAckType)
+		// Errors name fields, never their contents: they reach logs and ACKs.
+		return h, fmt.Errorf("%w: MSH-15 (%d characters) is not AL, NE, ER or SU", ErrMissingField, len(h.AcceptAckType))
 	}
 	return h, nil
 }

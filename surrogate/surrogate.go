@@ -43,9 +43,16 @@ type Options struct {
 	MaxMessageSize int           // bytes (default mllp.DefaultMaxSize)
 	MaxConnections int           // simultaneous connections (default 16)
 	IdleTimeout    time.Duration // close a silent connection (default 10m)
-	CommitTimeout  time.Duration // longest wait for the store before CE (default 10s)
-	WriteTimeout   time.Duration // longest wait to write an ACK (default 30s)
-	IDs            *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
+	// FirstFrameTimeout closes a connection that sends no complete frame
+	// this long after it was opened (default 30s): idle sockets cannot
+	// hold the connection slots for IdleTimeout.
+	FirstFrameTimeout time.Duration
+	// MaxConnectionsPerHost bounds the connections from one source
+	// address (default MaxConnections), so that one host cannot take all.
+	MaxConnectionsPerHost int
+	CommitTimeout         time.Duration // longest wait for the store before CE (default 10s)
+	WriteTimeout          time.Duration // longest wait to write an ACK (default 30s)
+	IDs                   *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
 	// Observe, when set, is told of each ACK written: its code and the time
 	// from the end of the frame to the ACK (metrics).
 	Observe func(code hl7.AckCode, d time.Duration)
@@ -65,6 +72,8 @@ type Options struct {
 const (
 	LimitConnections = "connections"  // max_connections reached: connection closed
 	LimitMessageSize = "message_size" // max_message_size exceeded: message rejected (CR)
+	// LimitConnectionsPerHost: max_connections_per_host reached: connection closed.
+	LimitConnectionsPerHost = "connections_per_host"
 )
 
 func (s *Server) limitHit(limit string) {
@@ -75,9 +84,11 @@ func (s *Server) limitHit(limit string) {
 
 // Limits are the settings of a running Server that SetLimits changes.
 type Limits struct {
-	MaxMessageSize int           // bytes
-	MaxConnections int           // simultaneous connections
-	IdleTimeout    time.Duration // close a silent connection
+	MaxMessageSize        int           // bytes
+	MaxConnections        int           // simultaneous connections
+	MaxConnectionsPerHost int           // simultaneous connections from one source address
+	IdleTimeout           time.Duration // close a silent connection
+	FirstFrameTimeout     time.Duration // close a connection without a frame this long after it opened
 }
 
 // SetLimits changes the limits of a running server (a reload): new
@@ -94,6 +105,12 @@ func (s *Server) SetLimits(l Limits) {
 	if l.IdleTimeout > 0 {
 		cur.IdleTimeout = l.IdleTimeout
 	}
+	if l.MaxConnectionsPerHost > 0 {
+		cur.MaxConnectionsPerHost = l.MaxConnectionsPerHost
+	}
+	if l.FirstFrameTimeout > 0 {
+		cur.FirstFrameTimeout = l.FirstFrameTimeout
+	}
 	s.lim.Store(&cur)
 }
 
@@ -107,6 +124,7 @@ type Server struct {
 	mu       sync.Mutex
 	ln       net.Listener
 	conns    map[*conn]struct{}
+	perHost  map[string]int // open connections by source address
 	closing  atomic.Bool
 	wg       sync.WaitGroup
 	nextConn atomic.Uint64
@@ -130,6 +148,12 @@ func New(opts Options) (*Server, error) {
 	if opts.IdleTimeout <= 0 {
 		opts.IdleTimeout = 10 * time.Minute
 	}
+	if opts.FirstFrameTimeout <= 0 {
+		opts.FirstFrameTimeout = 30 * time.Second
+	}
+	if opts.MaxConnectionsPerHost <= 0 {
+		opts.MaxConnectionsPerHost = opts.MaxConnections
+	}
 	if opts.CommitTimeout <= 0 {
 		opts.CommitTimeout = 10 * time.Second
 	}
@@ -139,8 +163,10 @@ func New(opts Options) (*Server, error) {
 	if opts.IDs == nil {
 		opts.IDs = hl7.NewIDGen("HM", time.Now())
 	}
-	s := &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{}}
-	s.lim.Store(&Limits{MaxMessageSize: opts.MaxMessageSize, MaxConnections: opts.MaxConnections, IdleTimeout: opts.IdleTimeout})
+	s := &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{},
+		perHost: map[string]int{}}
+	s.lim.Store(&Limits{MaxMessageSize: opts.MaxMessageSize, MaxConnections: opts.MaxConnections,
+		MaxConnectionsPerHost: opts.MaxConnectionsPerHost, IdleTimeout: opts.IdleTimeout, FirstFrameTimeout: opts.FirstFrameTimeout})
 	return s, nil
 }
 
@@ -195,20 +221,31 @@ func (s *Server) Serve(ln net.Listener) error {
 
 func (s *Server) startConn(nc net.Conn) {
 	id := "c" + strconv.FormatUint(s.nextConn.Add(1), 10)
-	c := &conn{s: s, nc: nc, log: s.log.With("conn", id)}
+	host, _, _ := net.SplitHostPort(nc.RemoteAddr().String())
+	c := &conn{s: s, nc: nc, log: s.log.With("conn", id), host: host, opened: time.Now()}
 	s.mu.Lock()
 	if s.closing.Load() {
 		s.mu.Unlock()
 		nc.Close()
 		return
 	}
-	if limit := s.limits().MaxConnections; len(s.conns) >= limit {
+	lim := s.limits()
+	if len(s.conns) >= lim.MaxConnections {
 		s.mu.Unlock()
-		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", limit)
+		c.log.Warn("connection refused: limit reached", "remote", nc.RemoteAddr().String(), "limit", lim.MaxConnections)
 		s.limitHit(LimitConnections)
 		nc.Close()
 		return
 	}
+	if s.perHost[c.host] >= lim.MaxConnectionsPerHost {
+		s.mu.Unlock()
+		c.log.Warn("connection refused: limit per host reached", "remote", nc.RemoteAddr().String(),
+			"limit", lim.MaxConnectionsPerHost)
+		s.limitHit(LimitConnectionsPerHost)
+		nc.Close()
+		return
+	}
+	s.perHost[c.host]++
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
@@ -277,6 +314,11 @@ type conn struct {
 	busy bool
 	// read is when the frame being answered was read.
 	read time.Time
+	// host is the source address; opened when the connection came, and
+	// framed whether a complete frame has come since (first_frame_timeout).
+	host   string
+	opened time.Time
+	framed bool
 }
 
 // interrupt makes an idle connection's pending read return at once.
@@ -297,7 +339,12 @@ func (c *conn) beginRead() bool {
 		return false
 	}
 	c.busy = false
-	c.nc.SetReadDeadline(time.Now().Add(c.s.limits().IdleTimeout))
+	lim := c.s.limits()
+	deadline := time.Now().Add(lim.IdleTimeout)
+	if first := c.opened.Add(lim.FirstFrameTimeout); !c.framed && first.Before(deadline) {
+		deadline = first
+	}
+	c.nc.SetReadDeadline(deadline)
 	return true
 }
 
@@ -321,6 +368,9 @@ func (c *conn) serve() {
 		c.nc.Close()
 		s.mu.Lock()
 		delete(s.conns, c)
+		if s.perHost[c.host]--; s.perHost[c.host] <= 0 {
+			delete(s.perHost, c.host)
+		}
 		s.mu.Unlock()
 		s.wg.Done()
 	}()
@@ -334,6 +384,7 @@ func (c *conn) serve() {
 		}
 		frame, err := rd.ReadFrame()
 		c.read = time.Now()
+		c.framed = c.framed || err == nil
 		c.setBusy()
 		if rd.Junk > 0 {
 			c.log.Warn("skipped bytes before a start block", "bytes", rd.Junk)
@@ -378,6 +429,8 @@ func (c *conn) frameError(err error) bool {
 		return true
 	case c.s.closing.Load():
 		c.log.Info("connection closed for shutdown")
+	case isTimeout(err) && !c.framed:
+		c.log.Warn("closing a connection that sent no message", "first_frame_timeout", c.s.limits().FirstFrameTimeout.String())
 	case isTimeout(err):
 		c.log.Info("closing idle connection", "idle_timeout", c.s.limits().IdleTimeout.String())
 	default:
@@ -469,8 +522,11 @@ func (c *conn) observe(code hl7.AckCode) {
 
 // rejectCode maps a header parse error to an HL7 error code (table 0357).
 func rejectCode(err error) string {
-	if errors.Is(err, hl7.ErrMissingField) {
+	switch {
+	case errors.Is(err, hl7.ErrMissingField):
 		return hl7.ErrRequiredField
+	case errors.Is(err, hl7.ErrFieldTooLong):
+		return hl7.ErrDataType
 	}
 	return hl7.ErrSegmentSequence
 }

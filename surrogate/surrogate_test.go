@@ -393,3 +393,106 @@ func TestPanicRecovered(t *testing.T) {
 		t.Errorf("Panics() = %d, want 2", s.Panics())
 	}
 }
+
+// TestOneAnswerPerFrame: a stray 0x0B inside a message (a pasted manual
+// line break) leaves the frame whole: one answer, and the message stored
+// as sent; the next message gets its own.
+func TestOneAnswerPerFrame(t *testing.T) {
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st})
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	stray := oru("vt", "AL") + "NTE|1||first line\x0bsecond line\r"
+	nc.Write([]byte("\x0b" + stray + "\x1c\r" + "\x0b" + oru("next", "AL") + "\x1c\r"))
+	rd := mllp.NewReader(nc, 0)
+	nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for _, want := range []string{"MSA|CA|vt", "MSA|CA|next"} {
+		reply, err := rd.ReadFrame()
+		if err != nil || !strings.Contains(string(reply), "\r"+want) {
+			t.Fatalf("reply %q, %v; want %q", reply, err, want)
+		}
+	}
+	nc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if reply, err := rd.ReadFrame(); err == nil {
+		t.Errorf("a third answer %q to two frames", reply)
+	}
+	list, _ := st.List(context.Background(), store.Filter{})
+	m, _ := st.Get(context.Background(), list[len(list)-1].ID)
+	if len(list) != 2 || string(m.Payload) != stray {
+		t.Errorf("stored %d messages, the first %q; want 2, the first as sent", len(list), m.Payload)
+	}
+}
+
+// TestLongControlID: an MSH-10 over 199 characters is refused with CR, and
+// the answer echoes no more than 199 of them.
+func TestLongControlID(t *testing.T) {
+	st := openStore(t)
+	_, addr := start(t, Options{Spool: st})
+	c := dial(t, addr)
+	long := strings.Repeat("9", 60000)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	reply, err := c.Send(ctx, []byte(oru(long, "AL")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := ackOf(t, reply)
+	if a.Code != hl7.CommitReject || len(a.ControlID) != hl7.MaxControlID || len(reply) > 2000 || !strings.Contains(a.Text, "MSH-10") {
+		t.Errorf("ACK of %d bytes: %s, control ID of %d, %q; want CR with 199 and a short answer", len(reply), a.Code, len(a.ControlID), a.Text)
+	}
+	if list, _ := st.List(context.Background(), store.Filter{}); len(list) != 0 {
+		t.Errorf("stored %d messages, want none", len(list))
+	}
+}
+
+// TestFirstFrameTimeout: connections that send nothing are closed after
+// FirstFrameTimeout, however long IdleTimeout is, and a host holds at most
+// MaxConnectionsPerHost of the connections.
+func TestFirstFrameTimeout(t *testing.T) {
+	var mu sync.Mutex
+	var hits []string
+	s, addr := start(t, Options{Spool: openStore(t), IdleTimeout: time.Hour, FirstFrameTimeout: 100 * time.Millisecond,
+		MaxConnections: 4, MaxConnectionsPerHost: 2, LimitHit: func(l string) { mu.Lock(); hits = append(hits, l); mu.Unlock() }})
+	var silent []net.Conn
+	for range 3 {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		silent = append(silent, nc)
+	}
+	// The third from the same host is refused at once.
+	silent[2].SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := silent[2].Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Errorf("third connection from one host: read %v, want closed", err)
+	}
+	start := time.Now()
+	for _, nc := range silent[:2] {
+		nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := nc.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+			t.Errorf("silent connection: read %v, want closed by the server", err)
+		}
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("silent connections closed after %s, want about 100ms", d)
+	}
+	for s.Connections() != 0 {
+		time.Sleep(time.Millisecond)
+	}
+	// A connection that sent a message is not held to the first-frame bound.
+	c := dial(t, addr)
+	msa(t, c, oru("f1", "AL"))
+	time.Sleep(300 * time.Millisecond)
+	if a := msa(t, c, oru("f2", "AL")); a.Code != hl7.CommitAccept {
+		t.Errorf("after a pause: %+v", a)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(hits) != 1 || hits[0] != LimitConnectionsPerHost {
+		t.Errorf("limits hit %v, want one %s", hits, LimitConnectionsPerHost)
+	}
+}
