@@ -123,3 +123,21 @@ func closedPort(t *testing.T) string {
 	defer ln.Close()
 	return ln.Addr().String()
 }
+
+// TestTermEscapes: control characters in control IDs, Message-IDs and
+// alert texts never reach the terminal raw.
+func TestTermEscapes(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"ORM-1", "ORM-1"},
+		{"", "-"},
+		{"A\x1b[2J\x07B", `"A\x1b[2J\aB"`},
+		{"ID\rFAKE", `"ID\rFAKE"`},
+		{"tab\there", `"tab\there"`},
+		{"bad\xffutf8", `"bad\xffutf8"`},
+		{"Müller-ID", "Müller-ID"},
+	} {
+		if got := dash(tt.in); got != tt.want {
+			t.Errorf("dash(%q) = %s, want %s", tt.in, got, tt.want)
+		}
+	}
+}

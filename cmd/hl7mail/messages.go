@@ -6,8 +6,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/store"
@@ -66,16 +69,29 @@ whether or not hl7mail serve is running.`, stderr)
 		if m.DuplicateOf != 0 {
 			state += fmt.Sprintf(" (of %d)", m.DuplicateOf)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Direction, m.Partner, m.ControlID,
-			m.MessageType, state, dash(m.MessageID), m.Received.Format(time.DateTime), m.Updated.Format(time.DateTime))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.ID, m.Direction, m.Partner, dash(m.ControlID),
+			dash(m.MessageType), state, dash(m.MessageID), m.Received.Format(time.DateTime), m.Updated.Format(time.DateTime))
 	}
 	tw.Flush()
 	return 0
 }
 
+// dash is term(s), or "-" for an empty s.
 func dash(s string) string {
 	if s == "" {
 		return "-"
+	}
+	return term(s)
+}
+
+// term makes s safe to print on a terminal: a value that holds a control
+// character (ESC, BEL, CR, a tab that would break the table), or bytes
+// that are not UTF-8, is printed quoted and escaped, as the logs do.
+func term(s string) string {
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
 	}
 	return s
 }

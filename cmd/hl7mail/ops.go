@@ -315,7 +315,7 @@ acknowledges one, recorded with -by (default: the user running the command).`, s
 			acked = a.Acked.Format(time.DateTime) + " by " + a.AckedBy
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", a.ID, a.Raised.Format(time.DateTime), a.Kind, dash(a.Partner),
-			dash(a.ControlID), dash(a.MessageID), a.Text, acked)
+			dash(a.ControlID), dash(a.MessageID), term(a.Text), acked)
 	}
 	tw.Flush()
 	return 0
