@@ -474,6 +474,9 @@ func (e *Error) Err() error {
 	return e
 }
 
+// MinTokenLength is the shortest dashboard token accepted, in bytes.
+const MinTokenLength = 32
+
 // CheckFiles checks that the key, certificate, password and token files the
 // configuration names exist, are regular files and can be read, and that
 // the environment variables it names are set. It returns an *Error listing
@@ -526,6 +529,13 @@ func (c *Config) CheckFiles() error {
 	file("imap.password_file", "", c.IMAP.PasswordFile)
 	env("imap.password_env", c.IMAP.PasswordEnv)
 	file("dashboard.token_file", "", c.Dashboard.TokenFile)
+	if c.Dashboard.TokenFile != "" {
+		// A token short enough to guess is no token.
+		if t, err := c.Secret(c.Dashboard.TokenFile, ""); err == nil && len(strings.TrimSpace(t)) < MinTokenLength {
+			v.addf("dashboard.token_file", "", "e.g. head -c 32 /dev/urandom | base64 > "+c.Dashboard.TokenFile,
+				"the token holds %d bytes; at least %d are required", len(strings.TrimSpace(t)), MinTokenLength)
+		}
+	}
 	file("alerts.webhook.token_file", "", c.Alerts.Webhook.TokenFile)
 	file("smtp.ca_file", "", c.SMTP.CAFile)
 	file("imap.ca_file", "", c.IMAP.CAFile)

@@ -23,6 +23,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -133,6 +134,26 @@ func loopback(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// ourHost reports whether a request's Host names this dashboard: its
+// configured host, a loopback name, or an IP literal (which no rebinding
+// attack can use: it needs a name of its own).
+func (s *Server) ourHost(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	configured, _, _ := net.SplitHostPort(s.o.Addr)
+	return host != "" && (loopback(host) || net.ParseIP(host) != nil || strings.EqualFold(host, configured))
+}
+
+// sameOrigin reports whether an Origin header names the host the request
+// was sent to.
+func sameOrigin(origin, host string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && (u.Scheme == "http" || u.Scheme == "https") && strings.EqualFold(u.Host, host)
+}
+
 // Listen opens the dashboard's address.
 func (s *Server) Listen() (net.Listener, error) {
 	ln, err := net.Listen("tcp", s.o.Addr)
@@ -200,6 +221,21 @@ func (s *Server) auth(next http.Handler) http.Handler {
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("X-Frame-Options", "DENY")
 		w.Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'self'; script-src 'self'")
+		// DNS rebinding: a page of another site whose name was made to point
+		// here arrives with its own name in Host. Only the configured host,
+		// loopback names and IP literals are ours.
+		if !s.ourHost(r.Host) {
+			http.Error(w, "421 misdirected request: unknown host", http.StatusMisdirectedRequest)
+			return
+		}
+		// A change sent from another origin's page is refused, whatever it
+		// carries.
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			if origin := r.Header.Get("Origin"); origin != "" && !sameOrigin(origin, r.Host) {
+				http.Error(w, "403 forbidden: foreign origin", http.StatusForbidden)
+				return
+			}
+		}
 		if token := *s.token.Load(); token != "" {
 			got := ""
 			if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {

@@ -524,3 +524,56 @@ func TestRetryAllAndReload(t *testing.T) {
 		t.Errorf("reload = %d %s, %d reloads", code, body, inst.reloads)
 	}
 }
+
+// TestRebindingAndOrigin: a request whose Host is a foreign name (DNS
+// rebinding) is refused, reads included; a change whose Origin is foreign
+// is refused; loopback names, IP literals and the configured host pass.
+func TestRebindingAndOrigin(t *testing.T) {
+	inst := newInstance(t)
+	ctx := context.Background()
+	a, _ := inst.st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "tucker-lab", ControlID: "R1",
+		MessageType: "ORM^O01", Payload: []byte("MSH|1")})
+	inst.st.MarkFinal(ctx, a.ID, store.Failed, "550")
+	token := strings.Repeat("t", 32)
+	_, ts := newServer(t, Options{Instance: inst, Addr: "gw.hospital.test:8025", Token: token})
+	do := func(method, path, host, origin string) int {
+		t.Helper()
+		var body io.Reader
+		if method == "POST" {
+			body = strings.NewReader(`{"by":"x","partner":""}`)
+		}
+		req, _ := http.NewRequest(method, ts.URL+path, body)
+		req.Host = host
+		req.Header.Set("Authorization", "Bearer "+token)
+		if origin != "" {
+			req.Header.Set("Origin", origin)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, tt := range []struct {
+		method, path, host, origin string
+		want                       int
+	}{
+		{"GET", "/api/quarantine", "rebind.attacker.example", "", http.StatusMisdirectedRequest},
+		{"POST", "/api/alerts/1/ack", "rebind.attacker.example:8025", "", http.StatusMisdirectedRequest},
+		{"GET", "/api/overview", "localhost:8025", "", 200},
+		{"GET", "/api/overview", "127.0.0.1:8025", "", 200},
+		{"GET", "/api/overview", "[::1]:8025", "", 200},
+		{"GET", "/api/overview", "gw.hospital.test:8025", "", 200},
+		{"GET", "/api/overview", "GW.hospital.test.", "", 200},
+		{"POST", "/api/retry", "127.0.0.1:8025", "http://evil.example", http.StatusForbidden},
+		{"POST", "/api/retry", "127.0.0.1:8025", "null", http.StatusForbidden},
+		{"POST", "/api/retry", "127.0.0.1:8025", "http://127.0.0.1:8025", 200},
+		{"POST", "/api/retry", "127.0.0.1:8025", "", 200},
+	} {
+		if got := do(tt.method, tt.path, tt.host, tt.origin); got != tt.want {
+			t.Errorf("%s %s with Host %q, Origin %q = %d, want %d", tt.method, tt.path, tt.host, tt.origin, got, tt.want)
+		}
+	}
+}

@@ -124,7 +124,14 @@ func TestDashboardToken(t *testing.T) {
 	if code == 0 || !strings.Contains(out, "dashboard.token_file") {
 		t.Fatalf("serve without a token on 0.0.0.0 exited %d:\n%s", code, out)
 	}
-	token := "a-long-random-dashboard-token"
+	// Too short first: refused; then one of 32 bytes and more.
+	os.WriteFile(filepath.Join(in.dir, "token"), []byte("short-token\n"), 0o600)
+	in.edit("dashboard: {addr: 0.0.0.0:"+port+"}", "dashboard: {addr: 0.0.0.0:"+port+", token_file: token}")
+	if out, code := in.run("serve", "-config", in.config); code == 0 || !strings.Contains(out, "the token holds 11 bytes; at least 32") {
+		t.Fatalf("serve with a short token exited %d:\n%s", code, out)
+	}
+	in.edit("dashboard: {addr: 0.0.0.0:"+port+", token_file: token}", "dashboard: {addr: 0.0.0.0:"+port+"}")
+	token := "a-long-random-dashboard-token-of-40-bytes"
 	os.WriteFile(filepath.Join(in.dir, "token"), []byte(token+"\n"), 0o600)
 	in.edit("dashboard: {addr: 0.0.0.0:"+port+"}", "dashboard: {addr: 0.0.0.0:"+port+", token_file: token}")
 	in.dash = "127.0.0.1:" + port
