@@ -29,6 +29,7 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/internal/safefile"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
@@ -209,9 +210,11 @@ func (r *Report) export(prefix string, raw []byte, opened *security.Opened, ours
 
 // Export writes to dir the original bytes of every mail in the chain, the
 // decrypted signed entities and signatures, the public keys or
-// certificates to check them with, and report.txt saying how.
+// certificates to check them with, and report.txt saying how. dir must be
+// new, or an empty private folder of ours (safefile.ExportDir); each file
+// is created anew, never written through a file or link already there.
 func (r *Report) Export(dir string, keys *mailbox.Sealer) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := safefile.ExportDir(dir); err != nil {
 		return err
 	}
 	files := append([]exportFile(nil), r.files...)
@@ -238,7 +241,7 @@ func (r *Report) Export(dir string, keys *mailbox.Sealer) error {
 	rep.WriteString("\nFiles:\n")
 	for _, f := range files {
 		fmt.Fprintf(&rep, "  %-26s %s\n", f.name, f.note)
-		if err := os.WriteFile(filepath.Join(dir, f.name), f.data, 0o600); err != nil {
+		if err := safefile.CreateNew(filepath.Join(dir, f.name), f.data); err != nil {
 			return err
 		}
 	}
@@ -247,7 +250,7 @@ func (r *Report) Export(dir string, keys *mailbox.Sealer) error {
 	for _, f := range files {
 		fmt.Fprintf(&rep, "  %s  %s\n", sum(f.data), f.name)
 	}
-	return os.WriteFile(filepath.Join(dir, "report.txt"), rep.Bytes(), 0o600)
+	return safefile.CreateNew(filepath.Join(dir, "report.txt"), rep.Bytes())
 }
 
 // Write prints the report.

@@ -160,6 +160,32 @@ partners:
 	opensslVerify(d, "1-received", "partner-cert.pem")
 	opensslVerify(d, "2-receipt-sent", "our-cert.pem")
 
+	// Planted by another user (nobody): a folder of theirs with a link to
+	// one of root's files inside, and an empty folder of theirs. Neither is
+	// written into, and root's file stays as it was.
+	planted, err := os.MkdirTemp("", "hl7mail-planted")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(planted)
+	os.Chmod(planted, 0o777)
+	rootFile := filepath.Join(dir, "root-owned.txt")
+	os.WriteFile(rootFile, []byte("root's\n"), 0o600)
+	if out, ok := asNobody(t, "/bin/sh", "-c", "mkdir "+planted+"/theirs "+planted+"/empty && ln -s "+rootFile+" "+planted+"/theirs/1-sent.eml"); !ok {
+		t.Fatalf("nobody could not prepare the folders: %s", out)
+	}
+	for _, d := range []string{filepath.Join(planted, "theirs"), filepath.Join(planted, "empty")} {
+		if out, code := evidence(hospital, "ORM-LAB-1", d); code == 0 || !strings.Contains(out, "belongs to user") {
+			t.Errorf("evidence -out %s, a folder nobody prepared: %d\n%s", d, code, out)
+		}
+	}
+	if b, _ := os.ReadFile(rootFile); string(b) != "root's\n" {
+		t.Errorf("root's file was written through the planted link: %q", b)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(planted, "empty")); len(entries) != 0 {
+		t.Errorf("evidence wrote into the folder nobody prepared")
+	}
+
 	for _, s := range []*site{hospital, lab, clinic} {
 		if out, code := s.in.run("journal", "verify", "-config", s.in.config); code != 0 ||
 			!strings.Contains(out, "Every journal entry verifies and has its counterpart in the store.") {

@@ -101,7 +101,12 @@ type instance struct {
 // loopback only: these tests exercise the surrogate side).
 func newInstance(t *testing.T, partners ...string) *instance {
 	t.Helper()
-	dir := t.TempDir()
+	return newInstanceAt(t, t.TempDir(), partners...)
+}
+
+// newInstanceAt is newInstance in folder dir.
+func newInstanceAt(t *testing.T, dir string, partners ...string) *instance {
+	t.Helper()
 	in := &instance{t: t, dir: dir, config: filepath.Join(dir, "partners.yaml"), listen: map[string]string{}, dash: freePort(t)}
 	var b strings.Builder
 	fmt.Fprintf(&b, `self: {name: test-hospital, email: edi@hospital.test}

@@ -18,6 +18,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/hl7mail/hl7mail/internal/safefile"
 )
 
 // Journal is an mbox file open for appending. It is safe for concurrent use.
@@ -28,9 +30,10 @@ type Journal struct {
 	path string
 }
 
-// Open opens (creating with mode 0600) the journal at path.
+// Open opens (creating with mode 0600) the journal at path; a symbolic
+// link there is refused.
 func Open(path string) (*Journal, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := safefile.OpenPrivate(path)
 	if err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}

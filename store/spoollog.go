@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"sort"
 	"syscall"
+
+	"github.com/hl7mail/hl7mail/internal/safefile"
 )
 
 // The spool log is the store's write-ahead log: Accept appends each message
@@ -190,7 +192,7 @@ func openSpoolLog(dir string, segSize int64) (*spoolLog, []logRecord, error) {
 // each is complete, checks out and has a larger id than the one before.
 // end is where they end.
 func openSegment(path string) (*segment, []logRecord, int64, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := safefile.OpenPrivate(path)
 	if err != nil {
 		return nil, nil, 0, fmt.Errorf("store: open spool log: %w", err)
 	}

@@ -33,6 +33,8 @@ import (
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
+
+	"github.com/hl7mail/hl7mail/internal/safefile"
 )
 
 // Direction says which way a message travels.
@@ -266,12 +268,28 @@ func Open(opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+	// PHI at rest: the folder and its files are private to us, and hold
+	// no link that another user could have planted.
+	if err := safefile.MakePrivateDir(opts.Dir); err != nil {
 		return nil, fmt.Errorf("store: create folder: %w", err)
+	}
+	problems := safefile.CheckDir(opts.Dir)
+	if err := problems.Err(); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	for _, w := range problems.Warnings {
+		opts.Logger.Warn("store folder", "warning", w)
 	}
 	lock, err := lockDir(opts.Dir)
 	if err != nil {
 		return nil, err
+	}
+	// SQLite creates the -wal and -shm files with the database file's mode.
+	if f, err := safefile.OpenPrivate(filepath.Join(opts.Dir, FileName)); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("store: %w", err)
+	} else {
+		f.Close()
 	}
 	q := url.Values{}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)",
@@ -933,7 +951,7 @@ func (s *Store) insert(recs []logRecord) (err error) {
 // lockDir takes the store's lock file, so that one process at a time
 // writes to a store.
 func lockDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, "hl7mail.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := safefile.OpenPrivate(filepath.Join(dir, "hl7mail.lock"))
 	if err != nil {
 		return nil, fmt.Errorf("store: lock: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/internal/safefile"
 	"github.com/hl7mail/hl7mail/mailbox"
 )
 
@@ -40,6 +41,17 @@ require_tls. Such a server holds the mail with an alert; it fails nothing.`, std
 		for _, w := range smtpWarnings(cfg) {
 			fmt.Fprintln(stderr, "warning:", w)
 		}
+	}
+	// PHI at rest: serve refuses the same.
+	store := safefile.CheckDir(cfg.StoreDir())
+	for _, w := range store.Warnings {
+		fmt.Fprintln(stderr, "warning: store:", w)
+	}
+	if len(store.Refusals) > 0 {
+		for _, r := range store.Refusals {
+			fmt.Fprintln(stderr, "store:", r)
+		}
+		return 1
 	}
 	if keys.Problems != nil {
 		// serve starts with these, and holds these partners' queues.

@@ -1,0 +1,118 @@
+package integration
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/corpus"
+)
+
+// asNobody runs a command as the unprivileged user nobody and returns its
+// output and whether it succeeded.
+func asNobody(t *testing.T, name string, args ...string) (string, bool) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		unavailable(t, "running a command as nobody needs root")
+	}
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	cmd := exec.Command(name, args...)
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	out, err := cmd.CombinedOutput()
+	return string(out), err == nil
+}
+
+// TestPrivateStore: the store holds PHI, so its folder is 0700 and its
+// files 0600, and the user nobody reads none of them (not the database,
+// its WAL, the spool log or the journals), even where the folders above it
+// are open. A store folder others can read is refused by check and serve
+// with the chmod that mends it, and so is a symbolic link planted in it.
+func TestPrivateStore(t *testing.T) {
+	top, err := os.MkdirTemp("", "hl7mail-private")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(top)
+	os.Chmod(top, 0o755) // nobody may walk to the store: only the store's own modes stop it
+	in := newInstanceAt(t, top, "tucker-lab")
+	in.start()
+	msgs, err := corpus.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := sendOne(t, in.listen["tucker-lab"], msgs[11]); code != hl7.CommitAccept {
+		t.Fatalf("surrogate answered %s", code)
+	}
+	in.waitMessages(1, nil)
+	store := filepath.Join(top, "var")
+	entries, _ := os.ReadDir(store)
+	var files []string
+	for _, e := range entries {
+		p := filepath.Join(store, e.Name())
+		fi, _ := os.Lstat(p)
+		want := os.FileMode(0o600)
+		if fi.IsDir() {
+			want = 0o700
+		}
+		if fi.Mode().Perm() != want {
+			t.Errorf("%s has mode %04o, want %04o", e.Name(), fi.Mode().Perm(), want)
+		}
+		if !fi.IsDir() {
+			files = append(files, p)
+		}
+	}
+	for _, want := range []string{"hl7mail.db", "hl7mail.db-wal", "hl7mail.db-shm", "outgoing.mbox", "incoming.mbox"} {
+		if _, err := os.Stat(filepath.Join(store, want)); err != nil {
+			t.Errorf("no %s in the store", want)
+		}
+	}
+	if out, ok := asNobody(t, "/bin/ls", store); ok {
+		t.Errorf("nobody lists the store:\n%s", out)
+	}
+	// Even with the folder opened to walk through, the files stay closed.
+	os.Chmod(store, 0o711)
+	for _, f := range files {
+		if out, ok := asNobody(t, "/bin/cat", f); ok || bytes.Contains([]byte(out), []byte("MSH|")) {
+			t.Errorf("nobody reads %s", f)
+		}
+	}
+	in.stop()
+	// The folder as it is now (0711): refused, with the mend.
+	out, code := in.run("check", "-offline", "-config", in.config)
+	if code == 0 || !strings.Contains(out, "chmod 700 "+store) {
+		t.Errorf("check of a store others can enter: %d\n%s", code, out)
+	}
+	if out, code := in.run("serve", "-config", in.config); code == 0 || !strings.Contains(out, "chmod 700 "+store) {
+		t.Errorf("serve of a store others can enter: %d\n%s", code, out)
+	}
+	os.Chmod(store, 0o700)
+	// A planted link in the store is refused, and nothing is written through it.
+	target := filepath.Join(t.TempDir(), "root-owned")
+	os.WriteFile(target, []byte("untouched\n"), 0o600)
+	journal := filepath.Join(store, "incoming.mbox")
+	os.Rename(journal, journal+".moved")
+	os.Symlink(target, journal)
+	if out, code := in.run("serve", "-config", in.config); code == 0 || !strings.Contains(out, "symbolic link") {
+		t.Errorf("serve with a link in the store: %d\n%s", code, out)
+	}
+	if b, _ := os.ReadFile(target); string(b) != "untouched\n" {
+		t.Errorf("the link's target was written: %q", b)
+	}
+	os.Remove(journal)
+	os.Rename(journal+".moved", journal)
+	in.start()
+	in.stop()
+}
