@@ -153,7 +153,9 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		InReplyTo: strings.TrimSpace(h.Get("In-Reply-To"))}
 	from, err := mail.ParseAddress(h.Get("From"))
 	if err != nil {
-		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("from header: %w", err)}
+		// The parser's words may quote the header: only its length is told.
+		return nil, &QuarantineError{Reason: ReasonMalformed, Err: fmt.Errorf("%w: From (%d bytes) is not one address",
+			security.ErrMalformed, len(h.Get("From")))}
 	}
 	in.From = from.Address
 	for i := range o.Config.Partners {
@@ -257,7 +259,12 @@ func (o *Opener) openAs(p *config.Partner, raw []byte, now time.Time) (*security
 	return nil, fmt.Errorf("partner %s: security %s is not signed", p.Name, p.Security)
 }
 
-// headerOf reads the header of a raw mail.
+// headerOf reads the header of a raw mail. Its error says what is wrong in
+// bounded facts (security.HeaderFault), never quoting the mail.
 func headerOf(raw []byte) (textproto.Header, error) {
-	return textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw)))
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw)))
+	if err != nil {
+		return h, security.HeaderFault(raw)
+	}
+	return h, nil
 }

@@ -63,19 +63,19 @@ func (d Disposition) OK() bool { return d.Type == Processed && d.Modifier == "" 
 func parseDisposition(v string) (Disposition, error) {
 	_, status, ok := strings.Cut(v, ";")
 	if !ok {
-		return Disposition{}, malformed("Disposition %q has no disposition type", v)
+		return Disposition{}, malformed("Disposition %s has no disposition type", token(v))
 	}
 	status = strings.ToLower(strings.TrimSpace(status))
 	t, mod, _ := strings.Cut(status, "/")
 	t, mod = strings.TrimSpace(t), strings.TrimSpace(mod)
 	if !dispositionTypes[t] {
-		return Disposition{}, malformed("Disposition type %q", t)
+		return Disposition{}, malformed("Disposition type %s", token(t))
 	}
 	if mod != "" {
 		// Several modifiers may be listed; the first known one is kept.
 		first := strings.TrimSpace(strings.Split(mod, ",")[0])
 		if !dispositionModifiers[first] {
-			return Disposition{}, malformed("Disposition modifier %q", first)
+			return Disposition{}, malformed("Disposition modifier %s", token(first))
 		}
 		mod = first
 	}
@@ -163,7 +163,7 @@ func ParseMDN(entity []byte) (*MDN, error) {
 		return nil, err
 	}
 	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], "disposition-notification") {
-		return nil, malformed("MDN is %s; report-type=%q", e.typ, e.params["report-type"])
+		return nil, malformed("MDN is %s; report-type=%s", token(e.typ), token(e.params["report-type"]))
 	}
 	parts, err := e.parts()
 	if err != nil {
@@ -209,7 +209,7 @@ func (m *MDN) readFields(b []byte) error {
 	// Fields are header-like; a blank line ends a group (RFC 8098 §3.1).
 	fh, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(append(bytes.TrimLeft(b, "\r\n"), "\r\n\r\n"...))))
 	if err != nil {
-		return malformed("disposition-notification fields: %v", err)
+		return fmt.Errorf("disposition-notification fields: %w", HeaderFault(b))
 	}
 	m.ReportingUA = fh.Get("Reporting-UA")
 	m.OriginalRecipient = addressOf(fh.Get("Original-Recipient"))
@@ -285,7 +285,7 @@ func ParseMDNRequest(h textproto.Header) (*MDNRequest, error) {
 	}
 	addr, err := netmail.ParseAddress(to)
 	if err != nil {
-		return nil, malformed("Disposition-Notification-To %q: %v", to, err)
+		return nil, malformed("Disposition-Notification-To %s: not an address", token(to))
 	}
 	r := &MDNRequest{To: addr.Address}
 	opts := h.Get("Disposition-Notification-Options")
@@ -299,7 +299,7 @@ func ParseMDNRequest(h textproto.Header) (*MDNRequest, error) {
 			vals[i] = strings.ToLower(strings.TrimSpace(vals[i]))
 		}
 		if len(vals) < 2 {
-			return nil, malformed("Disposition-Notification-Options %q", opts)
+			return nil, malformed("Disposition-Notification-Options %s", token(opts))
 		}
 		imp := vals[0]
 		required := imp == "required" || imp == "1"
@@ -344,7 +344,7 @@ func ParseBundle(entity []byte) (*Bundle, error) {
 		return nil, err
 	}
 	if e.typ != typeMultipartRelated || !strings.EqualFold(e.params["type"], TypeEDIResponse) {
-		return nil, malformed("bundle is %s; type=%q", e.typ, e.params["type"])
+		return nil, malformed("bundle is %s; type=%s", token(e.typ), token(e.params["type"]))
 	}
 	parts, err := e.parts()
 	if err != nil {
@@ -370,7 +370,7 @@ func ParseBundle(entity []byte) (*Bundle, error) {
 				return nil, err
 			}
 		default:
-			return nil, malformed("bundle part of type %s", pe.typ)
+			return nil, malformed("bundle part of type %s", token(pe.typ))
 		}
 	}
 	if b.MDN == nil {

@@ -49,7 +49,7 @@ func micalgName(h crypto.Hash) string {
 func ParseMIC(s string) (MIC, error) {
 	digest, alg, ok := strings.Cut(s, ",")
 	if !ok {
-		return MIC{}, malformed("Received-Content-MIC %q has no algorithm", s)
+		return MIC{}, malformed("Received-Content-MIC %s has no algorithm", token(s))
 	}
 	h, err := parseDigestName(strings.TrimSpace(alg))
 	if err != nil {
@@ -79,9 +79,9 @@ func parseDigestName(name string) (crypto.Hash, error) {
 	case "sha-512", "sha512":
 		return crypto.SHA512, nil
 	case "md5":
-		return 0, fmt.Errorf("%w: digest %q", ErrWeakAlgorithm, name)
+		return 0, fmt.Errorf("%w: digest %s", ErrWeakAlgorithm, token(name))
 	}
-	return 0, malformed("unknown digest %q", name)
+	return 0, malformed("unknown digest %s", token(name))
 }
 
 // computeMICWith digests the canonical entity with h.

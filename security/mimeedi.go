@@ -70,10 +70,10 @@ type Accept struct {
 func DecodeEDI(entity []byte, accept Accept) ([]byte, string, error) {
 	e, err := message.Read(bytes.NewReader(entity))
 	if err != nil && !message.IsUnknownCharset(err) && !message.IsUnknownEncoding(err) {
-		return nil, "", malformed("%v", err)
+		return nil, "", HeaderFault(entity)
 	}
 	if message.IsUnknownEncoding(err) {
-		return nil, "", malformed("%v", err)
+		return nil, "", malformed("unknown Content-Transfer-Encoding")
 	}
 	ct, _, err := e.Header.ContentType()
 	if err != nil {
@@ -121,7 +121,7 @@ func splitEntity(entity []byte) (textproto.Header, []byte, error) {
 	br := bufio.NewReader(bytes.NewReader(entity))
 	h, err := textproto.ReadHeader(br)
 	if err != nil {
-		return textproto.Header{}, nil, malformed("header: %v", err)
+		return textproto.Header{}, nil, HeaderFault(entity)
 	}
 	body, _ := io.ReadAll(br)
 	return h, body, nil
@@ -158,7 +158,7 @@ func contentType(h textproto.Header) (string, map[string]string, error) {
 	}
 	t, params, err := mime.ParseMediaType(v)
 	if err != nil {
-		return "", nil, malformed("Content-Type %q: %v", v, err)
+		return "", nil, malformed("Content-Type %s: %v", token(v), err)
 	}
 	return strings.ToLower(t), params, nil
 }

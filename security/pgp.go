@@ -221,7 +221,7 @@ func PGPOpen(mail []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time)
 		return nil, fmt.Errorf("%w: Content-Type %s", ErrNotEncrypted, e.typ)
 	}
 	if p := strings.ToLower(e.params["protocol"]); p != protoPGPEncrypted {
-		return nil, malformed("multipart/encrypted protocol %q, want %s", e.params["protocol"], protoPGPEncrypted)
+		return nil, malformed("multipart/encrypted protocol %s, want %s", token(e.params["protocol"]), protoPGPEncrypted)
 	}
 	parts, err := e.parts()
 	if err != nil {
@@ -349,7 +349,7 @@ func pgpVerify(entity []byte, keys PGPKeys, expected *openpgp.Entity, now time.T
 	}
 	params := e.params
 	if p := strings.ToLower(params["protocol"]); p != protoPGPSignature {
-		return nil, malformed("multipart/signed protocol %q, want %s", params["protocol"], protoPGPSignature)
+		return nil, malformed("multipart/signed protocol %s, want %s", token(params["protocol"]), protoPGPSignature)
 	}
 	micalg, err := parseDigestName(params["micalg"])
 	if err != nil {

@@ -167,7 +167,10 @@ func SMIMEEncrypt(entity []byte, to []*x509.Certificate, kt KeyTransport) ([]byt
 func decodedBody(entity []byte) ([]byte, error) {
 	e, err := message.Read(bytes.NewReader(entity))
 	if err != nil && !message.IsUnknownCharset(err) {
-		return nil, malformed("%v", err)
+		if message.IsUnknownEncoding(err) {
+			return nil, malformed("unknown Content-Transfer-Encoding")
+		}
+		return nil, HeaderFault(entity)
 	}
 	b, err := io.ReadAll(e.Body)
 	if err != nil {
@@ -229,7 +232,7 @@ func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now 
 	case typeMultipartSigned:
 		p := strings.ToLower(params["protocol"])
 		if p != typePKCS7Signature && p != typeXPKCS7Signature {
-			return nil, malformed("multipart/signed protocol %q, want %s", params["protocol"], typePKCS7Signature)
+			return nil, malformed("multipart/signed protocol %s, want %s", token(params["protocol"]), typePKCS7Signature)
 		}
 		if micalg, err = parseDigestName(params["micalg"]); err != nil {
 			return nil, fmt.Errorf("micalg: %w", err)
@@ -247,7 +250,7 @@ func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now 
 		}
 	case typePKCS7MIME, typeXPKCS7MIME:
 		if st := strings.ToLower(params["smime-type"]); st != "signed-data" {
-			return nil, fmt.Errorf("%w: smime-type %q inside the encryption", ErrUnsigned, params["smime-type"])
+			return nil, fmt.Errorf("%w: smime-type %s inside the encryption", ErrUnsigned, token(params["smime-type"]))
 		}
 		if sigDER, err = decodedBody(entity); err != nil {
 			return nil, err
