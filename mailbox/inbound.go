@@ -26,7 +26,9 @@ const (
 	ReasonUnknownSender Reason = "unknown-sender" // From names no partner
 	ReasonOversize      Reason = "oversize"       // larger than allowed
 	ReasonNotEncrypted  Reason = "not-encrypted"  // plain where encryption is required
-	ReasonUndecryptable Reason = "undecryptable"  // not encrypted to us, or damaged
+	ReasonUndecryptable Reason = "undecryptable"  // not encrypted to us
+	ReasonWrongSuite    Reason = "wrong-suite"    // PGP/MIME from an S/MIME partner, or the reverse
+	ReasonIntegrity     Reason = "integrity"      // decrypted, but the content was altered on the way
 	ReasonUnsigned      Reason = "unsigned"
 	ReasonBadSignature  Reason = "bad-signature"  // tampered
 	ReasonWrongSigner   Reason = "wrong-signer"   // signed by someone else than the From partner
@@ -62,6 +64,10 @@ func reasonFor(err error) Reason {
 		return ReasonNotEncrypted
 	case errors.Is(err, security.ErrNotForUs):
 		return ReasonUndecryptable
+	case errors.Is(err, security.ErrWrongSuite):
+		return ReasonWrongSuite
+	case errors.Is(err, security.ErrIntegrity):
+		return ReasonIntegrity
 	case errors.Is(err, security.ErrUnsigned):
 		return ReasonUnsigned
 	case errors.Is(err, security.ErrBadSignature):
@@ -86,9 +92,9 @@ func reasonFor(err error) Reason {
 func (r Reason) Disposition() (security.Disposition, string, bool) {
 	errored := security.Disposition{Type: security.Processed, Modifier: security.ModError}
 	switch r {
-	case ReasonUndecryptable, ReasonNotEncrypted:
+	case ReasonUndecryptable, ReasonNotEncrypted, ReasonWrongSuite:
 		return errored, "decryption-failed", true
-	case ReasonBadSignature:
+	case ReasonBadSignature, ReasonIntegrity:
 		return errored, "integrity-check-failed", true
 	case ReasonUnsigned, ReasonWrongSigner, ReasonUnknownSigner, ReasonExpired, ReasonWeak:
 		return errored, "authentication-failed", true
@@ -242,6 +248,9 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 
 // openAs decrypts raw and verifies that partner p signed it.
 func (o *Opener) openAs(p *config.Partner, raw []byte, now time.Time) (*security.Opened, error) {
+	if s := security.Suite(raw); s != "" && s != p.Security {
+		return nil, fmt.Errorf("%w: the mail uses %s; partner %s is configured for %s", security.ErrWrongSuite, s, p.Name, p.Security)
+	}
 	switch p.Security {
 	case "pgp":
 		var list openpgp.EntityList

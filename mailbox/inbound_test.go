@@ -2,6 +2,7 @@ package mailbox
 
 import (
 	"bytes"
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"path/filepath"
@@ -223,5 +224,69 @@ func TestReasonDisposition(t *testing.T) {
 		if d.Type != tt.typ || d.Modifier != tt.mod || text != tt.text || sends != tt.sends {
 			t.Errorf("%s.Disposition() = %+v %q %v", tt.r, d, text, sends)
 		}
+	}
+}
+
+// TestOpenNamesTheRealFault: a PGP/MIME mail from a partner configured for
+// S/MIME is "wrong-suite", not "not-encrypted"; S/MIME ciphertext altered
+// on the way is "integrity" (or "undecryptable" where the key transport
+// itself was hit), never "malformed"; each with its MDN modifier.
+func TestOpenNamesTheRealFault(t *testing.T) {
+	cfg, err := config.Parse(filepath.Join(t.TempDir(), "partners.yaml"), []byte(`self: {name: Tucker Lab, email: lab@partner.test, pgp_key: k, smime_cert: c, smime_key: k}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: clinic, listen: 127.0.0.1:9013, email: edi@clinic.test, security: smime, smime_cert: c}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	labKey, labCert, _ := security.GenerateCert(security.CertOptions{Name: "Lab", Email: "lab@partner.test", RSABits: 2048})
+	clinicKey, clinicCert, _ := security.GenerateCert(security.CertOptions{Name: "Clinic", Email: "edi@clinic.test", RSABits: 2048})
+	labPGP, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Lab", Email: "lab@partner.test"})
+	clinicPGP, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Clinic", Email: "edi@clinic.test"})
+	o := &Opener{Config: cfg, Keys: &Sealer{PGPSelf: labPGP, SMIMECert: labCert, SMIMEKey: labKey,
+		SMIMEPartners: map[string]*x509.Certificate{"clinic": clinicCert}}}
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	head := "From: edi@clinic.test\r\nTo: lab@partner.test\r\nMessage-ID: <m2@clinic.test>\r\nSubject: HL7\r\n"
+	now := time.Now()
+	// PGP/MIME from the S/MIME partner.
+	signed, _, _ := security.PGPSign(edi, clinicPGP, now)
+	pgpMail, _ := security.PGPEncrypt(signed, []*openpgp.Entity{labPGP}, now)
+	_, err = o.Open(append([]byte(head), pgpMail...))
+	var q *QuarantineError
+	if !errors.As(err, &q) || q.Reason != ReasonWrongSuite {
+		t.Errorf("PGP mail from an S/MIME partner: %v, want %s", err, ReasonWrongSuite)
+	}
+	if _, text, _ := ReasonWrongSuite.Disposition(); text != "decryption-failed" {
+		t.Errorf("wrong-suite MDN error %q", text)
+	}
+	// S/MIME, altered in the middle of the ciphertext.
+	ssigned, _, _ := security.SMIMESign(edi, clinicCert, clinicKey)
+	smime, _ := security.SMIMEEncrypt(ssigned, []*x509.Certificate{labCert}, security.OAEPSHA256)
+	mail := append([]byte(head), smime...)
+	if _, err := o.Open(mail); err != nil {
+		t.Fatalf("the unaltered S/MIME mail: %v", err)
+	}
+	body := bytes.Index(mail, []byte("\r\n\r\n")) + 4
+	for _, at := range []float64{0.5, 0.7, 0.9, 0.97} {
+		bad := append([]byte(nil), mail...)
+		i := body + int(float64(len(bad)-body)*at)
+		for bad[i] == '\r' || bad[i] == '\n' || bad[i] == '=' {
+			i++
+		}
+		if bad[i] == 'A' {
+			bad[i] = 'B'
+		} else {
+			bad[i] = 'A'
+		}
+		_, err := o.Open(bad)
+		if !errors.As(err, &q) || q.Reason != ReasonIntegrity && q.Reason != ReasonUndecryptable && q.Reason != ReasonBadSignature {
+			t.Errorf("S/MIME altered at %.0f%%: %v, want integrity", at*100, err)
+		}
+	}
+	if _, text, _ := ReasonIntegrity.Disposition(); text != "integrity-check-failed" {
+		t.Errorf("integrity MDN error %q", text)
 	}
 }

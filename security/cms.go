@@ -255,7 +255,7 @@ func cmsDecrypt(der []byte, cert *x509.Certificate, key crypto.Decrypter) ([]byt
 		}
 		plain, err := gcm.Open(nil, p.Nonce, append(eci.EncryptedContent, mac...), aad)
 		if err != nil {
-			return nil, fmt.Errorf("%w: authenticated decryption failed", ErrBadSignature)
+			return nil, fmt.Errorf("%w: GCM authentication failed", ErrIntegrity)
 		}
 		return plain, nil
 	}
@@ -271,11 +271,11 @@ func cmsDecrypt(der []byte, cert *x509.Certificate, key crypto.Decrypter) ([]byt
 	cipher.NewCBCDecrypter(block, iv).CryptBlocks(plain, ct)
 	pad := int(plain[len(plain)-1])
 	if pad < 1 || pad > aes.BlockSize {
-		return nil, malformed("bad padding")
+		return nil, fmt.Errorf("%w: bad CBC padding", ErrIntegrity)
 	}
 	for _, b := range plain[len(plain)-pad:] {
 		if int(b) != pad {
-			return nil, malformed("bad padding")
+			return nil, fmt.Errorf("%w: bad CBC padding", ErrIntegrity)
 		}
 	}
 	return plain[:len(plain)-pad], nil

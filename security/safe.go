@@ -68,3 +68,22 @@ func token(s string) string {
 	}
 	return fmt.Sprintf("(%d bytes)", len(s))
 }
+
+// Suite names the security suite a mail's outer entity uses: "pgp"
+// (PGP/MIME, RFC 3156), "smime" (RFC 8551) or "" (neither, or unreadable).
+func Suite(mail []byte) string {
+	e, err := parseEntity(mail)
+	if err != nil {
+		return ""
+	}
+	proto := strings.ToLower(e.params["protocol"])
+	switch {
+	case e.typ == typeMultipartEncrypted && proto == protoPGPEncrypted,
+		e.typ == typeMultipartSigned && proto == protoPGPSignature:
+		return "pgp"
+	case e.typ == typePKCS7MIME || e.typ == typeXPKCS7MIME,
+		e.typ == typeMultipartSigned && (proto == typePKCS7Signature || proto == "application/x-pkcs7-signature"):
+		return "smime"
+	}
+	return ""
+}

@@ -23,6 +23,13 @@ var (
 	ErrNotEncrypted = errors.New("not encrypted")
 	// ErrNotForUs: encrypted, but not to a key of ours.
 	ErrNotForUs = errors.New("not encrypted to our key")
+	// ErrWrongSuite: encrypted with the other suite than the partner's
+	// (PGP/MIME from an S/MIME partner, or the reverse).
+	ErrWrongSuite = errors.New("encrypted with another suite than the partner's")
+	// ErrIntegrity: decrypted with our key, but what came out is damaged
+	// (a bad CBC padding, a failed GCM tag, an unreadable inner entity):
+	// the ciphertext was altered or cut on the way.
+	ErrIntegrity = errors.New("encrypted content damaged")
 	// ErrUnsigned: the content carries no signature.
 	ErrUnsigned = errors.New("not signed")
 	// ErrBadSignature: the signature does not match the content (tampered).

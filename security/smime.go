@@ -211,6 +211,11 @@ func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time
 		return nil, err
 	}
 	o, err := smimeVerify(plain, keys, expected, now)
+	if errors.Is(err, ErrMalformed) {
+		// Decrypted with our key, and yet not MIME: CBC has no integrity
+		// of its own, so altered ciphertext comes out as garbled blocks.
+		return nil, fmt.Errorf("%w: the decrypted entity is unreadable", ErrIntegrity)
+	}
 	if err != nil {
 		return nil, err
 	}
