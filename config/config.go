@@ -74,6 +74,27 @@ type Router struct {
 	Addr string `yaml:"addr"`
 	// AckTimeout is how long to wait for the router's ACK (default 30s).
 	AckTimeout Duration `yaml:"ack_timeout"`
+	// TLS, when set, is MLLP over TLS to every router this site delivers
+	// to (router.addr, a partner's router, a local address's router).
+	TLS *RouterTLS `yaml:"tls"`
+}
+
+// RouterTLS is the TLS of delivery to the router: the router's certificate
+// is verified against CAFile (required) for the router's host, and
+// CertFile/KeyFile, when set, are our client certificate.
+type RouterTLS struct {
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// ListenTLS is the TLS of a surrogate listener (MLLP over TLS, TLS 1.2 or
+// later): our CertFile and KeyFile (required), and ClientCAFile, which,
+// when set, makes a client certificate signed by one of its CAs required.
+type ListenTLS struct {
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
 }
 
 // MailServer is an SMTP or IMAP server and the account on it.
@@ -170,6 +191,9 @@ type Partner struct {
 	// Listen is host:port of this partner's surrogate MLLP listener;
 	// required and unique.
 	Listen string `yaml:"listen"`
+	// ListenTLS, when set, makes the surrogate MLLP over TLS, for a router
+	// on another host.
+	ListenTLS *ListenTLS `yaml:"listen_tls"`
 	// Email is the partner's address; required and unique.
 	Email string `yaml:"email"`
 	// Security is pgp, smime or none (none needs AllowUnencrypted).

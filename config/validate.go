@@ -245,6 +245,14 @@ func (v *validator) validate() {
 	} else if c.Alerts.Webhook.TokenFile != "" {
 		v.addf("alerts.webhook.url", "", "", "required with alerts.webhook.token_file")
 	}
+	if t := c.Router.TLS; t != nil {
+		if t.CAFile == "" {
+			v.addf("router.tls.ca_file", "", "the CA that signs the router's certificate", "required with router.tls")
+		}
+		if (t.CertFile == "") != (t.KeyFile == "") {
+			v.addf("router.tls.key_file", "", "", "cert_file and key_file go together")
+		}
+	}
 	if len(c.Partners) == 0 {
 		v.addf("partners", "", "see the shipped partners.yaml", "at least one partner is required")
 	}
@@ -364,6 +372,9 @@ func (v *validator) validate() {
 		v.positive(f("mdn_timeout"), who, p.MDNTimeout)
 		v.positive(f("expire_after"), who, p.ExpireAfter)
 		v.positive(f("idle_timeout"), who, p.IdleTimeout)
+		if t := p.ListenTLS; t != nil && (t.CertFile == "" || t.KeyFile == "") {
+			v.addf(f("listen_tls"), who, "", "cert_file and key_file are required")
+		}
 		if p.MaxConnections < 0 {
 			v.addf(f("max_connections"), who, "", "must be positive")
 		}
@@ -487,6 +498,7 @@ const MinTokenLength = 32
 func (c *Config) CheckFiles() error {
 	v := validator{c: c, e: c.Problems(), lines: c.lines}
 	secret := map[string]bool{"self.pgp_key": true, "self.smime_key": true, "self.passphrase_file": true,
+		"router.tls.key_file": true,
 		"smtp.password_file": true, "imap.password_file": true, "dashboard.token_file": true,
 		"alerts.webhook.token_file": true}
 	file := func(path, who, name string) {
@@ -503,7 +515,8 @@ func (c *Config) CheckFiles() error {
 			v.addf(path, who, "", "%s is not a regular file", p)
 			return
 		}
-		if (secret[path] || strings.HasSuffix(path, ".password_file")) && st.Mode().Perm()&0o077 != 0 {
+		if (secret[path] || strings.HasSuffix(path, ".password_file") || strings.HasSuffix(path, "listen_tls.key_file")) &&
+			st.Mode().Perm()&0o077 != 0 {
 			v.addf(path, who, "chmod 600 "+p, "%s holds a secret but is readable by group or others (mode %04o)", p, st.Mode().Perm())
 			return
 		}
@@ -549,6 +562,16 @@ func (c *Config) CheckFiles() error {
 	for i, p := range c.Partners {
 		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
 		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
+		if t := p.ListenTLS; t != nil {
+			file(fmt.Sprintf("partners[%d].listen_tls.cert_file", i), p.Name, t.CertFile)
+			file(fmt.Sprintf("partners[%d].listen_tls.key_file", i), p.Name, t.KeyFile)
+			file(fmt.Sprintf("partners[%d].listen_tls.client_ca_file", i), p.Name, t.ClientCAFile)
+		}
+	}
+	if t := c.Router.TLS; t != nil {
+		file("router.tls.ca_file", "", t.CAFile)
+		file("router.tls.cert_file", "", t.CertFile)
+		file("router.tls.key_file", "", t.KeyFile)
 	}
 	return v.e.Err()
 }

@@ -9,6 +9,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -87,6 +88,7 @@ type partnerListener struct {
 	partner *config.Partner
 	srv     *surrogate.Server
 	ln      net.Listener
+	tls     *tlsHolder // listen_tls; nil for plain MLLP
 }
 
 // Start opens the store and starts a surrogate for every partner. When any
@@ -134,7 +136,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		}
 	})
 	for i := range cfg.Partners {
-		pl, err := g.newSurrogate(ctx, &cfg.Partners[i])
+		pl, err := g.newSurrogate(ctx, cfg, &cfg.Partners[i])
 		if err != nil {
 			g.rollback()
 			return nil, err
@@ -167,7 +169,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 func (g *Gateway) side() *side { return g.cur.Load() }
 
 // newSurrogate listens on p's address; serve starts it.
-func (g *Gateway) newSurrogate(ctx context.Context, p *config.Partner) (*partnerListener, error) {
+func (g *Gateway) newSurrogate(ctx context.Context, cfg *config.Config, p *config.Partner) (*partnerListener, error) {
 	srv, err := surrogate.New(surrogate.Options{
 		Partner:        p.Name,
 		Spool:          g.store,
@@ -186,11 +188,24 @@ func (g *Gateway) newSurrogate(ctx context.Context, p *config.Partner) (*partner
 	if err != nil {
 		return nil, fmt.Errorf("partner %s: surrogate: %w", p.Name, err)
 	}
+	pl := &partnerListener{partner: p, srv: srv}
+	var tc *tls.Config
+	if p.ListenTLS != nil {
+		if tc, err = listenTLSConfig(cfg, p.ListenTLS); err != nil {
+			return nil, fmt.Errorf("partner %s: %w", p.Name, err)
+		}
+		pl.tls = &tlsHolder{}
+		pl.tls.p.Store(tc)
+	}
 	ln, err := surrogate.Listen(ctx, p.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("partner %s: surrogate on %s: %w", p.Name, p.Listen, err)
 	}
-	return &partnerListener{partner: p, srv: srv, ln: ln}, nil
+	if pl.tls != nil {
+		ln = tls.NewListener(ln, pl.tls.config())
+	}
+	pl.ln = ln
+	return pl, nil
 }
 
 // serve runs pl's accept loop (g.mu held).

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sort"
@@ -117,10 +118,12 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 // already for partners added or moved, the servers to close, and the
 // limits of those kept.
 type surrogatePlan struct {
+	cfg                      *config.Config
 	open                     []*partnerListener // listening, not serving yet
 	close                    []*partnerListener // to shut down
 	reopen                   []*config.Partner  // same address, new settings: after close
 	keep                     map[string]*config.Partner
+	tls                      map[string]*tls.Config // kept TLS listeners' new settings
 	added, removed, replaced []string
 }
 
@@ -134,7 +137,7 @@ func (g *Gateway) planSurrogates(ctx context.Context, cfg *config.Config) (*surr
 		cur[k] = v
 	}
 	g.mu.Unlock()
-	plan := &surrogatePlan{keep: map[string]*config.Partner{}}
+	plan := &surrogatePlan{cfg: cfg, keep: map[string]*config.Partner{}, tls: map[string]*tls.Config{}}
 	fail := func(err error) (*surrogatePlan, error) {
 		for _, pl := range plan.open {
 			pl.ln.Close()
@@ -146,26 +149,36 @@ func (g *Gateway) planSurrogates(ctx context.Context, cfg *config.Config) (*surr
 		pl := cur[p.Name]
 		switch {
 		case pl == nil:
-			np, err := g.newSurrogate(ctx, p)
+			np, err := g.newSurrogate(ctx, cfg, p)
 			if err != nil {
 				return fail(err)
 			}
 			plan.open = append(plan.open, np)
 			plan.added = append(plan.added, p.Name)
 		case pl.partner.Listen != p.Listen:
-			np, err := g.newSurrogate(ctx, p)
+			np, err := g.newSurrogate(ctx, cfg, p)
 			if err != nil {
 				return fail(err)
 			}
 			plan.open = append(plan.open, np)
 			plan.close = append(plan.close, pl)
 			plan.replaced = append(plan.replaced, p.Name)
-		case pl.partner.AckMode != p.AckMode || pl.partner.RendezvousTimeout != p.RendezvousTimeout:
+		case pl.partner.AckMode != p.AckMode || pl.partner.RendezvousTimeout != p.RendezvousTimeout ||
+			(pl.tls == nil) != (p.ListenTLS == nil):
 			plan.close = append(plan.close, pl)
 			plan.reopen = append(plan.reopen, p)
 			plan.replaced = append(plan.replaced, p.Name)
 		default:
 			plan.keep[p.Name] = p
+			if p.ListenTLS != nil {
+				// The certificate files are read again: a renewed one
+				// serves new connections; open ones keep theirs.
+				tc, err := listenTLSConfig(cfg, p.ListenTLS)
+				if err != nil {
+					return fail(fmt.Errorf("partner %s: %w", p.Name, err))
+				}
+				plan.tls[p.Name] = tc
+			}
 		}
 	}
 	for name, pl := range cur {
@@ -187,6 +200,9 @@ func (p *surrogatePlan) commit(g *Gateway) {
 			MaxConnectionsPerHost: np.MaxConnectionsPerHost, IdleTimeout: np.IdleTimeout.D(),
 			FirstFrameTimeout: np.FirstFrameTimeout.D()})
 		pl.partner = np
+		if tc := p.tls[name]; tc != nil && pl.tls != nil {
+			pl.tls.p.Store(tc)
+		}
 	}
 	for _, pl := range p.close {
 		if g.surrogates[pl.partner.Name] == pl {
@@ -207,7 +223,7 @@ func (p *surrogatePlan) commit(g *Gateway) {
 		}
 	}
 	for _, np := range p.reopen {
-		pl, err := g.newSurrogate(ctx, np)
+		pl, err := g.newSurrogate(ctx, p.cfg, np)
 		if err != nil {
 			g.log.Error("ALERT surrogate not reopened after a reload", "partner", np.Name, "err", err)
 			if _, _, aerr := g.store.RaiseOnce(ctx, "surrogate:"+np.Name, store.Alert{Kind: store.AlertHeld, Partner: np.Name,

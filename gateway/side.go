@@ -60,9 +60,13 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	}
 	// The sender learns of the responses queued from the store (OnIngest).
 	s.responder = &mailbox.Responder{Config: cfg, Store: g.store, Logger: log.With("component", "responder")}
+	routerTLS, err := routerTLSConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
 	s.deliverer, err = mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: g.store,
 		Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
-		Delivered: s.responder.Delivered, Held: g.held})
+		Delivered: s.responder.Delivered, Held: g.held, TLS: routerTLS})
 	if err != nil {
 		return nil, err
 	}

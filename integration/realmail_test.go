@@ -32,6 +32,13 @@ type pyRouter struct {
 // CODES), AA after them.
 func startPyRouter(t *testing.T, python, dir string, codes ...string) *pyRouter {
 	t.Helper()
+	return startPyRouterEnv(t, python, dir, nil, codes...)
+}
+
+// startPyRouterEnv is startPyRouter with env added to router.py's
+// environment (ROUTER_TLS_CERT, ROUTER_TLS_KEY, ROUTER_TLS_CA).
+func startPyRouterEnv(t *testing.T, python, dir string, env []string, codes ...string) *pyRouter {
+	t.Helper()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -42,6 +49,9 @@ func startPyRouter(t *testing.T, python, dir string, codes ...string) *pyRouter 
 		args = append(args, strings.Join(codes, ","))
 	}
 	cmd := exec.Command(python, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	stdout, _ := cmd.StdoutPipe()
 	log := &lockedBuffer{}
 	cmd.Stderr = log

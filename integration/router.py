@@ -10,9 +10,13 @@ Every message received is written to OUTDIR as it arrived, one file each
 create_ack makes: MSA-1 AA, or, with CODES (e.g. CE,CE,AA,AE), the next of
 those codes for each message until they run out. ACK messages are answers
 themselves and get none. Prints "listening" once the port is open.
+
+With ROUTER_TLS_CERT and ROUTER_TLS_KEY set it speaks MLLP over TLS, and
+with ROUTER_TLS_CA it requires a client certificate signed by that CA.
 """
 import asyncio
 import os
+import ssl
 import sys
 
 import hl7
@@ -43,7 +47,16 @@ async def main(port, outdir, codes):
         finally:
             writer.close()
 
-    server = await start_hl7_server(handle, "127.0.0.1", port)
+    kwds = {}
+    if os.environ.get("ROUTER_TLS_CERT"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(os.environ["ROUTER_TLS_CERT"], os.environ["ROUTER_TLS_KEY"])
+        if os.environ.get("ROUTER_TLS_CA"):
+            ctx.load_verify_locations(os.environ["ROUTER_TLS_CA"])
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        kwds["ssl"] = ctx
+    server = await start_hl7_server(handle, "127.0.0.1", port, **kwds)
     print("listening", flush=True)
     async with server:
         await server.serve_forever()

@@ -3,9 +3,11 @@ package mailbox
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"sync"
 	"time"
@@ -36,6 +38,9 @@ type DelivererOptions struct {
 	// response that a router connection waits to be handed, ack_mode
 	// rendezvous).
 	Held func(m store.Message) bool
+	// TLS, when set, is MLLP over TLS to the router (router.tls): the
+	// router's certificate is verified for the host of its address.
+	TLS *tls.Config
 }
 
 // Deliverer takes inbound messages to the internal router over MLLP
@@ -113,7 +118,15 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		if conn == nil {
 			dctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
-			c, err := mllp.Dial(dctx, addr)
+			var c *mllp.Client
+			var err error
+			if d.o.TLS != nil {
+				tc := d.o.TLS.Clone()
+				tc.ServerName, _, _ = net.SplitHostPort(addr)
+				c, err = mllp.DialTLS(dctx, addr, tc)
+			} else {
+				c, err = mllp.Dial(dctx, addr)
+			}
 			if err != nil {
 				return nil, err
 			}

@@ -2,6 +2,7 @@ package mllp
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"time"
@@ -21,6 +22,18 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("mllp: dial %s: %w", addr, err)
+	}
+	return NewClient(conn), nil
+}
+
+// DialTLS connects to an MLLP server at addr over TLS (MLLP over TLS, as
+// HL7 v2 routers offer it for links between hosts), verifying the server
+// with config.
+func DialTLS(ctx context.Context, addr string, config *tls.Config) (*Client, error) {
+	d := tls.Dialer{Config: config}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("mllp: dial %s over TLS: %w", addr, err)
 	}
 	return NewClient(conn), nil
 }
