@@ -499,7 +499,7 @@ func (c *Config) CheckFiles() error {
 	v := validator{c: c, e: c.Problems(), lines: c.lines}
 	secret := map[string]bool{"self.pgp_key": true, "self.smime_key": true, "self.passphrase_file": true,
 		"router.tls.key_file": true,
-		"smtp.password_file": true, "imap.password_file": true, "dashboard.token_file": true,
+		"smtp.password_file":  true, "imap.password_file": true, "dashboard.token_file": true,
 		"alerts.webhook.token_file": true}
 	file := func(path, who, name string) {
 		if name == "" {
