@@ -64,6 +64,9 @@ type Instance interface {
 	// Receive takes in one raw mail handed over by an MTA (pipe mode),
 	// for recipient to ("": the mail's To says).
 	Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error)
+	// ReceiveOversize quarantines a mail larger than the limit, of which
+	// only the header was handed over, size bytes in all.
+	ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error)
 }
 
 // Options configure New. Addr and Instance are required.
@@ -565,7 +568,12 @@ type ReceiveAnswer struct {
 // is stored or quarantined, 413 when it is beyond any limit, 503 when
 // nothing was decided (the MTA tries again).
 func (s *Server) receive(w http.ResponseWriter, r *http.Request) {
-	limit := int64(4 * s.o.Instance.Config().IMAP.MaxMailSize)
+	// A mail over the limit comes as its header alone, with its size.
+	limit := int64(s.o.Instance.Config().IMAP.MaxMailSize)
+	oversize, _ := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
+	if oversize > limit {
+		limit = 64 << 10
+	}
 	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -576,7 +584,12 @@ func (s *Server) receive(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "400: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	res, err := s.o.Instance.Receive(r.Context(), raw, r.URL.Query().Get("to"))
+	var res mailbox.Result
+	if oversize > int64(s.o.Instance.Config().IMAP.MaxMailSize) {
+		res, err = s.o.Instance.ReceiveOversize(r.Context(), raw, oversize)
+	} else {
+		res, err = s.o.Instance.Receive(r.Context(), raw, r.URL.Query().Get("to"))
+	}
 	if err != nil {
 		s.log.Error("mail from the MTA not taken; it will be offered again", "err", err)
 		http.Error(w, "503: "+err.Error(), http.StatusServiceUnavailable)

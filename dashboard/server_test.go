@@ -56,6 +56,10 @@ func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (
 	return 99, f.st.MarkReleased(ctx, id, by, note, 99)
 }
 func (f *fakeInstance) Ready() error { return f.notReady }
+func (f *fakeInstance) ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error) {
+	f.received = append(f.received, header)
+	return mailbox.Result{Quarantine: &mailbox.QuarantineError{Reason: mailbox.ReasonOversize}}, nil
+}
 func (f *fakeInstance) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
 	f.received = append(f.received, raw)
 	if bytes.Contains(raw, []byte("fail")) {

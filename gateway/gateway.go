@@ -8,6 +8,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -528,6 +529,9 @@ func (g *Gateway) handled(r mailbox.Result) {
 // watcher fetches. An error means nothing was decided: the MTA keeps the
 // mail and tries again.
 func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
+	if max := g.Config().IMAP.MaxMailSize; len(raw) > max {
+		return g.ReceiveOversize(ctx, raw[:min(len(raw), maxKeptHeader)], int64(len(raw)))
+	}
 	sd := g.side()
 	if to != "" && !sd.cfg.IsOurs(to) {
 		g.log.Warn("mail from the MTA for an address that is not ours; routed by its To", "to", to)
@@ -538,4 +542,18 @@ func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.R
 		g.handled(res)
 	}
 	return res, err
+}
+
+// maxKeptHeader bounds what is kept of an oversize mail: its header, for
+// the quarantine entry and the "denied" receipt.
+const maxKeptHeader = 64 << 10
+
+// ReceiveOversize quarantines a mail from the MTA that is larger than
+// imap.max_mail_size, of which header is the start (the rest was streamed
+// past, never held) and size the whole length.
+func (g *Gateway) ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error) {
+	if i := bytes.Index(header, []byte("\r\n\r\n")); i >= 0 {
+		header = header[:i+4]
+	}
+	return g.side().receiver.HandleOversize(ctx, header[:min(len(header), maxKeptHeader)], size)
 }

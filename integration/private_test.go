@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"os/user"
@@ -115,4 +116,65 @@ func TestPrivateStore(t *testing.T) {
 	os.Rename(journal+".moved", journal)
 	in.start()
 	in.stop()
+}
+
+// TestReceiveLargeMail: a 120 MB mail through "hl7mail receive" (pipe
+// mode) is streamed, not held: the command's peak RSS stays under 100 MB,
+// the running instance quarantines it as oversize by its header, and the
+// mail is neither delivered nor journalled whole.
+func TestReceiveLargeMail(t *testing.T) {
+	in := newInstance(t, "tucker-lab")
+	in.start()
+	defer in.stop()
+	in.waitReady("")
+	const size = 120 << 20
+	head := "From: tucker-lab@partner.test\r\nTo: edi@hospital.test\r\nMessage-ID: <big@partner.test>\r\nSubject: HL7\r\n" +
+		"MIME-Version: 1.0\r\nContent-Type: application/edi-hl7\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+	cmd := exec.Command(binary, "receive", "-config", in.config)
+	stdin, _ := cmd.StdinPipe()
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer stdin.Close()
+		stdin.Write([]byte(head))
+		line := []byte(strings.Repeat("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo", 3)[:76] + "\r\n")
+		block := bytes.Repeat(line, 64<<10/len(line))
+		for n := len(head); n < size; n += len(block) {
+			if _, err := stdin.Write(block); err != nil {
+				return
+			}
+		}
+	}()
+	err := cmd.Wait()
+	if err != nil || !strings.Contains(out.String(), "quarantined: oversize") {
+		t.Fatalf("hl7mail receive of 120 MB: %v\n%s", err, out.String())
+	}
+	rss := cmd.ProcessState.SysUsage().(*syscall.Rusage).Maxrss // KiB on Linux
+	t.Logf("hl7mail receive of a 120 MB mail: peak RSS %d MiB", rss>>10)
+	if rss > 100<<10 {
+		t.Errorf("hl7mail receive of a 120 MB mail peaked at %d MiB RSS, want under 100 MiB", rss>>10)
+	}
+	if status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", in.cmd.Process.Pid)); err == nil {
+		for _, l := range strings.Split(string(status), "\n") {
+			if strings.HasPrefix(l, "VmHWM:") {
+				t.Logf("the instance's peak RSS: %s", strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:")))
+			}
+		}
+	}
+	found := false
+	for _, a := range in.alerts(false) {
+		found = found || a.Kind == "quarantined" && strings.Contains(a.Text, "oversize")
+	}
+	if !found {
+		t.Errorf("no quarantine alert for the oversize mail: %+v", in.alerts(false))
+	}
+	if fi, err := os.Stat(filepath.Join(in.dir, "var", "incoming.mbox")); err == nil && fi.Size() > 1<<20 {
+		t.Errorf("incoming.mbox holds %d bytes: the oversize mail was journalled whole", fi.Size())
+	}
+	if list := in.messages(); len(list) != 0 {
+		t.Errorf("%d messages stored from an oversize mail", len(list))
+	}
 }

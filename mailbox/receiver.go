@@ -1,6 +1,7 @@
 package mailbox
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -84,6 +85,33 @@ func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (
 		in.Recipient = r.recipientIn(h)
 	}
 	return r.take(ctx, log, sender, raw, in)
+}
+
+// HandleOversize takes in a mail larger than the limit that an MTA handed
+// over (pipe mode) of which only the header was kept, streamed past the
+// rest: it is quarantined as oversize with that header, size bytes in all,
+// and a known partner that asked for a receipt gets a "denied" MDN. The
+// body was never held, so nothing of it is journalled.
+func (r *Receiver) HandleOversize(ctx context.Context, header []byte, size int64) (Result, error) {
+	log := r.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if !bytes.HasSuffix(header, []byte("\r\n\r\n")) && !bytes.HasSuffix(header, []byte("\n\n")) {
+		header = append(bytes.TrimRight(header, "\r\n"), "\r\n\r\n"...)
+	}
+	h, _ := headerOf(header)
+	sender := "MAILER-DAEMON"
+	q := &QuarantineError{Reason: ReasonOversize, Err: fmt.Errorf("%d bytes, limit %d", size, r.Opener.MaxSize)}
+	if a, err := mail.ParseAddress(h.Get("From")); err == nil {
+		sender = a.Address
+		for i := range r.Opener.Config.Partners {
+			if p := &r.Opener.Config.Partners[i]; strings.EqualFold(p.Email, a.Address) {
+				q.Partner = p
+			}
+		}
+	}
+	return r.quarantine(ctx, log, sender, header, q, false)
 }
 
 // recipientIn returns the first address of ours in the To or Cc of a mail

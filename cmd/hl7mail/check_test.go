@@ -141,3 +141,26 @@ func TestTermEscapes(t *testing.T) {
 		}
 	}
 }
+
+// TestReadMail: a piped mail within the limit comes back whole (without
+// the mbox From line), one over it as its header alone, with its size.
+func TestReadMail(t *testing.T) {
+	head := "From: lab@partner.test\r\nSubject: x\r\n\r\n"
+	body := strings.Repeat("0123456789abcdef", 20000) // 320,000 bytes
+	for _, tt := range []struct {
+		name, in string
+		max      int64
+		raw      string
+		size     int64
+	}{
+		{"small", "From lab@partner.test Mon Dec  1 08:00:00 2026\n" + head + "hi\r\n", 1000, head + "hi\r\n", int64(len(head) + 4)},
+		{"spooled, within", head + body, 1 << 20, head + body, int64(len(head) + len(body))},
+		{"over, after spooling", head + body, 100000, head, int64(len(head) + len(body))},
+		{"over, in the first block", head + body, 1000, head, int64(len(head) + len(body))},
+	} {
+		raw, size, err := readMail(strings.NewReader(tt.in), tt.max)
+		if err != nil || string(raw) != tt.raw || size != tt.size {
+			t.Errorf("%s: readMail = %d bytes, size %d, %v; want %d bytes, size %d", tt.name, len(raw), size, err, len(tt.raw), tt.size)
+		}
+	}
+}

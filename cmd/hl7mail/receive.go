@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -10,8 +11,12 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"os"
+	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
@@ -58,29 +63,21 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 		fmt.Fprintf(stderr, "hl7mail receive: note: %s is none of this site's addresses; the mail's To decides\n", *to)
 		*to = ""
 	}
-	limit := int64(4 * cfg.IMAP.MaxMailSize)
-	raw, err := io.ReadAll(io.LimitReader(stdin, limit+1))
+	raw, size, err := readMail(stdin, int64(cfg.IMAP.MaxMailSize))
 	if err != nil {
 		return fail(exTempFail, "read the mail: %v", err)
 	}
-	if int64(len(raw)) > limit {
+	if limit := 4 * int64(cfg.IMAP.MaxMailSize); size > limit {
 		return fail(exDataErr, "the mail is larger than %d bytes", limit)
-	}
-	// Postfix's local(8) and sendmail start a piped mail with the mbox
-	// envelope line "From sender date": not part of the mail.
-	if bytes.HasPrefix(raw, []byte("From ")) {
-		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
-			raw = raw[i+1:]
-		}
 	}
 	api, err := newInstanceAPI(cfg)
 	if err != nil {
 		return fail(exTempFail, "%v", err)
 	}
-	a, err := api.receive(raw, *to)
+	a, err := api.receive(raw, size, *to)
 	switch {
 	case errors.Is(err, errNotRunning):
-		if a, err = receiveStopped(cfg, raw, *to); err != nil {
+		if a, err = receiveStopped(cfg, raw, size, *to); err != nil {
 			return fail(exTempFail, "hl7mail serve is not running and the mail could not be stored: %v", err)
 		}
 	case errors.Is(err, errTooLarge):
@@ -101,10 +98,72 @@ again; 65 when the mail is larger than four times imap.max_mail_size.`, stderr)
 
 var errTooLarge = errors.New("too large")
 
-// receive posts a mail to the running instance.
-func (a *instanceAPI) receive(raw []byte, to string) (dashboard.ReceiveAnswer, error) {
+// readMail reads a piped mail. A mail of at most max bytes is returned
+// whole; of a larger one only the header is kept (at most 64 KiB), so that
+// it can be quarantined as oversize. Memory stays bounded however large the
+// mail: what follows the first 64 KiB goes to an unnamed temporary file
+// (O_TMPFILE, mode 0600, gone when closed), read back only when the mail
+// turns out to be within the limit. size is the mail's length. Postfix's
+// local(8) and sendmail start a piped mail with the mbox envelope line
+// "From sender date": it is not part of the mail.
+func readMail(r io.Reader, max int64) (raw []byte, size int64, err error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	if b, _ := br.Peek(5); string(b) == "From " {
+		if _, err := br.ReadSlice('\n'); err != nil && err != bufio.ErrBufferFull {
+			return nil, 0, err
+		}
+	}
+	head := make([]byte, 64<<10)
+	n, err := io.ReadFull(br, head)
+	head = head[:n]
+	if err == io.EOF || err == io.ErrUnexpectedEOF || int64(n) > max {
+		if int64(n) <= max {
+			return head, int64(n), nil
+		}
+		rest, err := io.Copy(io.Discard, br)
+		return headerOnly(head), int64(n) + rest, err
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	spool, err := os.OpenFile(os.TempDir(), os.O_RDWR|unix.O_TMPFILE, 0o600)
+	if err != nil {
+		return nil, 0, fmt.Errorf("temporary file: %w", err)
+	}
+	defer spool.Close()
+	rest, err := io.Copy(spool, io.LimitReader(br, max-int64(n)+1))
+	if err != nil {
+		return nil, 0, err
+	}
+	if size = int64(n) + rest; size > max {
+		more, err := io.Copy(io.Discard, br)
+		return headerOnly(head), size + more, err
+	}
+	raw = make([]byte, size)
+	copy(raw, head)
+	if _, err := spool.ReadAt(raw[n:], 0); err != nil && err != io.EOF {
+		return nil, 0, err
+	}
+	return raw, size, nil
+}
+
+// headerOnly returns the header of the mail that starts with b.
+func headerOnly(b []byte) []byte {
+	if i := bytes.Index(b, []byte("\r\n\r\n")); i >= 0 {
+		return b[:i+4]
+	}
+	if i := bytes.Index(b, []byte("\n\n")); i >= 0 {
+		return b[:i+2]
+	}
+	return b
+}
+
+// receive posts a mail to the running instance: whole, or, for one of
+// size bytes over the limit, its header.
+func (a *instanceAPI) receive(raw []byte, size int64, to string) (dashboard.ReceiveAnswer, error) {
 	var out dashboard.ReceiveAnswer
-	req, err := http.NewRequest("POST", a.base+"/api/receive?to="+url.QueryEscape(to), bytes.NewReader(raw))
+	req, err := http.NewRequest("POST", a.base+"/api/receive?to="+url.QueryEscape(to)+"&size="+strconv.FormatInt(size, 10),
+		bytes.NewReader(raw))
 	if err != nil {
 		return out, err
 	}
@@ -125,7 +184,7 @@ func (a *instanceAPI) receive(raw []byte, to string) (dashboard.ReceiveAnswer, e
 // receiveStopped takes the mail in with the instance stopped: journalled
 // and stored (or quarantined) in its store; it goes to the router, and the
 // receipt to the partner, when "hl7mail serve" starts.
-func receiveStopped(cfg *config.Config, raw []byte, to string) (dashboard.ReceiveAnswer, error) {
+func receiveStopped(cfg *config.Config, raw []byte, size int64, to string) (dashboard.ReceiveAnswer, error) {
 	var a dashboard.ReceiveAnswer
 	if err := cfg.CheckFiles(); err != nil {
 		return a, err
@@ -146,7 +205,12 @@ func receiveStopped(cfg *config.Config, raw []byte, to string) (dashboard.Receiv
 	defer j.Close()
 	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: j}
-	res, err := r.HandleTo(context.Background(), raw, to)
+	var res mailbox.Result
+	if size > int64(cfg.IMAP.MaxMailSize) {
+		res, err = r.HandleOversize(context.Background(), raw, size)
+	} else {
+		res, err = r.HandleTo(context.Background(), raw, to)
+	}
 	if err != nil {
 		return a, err
 	}
