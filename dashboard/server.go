@@ -12,6 +12,8 @@ package dashboard
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"crypto/subtle"
 	"embed"
 	"encoding/json"
@@ -75,7 +77,8 @@ type Options struct {
 	Instance Instance
 	// Token, when set, is required on every request (Authorization: Bearer,
 	// or once as ?token= which sets a cookie). It is required when Addr is
-	// not a loopback address.
+	// not a loopback address. Without it, a loopback page may be read, and
+	// every change (a POST) needs the token New makes (Server.Token).
 	Token   string
 	Tail    *Tail    // the live log; nil: none
 	Metrics *Metrics // nil: a new set
@@ -92,7 +95,11 @@ var static embed.FS
 // Server is the dashboard's HTTP server.
 type Server struct {
 	o     Options
-	token atomic.Pointer[string] // Options.Token, changed by SetToken
+	token atomic.Pointer[string] // Options.Token, changed by SetToken, or the one made for changes
+	// all is set when the token guards every request (a token file), not
+	// only the changes.
+	all atomic.Bool
+	ctl *http.Server // the control socket's (ServeControl)
 	log   *slog.Logger
 	srv   *http.Server
 	mux   *http.ServeMux
@@ -122,10 +129,23 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("dashboard: metrics: %w", err)
 	}
 	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), quit: make(chan struct{})}
-	s.token.Store(&o.Token)
+	token := o.Token
+	s.all.Store(token != "")
+	if token == "" {
+		var b [32]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, err
+		}
+		token = hex.EncodeToString(b[:])
+	}
+	s.token.Store(&token)
 	s.routes()
 	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
+	s.ctl = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		s.mux.ServeHTTP(w, r)
+	}), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
 	return s, nil
 }
 
@@ -173,7 +193,7 @@ func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
 // Shutdown ends the event streams and stops the server.
 func (s *Server) Shutdown(ctx context.Context) error {
 	close(s.quit)
-	return s.srv.Shutdown(ctx)
+	return errors.Join(s.ctl.Shutdown(ctx), s.srv.Shutdown(ctx))
 }
 
 // Handler returns the dashboard with its token check.
@@ -239,24 +259,28 @@ func (s *Server) auth(next http.Handler) http.Handler {
 				return
 			}
 		}
-		if token := *s.token.Load(); token != "" {
-			got := ""
-			if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {
-				got = strings.TrimPrefix(h, "Bearer ")
-			} else if q := r.URL.Query().Get("token"); q != "" {
-				got = q
-			} else if c, err := r.Cookie(tokenCookie); err == nil {
-				got = c.Value
-			}
-			if subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="hl7mail"`)
-				http.Error(w, "401 unauthorized: a dashboard token is required", http.StatusUnauthorized)
-				return
-			}
-			if r.URL.Query().Get("token") != "" {
-				http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: token, Path: "/", HttpOnly: true,
-					SameSite: http.SameSiteStrictMode})
-			}
+		// Every change needs the token; with a token file, every request.
+		change := r.Method != http.MethodGet && r.Method != http.MethodHead
+		token := *s.token.Load()
+		got := ""
+		if h := r.Header.Get("Authorization"); strings.HasPrefix(h, "Bearer ") {
+			got = strings.TrimPrefix(h, "Bearer ")
+		} else if q := r.URL.Query().Get("token"); q != "" {
+			got = q
+		} else if c, err := r.Cookie(tokenCookie); err == nil {
+			got = c.Value
+		}
+		ok := subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
+		if !ok && (s.all.Load() || change) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="hl7mail"`)
+			http.Error(w, "401 unauthorized: a dashboard token is required (hl7mail dashboard -config F prints the page's address with it)",
+				http.StatusUnauthorized)
+			return
+		}
+		if ok && r.URL.Query().Get("token") != "" {
+			// The page's later requests carry it; no other site's do.
+			http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: token, Path: "/", HttpOnly: true,
+				SameSite: http.SameSiteStrictMode})
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
@@ -438,13 +462,24 @@ func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
 // SetToken changes the token required from now on (a reload read the
 // token file again); it may not become empty on a non-loopback address.
 func (s *Server) SetToken(token string) error {
-	host, _, _ := net.SplitHostPort(s.o.Addr)
-	if token == "" && !loopback(host) {
+	if token == "" {
 		return ErrNoToken
 	}
 	s.token.Store(&token)
+	s.all.Store(true)
 	return nil
 }
+
+// Token returns the token in force: the token file's, or the one made for
+// changes when there is none.
+func (s *Server) Token() string { return *s.token.Load() }
+
+// ServeControl serves the same API on ln, a unix socket the operator
+// commands use ("hl7mail status", "alerts", "retry", "release", "reload")
+// and pipe mode's hand-over ("hl7mail receive"): who may connect is decided
+// by the socket file's mode (owner only), as mox's ctl does, so no token is
+// asked there. It returns when ln is closed.
+func (s *Server) ServeControl(ln net.Listener) error { return s.ctl.Serve(ln) }
 
 func (s *Server) quarantine(w http.ResponseWriter, r *http.Request) {
 	list, err := s.o.Instance.Store().QuarantineList(r.Context(), limit(r, 200))

@@ -103,6 +103,7 @@ func newServer(t *testing.T, o Options) (*Server, *httptest.Server) {
 		t.Fatal(err)
 	}
 	ts := httptest.NewServer(s.Handler())
+	changeToken = s.Token()
 	t.Cleanup(func() {
 		close(s.quit)
 		ts.Close()
@@ -127,7 +128,20 @@ func get(t *testing.T, url string, v any) int {
 
 func post(t *testing.T, url, body string) (int, string) {
 	t.Helper()
-	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	return postAs(t, url, "application/json", body)
+}
+
+// changeToken is the token of the server newServer made last: every change
+// needs it (the tests run one at a time).
+var changeToken string
+
+// postAs POSTs body of type ct with the server's token.
+func postAs(t *testing.T, url, ct, body string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	req.Header.Set("Content-Type", ct)
+	req.Header.Set("Authorization", "Bearer "+changeToken)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,8 +169,8 @@ func TestToken(t *testing.T) {
 			t.Errorf("GET %s with a wrong token = %d, want 401", path, code)
 		}
 	}
-	if code, _ := post(t, ts.URL+"/api/alerts/1/ack", `{"by":"x"}`); code != http.StatusUnauthorized {
-		t.Errorf("POST without token = %d, want 401", code)
+	if resp, _ := http.Post(ts.URL+"/api/alerts/1/ack", "application/json", strings.NewReader(`{"by":"x"}`)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("POST without token = %d, want 401", resp.StatusCode)
 	}
 	req, _ := http.NewRequest("GET", ts.URL+"/api/overview", nil)
 	req.Header.Set("Authorization", "Bearer s3cret")
@@ -225,9 +239,12 @@ func TestAPI(t *testing.T) {
 	}
 
 	// Changes need a JSON body: a cross-site form cannot send one.
-	resp, _ := http.Post(ts.URL+"/api/messages/1/retry", "application/x-www-form-urlencoded", strings.NewReader("a=b"))
-	if resp.StatusCode != http.StatusUnsupportedMediaType {
-		t.Errorf("form POST = %d, want 415", resp.StatusCode)
+	if code, _ := postAs(t, ts.URL+"/api/messages/1/retry", "application/x-www-form-urlencoded", "a=b"); code != http.StatusUnsupportedMediaType {
+		t.Errorf("form POST = %d, want 415", code)
+	}
+	// A change without the token is refused, even on loopback.
+	if resp, _ := http.Post(ts.URL+"/api/messages/1/retry", "application/json", strings.NewReader("{}")); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("POST without the token = %d, want 401", resp.StatusCode)
 	}
 	if code, body := post(t, ts.URL+"/api/messages/2/retry", `{}`); code != http.StatusConflict {
 		t.Errorf("retry of a queued message = %d %s, want 409", code, body)
@@ -466,15 +483,7 @@ func TestReceive(t *testing.T) {
 	inst := newInstance(t)
 	inst.cfg.IMAP.MaxMailSize = 64 << 10
 	_, ts := newServer(t, Options{Instance: inst})
-	send := func(ct, body string) (int, string) {
-		resp, err := http.Post(ts.URL+"/api/receive", ct, strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	send := func(ct, body string) (int, string) { return postAs(t, ts.URL+"/api/receive", ct, body) }
 	if code, body := send("message/rfc822", "From: lab@partner.test\r\n\r\nbody"); code != 200 || !strings.Contains(body, `"stored": 7`) {
 		t.Errorf("receive = %d %s", code, body)
 	}

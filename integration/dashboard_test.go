@@ -318,7 +318,13 @@ func TestDashboardRetryButton(t *testing.T) {
 		t.Fatalf("surrogate answered %s", code)
 	}
 	in.waitMessages(1, func(l []storedMessage) bool { return l[0].State == "failed" })
-	b.open("http://" + in.dash + "/")
+	// A change needs the token: "hl7mail dashboard" prints the page's
+	// address with it.
+	link, code := in.run("dashboard", "-config", in.config)
+	if code != 0 || !strings.Contains(link, "?token=") {
+		t.Fatalf("hl7mail dashboard: %d %s", code, link)
+	}
+	b.open(strings.TrimSpace(link))
 	button := `document.querySelector('#partners tbody tr[data-partner="tucker-lab"] button.retry-partner')`
 	b.waitFor("the Retry button", "return "+button+" !== null", 10*time.Second)
 	smtpSrv.Recover()

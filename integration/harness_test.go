@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -95,6 +96,10 @@ type instance struct {
 	log     *lockedBuffer
 	exited  chan error
 	started int
+	// as, when set, runs serve as that user (pipe mode: the user the MTA
+	// runs "hl7mail receive" as).
+	as  *syscall.Credential
+	exe string // the binary serve runs from, when not binary (one that user may run)
 }
 
 // newInstance writes a configuration with the given partners (unencrypted,
@@ -165,7 +170,14 @@ func (in *instance) start() {
 	t.Helper()
 	in.started++
 	in.log = &lockedBuffer{}
-	in.cmd = exec.Command(binary, "serve", "-config", in.config, "-log-format", "json")
+	exe := binary
+	if in.exe != "" {
+		exe = in.exe
+	}
+	in.cmd = exec.Command(exe, "serve", "-config", in.config, "-log-format", "json")
+	if in.as != nil {
+		in.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: in.as}
+	}
 	in.cmd.Stdout, in.cmd.Stderr = in.log, in.log
 	if err := in.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -1,13 +1,17 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,11 +21,12 @@ import (
 
 // TestPipeMode: the ward has no IMAP account. Real Postfix delivers its
 // mail through an alias that pipes each mail to the built binary, run as
-// nobody: "hl7mail receive" hands it to the running instance, which
-// delivers it to the ward's router and answers the hospital by mail. With
-// the ward's instance stopped, receive cannot store the mail (nobody may not
-// read the keys) and exits 75: Postfix keeps the mail, and delivers it once
-// the instance runs again.
+// nobody, the user the ward's instance runs as: "hl7mail receive" hands it
+// to the running instance over its control socket, which delivers it to
+// the ward's router and answers the hospital by mail. With the ward's
+// instance stopped, receive stores the mail itself, for the next start.
+// Run as another user (root's instance), receive may not reach the control
+// socket nor open the store, and exits 75: Postfix keeps the mail.
 func TestPipeMode(t *testing.T) {
 	requireMailServers(t)
 	python := requireTool(t, "/usr/bin/python3")
@@ -85,7 +90,17 @@ dashboard: {addr: %s}
 partners:
   - {name: ward, listen: %s, email: ward@pipe.test, security: pgp, pgp_key: ../ward/public.asc}
 `, hospRouter.addr, smtpPort, imapPort, freePort(t), toWard)), 0o600)
-	wardIn := &instance{t: t, dir: ward, config: wardCfg, listen: map[string]string{}, dash: wardDash}
+	// The ward's instance runs as nobody, as Postfix runs the alias's
+	// command: its files are nobody's.
+	nobody, err := user.Lookup("nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(nobody.Uid)
+	gid, _ := strconv.Atoi(nobody.Gid)
+	filepath.Walk(ward, func(p string, _ os.FileInfo, _ error) error { return os.Lchown(p, uid, gid) })
+	wardIn := &instance{t: t, dir: ward, config: wardCfg, listen: map[string]string{}, dash: wardDash,
+		as: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, exe: bin}
 	hospIn := &instance{t: t, dir: hosp, config: hospCfg, listen: map[string]string{"ward": toWard}}
 	wardIn.start()
 	defer wardIn.stop()
@@ -124,31 +139,36 @@ partners:
 		return n == 5
 	})
 
-	// The ward's instance is down: Postfix keeps the mail.
+	// The ward's instance is down: receive, run as the ward's user, stores
+	// the mail itself; it reaches the router at the next start.
 	wardIn.stop()
 	if code := sendOne(t, toWard, msgs[5]); code != hl7.CommitAccept {
 		t.Fatalf("surrogate answered %s", code)
 	}
-	wait("Postfix deferring the mail the pipe could not take", func() bool {
-		return strings.Contains(postfixLog(servers), "status=deferred")
+	wait("the pipe storing the mail with the ward stopped", func() bool {
+		return strings.Count(postfixLog(servers), "status=sent (delivered to command") == 6
 	})
-	if !strings.Contains(postfixLog(servers), "temporary failure. Command output: hl7mail receive: hl7mail serve is not running") {
-		t.Errorf("Postfix did not defer for the reason expected:\n%s", postfixLog(servers))
-	}
 	wardIn.start()
 	wardIn.waitReady("")
-	// Postfix would try again within minutes; the test asks it now.
-	wait("the sixth order at the ward's router", func() bool {
-		if len(wardRouter.messages()) == 6 {
-			return true
-		}
-		if out, err := exec.Command("postqueue", "-c", filepath.Join(servers, "postfix"), "-f").CombinedOutput(); err != nil {
-			t.Fatalf("postqueue -f: %v\n%s", err, out)
-		}
-		time.Sleep(time.Second)
-		return len(wardRouter.messages()) == 6
-	})
+	wait("the sixth order at the ward's router", func() bool { return len(wardRouter.messages()) == 6 })
 	wait("six answers at the hospital's router", func() bool { return len(hospRouter.messages()) == 6 })
+
+	// Another user (daemon) may not reach the ward's control socket:
+	// nothing is decided, exit 75, and the MTA would keep the mail.
+	other, err := user.Lookup("daemon")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ouid, _ := strconv.Atoi(other.Uid)
+	ogid, _ := strconv.Atoi(other.Gid)
+	cmd := exec.Command(bin, "receive", "-config", wardCfg)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(ouid), Gid: uint32(ogid)}}
+	cmd.Stdin = strings.NewReader("From: edi@hospital.test\r\nTo: ward@pipe.test\r\nSubject: x\r\n\r\nx\r\n")
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 75 || !strings.Contains(string(out), "control socket") {
+		t.Errorf("receive as another user: %v, want exit 75 naming the control socket\n%s", err, out)
+	}
 	if n := len(wardRouter.messages()); n != 6 {
 		t.Errorf("the ward's router got %d messages, want 6", n)
 	}

@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
@@ -176,5 +177,47 @@ func TestReceiveLargeMail(t *testing.T) {
 	}
 	if list := in.messages(); len(list) != 0 {
 		t.Errorf("%d messages stored from an oversize mail", len(list))
+	}
+}
+
+// TestControlSocket: the operator commands reach the running instance over
+// the control socket in the store (mode 0600), which nobody else may open;
+// over HTTP no change is made without the token, on loopback too.
+func TestControlSocket(t *testing.T) {
+	python := requireTool(t, "/usr/bin/python3")
+	in := newInstance(t, "tucker-lab")
+	in.start()
+	defer in.stop()
+	in.waitReady("")
+	sock := filepath.Join(in.dir, "var", "hl7mail.sock")
+	fi, err := os.Lstat(sock)
+	if err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("control socket %v, mode %v; want a socket of mode 0600", err, fi.Mode())
+	}
+	if out, code := in.run("status", "-config", in.config); code != 0 || !strings.Contains(out, "running") {
+		t.Errorf("status over the control socket: %d\n%s", code, out)
+	}
+	if out, code := in.run("retry", "-config", in.config, "-all"); code != 0 || !strings.Contains(out, "0 messages queued again") {
+		t.Errorf("retry -all over the control socket: %d\n%s", code, out)
+	}
+	os.Chmod(in.dir, 0o755) // nobody may walk to the store; the store and the socket stop it
+	if out, ok := asNobody(t, python, "-c", "import socket; socket.socket(socket.AF_UNIX).connect('"+sock+"')"); ok {
+		t.Errorf("nobody connected to the control socket: %s", out)
+	}
+	for _, path := range []string{"/api/retry", "/api/reload", "/api/alerts/1/ack"} {
+		resp, err := http.Post("http://"+in.dash+path, "application/json", strings.NewReader(`{"partner":"","by":"x"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("POST %s over HTTP without the token = %d, want 401", path, resp.StatusCode)
+		}
+	}
+	resp, err := http.Get("http://" + in.dash + "/api/overview")
+	if err != nil || resp.StatusCode != 200 {
+		t.Errorf("GET /api/overview on loopback = %v, %v; want 200 (the page reads without the token)", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 }

@@ -9,11 +9,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -24,47 +26,46 @@ import (
 	"github.com/hl7mail/hl7mail/store"
 )
 
-// The operator commands work on a running instance through its dashboard's
-// API, and on a stopped one through its store.
+// The operator commands work on a running instance through its control
+// socket (the store folder's hl7mail.sock, mode 0600: the user running
+// serve only), and on a stopped one through its store.
 
-// errNotRunning means the dashboard did not answer: the instance is not
-// running (or its dashboard is unreachable).
+// errNotRunning means no instance answers on the control socket.
 var errNotRunning = errors.New("not running")
 
-// instanceAPI calls the dashboard of the instance cfg describes.
+// errNoAccess means an instance runs, but this user may not reach its
+// control socket.
+var errNoAccess = errors.New("the control socket is not open to this user (run the command as the user that runs hl7mail serve)")
+
+// instanceAPI calls the API of the instance cfg describes, over its
+// control socket.
 type instanceAPI struct {
-	base  string
-	token string
-	http  *http.Client
+	base   string
+	socket string
+	http   *http.Client
 }
 
 func newInstanceAPI(cfg *config.Config) (*instanceAPI, error) {
-	host, port, err := net.SplitHostPort(cfg.Dashboard.Addr)
-	if err != nil {
-		return nil, err
+	socket := filepath.Join(cfg.StoreDir(), gateway.ControlSocket)
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
 	}
-	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
-		host = "127.0.0.1"
-	}
-	a := &instanceAPI{base: "http://" + net.JoinHostPort(host, port), http: &http.Client{Timeout: 30 * time.Second}}
-	if cfg.Dashboard.TokenFile != "" {
-		if a.token, err = cfg.Secret(cfg.Dashboard.TokenFile, ""); err != nil {
-			return nil, fmt.Errorf("dashboard token: %w", err)
-		}
-	}
-	return a, nil
+	return &instanceAPI{base: "http://hl7mail", socket: socket,
+		http: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: dial}}}, nil
 }
 
-// do sends req with the token; a refused connection is errNotRunning. It
-// returns the status and the body.
+// do sends req over the control socket: no socket, or none listening, is
+// errNotRunning; one this user may not open, errNoAccess. It returns the
+// status and the body.
 func (a *instanceAPI) do(req *http.Request) (int, []byte, error) {
-	if a.token != "" {
-		req.Header.Set("Authorization", "Bearer "+a.token)
-	}
 	resp, err := a.http.Do(req)
 	if err != nil {
 		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
+		switch {
+		case errors.Is(err, syscall.EACCES) || errors.Is(err, os.ErrPermission):
+			return 0, nil, errNoAccess
+		case errors.As(err, &op) && op.Op == "dial":
 			return 0, nil, errNotRunning
 		}
 		return 0, nil, err
@@ -135,7 +136,8 @@ func openStore(cfg *config.Config, write bool) (*store.Store, error) {
 func openWritable(cfg *config.Config) (*store.Store, error) {
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir()})
 	if errors.Is(err, store.ErrLocked) {
-		return nil, fmt.Errorf("hl7mail serve has the store open but its dashboard (%s) did not answer", cfg.Dashboard.Addr)
+		return nil, fmt.Errorf("hl7mail serve has the store open but its control socket (%s) did not answer",
+			filepath.Join(cfg.StoreDir(), gateway.ControlSocket))
 	}
 	return st, err
 }
@@ -218,7 +220,7 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 		printJSON(stdout, o)
 		return 0
 	}
-	state := "running, dashboard " + api.base + "/"
+	state := "running, dashboard " + dashboardURL(cfg)
 	if !running {
 		state = "not running (figures from the store)"
 	}
@@ -473,4 +475,45 @@ func releaseStopped(cfg *config.Config, id int64, by, note string) (int64, error
 	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer}, Store: st}
 	res, err := r.Release(context.Background(), id, by, note)
 	return res.ID, err
+}
+
+// dashboardURL is the address of cfg's dashboard page.
+func dashboardURL(cfg *config.Config) string {
+	host, port, err := net.SplitHostPort(cfg.Dashboard.Addr)
+	if err != nil {
+		return cfg.Dashboard.Addr
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return "http://" + net.JoinHostPort(host, port) + "/"
+}
+
+func runDashboard(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("dashboard", "[-config FILE]", `
+Prints the address of the running instance's operator page with its token
+(?token=...), which the browser keeps as a cookie: every change on the page
+(acknowledge, retry, release) needs it. The token is dashboard.token_file's,
+or, without one, the one the instance made at its start (the store folder's
+dashboard.token, readable by the user running serve only).`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	file := cfg.Dashboard.TokenFile
+	if file == "" {
+		file = filepath.Join(cfg.StoreDir(), gateway.TokenFile)
+	}
+	token, err := cfg.Secret(file, "")
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail dashboard: the token:", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s?token=%s\n", dashboardURL(cfg), url.QueryEscape(strings.TrimSpace(token)))
+	return 0
 }
