@@ -13,9 +13,9 @@ package dashboard
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"crypto/subtle"
 	"embed"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -98,13 +98,13 @@ type Server struct {
 	token atomic.Pointer[string] // Options.Token, changed by SetToken, or the one made for changes
 	// all is set when the token guards every request (a token file), not
 	// only the changes.
-	all atomic.Bool
-	ctl *http.Server // the control socket's (ServeControl)
-	log   *slog.Logger
-	srv   *http.Server
-	mux   *http.ServeMux
-	ln    net.Listener
-	quit  chan struct{} // closed by Shutdown: event streams end
+	all  atomic.Bool
+	ctl  *http.Server // the control socket's (ServeControl)
+	log  *slog.Logger
+	srv  *http.Server
+	mux  *http.ServeMux
+	ln   net.Listener
+	quit chan struct{} // closed by Shutdown: event streams end
 }
 
 // New checks the options and builds the handlers; Serve starts it.
