@@ -115,6 +115,8 @@ func TestPrivateStore(t *testing.T) {
 	}
 	os.Remove(journal)
 	os.Rename(journal+".moved", journal)
+	// Mended, it starts; stopped at once, while it still starts, it
+	// finishes the start and stops cleanly.
 	in.start()
 	in.stop()
 }

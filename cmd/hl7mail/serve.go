@@ -53,7 +53,9 @@ configuration with problems is refused and the running one kept.`, stderr)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	g, err := gateway.Start(ctx, gateway.Options{Config: cfg, Keys: keys, Logger: log, Tail: tail, ConfigPath: *cfgPath})
+	// A signal during the start is acted on once the start is done: the
+	// start itself is not cut short (it would leave work half begun).
+	g, err := gateway.Start(context.Background(), gateway.Options{Config: cfg, Keys: keys, Logger: log, Tail: tail, ConfigPath: *cfgPath})
 	if err != nil {
 		log.Error("start failed", "err", err)
 		return 1
