@@ -4,20 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
-	"net/http"
 	"net/smtp"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/internal/corpus"
-	"github.com/hl7mail/hl7mail/internal/embedded"
-	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -40,32 +33,8 @@ func TestMalformedInputHoldsNoPatientData(t *testing.T) {
 	if len(phi) < 6 {
 		t.Fatalf("only %d patient names and IDs", len(phi))
 	}
-	dir := t.TempDir()
-	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	hPriv, _, hCert, hKey := keyFiles(t, dir, "edi@hospital.test")
-	hPub := filepath.Join(dir, "edi@hospital.test.pub.asc")
-	lPriv, lPub, lCert, lKey := keyFiles(t, dir, "lab@partner.test")
-	var logs testlog.Buffer
-	logTo := func(site string) func(*Options) {
-		return func(o *Options) {
-			tail := dashboard.NewTail(0)
-			h := slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})
-			o.Logger = slog.New(tail.Handler(h, slog.LevelDebug)).With("site", site)
-			o.Tail = tail
-		}
-	}
-	listenLab := freeAddr(t)
-	hospital := startInstance(t, w, dir, "hospital", "edi@hospital.test", fmt.Sprintf(
-		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s}\n", listenLab, lPub),
-		hPriv, hCert, hKey, logTo("hospital"))
-	lab := startInstance(t, w, dir, "lab", "lab@partner.test", fmt.Sprintf(
-		"  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: %s}\n", freeAddr(t), hPub),
-		lPriv, lCert, lKey, logTo("lab"))
-
+	pw := newPHIWorld(t)
+	w, hospital, lab, listenLab := pw.w, pw.hospital, pw.lab, pw.listenLab
 	// MLLP: each frame and its answers.
 	noCR := strings.Replace(strings.ReplaceAll(string(used[0]), "\r", ""), "MSH|", "MSH#", 1)
 	notHL7 := string(used[1][bytes.Index(used[1], []byte("PID|")):])
@@ -134,22 +103,12 @@ func TestMalformedInputHoldsNoPatientData(t *testing.T) {
 	}
 	time.Sleep(time.Second) // the refusal receipts go out and come in
 
-	seen := map[string]string{"log": logs.String()}
+	seen := pw.seen(t)
 	for i, a := range acks {
 		seen[fmt.Sprint("ACK ", i)] = a
 	}
 	for _, in := range []*instance{hospital, lab} {
 		base := in.g.DashboardURL()
-		for _, path := range []string{"", "api/overview", "api/alerts?all=1", "api/messages?limit=5000", "api/quarantine"} {
-			resp, err := http.Get(base + path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			seen[base+path] = string(body)
-		}
-		seen[base+"api/log"] = readStream(t, base+"api/log?since=0")
 		// The MDNs the instance made (its outbound receipts, as sent).
 		list, _ := in.g.Store().List(ctx, store.Filter{Direction: store.Outbound, Limit: 1000})
 		for _, m := range list {

@@ -37,33 +37,8 @@ func TestNoPatientData(t *testing.T) {
 		t.Fatalf("only %d patient names and IDs found in the corpus", len(phi))
 	}
 
-	dir := t.TempDir()
-	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	hPriv, _, hCert, hKey := keyFiles(t, dir, "edi@hospital.test")
-	hPub := filepath.Join(dir, "edi@hospital.test.pub.asc")
-	lPriv, lPub, lCert, lKey := keyFiles(t, dir, "lab@partner.test")
-	var logs testlog.Buffer
-	tails := map[string]*dashboard.Tail{}
-	logTo := func(site string) func(*Options) {
-		return func(o *Options) {
-			tails[site] = dashboard.NewTail(0)
-			h := slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})
-			o.Logger = slog.New(tails[site].Handler(h, slog.LevelDebug)).With("site", site)
-			o.Tail = tails[site]
-		}
-	}
-	listenLab := freeAddr(t)
-	hospital := startInstance(t, w, dir, "hospital", "edi@hospital.test", fmt.Sprintf(
-		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s}\n", listenLab, lPub),
-		hPriv, hCert, hKey, logTo("hospital"))
-	lab := startInstance(t, w, dir, "lab", "lab@partner.test", fmt.Sprintf(
-		"  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: %s}\n", freeAddr(t), hPub),
-		lPriv, lCert, lKey, logTo("lab"))
-
+	pw := newPHIWorld(t)
+	w, hospital, lab, listenLab := pw.w, pw.hospital, pw.lab, pw.listenLab
 	c, err := mllp.Dial(context.Background(), listenLab)
 	if err != nil {
 		t.Fatal(err)
@@ -97,11 +72,68 @@ func TestNoPatientData(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
-	seen := map[string]string{"log": logs.String()}
-	for _, in := range []*instance{hospital, lab} {
+	seen := pw.seen(t, "app.js", "api/partners", "metrics")
+	if !strings.Contains(seen[hospital.g.DashboardURL()+"api/log"], "receipt matched") {
+		t.Errorf("the hospital's log stream lacks the receipts")
+	}
+	for where, text := range seen {
+		for _, p := range phi {
+			if strings.Contains(text, p) {
+				t.Errorf("%s contains patient data %q", where, p)
+			}
+		}
+	}
+	t.Logf("%d log bytes, %d pages and answers checked for %d patient names and IDs", len(seen["log"]), len(seen)-1, len(phi))
+}
+
+// phiWorld is a hospital and a lab (PGP) over an embedded mail world, every
+// log record of both kept at debug level, for tests that look for patient
+// data where it must never be.
+type phiWorld struct {
+	w             *embedded.World
+	hospital, lab *instance
+	listenLab     string // the hospital's surrogate for the lab
+	logs          *testlog.Buffer
+}
+
+func newPHIWorld(t *testing.T) *phiWorld {
+	t.Helper()
+	dir := t.TempDir()
+	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	hPriv, _, hCert, hKey := keyFiles(t, dir, "edi@hospital.test")
+	hPub := filepath.Join(dir, "edi@hospital.test.pub.asc")
+	lPriv, lPub, lCert, lKey := keyFiles(t, dir, "lab@partner.test")
+	pw := &phiWorld{w: w, listenLab: freeAddr(t), logs: &testlog.Buffer{}}
+	logTo := func(site string) func(*Options) {
+		return func(o *Options) {
+			tail := dashboard.NewTail(0)
+			h := slog.NewJSONHandler(pw.logs, &slog.HandlerOptions{Level: slog.LevelDebug})
+			o.Logger = slog.New(tail.Handler(h, slog.LevelDebug)).With("site", site)
+			o.Tail = tail
+		}
+	}
+	pw.hospital = startInstance(t, w, dir, "hospital", "edi@hospital.test", fmt.Sprintf(
+		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s}\n", pw.listenLab, lPub),
+		hPriv, hCert, hKey, logTo("hospital"))
+	pw.lab = startInstance(t, w, dir, "lab", "lab@partner.test", fmt.Sprintf(
+		"  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: %s}\n", freeAddr(t), hPub),
+		lPriv, lCert, lKey, logTo("lab"))
+	return pw
+}
+
+// seen returns, by where it was read, every text the two instances show:
+// the log, each dashboard's page, API answers (and the extra paths) and
+// log stream.
+func (pw *phiWorld) seen(t *testing.T, extra ...string) map[string]string {
+	t.Helper()
+	seen := map[string]string{"log": pw.logs.String()}
+	for _, in := range []*instance{pw.hospital, pw.lab} {
 		base := in.g.DashboardURL()
-		for _, path := range []string{"", "app.js", "api/overview", "api/partners", "api/alerts?all=1",
-			"api/messages?limit=5000", "api/quarantine", "metrics"} {
+		for _, path := range append([]string{"", "api/overview", "api/alerts?all=1", "api/messages?limit=5000", "api/quarantine"}, extra...) {
 			resp, err := http.Get(base + path)
 			if err != nil {
 				t.Fatal(err)
@@ -115,17 +147,7 @@ func TestNoPatientData(t *testing.T) {
 		}
 		seen[base+"api/log"] = readStream(t, base+"api/log?since=0")
 	}
-	if !strings.Contains(seen[hospital.g.DashboardURL()+"api/log"], "receipt matched") {
-		t.Errorf("the hospital's log stream lacks the receipts")
-	}
-	for where, text := range seen {
-		for _, p := range phi {
-			if strings.Contains(text, p) {
-				t.Errorf("%s contains patient data %q", where, p)
-			}
-		}
-	}
-	t.Logf("%d log bytes, %d pages and answers checked for %d patient names and IDs", len(seen["log"]), len(seen)-1, len(phi))
+	return seen
 }
 
 // readStream reads a Server-Sent Events stream until it has been quiet for

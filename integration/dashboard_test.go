@@ -174,10 +174,7 @@ func TestOperatorCommands(t *testing.T) {
 	defer smtpSrv.Close()
 	smtpSrv.FailPermanently()
 	in := newInstance(t, "tucker-lab")
-	data, _ := os.ReadFile(in.config)
-	old := string(data)[strings.Index(string(data), "smtp: {addr: "):]
-	old = old[:strings.Index(old, "}")+1]
-	in.edit(old, "smtp: {addr: "+smtpAddr+", tls: none}")
+	in.useSMTP(smtpAddr)
 	in.start()
 	in.waitReady("")
 	msgs, err := corpus.Default()
@@ -305,9 +302,7 @@ func TestDashboardRetryButton(t *testing.T) {
 	defer smtpSrv.Close()
 	smtpSrv.FailPermanently()
 	in := newInstance(t, "tucker-lab")
-	data, _ := os.ReadFile(in.config)
-	old := string(data)[strings.Index(string(data), "smtp: {addr: "):]
-	in.edit(old[:strings.Index(old, "}")+1], "smtp: {addr: "+smtpAddr+", tls: none}")
+	in.useSMTP(smtpAddr)
 	in.start()
 	in.waitReady("")
 	msgs, err := corpus.Default()

@@ -149,6 +149,18 @@ func (in *instance) edit(old, new string) {
 	}
 }
 
+// useSMTP points the configuration's smtp section at addr (no TLS: a
+// server on loopback).
+func (in *instance) useSMTP(addr string) {
+	in.t.Helper()
+	data, err := os.ReadFile(in.config)
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	old := string(data)[strings.Index(string(data), "smtp: {addr: "):]
+	in.edit(old[:strings.Index(old, "}")+1], "smtp: {addr: "+addr+", tls: none}")
+}
+
 // run runs an hl7mail command and returns its output and exit code.
 func (in *instance) run(args ...string) (string, int) {
 	in.t.Helper()

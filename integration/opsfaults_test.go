@@ -124,6 +124,31 @@ func (h *hooks) all() []string {
 	return append([]string(nil), h.bodies...)
 }
 
+// mllpSendAll sends batch to addr with Debian's mllp_send (python3-hl7), as
+// a router would, and returns the control IDs in the order sent; every
+// answer must be CA.
+func mllpSendAll(t *testing.T, mllpSend, dir, addr string, batch [][]byte) []string {
+	t.Helper()
+	var framed []byte
+	var ids []string
+	for _, m := range batch {
+		framed = mllp.AppendFrame(framed, m)
+		h, _ := hl7.ParseHeader(m)
+		ids = append(ids, h.ControlID)
+	}
+	file := filepath.Join(dir, "batch.mllp")
+	os.WriteFile(file, framed, 0o600)
+	host, p, _ := net.SplitHostPort(addr)
+	out, err := exec.Command(mllpSend, "-p", p, "-f", file, host).Output()
+	if err != nil {
+		t.Fatalf("mllp_send: %v", err)
+	}
+	if n := strings.Count(string(out), "\rMSA|CA|"); n != len(batch) {
+		t.Fatalf("mllp_send got %d CA answers, want %d", n, len(batch))
+	}
+	return ids
+}
+
 // TestSMTPSessionFaults runs the hospital's binary against real Postfix
 // submission with SASL AUTH through Dovecot over STARTTLS, as sites run it.
 //   - A wrong password: 50 messages all get CA, none fails, one alert is
@@ -186,29 +211,7 @@ partners:
 		t.Fatal(err)
 	}
 	used := msgs[:61]
-	// sendTo sends batch to the partner's surrogate with mllp_send and
-	// returns the control IDs in the order sent; every answer must be CA.
-	sendTo := func(addr string, batch [][]byte) []string {
-		t.Helper()
-		var framed []byte
-		var ids []string
-		for _, m := range batch {
-			framed = mllp.AppendFrame(framed, m)
-			h, _ := hl7.ParseHeader(m)
-			ids = append(ids, h.ControlID)
-		}
-		file := filepath.Join(dir, "batch.mllp")
-		os.WriteFile(file, framed, 0o600)
-		host, p, _ := net.SplitHostPort(addr)
-		out, err := exec.Command(mllpSend, "-p", p, "-f", file, host).Output()
-		if err != nil {
-			t.Fatalf("mllp_send: %v", err)
-		}
-		if n := strings.Count(string(out), "\rMSA|CA|"); n != len(batch) {
-			t.Fatalf("mllp_send got %d CA answers, want %d", n, len(batch))
-		}
-		return ids
-	}
+	sendTo := func(addr string, batch [][]byte) []string { return mllpSendAll(t, mllpSend, dir, addr, batch) }
 	wait := func(what string, d time.Duration, cond func() bool) {
 		t.Helper()
 		deadline := time.Now().Add(d)
@@ -374,20 +377,7 @@ partners:
 	if err != nil {
 		t.Fatal(err)
 	}
-	var framed []byte
-	var ids []string
-	for _, m := range msgs[100:102] {
-		framed = mllp.AppendFrame(framed, m)
-		h, _ := hl7.ParseHeader(m)
-		ids = append(ids, h.ControlID)
-	}
-	file := filepath.Join(dir, "two.mllp")
-	os.WriteFile(file, framed, 0o600)
-	host, p, _ := net.SplitHostPort(toHospital)
-	if out, err := exec.Command(mllpSend, "-p", p, "-f", file, host).Output(); err != nil ||
-		strings.Count(string(out), "\rMSA|CA|") != 2 {
-		t.Fatalf("mllp_send: %v\n%q", err, out)
-	}
+	ids := mllpSendAll(t, mllpSend, dir, toHospital, msgs[100:102])
 	deadline := time.Now().Add(90 * time.Second)
 	for len(labRouter.messages()) < 2 {
 		if time.Now().After(deadline) {
