@@ -460,7 +460,7 @@ func writePrivate(path, data string) error {
 	if err != nil {
 		return err
 	}
-	if err := f.Truncate(0); err == nil {
+	if err = f.Truncate(0); err == nil {
 		_, err = f.WriteAt([]byte(data), 0)
 	}
 	return errors.Join(err, f.Close())
