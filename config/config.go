@@ -242,11 +242,18 @@ type Partner struct {
 	// 8689), so that every hop on the way must use TLS too. A server that
 	// cannot is a refusal and an alert, never a silent downgrade.
 	RequireTLS bool `yaml:"require_tls"`
+	// AcceptAck is what the surrogate answers once a message is stored: CA
+	// (default; CE or CR when it cannot take responsibility), whatever the
+	// sender's mode, or AA: AA, AE or AR to a sender in original mode
+	// (MSH-15 and MSH-16 empty), for routers that take no other answer
+	// (Mirth 3.0, Cloverleaf tps_check_reply procs).
+	AcceptAck string `yaml:"accept_ack"`
 	// AckMode is immediate (default: CA as soon as the message is stored)
 	// or rendezvous: the surrogate keeps the router's connection open and
 	// answers with the partner's own application response (AA/AE/AR) from
-	// the returned bundle, or with CE (AE in original mode) saying "timed
-	// out" after RendezvousTimeout (draft-ietf-ediint-hl7-02 §4.1.4).
+	// the returned bundle, or with CE (AE in original mode with accept_ack:
+	// AA) saying "timed out" after RendezvousTimeout
+	// (draft-ietf-ediint-hl7-02 §4.1.4).
 	AckMode string `yaml:"ack_mode"`
 	// RendezvousTimeout bounds the wait of ack_mode: rendezvous (default
 	// 30s). The message is stored and delivered either way; a response that
@@ -431,6 +438,9 @@ func (c *Config) applyDefaults() {
 		}
 		if p.AckMode == "" {
 			p.AckMode = "immediate"
+		}
+		if p.AcceptAck == "" {
+			p.AcceptAck = "CA"
 		}
 		if p.RendezvousTimeout == 0 {
 			p.RendezvousTimeout = Duration(DefaultRendezvous)

@@ -361,6 +361,9 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
 		}
+		if p.AcceptAck != "CA" && p.AcceptAck != "AA" {
+			v.addf(f("accept_ack"), who, "CA (the default) or AA", "unknown value %q", p.AcceptAck)
+		}
 		switch p.AckMode {
 		case "immediate", "rendezvous":
 		default:

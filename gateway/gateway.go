@@ -183,6 +183,7 @@ func (g *Gateway) newSurrogate(ctx context.Context, cfg *config.Config, p *confi
 		IdleTimeout:    p.IdleTimeout.D(),
 		IDs:            g.ids,
 
+		OriginalModeAA:        p.AcceptAck == "AA",
 		FirstFrameTimeout:     p.FirstFrameTimeout.D(),
 		MaxConnectionsPerHost: p.MaxConnectionsPerHost,
 		Observe:               g.metrics.AckObserver(p.Name),

@@ -163,7 +163,7 @@ func (g *Gateway) planSurrogates(ctx context.Context, cfg *config.Config) (*surr
 			plan.open = append(plan.open, np)
 			plan.close = append(plan.close, pl)
 			plan.replaced = append(plan.replaced, p.Name)
-		case pl.partner.AckMode != p.AckMode || pl.partner.RendezvousTimeout != p.RendezvousTimeout ||
+		case pl.partner.AckMode != p.AckMode || pl.partner.RendezvousTimeout != p.RendezvousTimeout || pl.partner.AcceptAck != p.AcceptAck ||
 			(pl.tls == nil) != (p.ListenTLS == nil):
 			plan.close = append(plan.close, pl)
 			plan.reopen = append(plan.reopen, p)

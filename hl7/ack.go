@@ -22,9 +22,10 @@ const (
 	CommitReject      AckCode = "CR"
 )
 
-// AcceptCode returns the code a receiver that takes commit responsibility
-// answers with: CA, CE or CR in enhanced mode, and their original-mode
-// counterparts AA, AE or AR when the sender uses original mode.
+// AcceptCode returns the original-mode counterpart of commit code c (AA,
+// AE or AR for CA, CE or CR) when the sender uses original mode, and c
+// otherwise: for receivers whose senders take no other answer in original
+// mode.
 func (h *Header) AcceptCode(c AckCode) AckCode {
 	if !h.OriginalMode() {
 		return c

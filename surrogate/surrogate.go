@@ -50,6 +50,13 @@ type Options struct {
 	// MaxConnectionsPerHost bounds the connections from one source
 	// address (default MaxConnections), so that one host cannot take all.
 	MaxConnectionsPerHost int
+	// OriginalModeAA answers a sender in original mode (MSH-15 and MSH-16
+	// empty) with AA, AE or AR instead of CA, CE or CR, for senders that
+	// take no other answer (partners[].accept_ack: AA). By default the
+	// answer is the accept acknowledgement whatever the mode
+	// (draft-ietf-ediint-hl7-02 §6.5.1: the surrogate "mimics an accept
+	// ACK"; no application has seen the message yet).
+	OriginalModeAA bool
 	CommitTimeout         time.Duration // longest wait for the store before CE (default 10s)
 	WriteTimeout          time.Duration // longest wait to write an ACK (default 30s)
 	IDs                   *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
@@ -493,7 +500,9 @@ func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
 // answer writes the accept ACK with code to the router, if MSH-15 asks for it.
 func (c *conn) answer(h *hl7.Header, code hl7.AckCode, text, errCode string) {
 	if h != nil {
-		code = h.AcceptCode(code)
+		if c.s.opts.OriginalModeAA {
+			code = h.AcceptCode(code)
+		}
 		if !h.AckWanted(code) {
 			return
 		}
