@@ -57,9 +57,9 @@ type Options struct {
 	// (draft-ietf-ediint-hl7-02 §6.5.1: the surrogate "mimics an accept
 	// ACK"; no application has seen the message yet).
 	OriginalModeAA bool
-	CommitTimeout         time.Duration // longest wait for the store before CE (default 10s)
-	WriteTimeout          time.Duration // longest wait to write an ACK (default 30s)
-	IDs                   *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
+	CommitTimeout  time.Duration // longest wait for the store before CE (default 10s)
+	WriteTimeout   time.Duration // longest wait to write an ACK (default 30s)
+	IDs            *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
 	// Observe, when set, is told of each ACK written: its code and the time
 	// from the end of the frame to the ACK (metrics).
 	Observe func(code hl7.AckCode, d time.Duration)
