@@ -105,6 +105,10 @@ func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 				continue
 			}
 			opened, err := opener{o: o, partner: p}.open(e.Mail, ours, e.Time)
+			if err != nil && !ours && unsignedReceipt(p, e.Mail, byMsgID) {
+				a.Notes = append(a.Notes, where+": an unsigned receipt, as the partner's mdn: unsigned allows (weaker evidence)")
+				continue
+			}
 			if err != nil {
 				if !ours && quarantined[e.messageID] {
 					a.Notes = append(a.Notes, fmt.Sprintf("%s: refused when received and quarantined (%v)", where, err))
@@ -135,6 +139,16 @@ func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 		}
 	}
 	return a, nil
+}
+
+// unsignedReceipt reports whether raw is a plain receipt from partner p,
+// configured for unsigned ones (mdn: unsigned), for a message we sent.
+func unsignedReceipt(p *config.Partner, raw []byte, byMsgID map[string][]store.Message) bool {
+	if p.MDN != "unsigned" || security.Classify(raw) != security.KindMDN {
+		return false
+	}
+	mdn, err := security.ParseMDN(raw)
+	return err == nil && len(byMsgID[mdn.OriginalMessageID]) > 0
 }
 
 // counterpart reports whether the store knows of an opened journal entry.

@@ -128,6 +128,9 @@ type Incoming struct {
 	Header     *hl7.Header      // KindHL7: its MSH
 	MDN        *security.MDN    // KindMDN, KindBundle
 	Bundle     *security.Bundle // KindBundle
+	// Unsigned is set for a receipt that came plain, from a partner
+	// configured with mdn: unsigned: weaker evidence, recorded as such.
+	Unsigned bool
 }
 
 // Opener opens partner mail. Config and the key fields are required.
@@ -199,6 +202,11 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	}
 	switch {
 	case in.FromRewritten:
+	case p.MDN == "unsigned" && security.Classify(raw) == security.KindMDN:
+		// A partner asked for unsigned receipts sends them as they are
+		// (draft-ietf-ediint-hl7-02 §4.1.3): a receipt only, never a
+		// message, and recorded as unsigned.
+		entity, in.Unsigned = raw, true
 	case p.Security == "pgp" || p.Security == "smime":
 		opened, err := o.openAs(p, raw, now)
 		if err != nil {

@@ -35,7 +35,10 @@ func (r Receipt) String() string {
 // way, by the Received-Content-MIC alone; always within the partner, never
 // across partners. It records the outcome and the rule that matched, and
 // returns the outcome with the pending entry involved, if any.
-func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *security.MDN) (Receipt, store.Pending, error) {
+//
+// unsigned says the MDN came unsigned (a partner with mdn: unsigned); it is
+// recorded with the receipt, as weaker evidence.
+func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *security.MDN, unsigned bool) (Receipt, store.Pending, error) {
 	rule := store.MatchByMessageID
 	p, err := st.PendingByMessageID(ctx, mdn.OriginalMessageID)
 	if err == nil && p.Partner != partner {
@@ -66,6 +69,6 @@ func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *securi
 	case !mdn.Disposition.OK() && mdn.Disposition.Modifier != security.ModWarning:
 		outcome, state = ReceiptError, store.PendingError
 	}
-	p, err = st.SetReceipt(ctx, p.MessageID, state, rule)
+	p, err = st.SetReceipt(ctx, p.MessageID, state, rule, unsigned)
 	return outcome, p, err
 }

@@ -61,7 +61,7 @@ func TestReconcile(t *testing.T) {
 		{"rewritten Message-ID, no MIC", "lab", mdn("rewritten2", nil, ok), ReceiptUnknown},
 	}
 	for _, tt := range tests {
-		got, _, err := Reconcile(ctx, st, tt.partner, tt.mdn)
+		got, _, err := Reconcile(ctx, st, tt.partner, tt.mdn, false)
 		if err != nil || got != tt.want {
 			t.Errorf("%s: Reconcile = %s, %v; want %s", tt.name, got, err, tt.want)
 		}

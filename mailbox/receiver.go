@@ -148,7 +148,7 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		}
 	}
 	if in.MDN != nil {
-		outcome, p, err := Reconcile(ctx, r.Store, in.Partner.Name, in.MDN)
+		outcome, p, err := Reconcile(ctx, r.Store, in.Partner.Name, in.MDN, in.Unsigned)
 		if err != nil {
 			return Result{}, err
 		}

@@ -217,3 +217,46 @@ func strangerKey(t *testing.T) *openpgp.Entity {
 	}
 	return e
 }
+
+// TestUnsignedReceipt: a partner with mdn: unsigned sends its receipt plain;
+// it closes the pending receipt, recorded as unsigned. The same plain
+// receipt from a partner with mdn: signed is refused (not encrypted), and
+// a plain HL7 message from the mdn: unsigned partner is refused too.
+func TestUnsignedReceipt(t *testing.T) {
+	l := newLabSide(t)
+	l.opener.Config.Partners[1].MDN = "unsigned" // the clinic
+	r, _ := l.receiver(t)
+	st := r.Store
+	ctx := context.Background()
+	sentMIC := security.ComputeMIC([]byte("what we signed"))
+	for _, p := range []string{"clinic", "hospital"} {
+		a, _ := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: p, ControlID: "u-" + p, Payload: []byte(p)})
+		st.Prepare(ctx, a.ID, "<u-"+p+"@partner.test>", &store.Pending{Partner: p, ControlID: "u-" + p, MIC: sentMIC.String(),
+			Sent: time.Now(), Due: time.Now().Add(time.Hour)})
+	}
+	plain := func(from, id string) []byte {
+		mdn, _ := (&security.MDN{FinalRecipient: from, OriginalMessageID: "<u-" + id + "@partner.test>",
+			Disposition: security.Disposition{Type: security.Processed}, MIC: &sentMIC}).Entity()
+		return append([]byte("From: "+from+"\r\nTo: lab@partner.test\r\nMessage-ID: <r-"+id+"@x.test>\r\nSubject: receipt\r\n"), mdn...)
+	}
+	res, err := r.Handle(ctx, plain("edi@clinic.test", "clinic"))
+	if err != nil || res.Receipt == nil || *res.Receipt != ReceiptMatched {
+		t.Fatalf("Handle(the clinic's plain receipt) = %+v, %v; want matched", res, err)
+	}
+	p, _ := st.PendingByMessageID(ctx, "<u-clinic@partner.test>")
+	if p.State != store.PendingMatched || !p.Unsigned {
+		t.Errorf("the clinic's receipt: %+v, want matched and unsigned", p)
+	}
+	res, err = r.Handle(ctx, plain("edi@hospital.test", "hospital"))
+	if err != nil || res.Quarantine == nil || res.Quarantine.Reason != ReasonNotEncrypted {
+		t.Errorf("Handle(the hospital's plain receipt) = %+v, %v; want quarantined not-encrypted", res, err)
+	}
+	if p, _ := st.PendingByMessageID(ctx, "<u-hospital@partner.test>"); p.State != store.PendingWaiting {
+		t.Errorf("the hospital's receipt: %s, want still waiting", p.State)
+	}
+	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
+	hl7plain := append([]byte("From: edi@clinic.test\r\nTo: lab@partner.test\r\nMessage-ID: <h1@x.test>\r\nSubject: HL7\r\n"), edi...)
+	if res, err := r.Handle(ctx, hl7plain); err != nil || res.Quarantine == nil || res.Quarantine.Reason != ReasonNotEncrypted {
+		t.Errorf("Handle(plain HL7 from the mdn: unsigned partner) = %+v, %v; want quarantined not-encrypted", res, err)
+	}
+}

@@ -24,6 +24,9 @@ type Pending struct {
 	// MatchedBy is the rule that matched the receipt: MatchByMessageID or
 	// MatchByMIC; empty while none came.
 	MatchedBy string `json:"matched_by,omitempty"`
+	// Unsigned is set when the receipt came unsigned (from a partner with
+	// mdn: unsigned): weaker evidence than a signed one.
+	Unsigned bool `json:"unsigned,omitempty"`
 }
 
 // Receipt matching rules (draft-ietf-ediint-hl7-02 §6.2, figure 8).
@@ -32,12 +35,12 @@ const (
 	MatchByMIC       = "mic"        // the Received-Content-MIC alone, within the partner
 )
 
-const pendingColumns = `message_id, id, partner, control_id, mic, sent, due, state, matched_by`
+const pendingColumns = `message_id, id, partner, control_id, mic, sent, due, state, matched_by, unsigned`
 
 func scanPending(scan func(dest ...any) error) (Pending, error) {
 	var p Pending
 	var sent, due int64
-	err := scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State, &p.MatchedBy)
+	err := scan(&p.MessageID, &p.ID, &p.Partner, &p.ControlID, &p.MIC, &sent, &due, &p.State, &p.MatchedBy, &p.Unsigned)
 	p.Sent, p.Due = time.UnixMicro(sent), time.UnixMicro(due)
 	return p, err
 }
@@ -212,7 +215,7 @@ func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pendi
 // PendingMismatch or PendingError, and the rule that matched it. A receipt
 // for a receipt already matched changes nothing and reports the earlier
 // state.
-func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (Pending, error) {
+func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string, unsigned bool) (Pending, error) {
 	var p Pending
 	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		var err error
@@ -226,11 +229,11 @@ func (s *Store) SetReceipt(ctx context.Context, messageID, state, rule string) (
 		if p.State == PendingMatched {
 			return nil
 		}
-		if _, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, matched_by = ?, updated = ? WHERE message_id = ?`,
-			state, rule, now, messageID); err != nil {
+		if _, err := tx.ExecContext(ctx, `UPDATE pending SET state = ?, matched_by = ?, unsigned = ?, updated = ? WHERE message_id = ?`,
+			state, rule, unsigned, now, messageID); err != nil {
 			return err
 		}
-		p.State, p.MatchedBy = state, rule
+		p.State, p.MatchedBy, p.Unsigned = state, rule, unsigned
 		if state == PendingMatched {
 			_, err = tx.ExecContext(ctx, `UPDATE messages SET state = 'acknowledged', updated = ? WHERE id = ?`, now, p.ID)
 		}

@@ -500,6 +500,8 @@ var schema = []string{
 	UPDATE alerts SET notified = raised;
 	CREATE UNIQUE INDEX alerts_key_open ON alerts(key) WHERE key != '' AND acked = 0 AND cleared = 0;
 	CREATE INDEX alerts_notify ON alerts(notified) WHERE notified = 0;`,
+	// 13: a receipt that came unsigned (mdn: unsigned) is weaker evidence.
+	`ALTER TABLE pending ADD COLUMN unsigned INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
