@@ -163,20 +163,29 @@ func TestDashboardToken(t *testing.T) {
 	}
 }
 
-// TestOperatorCommands: status, alerts, retry against a running instance
-// (through its dashboard) and a stopped one (through its store).
-func TestOperatorCommands(t *testing.T) {
-	smtpSrv := &embedded.SMTP{}
-	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
+// refusingSMTP starts an embedded SMTP server that refuses every mail
+// (550) and a running instance with one partner, tucker-lab, that submits
+// to it.
+func refusingSMTP(t *testing.T) (*embedded.SMTP, *instance) {
+	t.Helper()
+	srv := &embedded.SMTP{}
+	addr, err := srv.Serve("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer smtpSrv.Close()
-	smtpSrv.FailPermanently()
+	t.Cleanup(func() { srv.Close() })
+	srv.FailPermanently()
 	in := newInstance(t, "tucker-lab")
-	in.useSMTP(smtpAddr)
+	in.useSMTP(addr)
 	in.start()
 	in.waitReady("")
+	return srv, in
+}
+
+// TestOperatorCommands: status, alerts, retry against a running instance
+// (through its dashboard) and a stopped one (through its store).
+func TestOperatorCommands(t *testing.T) {
+	smtpSrv, in := refusingSMTP(t)
 	msgs, err := corpus.Default()
 	if err != nil {
 		t.Fatal(err)
@@ -294,17 +303,7 @@ func TestOperatorCommands(t *testing.T) {
 // again, a click sends the message.
 func TestDashboardRetryButton(t *testing.T) {
 	b := startBrowser(t)
-	smtpSrv := &embedded.SMTP{}
-	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer smtpSrv.Close()
-	smtpSrv.FailPermanently()
-	in := newInstance(t, "tucker-lab")
-	in.useSMTP(smtpAddr)
-	in.start()
-	in.waitReady("")
+	smtpSrv, in := refusingSMTP(t)
 	msgs, err := corpus.Default()
 	if err != nil {
 		t.Fatal(err)
