@@ -2,12 +2,8 @@ package mailbox
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
-	"net"
 	"time"
-
-	"github.com/emersion/go-smtp"
 )
 
 // Offer is what an SMTP server offers a client after EHLO (and STARTTLS,
@@ -22,36 +18,12 @@ type Offer struct {
 // without sending anything (hl7mail check). It logs in with nobody's
 // password: that is for the real submission to find out.
 func (s *SMTPSubmitter) Probe(ctx context.Context, timeout time.Duration) (Offer, error) {
-	d := net.Dialer{Timeout: timeout}
-	conn, err := d.DialContext(ctx, "tcp", s.Addr)
+	c, encrypted, stage, err := s.open(ctx, timeout)
 	if err != nil {
-		return Offer{}, fmt.Errorf("smtp %s: %w", s.Addr, err)
-	}
-	conn.SetDeadline(time.Now().Add(timeout))
-	tlsConfig := s.TLSConfig
-	if tlsConfig == nil {
-		host, _, _ := net.SplitHostPort(s.Addr)
-		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
-	}
-	var c *smtp.Client
-	var o Offer
-	switch s.TLS {
-	case "tls":
-		c, o.TLS = smtp.NewClient(tls.Client(conn, tlsConfig)), true
-	case "none":
-		c = smtp.NewClient(conn)
-	default:
-		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
-			conn.Close()
-			return Offer{}, fmt.Errorf("smtp %s: STARTTLS: %w", s.Addr, err)
-		}
-		o.TLS = true
+		return Offer{}, fmt.Errorf("smtp %s: %s: %w", s.Addr, stage, err)
 	}
 	defer c.Close()
-	c.CommandTimeout = timeout
-	if err := c.Hello("localhost"); err != nil {
-		return Offer{}, fmt.Errorf("smtp %s: EHLO: %w", s.Addr, err)
-	}
+	o := Offer{TLS: encrypted}
 	o.Auth, _ = c.Extension("AUTH")
 	o.RequireTLS, _ = c.Extension("REQUIRETLS")
 	c.Quit()

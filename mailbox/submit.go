@@ -66,36 +66,11 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 	if timeout == 0 {
 		timeout = 2 * time.Minute
 	}
-	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
-	conn, err := d.DialContext(ctx, "tcp", s.Addr)
+	c, _, stage, err := s.open(ctx, timeout)
 	if err != nil {
-		return session("connect", err)
+		return session(stage, err)
 	}
-	tlsConfig := s.TLSConfig
-	if tlsConfig == nil {
-		host, _, _ := net.SplitHostPort(s.Addr)
-		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
-	}
-	// The greeting, EHLO and STARTTLS are bounded by the whole timeout;
-	// go-smtp then sets a deadline of its own for each command.
-	conn.SetDeadline(time.Now().Add(timeout))
-	var c *smtp.Client
-	switch s.TLS {
-	case "tls":
-		c = smtp.NewClient(tls.Client(conn, tlsConfig))
-	case "none":
-		c = smtp.NewClient(conn)
-	default:
-		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
-			conn.Close()
-			return session("starttls", err)
-		}
-	}
-	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
 	defer c.Close()
-	if err := c.Hello("localhost"); err != nil {
-		return session("hello", err)
-	}
 	if s.Username != "" {
 		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
 			return session("auth", err)
@@ -125,6 +100,43 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
 	}
 	return c.Quit()
+}
+
+// open connects to the server and says EHLO, over TLS as s.TLS says; each
+// step is bounded by timeout. It returns the client, whether the session is
+// encrypted, and on error the stage that failed (connect, starttls, hello).
+func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, encrypted bool, stage string, err error) {
+	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
+	conn, err := d.DialContext(ctx, "tcp", s.Addr)
+	if err != nil {
+		return nil, false, "connect", err
+	}
+	tlsConfig := s.TLSConfig
+	if tlsConfig == nil {
+		host, _, _ := net.SplitHostPort(s.Addr)
+		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	}
+	// The greeting, EHLO and STARTTLS are bounded by the whole timeout;
+	// go-smtp then sets a deadline of its own for each command.
+	conn.SetDeadline(time.Now().Add(timeout))
+	switch s.TLS {
+	case "tls":
+		c, encrypted = smtp.NewClient(tls.Client(conn, tlsConfig)), true
+	case "none":
+		c = smtp.NewClient(conn)
+	default:
+		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
+			conn.Close()
+			return nil, false, "starttls", err
+		}
+		encrypted = true
+	}
+	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
+	if err := c.Hello("localhost"); err != nil {
+		c.Close()
+		return nil, false, "hello", err
+	}
+	return c, encrypted, "", nil
 }
 
 func isSMTPError(err error) bool {
