@@ -129,11 +129,12 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 			unusable("pgp_key", "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
 		}
 		k.PGPPartners[p.Name] = ent
-		k.checkPGP(field("pgp_key"), p.Name, ent, now, e)
-		// An expired encryption subkey is an expired key (checkPGP
+		// An expired encryption subkey is an expired key too (checkPGP
 		// reports the primary key's own expiry).
-		if why := security.PGPUnusable(ent, now); why != "" && !strings.Contains(why, "OpenPGP key expired") {
-			e.Addf(field("pgp_key"), p.Name, "ask the partner for its renewed key", "%s", why)
+		if expired := k.checkPGP(field("pgp_key"), p.Name, ent, now, e); !expired {
+			if why := security.PGPUnusable(ent, now); why != "" {
+				e.Addf(field("pgp_key"), p.Name, "ask the partner for its renewed key", "%s", why)
+			}
 		}
 	case "smime":
 		cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
@@ -157,13 +158,15 @@ func passphrase(cfg *config.Config) ([]byte, error) {
 	return []byte(p), err
 }
 
-func (k *Keys) checkPGP(field, partner string, ent *openpgp.Entity, now time.Time, e *config.Error) {
+// checkPGP checks the primary key's expiry; it reports whether the key has
+// expired (and was reported so).
+func (k *Keys) checkPGP(field, partner string, ent *openpgp.Entity, now time.Time, e *config.Error) bool {
 	sig, _ := ent.PrimarySelfSignature()
 	if sig == nil || sig.KeyLifetimeSecs == nil || *sig.KeyLifetimeSecs == 0 {
-		return
+		return false
 	}
 	expires := ent.PrimaryKey.CreationTime.Add(time.Duration(*sig.KeyLifetimeSecs) * time.Second)
-	k.checkExpiry(field, partner, "OpenPGP key "+security.Fingerprint(ent), expires, now, e)
+	return k.checkExpiry(field, partner, "OpenPGP key "+security.Fingerprint(ent), expires, now, e)
 }
 
 func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Time, e *config.Error) {
@@ -174,7 +177,9 @@ func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Ti
 	k.checkExpiry(field, partner, "certificate "+c.Subject.String(), c.NotAfter, now, e)
 }
 
-func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) {
+// checkExpiry records when what expires, reports it expired or expiring,
+// and reports whether it has expired.
+func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) bool {
 	who := "self"
 	if partner != "" {
 		who = "partner " + partner
@@ -183,9 +188,11 @@ func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, 
 	switch {
 	case now.After(expires):
 		e.Addf(field, partner, "renew it and exchange the new one", "%s expired on %s", what, expires.Format(time.DateOnly))
+		return true
 	case expires.Sub(now) < ExpiryWarning:
 		k.Warnings = append(k.Warnings, fmt.Sprintf("%s: %s: %s expires on %s", who, field, what, expires.Format(time.DateOnly)))
 	}
+	return false
 }
 
 func pgpHasEmail(ent *openpgp.Entity, email string) bool {
