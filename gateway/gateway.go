@@ -234,7 +234,7 @@ func (g *Gateway) keyProblems(ctx context.Context, keys *Keys) {
 		}
 	}
 	for partner, why := range keys.Unusable {
-		if _, _, err := g.store.RaiseOnce(ctx, "held:"+partner, store.Alert{Kind: store.AlertHeld, Partner: partner,
+		if _, _, err := g.store.RaiseOnce(ctx, mailbox.HeldAlertKey(partner), store.Alert{Kind: store.AlertHeld, Partner: partner,
 			Text: "queue waits: cannot seal: " + why}); err != nil {
 			g.log.Error("alert not recorded", "err", err)
 		}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
 )
@@ -104,7 +105,7 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 		}
 	}
 	for _, name := range release {
-		if _, err := g.store.ClearAlert(ctx, "held:"+name); err != nil {
+		if _, err := g.store.ClearAlert(ctx, mailbox.HeldAlertKey(name)); err != nil {
 			g.log.Error("alert not cleared", "err", err)
 		}
 	}

@@ -308,8 +308,12 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 // Alert keys of the conditions the sender raises and clears.
 const (
 	LinkAlertSMTP   = "link:smtp" // mail submission fails (FaultLink)
-	heldAlertPrefix = "held:"     // + partner: its queue waits (FaultPartner)
+	heldAlertPrefix = "held:"     // + partner: its queue waits (FaultPartner); HeldAlertKey
 )
+
+// HeldAlertKey is the alert key of partner's queue waiting for what only an
+// operator can mend (its key, its TLS requirement).
+func HeldAlertKey(partner string) string { return heldAlertPrefix + partner }
 
 // retryLater schedules m's next attempt after the backoff.
 func (s *Sender) retryLater(ctx context.Context, m store.Message, err error, log *slog.Logger) {
@@ -325,8 +329,8 @@ func (s *Sender) retryLater(ctx context.Context, m store.Message, err error, log
 // the TLS the partner requires): one alert for the partner, the message
 // tried again after the backoff, never failed for it.
 func (s *Sender) hold(ctx context.Context, p *config.Partner, m store.Message, err error, log *slog.Logger) {
-	s.open.add(heldAlertPrefix + p.Name)
-	if _, raised, rerr := s.o.Store.RaiseOnce(ctx, heldAlertPrefix+p.Name, store.Alert{Kind: store.AlertHeld,
+	s.open.add(HeldAlertKey(p.Name))
+	if _, raised, rerr := s.o.Store.RaiseOnce(ctx, HeldAlertKey(p.Name), store.Alert{Kind: store.AlertHeld,
 		Partner: p.Name, Text: "queue waits: " + err.Error()}); rerr != nil {
 		log.Error("alert not recorded", "err", rerr)
 	} else if raised {
@@ -340,7 +344,7 @@ func (s *Sender) hold(ctx context.Context, p *config.Partner, m store.Message, e
 // been failing, every queue waiting for a retry goes on at once.
 func (s *Sender) submitted(ctx context.Context, p *config.Partner) {
 	s.o.Link.set(LinkUp, nil)
-	for _, key := range []string{heldAlertPrefix + p.Name, LinkAlertSMTP} {
+	for _, key := range []string{HeldAlertKey(p.Name), LinkAlertSMTP} {
 		if !s.open.take(key) {
 			continue
 		}
