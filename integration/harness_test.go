@@ -306,3 +306,38 @@ func siteKeys(t *testing.T, dir, name, email string, kinds ...string) {
 		t.Fatal(err)
 	}
 }
+
+// sharedDir makes a temporary folder that the mail servers' own users can
+// reach (t.TempDir's parent is closed to them), removed at the end.
+func sharedDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	return dir
+}
+
+// mailServers are real Postfix and Dovecot started by mailservers.sh.
+type mailServers struct {
+	dir              string // their folder (dir/servers)
+	smtp, imap, lmtp string // their loopback ports
+}
+
+// startMailServers starts Postfix and Dovecot in dir/servers with an
+// account for each address, and stops them at the end; env adds
+// mailservers.sh's options (SUBMISSION_PORT, PIPE_DOMAIN, ...).
+func startMailServers(t *testing.T, dir string, env []string, accounts ...string) mailServers {
+	t.Helper()
+	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
+	m := mailServers{dir: filepath.Join(dir, "servers"), smtp: port(), imap: port(), lmtp: port()}
+	start := exec.Command("bash", append([]string{"mailservers.sh", "start", m.dir, m.smtp, m.imap, m.lmtp}, accounts...)...)
+	start.Env = append(os.Environ(), env...)
+	if out, err := start.CombinedOutput(); err != nil {
+		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("bash", "mailservers.sh", "stop", m.dir).Run() })
+	return m
+}

@@ -162,22 +162,12 @@ func mllpSendAll(t *testing.T, mllpSend, dir, addr string, batch [][]byte) []str
 func TestSMTPSessionFaults(t *testing.T) {
 	mllpSend := requireTool(t, "/usr/bin/mllp_send")
 	requireMailServers(t)
-	dir, err := os.MkdirTemp("", "hl7mail-sasl") // not t.TempDir: its parent is closed to the servers' users
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o755)
+	dir := sharedDir(t, "hl7mail-sasl")
 	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
-	smtpPort, imapPort, lmtpPort, subPort, authPort := port(), port(), port(), port(), port()
-	servers := filepath.Join(dir, "servers")
-	start := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
+	subPort, authPort := port(), port()
+	ms := startMailServers(t, dir, []string{"SUBMISSION_PORT=" + subPort, "AUTH_PORT=" + authPort},
 		"edi@hospital.test", "lab@partner.test", "slow@partner.test", "ops@hospital.test")
-	start.Env = append(os.Environ(), "SUBMISSION_PORT="+subPort, "AUTH_PORT="+authPort)
-	if out, err := start.CombinedOutput(); err != nil {
-		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
-	}
-	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+	smtpPort, imapPort, servers := ms.smtp, ms.imap, ms.dir
 
 	hook := &hooks{}
 	web := httptest.NewServer(hook)
@@ -335,20 +325,9 @@ func TestRouterCE(t *testing.T) {
 	mllpSend := requireTool(t, "/usr/bin/mllp_send")
 	requireMailServers(t)
 	python := requireTool(t, "/usr/bin/python3")
-	dir, err := os.MkdirTemp("", "hl7mail-ce")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o755)
-	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
-	smtpPort, imapPort, lmtpPort := port(), port(), port()
-	servers := filepath.Join(dir, "servers")
-	if out, err := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
-		"edi@hospital.test", "lab@partner.test").CombinedOutput(); err != nil {
-		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
-	}
-	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+	dir := sharedDir(t, "hl7mail-ce")
+	ms := startMailServers(t, dir, nil, "edi@hospital.test", "lab@partner.test")
+	smtpPort, imapPort := ms.smtp, ms.imap
 	siteKeys(t, dir, "hospital", "edi@hospital.test", "pgp")
 	siteKeys(t, dir, "lab", "lab@partner.test", "pgp")
 	hospRouter := startPyRouter(t, python, filepath.Join(dir, "hospital", "router"), "CE", "CE", "AA", "AE")

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -56,15 +55,8 @@ func TestPipeMode(t *testing.T) {
 	aliases := filepath.Join(dir, "aliases")
 	os.WriteFile(aliases, []byte(fmt.Sprintf("ward: \"|%s receive -config %s/partners.yaml\"\n", bin, ward)), 0o644)
 
-	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
-	smtpPort, imapPort, lmtpPort := port(), port(), port()
-	servers := filepath.Join(dir, "servers")
-	start := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort, "edi@hospital.test")
-	start.Env = append(os.Environ(), "PIPE_DOMAIN=pipe.test", "PIPE_ALIASES="+aliases)
-	if out, err := start.CombinedOutput(); err != nil {
-		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
-	}
-	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+	ms := startMailServers(t, dir, []string{"PIPE_DOMAIN=pipe.test", "PIPE_ALIASES=" + aliases}, "edi@hospital.test")
+	smtpPort, imapPort, servers := ms.smtp, ms.imap, ms.dir
 
 	wardRouter := startPyRouter(t, python, filepath.Join(dir, "ward-router"))
 	hospRouter := startPyRouter(t, python, filepath.Join(dir, "hospital-router"))

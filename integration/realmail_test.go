@@ -127,20 +127,9 @@ func TestRealMailLoop(t *testing.T) {
 	gpg := requireTool(t, "/usr/bin/gpg")
 	openssl := requireTool(t, "/usr/bin/openssl")
 	python := requireTool(t, "/usr/bin/python3")
-	dir, err := os.MkdirTemp("", "hl7mail-mail") // not t.TempDir: its parent is closed to the servers' users
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o755) // the servers' own users reach their files below it
-	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
-	smtpPort, imapPort, lmtpPort := port(), port(), port()
-	out, err := exec.Command("bash", "mailservers.sh", "start", filepath.Join(dir, "servers"), smtpPort, imapPort, lmtpPort,
-		"edi@hospital.test", "lab@partner.test", "edi@clinic.test").CombinedOutput()
-	if err != nil {
-		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
-	}
-	defer exec.Command("bash", "mailservers.sh", "stop", filepath.Join(dir, "servers")).Run()
+	dir := sharedDir(t, "hl7mail-mail")
+	ms := startMailServers(t, dir, nil, "edi@hospital.test", "lab@partner.test", "edi@clinic.test")
+	smtpPort, imapPort := ms.smtp, ms.imap
 
 	type site struct {
 		name, email string

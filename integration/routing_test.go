@@ -2,9 +2,7 @@ package integration
 
 import (
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -21,20 +19,10 @@ import (
 // from, and a message the lab company starts reaches the lab system.
 func TestRoutingRealMail(t *testing.T) {
 	requireMailServers(t)
-	dir, err := os.MkdirTemp("", "hl7mail-routing")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o755)
-	port := func() string { _, p, _ := net.SplitHostPort(freePort(t)); return p }
-	smtpPort, imapPort, lmtpPort := port(), port(), port()
-	servers := filepath.Join(dir, "servers")
-	if out, err := exec.Command("bash", "mailservers.sh", "start", servers, smtpPort, imapPort, lmtpPort,
-		"edi@hospital.test", "lab@edi.hospital", "adt@edi.hospital", "labco@partner.test", "adtco@partner.test").CombinedOutput(); err != nil {
-		t.Fatalf("mailservers.sh start: %v\n%s", err, out)
-	}
-	defer exec.Command("bash", "mailservers.sh", "stop", servers).Run()
+	dir := sharedDir(t, "hl7mail-routing")
+	ms := startMailServers(t, dir, nil,
+		"edi@hospital.test", "lab@edi.hospital", "adt@edi.hospital", "labco@partner.test", "adtco@partner.test")
+	smtpPort, imapPort := ms.smtp, ms.imap
 
 	siteKeys(t, dir, "hospital", "edi@hospital.test,lab@edi.hospital,adt@edi.hospital", "pgp")
 	siteKeys(t, dir, "labco", "labco@partner.test", "pgp")
