@@ -42,8 +42,8 @@ type faultWorld struct {
 	hospital, lab      *instance
 	hRouter, labRouter *embedded.Router
 	toLab              string
-	killed             map[*instance][]time.Time // when each instance got SIGKILL
-	routerDown         []time.Time               // when the lab's router was stopped
+	killed             map[*instance][]time.Time // when each instance was dead after SIGKILL
+	routerDown         []time.Time               // when the lab's router had stopped
 }
 
 var faultKeys struct {
@@ -163,29 +163,24 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 			acked[sc.Text()] = true
 		}
 	}
-	firstAt := map[*embedded.Router]map[string]time.Time{}
+	idOf := func(m []byte, ack bool) string {
+		if ack {
+			if a, err := hl7.ParseAck(m); err == nil {
+				return a.ControlID
+			}
+		} else if h, err := hl7.ParseHeader(m); err == nil {
+			return h.ControlID
+		}
+		return ""
+	}
 	count := func(r *embedded.Router, ack bool) map[string]int {
 		seen := map[string]int{}
-		first := map[string]time.Time{}
-		msgs, times := r.Arrivals()
-		for i, m := range msgs {
-			id := ""
-			if ack {
-				if a, err := hl7.ParseAck(m); err == nil {
-					id = a.ControlID
-				}
-			} else if h, err := hl7.ParseHeader(m); err == nil {
-				id = h.ControlID
+		msgs, _ := r.Arrivals()
+		for _, m := range msgs {
+			if id := idOf(m, ack); id != "" {
+				seen[id]++
 			}
-			if id == "" {
-				continue
-			}
-			if seen[id] == 0 {
-				first[id] = times[i]
-			}
-			seen[id]++
 		}
-		firstAt[r] = first
 		return seen
 	}
 	// A second delivery is hl7mail's at-least-once edge: the instance
@@ -193,14 +188,26 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 	// its synced record of that. Any other is a defect.
 	// Likewise when the router itself went down after it had the message
 	// and before it answered: MLLP has the sender send again.
-	explained := func(r *embedded.Router, in *instance, id string) bool {
-		got := firstAt[r][id]
+	// Each side delivers one message at a time, so the one in flight at a
+	// kill (or at the router's stop) is the last to arrive before it: that
+	// one, and only that one, may arrive again. The times are taken once
+	// the process is dead (or the router closed), so nothing of the old
+	// run can arrive after them.
+	explained := func(r *embedded.Router, in *instance, id string, ack bool) bool {
 		ends := f.killed[in]
 		if r == f.labRouter {
 			ends = append(ends, f.routerDown...)
 		}
+		msgs, times := r.Arrivals()
 		for _, k := range ends {
-			if !k.Before(got) && k.Sub(got) < 250*time.Millisecond {
+			last := -1
+			for i, at := range times {
+				if at.After(k) {
+					break
+				}
+				last = i
+			}
+			if last >= 0 && idOf(msgs[last], ack) == id {
 				return true
 			}
 		}
@@ -239,13 +246,13 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 			row.lost++
 		case n > 1:
 			row.twice++
-			if !explained(f.labRouter, f.lab, id) {
+			if !explained(f.labRouter, f.lab, id, false) {
 				row.unexplained = append(row.unexplained, id+" at the lab's router")
 			}
 		}
 		if answers[id] > 1 {
 			row.answersTwice++
-			if !explained(f.hRouter, f.hospital, id) {
+			if !explained(f.hRouter, f.hospital, id, true) {
 				row.unexplained = append(row.unexplained, "the answer to "+id+" at the hospital's router")
 			}
 		}
@@ -286,8 +293,8 @@ func TestFaults(t *testing.T) {
 		return func(f *faultWorld) {
 			for i := 0; i < sc.kills; i++ {
 				time.Sleep(sc.every)
-				f.killed[in(f)] = append(f.killed[in(f)], time.Now())
 				in(f).kill()
+				f.killed[in(f)] = append(f.killed[in(f)], time.Now())
 				in(f).start()
 			}
 		}
@@ -352,8 +359,9 @@ func TestFaults(t *testing.T) {
 		{"SMTP down", nil, outage(func(f *faultWorld) error { return f.w.StopSMTP() }, func(f *faultWorld) error { return f.w.StartSMTP() })},
 		{"IMAP down", nil, outage(func(f *faultWorld) error { return f.w.StopIMAP() }, func(f *faultWorld) error { return f.w.StartIMAP() })},
 		{"lab router down", nil, outage(func(f *faultWorld) error {
+			err := f.labRouter.Stop()
 			f.routerDown = append(f.routerDown, time.Now())
-			return f.labRouter.Stop()
+			return err
 		}, func(f *faultWorld) error { return f.labRouter.Restart() })},
 		{"hospital disk full", smallDisk, diskFull},
 	}
