@@ -182,11 +182,24 @@ func counterpart(ctx context.Context, o Options, e *entry, opened *security.Open
 			if ours {
 				return len(byMsgID[mdn.OriginalMessageID]) > 0 || quarantined[mdn.OriginalMessageID]
 			}
-			_, err := o.Store.PendingByMessageID(ctx, mdn.OriginalMessageID)
-			return err == nil
+			if _, err := o.Store.PendingByMessageID(ctx, mdn.OriginalMessageID); err == nil {
+				return true
+			}
+			// Every receipt is recorded, also one that matched nothing.
+			return reported(ctx, o, e.messageID)
 		}
 	}
 	return false
+}
+
+// reported reports whether the store recorded a report (an MDN or a DSN)
+// that came in the mail with that Message-ID.
+func reported(ctx context.Context, o Options, mailID string) bool {
+	if mailID == "" {
+		return false
+	}
+	list, err := o.Store.Reports(ctx, store.ReportFilter{MailMessageID: mailID, Limit: 1})
+	return err == nil && len(list) > 0
 }
 
 // recipient returns the first To address of a raw mail.

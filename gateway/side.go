@@ -66,7 +66,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	}
 	s.deliverer, err = mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: g.store,
 		Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
-		Delivered: s.responder.Delivered, Held: g.held, TLS: routerTLS})
+		Delivered: s.responder.Delivered, Expired: s.responder.Expired, Held: g.held, TLS: routerTLS})
 	if err != nil {
 		return nil, err
 	}

@@ -37,6 +37,10 @@ const (
 	ReasonWeak          Reason = "weak-algorithm"
 	ReasonNotHL7        Reason = "not-hl7" // opened, but carries no HL7, MDN or bundle
 	ReasonReplay        Reason = "replay"  // a Message-ID already seen from the partner
+	// ReasonReceiptRefused: the sender requires a receipt this gateway
+	// cannot make (a signed-receipt-protocol other than the partner's
+	// suite, or only MIC algorithms it does not compute).
+	ReasonReceiptRefused Reason = "receipt-unsupported"
 )
 
 // QuarantineError is why Open refused a mail. Partner is set when the
@@ -102,6 +106,8 @@ func (r Reason) Disposition() (security.Disposition, string, bool) {
 		return errored, "unexpected-processing-error", true
 	case ReasonOversize:
 		return security.Disposition{Type: security.Denied}, "message too large", true
+	case ReasonReceiptRefused:
+		return security.Disposition{Type: security.Failed}, "unsupported format", true
 	}
 	// Unknown senders get nothing; replays get the MDN already sent.
 	return security.Disposition{}, "", false
@@ -131,6 +137,10 @@ type Incoming struct {
 	// Unsigned is set for a receipt that came plain, from a partner
 	// configured with mdn: unsigned: weaker evidence, recorded as such.
 	Unsigned bool
+	// ReceiptNote is the warning the receipt for this mail carries
+	// (processed/warning), when its request could not be honoured as
+	// written.
+	ReceiptNote string
 }
 
 // Opener opens partner mail. Config and the key fields are required.
@@ -197,9 +207,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	}
 	p := in.Partner
 	q := func(err error) error { return &QuarantineError{Reason: reasonFor(err), Partner: p, Err: err} }
-	if in.MDNRequest, err = security.ParseMDNRequest(h); err != nil {
-		return nil, q(err)
-	}
+	in.MDNRequest = security.ParseMDNRequest(h)
 	switch {
 	case in.FromRewritten:
 	case p.MDN == "unsigned" && security.Classify(raw) == security.KindMDN:
@@ -216,6 +224,9 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	default: // none, allowed only with allow_unencrypted
 		entity = raw
 		in.MIC = security.ComputeMIC(entity)
+	}
+	if err := honour(p, in, entity); err != nil {
+		return nil, err
 	}
 	in.Kind = security.Classify(entity)
 	switch in.Kind {
@@ -252,6 +263,41 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
 	}
 	return in, nil
+}
+
+// honour fits the receipt to what the sender asked for in
+// Disposition-Notification-Options (RFC 4130 §7.3): the MIC with the first
+// requested algorithm this gateway computes. A receipt required in a form
+// it cannot make (another signed-receipt-protocol than the partner's
+// suite, or only unknown algorithms) refuses the mail with a "failed" MDN;
+// the same asked as optional, or options that cannot be read, get the
+// partner's usual receipt, and the latter a warning in it.
+func honour(p *config.Partner, in *Incoming, entity []byte) error {
+	req := in.MDNRequest
+	if req == nil {
+		return nil
+	}
+	refuse := func(what string) error {
+		return &QuarantineError{Reason: ReasonReceiptRefused, Partner: p, Err: errors.New(what)}
+	}
+	if req.Unreadable {
+		in.ReceiptNote = "disposition-notification-options unreadable"
+	}
+	signs := p.Security == "pgp" || p.Security == "smime"
+	if req.Protocol != "" && req.Required && (!signs || !req.ProtocolFits(p.Security)) {
+		return refuse(fmt.Sprintf("a signed receipt is required in a protocol other than the partner's (%s)", p.Security))
+	}
+	if len(req.MICAlgs) == 0 || in.MIC.Hash == 0 {
+		return nil
+	}
+	h, ok := req.MICHash()
+	switch {
+	case !ok && req.MICRequired:
+		return refuse("only MIC algorithms this gateway does not compute are allowed for the receipt")
+	case ok && h != in.MIC.Hash:
+		in.MIC = security.MICWith(entity, h)
+	}
+	return nil
 }
 
 // openAs decrypts raw and verifies that partner p signed it.

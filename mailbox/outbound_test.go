@@ -199,12 +199,12 @@ func TestSendBothSuites(t *testing.T) {
 		switch m.To[0] {
 		case "lab@partner.test":
 			o, err = security.PGPOpen(m.Data, security.PGPKeys{Self: f.labKey, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
-			if req, err := security.ParseMDNRequest(h); err != nil || req == nil || req.To != "edi@hospital.test" || req.Protocol != "pgp-signature" {
+			if req := security.ParseMDNRequest(h); req == nil || req.To != "edi@hospital.test" || req.Protocol != "pgp-signature" {
 				t.Errorf("mail %d: MDN request %+v, %v", i, req, err)
 			}
 		case "edi@clinic.test":
 			o, err = security.SMIMEOpen(m.Data, f.clinic, f.hospCert, time.Now())
-			if req, _ := security.ParseMDNRequest(h); req == nil || req.Protocol != "" {
+			if req := security.ParseMDNRequest(h); req == nil || req.Protocol != "" {
 				t.Errorf("mail %d: unsigned MDN request %+v", i, req)
 			}
 		}

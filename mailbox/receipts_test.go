@@ -2,6 +2,7 @@ package mailbox
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"testing"
 	"time"
@@ -20,7 +21,7 @@ func TestReconcile(t *testing.T) {
 	ctx := context.Background()
 	now := time.Now()
 	mics := map[string]security.MIC{}
-	for _, id := range []string{"1", "2", "3", "4"} {
+	for _, id := range []string{"1", "2", "3", "4", "5", "6", "7", "8"} {
 		a, err := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "lab", ControlID: id, Payload: []byte(id)})
 		if err != nil {
 			t.Fatal(err)
@@ -41,7 +42,10 @@ func TestReconcile(t *testing.T) {
 		return &security.MDN{FinalRecipient: "lab@p.test", OriginalMessageID: "<" + id + "@h.test>", Disposition: d, MIC: mic}
 	}
 	ok := security.Disposition{Type: security.Processed}
-	m1, m3, m4 := mics["1"], mics["3"], mics["4"]
+	m1, m3, m4, m8 := mics["1"], mics["3"], mics["4"], mics["8"]
+	dispatched := security.Disposition{Type: security.Dispatched}
+	final := mdn("1", nil, dispatched)
+	final.FinalDelivery = true
 	tests := []struct {
 		name    string
 		partner string
@@ -59,12 +63,43 @@ func TestReconcile(t *testing.T) {
 		{"rewritten Message-ID, another partner", "clinic", mdn("rewritten", &m4, ok), ReceiptUnknown},
 		{"rewritten Message-ID", "lab", mdn("rewritten", &m4, ok), ReceiptMatched},
 		{"rewritten Message-ID, no MIC", "lab", mdn("rewritten2", nil, ok), ReceiptUnknown},
+		// §4.1.3 tables 4 and 5: a processed message can be dispatched
+		// later (Direct says so with X-DIRECT-FINAL-DESTINATION-DELIVERY);
+		// failures need no MIC to count.
+		{"dispatched after processed", "lab", final, ReceiptDispatched},
+		{"failed", "lab", mdn("5", nil, security.Disposition{Type: security.Failed}), ReceiptError},
+		{"denied", "lab", mdn("6", nil, security.Disposition{Type: security.Denied}), ReceiptError},
+		{"deleted/expired", "lab", mdn("7", nil, security.Disposition{Type: security.Deleted, Modifier: security.ModExpired}), ReceiptError},
+		{"processed/warning", "lab", mdn("8", &m8, security.Disposition{Type: security.Processed, Modifier: security.ModWarning}), ReceiptMatched},
+		{"dispatched with another MIC", "lab", mdn("8", &other, dispatched), ReceiptMICMismatch},
 	}
-	for _, tt := range tests {
-		got, _, err := Reconcile(ctx, st, tt.partner, tt.mdn, false)
+	for i, tt := range tests {
+		got, _, err := Reconcile(ctx, st, tt.partner, tt.mdn, false, fmt.Sprintf("<r%d@p.test>", i))
 		if err != nil || got != tt.want {
 			t.Errorf("%s: Reconcile = %s, %v; want %s", tt.name, got, err, tt.want)
 		}
+	}
+	// The same receipt mail again (fetched twice) is recorded once.
+	if got, _, err := Reconcile(ctx, st, "lab", final, false, "<r0@p.test>"); err != nil || got != ReceiptRepeated {
+		t.Errorf("repeated receipt mail: %s, %v; want repeated", got, err)
+	}
+	all, err := st.Reports(ctx, store.ReportFilter{Limit: 1000})
+	if err != nil || len(all) != len(tests) {
+		t.Fatalf("Reports = %d, %v; want one for each of %d receipts", len(all), err, len(tests))
+	}
+	one, _ := st.List(ctx, store.Filter{ControlID: "1"})
+	reports, _ := st.Reports(ctx, store.ReportFilter{Message: one[0].ID})
+	if len(reports) != 3 || reports[0].Disposition != "dispatched" || !reports[0].FinalDelivery || reports[0].Outcome != "dispatched" ||
+		reports[2].Disposition != "processed" || reports[2].Outcome != "matched" || reports[2].MatchedBy != store.MatchByMessageID {
+		t.Errorf("reports of message 1 (processed twice, then dispatched): %+v", reports)
+	}
+	for _, r := range all {
+		if r.OriginalMessageID == "<99@h.test>" && (r.Message != 0 || r.Outcome != "unknown" || r.MailMessageID == "") {
+			t.Errorf("unmatched receipt recorded as %+v; want no message, outcome unknown, its mail's Message-ID", r)
+		}
+	}
+	if p, _ := st.PendingByMessageID(ctx, "<5@h.test>"); p.State != store.PendingError {
+		t.Errorf("failed receipt left pending %+v; want state error", p)
 	}
 	list, _ := st.List(ctx, store.Filter{ControlID: "1"})
 	if list[0].State != store.Acknowledged {

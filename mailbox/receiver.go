@@ -148,27 +148,24 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		}
 	}
 	if in.MDN != nil {
-		outcome, p, err := Reconcile(ctx, r.Store, in.Partner.Name, in.MDN, in.Unsigned)
+		outcome, p, err := Reconcile(ctx, r.Store, in.Partner.Name, in.MDN, in.Unsigned, in.MessageID)
 		if err != nil {
 			return Result{}, err
 		}
 		res.Receipt = &outcome
-		if outcome == ReceiptMatched || outcome == ReceiptError {
+		if outcome != ReceiptUnknown && outcome != ReceiptRepeated {
 			res.ReceiptFor = p.ID
 			// What the bundle answers is the mail we sent, whatever
 			// Message-ID a gateway gave it on the way.
 			in.InReplyTo = p.MessageID
 		}
-		attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
-			"disposition", in.MDN.Disposition.String()}
-		if p.ControlID != "" {
-			attrs = append(attrs, "control_id", p.ControlID, "matched_by", p.MatchedBy)
-		}
-		if outcome == ReceiptMatched {
-			log.Info("receipt matched", attrs...)
-		} else {
-			raise(ctx, r.Store, log, store.Alert{Kind: store.AlertMismatch, Partner: in.Partner.Name, ControlID: p.ControlID,
-				MessageID: in.MDN.OriginalMessageID, Text: "receipt does not match"}, attrs...)
+		r.receiptOutcome(ctx, log, in, outcome, p)
+		if outcome == ReceiptRepeated && in.Payload != nil {
+			// A bundle already taken: its response was stored with it.
+			if prev, err := r.Store.FindInbound(ctx, in.Partner.Name, in.MessageID); err == nil {
+				res.ID, res.Replay = prev.ID, true
+				return res, nil
+			}
 		}
 	}
 	if in.Payload != nil {
@@ -180,7 +177,8 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		}
 		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
 			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
-			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient, InReplyTo: in.InReplyTo})
+			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient, InReplyTo: in.InReplyTo,
+			ReceiptNote: in.ReceiptNote})
 		if err != nil {
 			return Result{}, err
 		}
@@ -189,6 +187,45 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 			"to", in.Recipient)
 	}
 	return res, nil
+}
+
+// receiptOutcome logs what a receipt established and raises the alert it
+// calls for: a failure disposition (with its modifier and bounded reason),
+// a MIC that differs, a receipt that names nothing of ours.
+func (r *Receiver) receiptOutcome(ctx context.Context, log *slog.Logger, in *Incoming, outcome Receipt, p store.Pending) {
+	d := in.MDN.Disposition
+	attrs := []any{"original_message_id", in.MDN.OriginalMessageID, "outcome", outcome.String(),
+		"disposition", d.Status()}
+	if reason := in.MDN.Reason(); reason != "" {
+		attrs = append(attrs, "reason", reason)
+	}
+	if p.ControlID != "" {
+		attrs = append(attrs, "control_id", p.ControlID, "matched_by", p.MatchedBy)
+	}
+	alert := store.Alert{Kind: store.AlertMismatch, Partner: in.Partner.Name, ControlID: p.ControlID,
+		MessageID: in.MDN.OriginalMessageID}
+	switch outcome {
+	case ReceiptRepeated:
+		log.Info("receipt already recorded", attrs...)
+		return
+	case ReceiptMatched, ReceiptDispatched:
+		if d.Modifier == security.ModWarning {
+			log.Warn("receipt matched, with a warning", attrs...)
+		} else {
+			log.Info("receipt "+outcome.String(), attrs...)
+		}
+		return
+	case ReceiptError:
+		alert.Kind, alert.Text = store.AlertReceiptError, "receipt reports "+d.Status()
+		if reason := in.MDN.Reason(); reason != "" {
+			alert.Text += " (" + reason + ")"
+		}
+	case ReceiptMICMismatch:
+		alert.Text = "receipt does not match: its MIC differs from the one sent"
+	default:
+		alert.Text = "receipt matches no message sent to this partner; recorded"
+	}
+	raise(ctx, r.Store, log, alert, attrs...)
 }
 
 func (r *Receiver) quarantine(ctx context.Context, log *slog.Logger, sender string, raw []byte, q *QuarantineError, replay bool) (Result, error) {
@@ -229,13 +266,17 @@ func (r *Receiver) refusalReceipt(ctx context.Context, log *slog.Logger, raw []b
 	if err != nil {
 		return nil
 	}
-	if req, err := security.ParseMDNRequest(h); err != nil || req == nil {
+	if security.ParseMDNRequest(h) == nil {
 		return nil
 	}
 	self := r.recipientIn(h)
 	mdn := &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
-		OriginalMessageID: messageID, Disposition: d, Error: text,
-		Text: "The message was not processed: " + text + "."}
+		OriginalMessageID: messageID, Disposition: d, Text: "The message was not processed: " + text + "."}
+	if d.Type == security.Failed {
+		mdn.Failure = text // RFC 3798 §3.2.7
+	} else {
+		mdn.Error = text
+	}
 	entity, err := mdn.Entity()
 	if err != nil {
 		return err

@@ -35,6 +35,10 @@ func (r *Responder) Recover(ctx context.Context) error {
 		return err
 	}
 	for _, m := range list {
+		if m.State == store.Expired {
+			r.Expired(ctx, m)
+			continue
+		}
 		ack := m.Payload
 		if len(ack) == 0 {
 			ack = nil // the router was not asked for an answer
@@ -45,52 +49,93 @@ func (r *Responder) Recover(ctx context.Context) error {
 	return nil
 }
 
+// Expired is a Deliverer.Expired callback: the partner's request m could
+// not be delivered to the router within the partner's expire_after. The
+// partner gets an MDN deleted/expired (draft-ietf-ediint-hl7-02 §4.1.3:
+// "a store-and-forward service ... must be able to remove the message
+// from its queue ... reported to the originator"), with no response.
+func (r *Responder) Expired(ctx context.Context, m store.Message) {
+	if m.Kind != store.KindRequest || m.MessageID == "" {
+		return
+	}
+	mdn := r.mdnFor(m)
+	mdn.Disposition = security.Disposition{Type: security.Deleted, Modifier: security.ModExpired}
+	mdn.Text = "The message was removed: it could not be delivered to the application in time."
+	mdn.MIC = nil
+	entity, err := mdn.Entity()
+	if err == nil {
+		err = r.queue(ctx, m, entity, "mdn-"+m.ControlID, "MDN")
+	}
+	if err != nil {
+		r.logger(m).Error("expiry receipt not queued", "err", err)
+	}
+}
+
 // Delivered is a Deliverer.Delivered callback: m was delivered to the
 // router, which answered ack (nil when no answer was expected).
 func (r *Responder) Delivered(ctx context.Context, m store.Message, ack []byte) {
 	if m.Kind != store.KindRequest {
 		return
 	}
+	bundle, controlID, err := r.bundle(m, ack)
+	if err == nil {
+		err = r.queue(ctx, m, bundle, controlID, "ACK")
+	}
+	if err != nil {
+		r.logger(m).Error("response not queued", "err", err)
+	}
+}
+
+func (r *Responder) logger(m store.Message) *slog.Logger {
 	log := r.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	log = log.With("partner", m.Partner, "id", m.ID, "control_id", m.ControlID)
-	bundle, controlID, err := r.bundle(m, ack)
-	if err != nil {
-		log.Error("response not built", "err", err)
-		return
-	}
+	return log.With("partner", m.Partner, "id", m.ID, "control_id", m.ControlID)
+}
+
+// queue stores the answer to request m for the sender.
+func (r *Responder) queue(ctx context.Context, m store.Message, entity []byte, controlID, typ string) error {
 	a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: m.Partner, ControlID: controlID,
-		MessageType: "ACK", Payload: bundle, Kind: store.KindBundle, InReplyTo: m.MessageID})
+		MessageType: typ, Payload: entity, Kind: store.KindBundle, InReplyTo: m.MessageID})
 	if err != nil {
-		log.Error("response not stored", "err", err)
-		return
+		return err
 	}
-	log.Info("response queued", "response_id", a.ID, "in_reply_to", m.MessageID)
+	r.logger(m).Info("response queued", "response_id", a.ID, "in_reply_to", m.MessageID, "type", typ)
 	if r.Notify != nil {
 		r.Notify(m.Partner)
 	}
+	return nil
 }
 
-func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) {
+// mdnFor is the MDN for request m: processed, with the MIC of its mail.
+func (r *Responder) mdnFor(m store.Message) *security.MDN {
 	to := m.Recipient
 	if to == "" {
 		to = r.Config.Self.Email
 	}
-	mdn := &security.MDN{
+	return &security.MDN{
 		ReportingUA:       domainOf(to) + "; hl7mail",
 		OriginalRecipient: to,
 		FinalRecipient:    to,
 		OriginalMessageID: m.MessageID,
 		Disposition:       security.Disposition{Type: security.Processed},
 	}
+}
+
+func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) {
+	mdn := r.mdnFor(m)
 	if m.MIC != "" {
 		mic, err := security.ParseMIC(m.MIC)
 		if err != nil {
 			return nil, "", fmt.Errorf("stored MIC: %w", err)
 		}
 		mdn.MIC = &mic
+	}
+	if m.ReceiptNote != "" {
+		mdn.Disposition.Modifier = security.ModWarning
+		mdn.Warning = m.ReceiptNote
+		mdn.Text = "The message was processed; " + m.ReceiptNote + "."
 	}
 	controlID := m.ControlID
 	var response []byte

@@ -34,6 +34,9 @@ type DelivererOptions struct {
 	// ack (nil for a message that expects no acknowledgement), and that
 	// was recorded: to send the partner its response.
 	Delivered func(ctx context.Context, m store.Message, ack []byte)
+	// Expired is called after message m was marked expired: the router
+	// did not take it within the partner's expire_after.
+	Expired func(ctx context.Context, m store.Message)
 	// Held, when set, tells of a message to leave alone for now (a
 	// response that a router connection waits to be handed, ack_mode
 	// rendezvous).
@@ -102,10 +105,41 @@ func (d *Deliverer) Run(ctx context.Context) {
 	})
 }
 
+// expire ends m as expired when the router has not taken it within the
+// partner's expire_after (counted from when it came, or from an operator's
+// retry), and reports whether it did.
+func (d *Deliverer) expire(ctx context.Context, p *config.Partner, m store.Message, log *slog.Logger) bool {
+	since := m.Received
+	if m.Retried.After(since) {
+		since = m.Retried
+	}
+	age := d.o.Now().Sub(since)
+	if age <= p.ExpireAfter.D() {
+		return false
+	}
+	ctx = context.WithoutCancel(ctx)
+	attempts, _, lastErr, _ := d.o.Store.Delivery(ctx, m.ID)
+	reason := fmt.Sprintf("not delivered to the router within expire_after %s", p.ExpireAfter.D())
+	if err := d.o.Store.MarkFinal(ctx, m.ID, store.Expired, reason); err != nil {
+		log.Error("store", "err", err)
+		return false
+	}
+	raise(ctx, d.o.Store, log, store.Alert{Kind: store.AlertExpired, Partner: p.Name, ControlID: m.ControlID,
+		MessageID: m.MessageID, Text: "inbound message expired before the router took it (deleted/expired)"},
+		"age", age.Round(time.Second).String(), "attempts", attempts, "last_error", lastErr)
+	if d.o.Expired != nil {
+		d.o.Expired(ctx, m)
+	}
+	return true
+}
+
 // deliver sends m to the router over conn (dialling when nil) and records
 // the outcome; it returns the connection to reuse and whether to go on.
 func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Message, conn *mllp.Client) (*mllp.Client, bool) {
 	log := d.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
+	if d.expire(ctx, p, m, log) {
+		return conn, true
+	}
 	addr := d.o.Config.RouterForMail(p, m.Recipient)
 	timeout := d.o.Config.Router.AckTimeout.D()
 	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no

@@ -361,3 +361,84 @@ func TestRouterCE(t *testing.T) {
 		}
 	}
 }
+
+// TestInboundExpires: a partner's request the router does not take within
+// the partner's expire_after is marked expired with an alert, and the
+// partner gets an MDN deleted/expired (draft-ietf-ediint-hl7-02 §4.1.3)
+// instead of a response; a crash before that MDN was queued is mended by
+// Recover.
+func TestInboundExpires(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := ln.Addr().String()
+	ln.Close() // the router is down for good
+	cfg, st := delivererFixture(t, down)
+	cfg.Partners[0].ExpireAfter = config.Duration(time.Hour)
+	ctx := context.Background()
+	for _, id := range []string{"x1", "x2"} {
+		if _, err := st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "hospital", ControlID: id,
+			MessageType: "ORU^R01", Payload: []byte("MSH|^~\\&|A|B|C|D|20261123||ORU^R01|" + id + "|P|2.3\r"),
+			MessageID: "<" + id + "@h.test>", Kind: store.KindRequest}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp := &Responder{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo)}
+	later := func() time.Time { return time.Now().Add(2 * time.Hour) }
+	var expired []string
+	var mu sync.Mutex
+	d, err := NewDeliverer(DelivererOptions{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo), Now: later,
+		Poll: 10 * time.Millisecond, Expired: func(ctx context.Context, m store.Message) {
+			mu.Lock()
+			expired = append(expired, m.ControlID)
+			mu.Unlock()
+			if m.ControlID == "x1" { // x2's MDN is left, as a crash would, for Recover
+				resp.Expired(ctx, m)
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { d.Run(dctx); close(done) }()
+	waitFor(t, "both expired", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(expired) == 2
+	})
+	cancel()
+	<-done
+	if err := resp.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"x1", "x2"} {
+		list, _ := st.List(ctx, store.Filter{Direction: store.Inbound, ControlID: id})
+		if len(list) != 1 || list[0].State != store.Expired {
+			t.Fatalf("%s: %+v, want expired", id, list)
+		}
+		answers, _ := st.List(ctx, store.Filter{Direction: store.Outbound, ControlID: "mdn-" + id})
+		if len(answers) != 1 || answers[0].InReplyTo != "<"+id+"@h.test>" || answers[0].Kind != store.KindBundle {
+			t.Fatalf("%s: answers %+v, want one MDN in reply to its mail", id, answers)
+		}
+		m, err := st.Get(ctx, answers[0].ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mdn, err := security.ParseMDN(m.Payload)
+		if err != nil || mdn.Disposition.Status() != "deleted/expired" || mdn.OriginalMessageID != "<"+id+"@h.test>" {
+			t.Errorf("%s: MDN %+v, %v; want deleted/expired", id, mdn, err)
+		}
+	}
+	alerts, _ := st.Alerts(ctx, false, 100)
+	n := 0
+	for _, a := range alerts {
+		if a.Kind == store.AlertExpired {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d expired alerts, want 2: %+v", n, alerts)
+	}
+}

@@ -3,6 +3,7 @@ package security
 import (
 	"bufio"
 	"bytes"
+	"crypto"
 	"fmt"
 	netmail "net/mail"
 	"strings"
@@ -60,6 +61,25 @@ func (d Disposition) String() string {
 // OK reports whether the disposition is a plain processed.
 func (d Disposition) OK() bool { return d.Type == Processed && d.Modifier == "" }
 
+// Status is the disposition without its action modes: "processed/warning".
+func (d Disposition) Status() string {
+	if d.Modifier == "" {
+		return d.Type
+	}
+	return d.Type + "/" + d.Modifier
+}
+
+// Failure reports whether the disposition says the message was not
+// processed: processed/error, failed, deleted or denied (§4.1.3 tables 4
+// and 5).
+func (d Disposition) Failure() bool {
+	switch d.Type {
+	case Failed, Deleted, Denied:
+		return true
+	}
+	return d.Modifier == ModError
+}
+
 func parseDisposition(v string) (Disposition, error) {
 	_, status, ok := strings.Cut(v, ";")
 	if !ok {
@@ -90,8 +110,40 @@ type MDN struct {
 	OriginalMessageID string // with its angle brackets
 	Disposition       Disposition
 	MIC               *MIC   // Received-Content-MIC, when the request was signed
-	Error             string // Error field: the reason for failed or processed/error
-	Text              string // the human-readable part
+	Error             string // Error field: the reason for processed/error
+	Failure           string // Failure field: the reason for failed (RFC 3798 §3.2.7)
+	Warning           string // Warning field: the reason for processed/warning
+	// FinalDelivery is Direct's X-DIRECT-FINAL-DESTINATION-DELIVERY on a
+	// dispatched MDN: the message reached its final destination.
+	FinalDelivery bool
+	Text          string // the human-readable part
+}
+
+// knownReasons are the words of the Error, Failure and Warning fields that
+// the EDIINT and Direct specifications define (RFC 4130 §7.4.3, RFC 3798),
+// with those hl7mail sends itself.
+var knownReasons = map[string]bool{
+	"authentication-failed": true, "decompression-failed": true, "decryption-failed": true,
+	"insufficient-message-security": true, "integrity-check-failed": true, "unexpected-processing-error": true,
+	"unsupported format": true, "unsupported mic-algorithms": true, "sender-equals-receiver": true,
+	"duplicate-document": true, "message too large": true, "disposition-notification-options unreadable": true,
+}
+
+// Reason is the reason the MDN gives (Error, else Failure, else Warning)
+// in bounded words: the value itself when it is one the specifications
+// define, else only its length. A partner's free text may name a patient.
+func (m *MDN) Reason() string {
+	for _, v := range []string{m.Error, m.Failure, m.Warning} {
+		v = strings.TrimSpace(v)
+		if v == "" {
+			continue
+		}
+		if knownReasons[strings.ToLower(v)] {
+			return strings.ToLower(v)
+		}
+		return fmt.Sprintf("a reason of its own (%d bytes)", len(v))
+	}
+	return ""
 }
 
 // Entity returns the MDN as a multipart/report MIME entity in canonical form.
@@ -115,6 +167,12 @@ func (m *MDN) Entity() ([]byte, error) {
 	}
 	if m.Error != "" {
 		field("Error", m.Error)
+	}
+	if m.Failure != "" {
+		field("Failure", m.Failure)
+	}
+	if m.Warning != "" {
+		field("Warning", m.Warning)
 	}
 	text := m.Text
 	if text == "" {
@@ -216,6 +274,9 @@ func (m *MDN) readFields(b []byte) error {
 	m.FinalRecipient = addressOf(fh.Get("Final-Recipient"))
 	m.OriginalMessageID = strings.TrimSpace(fh.Get("Original-Message-ID"))
 	m.Error = strings.TrimSpace(fh.Get("Error"))
+	m.Failure = strings.TrimSpace(fh.Get("Failure"))
+	m.Warning = strings.TrimSpace(fh.Get("Warning"))
+	m.FinalDelivery = fh.Has("X-Direct-Final-Destination-Delivery")
 	if m.FinalRecipient == "" {
 		return malformed("MDN without Final-Recipient")
 	}
@@ -255,8 +316,13 @@ type MDNRequest struct {
 	Protocol string
 	// MICAlgs are the signed-receipt-micalg values in order of preference.
 	MICAlgs []string
-	// Required is true when the signed receipt was asked for as required.
-	Required bool
+	// Required is true when the signed receipt was asked for as required;
+	// MICRequired when the MIC algorithms were.
+	Required, MICRequired bool
+	// Unreadable is set when the options (or the address) could not be
+	// read: the receipt is then made as the partner's configuration says,
+	// with a warning, rather than the mail refused.
+	Unreadable bool
 }
 
 // Headers returns the two header field values.
@@ -277,40 +343,76 @@ func (r MDNRequest) Headers() (to, options string) {
 }
 
 // ParseMDNRequest reads the request from a mail header: nil when none was
-// made. The draft's older "0,<protocol>" syntax is accepted as well.
-func ParseMDNRequest(h textproto.Header) (*MDNRequest, error) {
+// made. The draft's older "0,<protocol>" syntax is accepted as well. What
+// cannot be read sets Unreadable: a sender's odd options header costs it
+// its preferences, never its message.
+func ParseMDNRequest(h textproto.Header) *MDNRequest {
 	to := h.Get("Disposition-Notification-To")
 	if to == "" {
-		return nil, nil
+		return nil
 	}
-	addr, err := netmail.ParseAddress(to)
-	if err != nil {
-		return nil, malformed("Disposition-Notification-To %s: not an address", token(to))
+	r := &MDNRequest{}
+	if addr, err := netmail.ParseAddress(to); err == nil {
+		r.To = addr.Address
+	} else {
+		r.Unreadable = true
 	}
-	r := &MDNRequest{To: addr.Address}
 	opts := h.Get("Disposition-Notification-Options")
 	for _, p := range strings.Split(opts, ";") {
-		name, v, ok := strings.Cut(p, "=")
-		if !ok {
+		if strings.TrimSpace(p) == "" {
 			continue
 		}
+		name, v, ok := strings.Cut(p, "=")
 		vals := strings.Split(v, ",")
 		for i := range vals {
 			vals[i] = strings.ToLower(strings.TrimSpace(vals[i]))
 		}
-		if len(vals) < 2 {
-			return nil, malformed("Disposition-Notification-Options %s", token(opts))
+		if !ok || len(vals) < 2 || vals[1] == "" {
+			r.Unreadable = true
+			continue
 		}
-		imp := vals[0]
-		required := imp == "required" || imp == "1"
+		required := vals[0] == "required" || vals[0] == "1"
+		if !required && vals[0] != "optional" && vals[0] != "0" {
+			r.Unreadable = true
+			continue
+		}
 		switch strings.ToLower(strings.TrimSpace(name)) {
 		case "signed-receipt-protocol":
-			r.Protocol, r.Required = vals[1], r.Required || required
+			r.Protocol, r.Required = vals[1], required
 		case "signed-receipt-micalg":
-			r.MICAlgs = vals[1:]
+			r.MICAlgs, r.MICRequired = vals[1:], required
+		}
+		// Other parameters (Direct's X-DIRECT-FINAL-DESTINATION-DELIVERY)
+		// ask for nothing this gateway must refuse.
+	}
+	return r
+}
+
+// ProtocolFits reports whether a receipt signed with suite ("pgp" or
+// "smime") is one of the requested signed-receipt-protocol, or none was
+// named.
+func (r MDNRequest) ProtocolFits(suite string) bool {
+	switch strings.TrimPrefix(r.Protocol, "application/") {
+	case "":
+		return true
+	case "pgp-signature":
+		return suite == "pgp"
+	case "pkcs7-signature", "x-pkcs7-signature":
+		return suite == "smime"
+	}
+	return false
+}
+
+// MICHash returns the first requested signed-receipt-micalg this package
+// computes, and false when none was asked for or none is known (or one is
+// known only as weak, md5).
+func (r MDNRequest) MICHash() (crypto.Hash, bool) {
+	for _, a := range r.MICAlgs {
+		if h, err := parseDigestName(a); err == nil {
+			return h, true
 		}
 	}
-	return r, nil
+	return 0, false
 }
 
 // Bundle is an HL7 response bundled with the MDN for its request.

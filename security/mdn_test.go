@@ -3,6 +3,7 @@ package security
 import (
 	"bufio"
 	"bytes"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"flag"
@@ -92,27 +93,56 @@ func TestMDNRequest(t *testing.T) {
 		return h
 	}
 	to, opts := MDNRequest{To: "edi@hospital.test", Protocol: "pgp-signature"}.Headers()
-	r, err := ParseMDNRequest(header("Disposition-Notification-To: "+to, "Disposition-Notification-Options: "+opts))
-	if err != nil || r.To != "edi@hospital.test" || r.Protocol != "pgp-signature" || !reflect.DeepEqual(r.MICAlgs, []string{"sha-256"}) {
-		t.Errorf("ParseMDNRequest(Headers()) = %+v, %v (options %q)", r, err, opts)
+	r := ParseMDNRequest(header("Disposition-Notification-To: "+to, "Disposition-Notification-Options: "+opts))
+	if r == nil || r.Unreadable || r.To != "edi@hospital.test" || r.Protocol != "pgp-signature" ||
+		!reflect.DeepEqual(r.MICAlgs, []string{"sha-256"}) || !r.ProtocolFits("pgp") || r.ProtocolFits("smime") {
+		t.Errorf("ParseMDNRequest(Headers()) = %+v (options %q)", r, opts)
 	}
-	// The draft's §5 syntax, folded over lines.
-	r, err = ParseMDNRequest(header("Disposition-Notification-To: oe@schadow.practice.net",
+	// The draft's §5 syntax, folded over lines. MD5 is not computed: no
+	// algorithm is known, and it was optional.
+	r = ParseMDNRequest(header("Disposition-Notification-To: oe@schadow.practice.net",
 		"Disposition-Notification-Options:", "   signed-receipt-protocol=0,application/pgp-signature;",
 		"   signed-receipt-micalg=0,pgp-md5"))
-	if err != nil || r.Protocol != "application/pgp-signature" || r.MICAlgs[0] != "pgp-md5" || r.Required {
-		t.Errorf("ParseMDNRequest(draft) = %+v, %v", r, err)
+	if _, ok := r.MICHash(); r.Unreadable || r.Protocol != "application/pgp-signature" || r.MICAlgs[0] != "pgp-md5" ||
+		r.Required || r.MICRequired || ok || !r.ProtocolFits("pgp") {
+		t.Errorf("ParseMDNRequest(draft) = %+v", r)
 	}
-	r, err = ParseMDNRequest(header("Disposition-Notification-To: \"EDI\" <edi@h.test>",
-		"Disposition-Notification-Options: signed-receipt-protocol=required, pkcs7-signature; signed-receipt-micalg=required, sha-256, sha1"))
-	if err != nil || r.To != "edi@h.test" || !r.Required || !reflect.DeepEqual(r.MICAlgs, []string{"sha-256", "sha1"}) {
-		t.Errorf("ParseMDNRequest(required) = %+v, %v", r, err)
+	r = ParseMDNRequest(header("Disposition-Notification-To: \"EDI\" <edi@h.test>",
+		"Disposition-Notification-Options: signed-receipt-protocol=required, pkcs7-signature; signed-receipt-micalg=required, sha-512, sha1"))
+	if h, ok := r.MICHash(); r.To != "edi@h.test" || !r.Required || !r.MICRequired || h != crypto.SHA512 || !ok ||
+		!reflect.DeepEqual(r.MICAlgs, []string{"sha-512", "sha1"}) || !r.ProtocolFits("smime") || r.ProtocolFits("pgp") {
+		t.Errorf("ParseMDNRequest(required) = %+v", r)
 	}
-	if r, err := ParseMDNRequest(header("Subject: x")); r != nil || err != nil {
-		t.Errorf("ParseMDNRequest(no request) = %+v, %v", r, err)
+	if r := ParseMDNRequest(header("Subject: x")); r != nil {
+		t.Errorf("ParseMDNRequest(no request) = %+v", r)
 	}
-	if _, err := ParseMDNRequest(header("Disposition-Notification-To: not an address")); !errors.Is(err, ErrMalformed) {
-		t.Errorf("ParseMDNRequest(bad address) = %v", err)
+	// What cannot be read marks the request, and never refuses it.
+	for _, lines := range [][]string{
+		{"Disposition-Notification-To: not an address"},
+		{"Disposition-Notification-To: edi@h.test", "Disposition-Notification-Options: signed-receipt-protocol"},
+		{"Disposition-Notification-To: edi@h.test", "Disposition-Notification-Options: signed-receipt-protocol=required"},
+		{"Disposition-Notification-To: edi@h.test", "Disposition-Notification-Options: signed-receipt-protocol=maybe, pgp-signature"},
+	} {
+		if r := ParseMDNRequest(header(lines...)); r == nil || !r.Unreadable || r.Required {
+			t.Errorf("ParseMDNRequest(%q) = %+v, want a request marked unreadable", lines, r)
+		}
+	}
+}
+
+func TestMDNReason(t *testing.T) {
+	for _, c := range []struct {
+		m    MDN
+		want string
+	}{
+		{MDN{Error: "Decryption-Failed"}, "decryption-failed"},
+		{MDN{Failure: "unsupported MIC-algorithms"}, "unsupported mic-algorithms"},
+		{MDN{Warning: "duplicate-document"}, "duplicate-document"},
+		{MDN{Error: "patient Doe not found in PID-3"}, "a reason of its own (30 bytes)"},
+		{MDN{}, ""},
+	} {
+		if got := c.m.Reason(); got != c.want {
+			t.Errorf("%+v.Reason() = %q, want %q", c.m, got, c.want)
+		}
 	}
 }
 

@@ -84,6 +84,10 @@ func parseDigestName(name string) (crypto.Hash, error) {
 	return 0, malformed("unknown digest %s", token(name))
 }
 
+// MICWith digests the canonical form of entity with h: the MIC of a
+// receipt whose request named that signed-receipt-micalg.
+func MICWith(entity []byte, h crypto.Hash) MIC { return computeMICWith(entity, h) }
+
 // computeMICWith digests the canonical entity with h.
 func computeMICWith(entity []byte, h crypto.Hash) MIC {
 	c := Canonical(entity)

@@ -36,14 +36,17 @@ func (a Alert) Open() bool { return a.Acked.IsZero() && a.Cleared.IsZero() }
 
 // Alert kinds.
 const (
-	AlertOverdue    = "receipt-overdue"
-	AlertMismatch   = "receipt-mismatch"
-	AlertExpired    = "expired"
-	AlertFailed     = "failed"
-	AlertQuarantine = "quarantined"
-	AlertStuck      = "router-stuck"
-	AlertKey        = "key-expiry"
-	AlertOrder      = "out-of-order" // a sequence gap or a missing request, waited for in vain
+	AlertOverdue  = "receipt-overdue"
+	AlertMismatch = "receipt-mismatch"
+	// AlertReceiptError: a receipt says the message was not processed
+	// (processed/error, failed, deleted, denied).
+	AlertReceiptError = "receipt-error"
+	AlertExpired      = "expired"
+	AlertFailed       = "failed"
+	AlertQuarantine   = "quarantined"
+	AlertStuck        = "router-stuck"
+	AlertKey          = "key-expiry"
+	AlertOrder        = "out-of-order" // a sequence gap or a missing request, waited for in vain
 	// AlertLinkDown: a mail server cannot be used (unreachable, refuses
 	// the login, the session); the queues wait. Cleared when it works.
 	AlertLinkDown = "link-down"

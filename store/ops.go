@@ -426,15 +426,16 @@ func (s *Store) ByMessageID(ctx context.Context, id string) (Message, error) {
 	return list[0], nil
 }
 
-// Unanswered returns the partners' requests that reached the router but
-// have no response queued for them, with the router's acknowledgement as
-// Payload: what a crash between the two left behind.
+// Unanswered returns the partners' requests that reached the router, or
+// expired before it took them, but have no response queued for them, with
+// the router's acknowledgement as Payload (none for an expired one): what
+// a crash between the two left behind.
 func (s *Store) Unanswered(ctx context.Context) ([]Message, error) {
 	if err := s.waitIngested(ctx); err != nil {
 		return nil, err
 	}
 	list, err := s.queryMessages(ctx, "unanswered", "SELECT "+messageColumns+` FROM messages m
-		WHERE direction = 'in' AND kind = 'request' AND state = 'delivered' AND message_id != ''
+		WHERE direction = 'in' AND kind = 'request' AND state IN ('delivered', 'expired') AND message_id != ''
 		AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.direction = 'out' AND o.partner = m.partner
 			AND o.in_reply_to = m.message_id)
 		ORDER BY id`)
@@ -442,6 +443,10 @@ func (s *Store) Unanswered(ctx context.Context) ([]Message, error) {
 		return nil, err
 	}
 	for i := range list {
+		if list[i].State == Expired {
+			list[i].Payload = nil
+			continue
+		}
 		if list[i].Payload, err = s.Response(ctx, list[i].ID); err != nil {
 			return nil, err
 		}

@@ -61,15 +61,16 @@ func (r *logRecord) appendTo(dst []byte) []byte {
 	dst = append(dst, make([]byte, logHeader)...)
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.seq))
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.time))
-	// Direction 'O' or 'I': eight strings. Records written before the
-	// recipient was kept say 'o' or 'i' and have seven.
+	// 'N', the direction ('O' or 'I') and the number of strings that
+	// follow. Records written before that say 'O' or 'I' and have eight
+	// strings, or 'o' or 'i' and seven (before the recipient was kept).
 	d := byte('O')
 	if r.m.Direction == Inbound {
 		d = 'I'
 	}
-	dst = append(dst, d)
-	for _, s := range []string{r.m.Partner, r.m.ControlID, r.m.MessageType, r.m.MessageID, r.m.MIC, r.m.Kind, r.m.InReplyTo,
-		r.m.Recipient} {
+	strs := r.m.strings()
+	dst = append(dst, 'N', d, byte(len(strs)))
+	for _, s := range strs {
 		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(s)))
 		dst = append(dst, s...)
 	}
@@ -90,13 +91,31 @@ func decodeRecord(body []byte) (logRecord, error) {
 	}
 	r.seq = int64(binary.LittleEndian.Uint64(body))
 	r.time = int64(binary.LittleEndian.Uint64(body[8:]))
-	fields := []*string{&r.m.Partner, &r.m.ControlID, &r.m.MessageType, &r.m.MessageID, &r.m.MIC, &r.m.Kind, &r.m.InReplyTo,
-		&r.m.Recipient}
+	fields := r.m.fields()
+	p := body[17:]
 	switch body[16] {
+	case 'N':
+		if len(p) < 2 {
+			return r, errBadRecord
+		}
+		switch p[0] {
+		case 'O':
+			r.m.Direction = Outbound
+		case 'I':
+			r.m.Direction = Inbound
+		default:
+			return r, errBadRecord
+		}
+		n := int(p[1])
+		p = p[2:]
+		for len(fields) < n { // written by a later version: read past them
+			fields = append(fields, new(string))
+		}
+		fields = fields[:n]
 	case 'O':
-		r.m.Direction = Outbound
+		r.m.Direction, fields = Outbound, fields[:8]
 	case 'I':
-		r.m.Direction = Inbound
+		r.m.Direction, fields = Inbound, fields[:8]
 	case 'o':
 		r.m.Direction, fields = Outbound, fields[:7]
 	case 'i':
@@ -104,7 +123,6 @@ func decodeRecord(body []byte) (logRecord, error) {
 	default:
 		return r, errBadRecord
 	}
-	p := body[17:]
 	for _, dst := range fields {
 		if len(p) < 2 {
 			return r, errBadRecord
@@ -122,6 +140,17 @@ func decodeRecord(body []byte) (logRecord, error) {
 	copy(r.hash[:], p)
 	r.m.Payload = append([]byte(nil), p[32:]...)
 	return r, nil
+}
+
+// strings are the string fields of m in the order a record holds them;
+// fields points at them in the same order.
+func (m *NewMessage) strings() []string {
+	return []string{m.Partner, m.ControlID, m.MessageType, m.MessageID, m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote}
+}
+
+func (m *NewMessage) fields() []*string {
+	return []*string{&m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.MIC, &m.Kind, &m.InReplyTo, &m.Recipient,
+		&m.ReceiptNote}
 }
 
 // segmentSize is the size each segment file is zero-filled to. Writing

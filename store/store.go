@@ -101,6 +101,9 @@ type NewMessage struct {
 	InReplyTo string
 	// Recipient is the address of ours an inbound message was sent to.
 	Recipient string
+	// ReceiptNote is a warning for the receipt an inbound message gets
+	// (processed/warning), in our own words.
+	ReceiptNote string
 }
 
 // Message kinds.
@@ -142,7 +145,9 @@ type Message struct {
 	// expire_after counts from then.
 	Retried   time.Time `json:"retried,omitzero"`
 	Recipient string    `json:"recipient,omitempty"`
-	Payload   []byte    `json:"-"`
+	// ReceiptNote: see NewMessage.
+	ReceiptNote string `json:"receipt_note,omitempty"`
+	Payload     []byte `json:"-"`
 }
 
 // Options configure Open.
@@ -502,6 +507,28 @@ var schema = []string{
 	CREATE INDEX alerts_notify ON alerts(notified) WHERE notified = 0;`,
 	// 13: a receipt that came unsigned (mdn: unsigned) is weaker evidence.
 	`ALTER TABLE pending ADD COLUMN unsigned INTEGER NOT NULL DEFAULT 0;`,
+	// 14: every report that came back about a mail of ours, MDN or DSN
+	// (see Report); a note on the receipt an inbound message is to get
+	// (a request's Disposition-Notification-Options that could not be
+	// read, say).
+	`CREATE TABLE reports (
+		id                  INTEGER PRIMARY KEY,
+		received            INTEGER NOT NULL,
+		type                TEXT    NOT NULL,
+		partner             TEXT    NOT NULL,
+		message             INTEGER NOT NULL DEFAULT 0,
+		original_message_id TEXT    NOT NULL,
+		mail_message_id     TEXT    NOT NULL,
+		disposition         TEXT    NOT NULL,
+		detail              TEXT    NOT NULL,
+		outcome             TEXT    NOT NULL,
+		matched_by          TEXT    NOT NULL DEFAULT '',
+		unsigned            INTEGER NOT NULL DEFAULT 0,
+		final_delivery      INTEGER NOT NULL DEFAULT 0
+	);
+	CREATE INDEX reports_message ON reports(message) WHERE message != 0;
+	CREATE INDEX reports_mail ON reports(mail_message_id);
+	ALTER TABLE messages ADD COLUMN receipt_note TEXT NOT NULL DEFAULT '';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -906,8 +933,8 @@ const (
 	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient, receipt_note)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 )
 
 // insert writes recs into the database in one transaction, marking
@@ -937,7 +964,7 @@ func (s *Store) insert(recs []logRecord) (err error) {
 		}
 		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
 			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
-			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient); err != nil {
+			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient, r.m.ReceiptNote); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -452,28 +453,50 @@ func TestLock(t *testing.T) {
 	}
 }
 
-// TestOldRecordFormat: records written before the recipient was kept (seven
-// strings, direction 'o' or 'i') still decode after an upgrade.
+// TestOldRecordFormat: records written by earlier versions (direction 'o'
+// or 'i' and seven strings, 'O' or 'I' and eight) still decode after an
+// upgrade, and the present form ('N', direction, count) round-trips with
+// every field.
 func TestOldRecordFormat(t *testing.T) {
-	r := logRecord{seq: 7, time: 99, m: NewMessage{Direction: Inbound, Partner: "lab", ControlID: "c1", MessageType: "ORU^R01",
-		MessageID: "<m@x>", MIC: "mic", Kind: KindRequest, InReplyTo: "", Payload: []byte("MSH|...")}}
-	enc := r.appendTo(nil)
-	body := enc[logHeader:]
-	if body[16] != 'I' {
-		t.Fatalf("direction byte %q, want 'I'", body[16])
+	m := NewMessage{Direction: Inbound, Partner: "lab", ControlID: "c1", MessageType: "ORU^R01",
+		MessageID: "<m@x>", MIC: "mic", Kind: KindRequest, Recipient: "adt@edi.hospital", ReceiptNote: "options unreadable",
+		Payload: []byte("MSH|...")}
+	hash := [32]byte{1, 2, 3}
+	// older writes the record as a version that kept n strings did.
+	older := func(dir byte, n int) []byte {
+		b := binary.LittleEndian.AppendUint64(nil, 7)
+		b = binary.LittleEndian.AppendUint64(b, 99)
+		b = append(b, dir)
+		for _, s := range m.strings()[:n] {
+			b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
+			b = append(b, s...)
+		}
+		b = append(b, hash[:]...)
+		return append(b, m.Payload...)
 	}
-	// The old form: 'i', and no eighth string (its two length bytes) before the hash.
-	old := append([]byte(nil), body...)
-	old[16] = 'i'
-	hashAt := len(old) - len(r.m.Payload) - 32
-	old = append(old[:hashAt-2:hashAt-2], old[hashAt:]...)
-	got, err := decodeRecord(old)
-	if err != nil || got.seq != 7 || got.m.Direction != Inbound || got.m.Partner != "lab" || got.m.Kind != KindRequest ||
-		string(got.m.Payload) != "MSH|..." || got.m.Recipient != "" {
-		t.Errorf("decodeRecord(old form) = %+v, %v", got, err)
+	for _, c := range []struct {
+		dir             byte
+		n               int
+		recipient, note string
+	}{{'i', 7, "", ""}, {'I', 8, m.Recipient, ""}} {
+		got, err := decodeRecord(older(c.dir, c.n))
+		if err != nil || got.seq != 7 || got.m.Direction != Inbound || got.m.Partner != "lab" || got.m.Kind != KindRequest ||
+			string(got.m.Payload) != "MSH|..." || got.m.Recipient != c.recipient || got.m.ReceiptNote != c.note || got.hash != hash {
+			t.Errorf("decodeRecord(%q form) = %+v, %v", c.dir, got, err)
+		}
 	}
-	r.m.Recipient = "adt@edi.hospital"
-	if got, err := decodeRecord(r.appendTo(nil)[logHeader:]); err != nil || got.m.Recipient != "adt@edi.hospital" {
-		t.Errorf("decodeRecord(new form) = %+v, %v", got, err)
+	r := logRecord{seq: 7, time: 99, m: m, hash: hash}
+	got, err := decodeRecord(r.appendTo(nil)[logHeader:])
+	if err != nil || got.m.Recipient != m.Recipient || got.m.ReceiptNote != m.ReceiptNote || got.m.Direction != Inbound ||
+		string(got.m.Payload) != "MSH|..." {
+		t.Errorf("decodeRecord(present form) = %+v, %v", got, err)
+	}
+	// A later version's record with a string more is read past it.
+	later := r.appendTo(nil)[logHeader:]
+	at := len(later) - len(m.Payload) - 32
+	later = append(append(append([]byte(nil), later[:at]...), 3, 0, 'x', 'y', 'z'), later[at:]...)
+	later[18]++
+	if got, err := decodeRecord(later); err != nil || got.m.ReceiptNote != m.ReceiptNote || got.hash != hash {
+		t.Errorf("decodeRecord(later form) = %+v, %v", got, err)
 	}
 }
