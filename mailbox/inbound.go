@@ -38,9 +38,10 @@ const (
 	ReasonNotHL7        Reason = "not-hl7" // opened, but carries no HL7, MDN or bundle
 	ReasonReplay        Reason = "replay"  // a Message-ID already seen from the partner
 	// ReasonReceiptRefused: the sender requires a receipt this gateway
-	// cannot make (a signed-receipt-protocol other than the partner's
-	// suite, or only MIC algorithms it does not compute).
+	// cannot make: signed in a protocol other than the partner's suite;
+	// ReasonMICRefused: with only MIC algorithms it does not compute.
 	ReasonReceiptRefused Reason = "receipt-unsupported"
+	ReasonMICRefused     Reason = "receipt-micalg-unsupported"
 )
 
 // QuarantineError is why Open refused a mail. Partner is set when the
@@ -108,6 +109,8 @@ func (r Reason) Disposition() (security.Disposition, string, bool) {
 		return security.Disposition{Type: security.Denied}, "message too large", true
 	case ReasonReceiptRefused:
 		return security.Disposition{Type: security.Failed}, "unsupported format", true
+	case ReasonMICRefused:
+		return security.Disposition{Type: security.Failed}, "unsupported MIC-algorithms", true
 	}
 	// Unknown senders get nothing; replays get the MDN already sent.
 	return security.Disposition{}, "", false
@@ -277,15 +280,15 @@ func honour(p *config.Partner, in *Incoming, entity []byte) error {
 	if req == nil {
 		return nil
 	}
-	refuse := func(what string) error {
-		return &QuarantineError{Reason: ReasonReceiptRefused, Partner: p, Err: errors.New(what)}
+	refuse := func(r Reason, what string) error {
+		return &QuarantineError{Reason: r, Partner: p, Err: errors.New(what)}
 	}
 	if req.Unreadable {
 		in.ReceiptNote = "disposition-notification-options unreadable"
 	}
 	signs := p.Security == "pgp" || p.Security == "smime"
 	if req.Protocol != "" && req.Required && (!signs || !req.ProtocolFits(p.Security)) {
-		return refuse(fmt.Sprintf("a signed receipt is required in a protocol other than the partner's (%s)", p.Security))
+		return refuse(ReasonReceiptRefused, fmt.Sprintf("a signed receipt is required in a protocol other than the partner's (%s)", p.Security))
 	}
 	if len(req.MICAlgs) == 0 || in.MIC.Hash == 0 {
 		return nil
@@ -293,7 +296,7 @@ func honour(p *config.Partner, in *Incoming, entity []byte) error {
 	h, ok := req.MICHash()
 	switch {
 	case !ok && req.MICRequired:
-		return refuse("only MIC algorithms this gateway does not compute are allowed for the receipt")
+		return refuse(ReasonMICRefused, "only MIC algorithms this gateway does not compute are allowed for the receipt")
 	case ok && h != in.MIC.Hash:
 		in.MIC = security.MICWith(entity, h)
 	}

@@ -2,11 +2,14 @@ package mailbox
 
 import (
 	"context"
+	"crypto"
+	"errors"
 	"fmt"
 	"log/slog"
 	"testing"
 	"time"
 
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -120,5 +123,48 @@ func TestReconcile(t *testing.T) {
 	}
 	if again, _ := st.Overdue(ctx, now); len(again) != 0 {
 		t.Errorf("Overdue reported %d again", len(again))
+	}
+}
+
+// TestHonourOptions: the receipt follows the request's
+// Disposition-Notification-Options (RFC 4130 §7.3): the first requested MIC
+// algorithm computed; a protocol or algorithms required that this gateway
+// cannot give refuse the mail with a failed MDN; options that cannot be read
+// get the usual receipt with a warning.
+func TestHonourOptions(t *testing.T) {
+	entity := []byte("Content-Type: application/edi-hl7\r\n\r\nMSH|...\r\n")
+	pgp := &config.Partner{Name: "lab", Security: "pgp"}
+	for _, c := range []struct {
+		name    string
+		req     security.MDNRequest
+		refused Reason
+		hash    crypto.Hash
+		note    bool
+	}{
+		{"no options", security.MDNRequest{To: "a@b"}, "", crypto.SHA256, false},
+		{"sha-512 first", security.MDNRequest{Protocol: "pgp-signature", MICAlgs: []string{"sha-512", "sha-256"}}, "", crypto.SHA512, false},
+		{"sha1 from an old partner", security.MDNRequest{Protocol: "pgp-signature", MICAlgs: []string{"sha1"}}, "", crypto.SHA1, false},
+		{"md5 only, optional", security.MDNRequest{Protocol: "pgp-signature", MICAlgs: []string{"md5"}}, "", crypto.SHA256, false},
+		{"md5 only, required", security.MDNRequest{Protocol: "pgp-signature", MICAlgs: []string{"md5"}, MICRequired: true}, ReasonMICRefused, 0, false},
+		{"S/MIME required of a PGP partner", security.MDNRequest{Protocol: "pkcs7-signature", Required: true}, ReasonReceiptRefused, 0, false},
+		{"S/MIME optional of a PGP partner", security.MDNRequest{Protocol: "pkcs7-signature"}, "", crypto.SHA256, false},
+		{"unreadable", security.MDNRequest{Unreadable: true}, "", crypto.SHA256, true},
+	} {
+		req := c.req
+		in := &Incoming{MDNRequest: &req, MIC: security.ComputeMIC(entity)}
+		err := honour(pgp, in, entity)
+		var q *QuarantineError
+		if c.refused != "" {
+			want := map[Reason]string{ReasonReceiptRefused: "unsupported format", ReasonMICRefused: "unsupported MIC-algorithms"}[c.refused]
+			if !errors.As(err, &q) || q.Reason != c.refused {
+				t.Errorf("%s: %v, want refused as %s", c.name, err, c.refused)
+			} else if d, text, ok := q.Reason.Disposition(); !ok || d.Type != security.Failed || text != want {
+				t.Errorf("%s: receipt %v %q %v, want failed (%s)", c.name, d, text, ok, want)
+			}
+			continue
+		}
+		if err != nil || in.MIC.Hash != c.hash || !in.MIC.Equal(security.MICWith(entity, c.hash)) || (in.ReceiptNote != "") != c.note {
+			t.Errorf("%s: %v, MIC %s, note %q", c.name, err, in.MIC, in.ReceiptNote)
+		}
 	}
 }
