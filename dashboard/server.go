@@ -220,6 +220,7 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("POST /api/messages/{id}/retry", s.retry)
 	s.mux.HandleFunc("POST /api/retry", s.retryAll)
 	s.mux.HandleFunc("POST /api/reload", s.reload)
+	s.mux.HandleFunc("GET /api/reports", s.reports)
 	s.mux.HandleFunc("GET /api/quarantine", s.quarantine)
 	s.mux.HandleFunc("POST /api/quarantine/{id}/release", s.release)
 	s.mux.HandleFunc("GET /api/log", s.logStream)
@@ -412,6 +413,22 @@ func (s *Server) ackAlert(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 	list, err := s.o.Instance.Store().Search(r.Context(), r.URL.Query().Get("q"), limit(r, 200))
+	writeList(w, list, err)
+}
+
+// reports lists the receipts and delivery-status reports that came back,
+// newest first; ?message=ID those about one message.
+func (s *Server) reports(w http.ResponseWriter, r *http.Request) {
+	f := store.ReportFilter{Partner: r.URL.Query().Get("partner"), Limit: limit(r, 200)}
+	if v := r.URL.Query().Get("message"); v != "" {
+		id, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			fail(w, fmt.Errorf("%w: message must be a number", errBadRequest))
+			return
+		}
+		f.Message = id
+	}
+	list, err := s.o.Instance.Store().Reports(r.Context(), f)
 	writeList(w, list, err)
 }
 

@@ -97,6 +97,10 @@ func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 				}
 			}
 			if p == nil {
+				if !ours && reported(ctx, o, e.messageID) {
+					a.Notes = append(a.Notes, where+": from "+who+": a delivery-status report about a mail of ours, recorded")
+					continue
+				}
 				if !ours && quarantined[e.messageID] {
 					a.Notes = append(a.Notes, where+": from "+who+", not a partner: quarantined")
 					continue

@@ -265,7 +265,8 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	err = s.o.Submitter.Submit(ctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS})
+	err = s.o.Submitter.Submit(ctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
+		EnvelopeID: strings.Trim(msgID, "<>")})
 	if err == nil {
 		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
 			log.Error("store", "err", err)

@@ -45,6 +45,8 @@ type Result struct {
 	// ReceiptFor the stored outbound message it matched.
 	Receipt    *Receipt
 	ReceiptFor int64
+	// Bounce is the recorded delivery-status report, when the mail was one.
+	Bounce *store.Report
 }
 
 // Handle processes one raw mail. An error means nothing was decided (the
@@ -72,6 +74,9 @@ func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (
 	msgID := strings.TrimSpace(h.Get("Message-Id"))
 	if err := journalAppend(ctx, r.Journal, r.Store, sender, time.Now(), msgID, raw); err != nil {
 		return Result{}, fmt.Errorf("incoming journal: %w", err)
+	}
+	if security.IsDSN(raw) {
+		return r.bounce(ctx, log, sender, msgID, raw)
 	}
 	in, err := r.Opener.Open(raw)
 	var q *QuarantineError

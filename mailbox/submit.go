@@ -22,6 +22,11 @@ type SubmitOptions struct {
 	// RequireTLS: TLS to the server and REQUIRETLS onward (RFC 8689), or
 	// ErrTLSRequired.
 	RequireTLS bool
+	// EnvelopeID, when set, asks a server that offers DSN (RFC 3461) for a
+	// delivery-status notification on failure or delay, with the returned
+	// mail's header only (RET=HDRS: never the encrypted body back), under
+	// this ENVID: the Message-ID of our mail, without its angle brackets.
+	EnvelopeID string
 }
 
 // ErrTLSRequired is returned when a partner's require_tls cannot be met.
@@ -76,7 +81,14 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 			return session("auth", err)
 		}
 	}
-	if err := c.Mail(from, &smtp.MailOptions{RequireTLS: opts.RequireTLS}); err != nil {
+	mailOpts := &smtp.MailOptions{RequireTLS: opts.RequireTLS}
+	var rcptOpts *smtp.RcptOptions
+	if opts.EnvelopeID != "" {
+		// go-smtp sends these only to a server that offers DSN.
+		mailOpts.EnvelopeID, mailOpts.Return = opts.EnvelopeID, smtp.DSNReturnHeaders
+		rcptOpts = &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed}}
+	}
+	if err := c.Mail(from, mailOpts); err != nil {
 		if opts.RequireTLS && !isSMTPError(err) {
 			// go-smtp refuses before sending when REQUIRETLS is not offered.
 			return fmt.Errorf("smtp %s: %w: %v", s.Addr, ErrTLSRequired, err)
@@ -84,7 +96,7 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 		return session("mail", err)
 	}
 	for _, rcpt := range to {
-		if err := c.Rcpt(rcpt, nil); err != nil {
+		if err := c.Rcpt(rcpt, rcptOpts); err != nil {
 			return fmt.Errorf("smtp %s: RCPT TO: %w", s.Addr, err)
 		}
 	}

@@ -41,12 +41,15 @@ const (
 	// AlertReceiptError: a receipt says the message was not processed
 	// (processed/error, failed, deleted, denied).
 	AlertReceiptError = "receipt-error"
-	AlertExpired      = "expired"
-	AlertFailed       = "failed"
-	AlertQuarantine   = "quarantined"
-	AlertStuck        = "router-stuck"
-	AlertKey          = "key-expiry"
-	AlertOrder        = "out-of-order" // a sequence gap or a missing request, waited for in vain
+	// AlertBounced: a mail server reported that a mail of ours could not
+	// be delivered (a DSN with Action: failed).
+	AlertBounced    = "bounced"
+	AlertExpired    = "expired"
+	AlertFailed     = "failed"
+	AlertQuarantine = "quarantined"
+	AlertStuck      = "router-stuck"
+	AlertKey        = "key-expiry"
+	AlertOrder      = "out-of-order" // a sequence gap or a missing request, waited for in vain
 	// AlertLinkDown: a mail server cannot be used (unreachable, refuses
 	// the login, the session); the queues wait. Cleared when it works.
 	AlertLinkDown = "link-down"

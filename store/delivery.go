@@ -168,6 +168,28 @@ func (s *Store) MarkRetry(ctx context.Context, id int64, reason string, next tim
 	})
 }
 
+// MarkBounced records that the mail of sent message id bounced (a DSN
+// with Action: failed): it becomes Bounced with the reason, and no receipt
+// is awaited. A message whose receipt came already is left as it is; it
+// reports whether the message changed.
+func (s *Store) MarkBounced(ctx context.Context, id int64, reason string) (bool, error) {
+	changed := false
+	err := s.update(ctx, id, func(tx *sql.Tx, now int64) error {
+		res, err := tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ? AND state = ?`,
+			Bounced, reason, now, id, Sent)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil
+		}
+		changed = true
+		_, err = tx.ExecContext(ctx, `UPDATE pending SET state = ?, updated = ? WHERE id = ?`, PendingCancelled, now, id)
+		return err
+	})
+	return changed, err
+}
+
 // MarkFinal ends a message's delivery as Failed or Expired with a reason.
 func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason string) error {
 	if state != Failed && state != Expired {

@@ -108,7 +108,7 @@ func (s *Store) MarkReleased(ctx context.Context, id int64, by, note string, as 
 	})
 }
 
-// Retry puts a failed or expired outbound message back in its partner's
+// Retry puts a failed, expired or bounced outbound message back in its partner's
 // queue; its next attempt is at once and expire_after counts again from
 // now (Message.Retried), so that it is not expired straight away. The Message-ID is kept: a partner
 // that did receive it recognizes the resend.
@@ -125,8 +125,8 @@ func (s *Store) Retry(ctx context.Context, id int64) error {
 		if Direction(dir) != Outbound {
 			return fmt.Errorf("store: message %d came in from %s; only outbound messages are retried", id, partner)
 		}
-		if State(state) != Failed && State(state) != Expired {
-			return fmt.Errorf("store: message %d is %s; only failed or expired messages are retried", id, state)
+		if State(state) != Failed && State(state) != Expired && State(state) != Bounced {
+			return fmt.Errorf("store: message %d is %s; only failed, expired or bounced messages are retried", id, state)
 		}
 		if _, err := tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', attempts = 0, next_attempt = 0,
 			retried = ?, updated = ? WHERE id = ?`, now, now, id); err != nil {
@@ -137,7 +137,7 @@ func (s *Store) Retry(ctx context.Context, id int64) error {
 	})
 }
 
-// RetryAll puts every failed or expired outbound message of partner (of
+// RetryAll puts every failed, expired or bounced outbound message of partner (of
 // every partner when partner is "") back in its queue, as Retry does one:
 // they leave in the order they were accepted. It returns the partners
 // whose queues changed, with how many each.
@@ -145,7 +145,7 @@ func (s *Store) RetryAll(ctx context.Context, partner string) (map[string]int, e
 	out := map[string]int{}
 	err := s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		rows, err := tx.QueryContext(ctx, `UPDATE messages SET state = 'queued', attempts = 0, next_attempt = 0,
-			retried = ?, updated = ? WHERE direction = 'out' AND state IN ('failed', 'expired') AND (? = '' OR partner = ?)
+			retried = ?, updated = ? WHERE direction = 'out' AND state IN ('failed', 'expired', 'bounced') AND (? = '' OR partner = ?)
 			RETURNING id, partner`, now, now, partner, partner)
 		if err != nil {
 			return fmt.Errorf("store: retry: %w", err)
@@ -259,7 +259,7 @@ func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Sum
 					s.QueuedOut += int(n)
 				}
 			}},
-		{`SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired') GROUP BY partner, state`, nil,
+		{`SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired', 'bounced') GROUP BY partner, state`, nil,
 			func(s *Summary, _ string, n int64) { s.Failed += int(n) }},
 		// A receipt is awaited once its mail went out (the row is made just
 		// before the submission).

@@ -168,3 +168,17 @@ func (s *Store) FindInbound(ctx context.Context, partner, messageID string) (Mes
 	}
 	return s.Get(ctx, id)
 }
+
+// FindOutbound returns the outbound message mailed with messageID.
+func (s *Store) FindOutbound(ctx context.Context, messageID string) (Message, error) {
+	var id int64
+	err := s.db.QueryRowContext(ctx, `SELECT id FROM messages WHERE message_id = ? AND direction = 'out'
+		ORDER BY id LIMIT 1`, messageID).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Message{}, fmt.Errorf("%w: outbound %s", ErrNotFound, messageID)
+	}
+	if err != nil {
+		return Message{}, fmt.Errorf("store: find outbound: %w", err)
+	}
+	return s.Get(ctx, id)
+}

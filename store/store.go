@@ -63,6 +63,9 @@ const (
 	// Expired: not delivered within the partner's expire_after
 	// (deleted/expired, draft-ietf-ediint-hl7-02 §4.1.3 table 5).
 	Expired State = "expired"
+	// Bounced: the mail was sent, and a mail server reported it could not
+	// be delivered (a DSN, RFC 3464, with Action: failed).
+	Bounced State = "bounced"
 	// Acknowledged: the partner's receipt matched (Message-ID and MIC).
 	Acknowledged State = "acknowledged"
 	// Delivered: an inbound message the router acknowledged.
@@ -528,6 +531,7 @@ var schema = []string{
 	);
 	CREATE INDEX reports_message ON reports(message) WHERE message != 0;
 	CREATE INDEX reports_mail ON reports(mail_message_id);
+	CREATE INDEX messages_outbound ON messages(message_id) WHERE direction = 'out';
 	ALTER TABLE messages ADD COLUMN receipt_note TEXT NOT NULL DEFAULT '';`,
 }
 

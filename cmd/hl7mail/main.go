@@ -24,6 +24,7 @@ func commands() []command {
 		{"check", "validate partners.yaml and the files it names", runCheck},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
 		{"messages", "list stored messages (no payloads)", runMessages},
+		{"reports", "list the receipts and bounces that came back", runReports},
 		{"status", "the partner table: queues, receipts, connections", runStatus},
 		{"alerts", "list or acknowledge alerts", runAlerts},
 		{"retry", "put failed or expired messages back in their queues", runRetry},

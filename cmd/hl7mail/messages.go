@@ -95,3 +95,69 @@ func term(s string) string {
 	}
 	return s
 }
+
+func runReports(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("reports", "[-config FILE] [flags]", `
+Lists the reports that came back about our mail, newest first: partners'
+receipts (MDNs: processed, dispatched, failed, deleted, denied, and those
+that match no message of ours) and mail servers' delivery-status reports
+(bounces, delays), each with the message it names and what hl7mail made of
+it. The mails themselves are in the incoming journal.`, stderr)
+	cfgPath := fs.String("config", "partners.yaml", "configuration `file`")
+	asJSON := fs.Bool("json", false, "print a JSON array")
+	partner := fs.String("partner", "", "only this partner")
+	message := fs.Int64("message", 0, "only those about this message `ID`")
+	limit := fs.Int("limit", 100, "at most this many reports")
+	if code := parse(fs, args); code >= 0 {
+		return code
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
+		fmt.Fprintf(stderr, "hl7mail reports: no store in %s (has hl7mail serve run?)\n", cfg.StoreDir())
+		return 1
+	}
+	st, err := store.OpenReadOnly(cfg.StoreDir())
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail reports:", err)
+		return 1
+	}
+	defer st.Close()
+	list, err := st.Reports(context.Background(), store.ReportFilter{Partner: *partner, Message: *message, Limit: *limit})
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail reports:", err)
+		return 1
+	}
+	if *asJSON {
+		if list == nil {
+			list = []store.Report{}
+		}
+		if err := printJSON(stdout, list); err != nil {
+			fmt.Fprintln(stderr, "hl7mail reports:", err)
+			return 1
+		}
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tRECEIVED\tTYPE\tPARTNER\tMESSAGE\tDISPOSITION\tOUTCOME\tDETAIL\tORIGINAL-MESSAGE-ID")
+	for _, r := range list {
+		msg := "-"
+		if r.Message != 0 {
+			msg = strconv.FormatInt(r.Message, 10)
+		}
+		disp := r.Disposition
+		if r.Unsigned {
+			disp += " (unsigned)"
+		}
+		if r.FinalDelivery {
+			disp += " (final destination)"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, r.Received.Format(time.DateTime), r.Type, dash(r.Partner),
+			msg, term(disp), term(r.Outcome), dash(r.Detail), dash(r.OriginalMessageID))
+	}
+	tw.Flush()
+	return 0
+}
