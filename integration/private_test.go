@@ -123,7 +123,8 @@ func TestPrivateStore(t *testing.T) {
 
 // TestReceiveLargeMail: a 120 MB mail through "hl7mail receive" (pipe
 // mode) is streamed, not held: the command's peak RSS stays under 100 MB,
-// the running instance quarantines it as oversize by its header, and the
+// the running instance quarantines it as oversize by its header, journals
+// that header, answers the partner's receipt request with "denied", and the
 // mail is neither delivered nor journalled whole.
 func TestReceiveLargeMail(t *testing.T) {
 	in := newInstance(t, "tucker-lab")
@@ -132,6 +133,7 @@ func TestReceiveLargeMail(t *testing.T) {
 	in.waitReady("")
 	const size = 120 << 20
 	head := "From: tucker-lab@partner.test\r\nTo: edi@hospital.test\r\nMessage-ID: <big@partner.test>\r\nSubject: HL7\r\n" +
+		"Disposition-Notification-To: tucker-lab@partner.test\r\n" +
 		"MIME-Version: 1.0\r\nContent-Type: application/edi-hl7\r\nContent-Transfer-Encoding: base64\r\n\r\n"
 	cmd := exec.Command(binary, "receive", "-config", in.config)
 	stdin, _ := cmd.StdinPipe()
@@ -174,11 +176,13 @@ func TestReceiveLargeMail(t *testing.T) {
 	if !found {
 		t.Errorf("no quarantine alert for the oversize mail: %+v", in.alerts(false))
 	}
-	if fi, err := os.Stat(filepath.Join(in.dir, "var", "incoming.mbox")); err == nil && fi.Size() > 1<<20 {
-		t.Errorf("incoming.mbox holds %d bytes: the oversize mail was journalled whole", fi.Size())
+	journal, err := os.ReadFile(filepath.Join(in.dir, "var", "incoming.mbox"))
+	if err != nil || len(journal) > 1<<20 || !bytes.Contains(journal, []byte("Message-ID: <big@partner.test>")) {
+		t.Errorf("incoming.mbox holds %d bytes (%v); want the oversize mail's header, not the whole mail", len(journal), err)
 	}
-	if list := in.messages(); len(list) != 0 {
-		t.Errorf("%d messages stored from an oversize mail", len(list))
+	list := in.messages()
+	if len(list) != 1 || list[0].Direction != "out" || list[0].ControlID != "mdn-big@partner.test" {
+		t.Errorf("stored %+v; want only the denied receipt for the partner, nothing delivered", list)
 	}
 }
 

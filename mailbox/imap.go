@@ -243,19 +243,22 @@ func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity 
 
 func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.UID, processed, quarantine string) error {
 	uidSet := imap.UIDSetNum(uid)
-	log := w.log.With("uid", uint32(uid))
 	sizes, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, RFC822Size: true}).Collect()
 	if err != nil || len(sizes) != 1 {
 		return fmt.Errorf("fetch size of %d: %v", uid, err)
 	}
 	var res Result
 	if sizes[0].RFC822Size > w.o.MaxSize {
-		q := &QuarantineError{Reason: ReasonOversize, Err: fmt.Errorf("%d bytes, limit %d", sizes[0].RFC822Size, w.o.MaxSize)}
-		if _, err := w.o.Store.Quarantine(ctx, store.Quarantined{Reason: string(q.Reason), Detail: q.Error()}); err != nil {
-			return err
+		// Only the header is fetched: who sent it, and whether a receipt
+		// (denied) is asked for.
+		section := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, Peek: true}
+		msgs, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{section}}).Collect()
+		if err != nil || len(msgs) != 1 {
+			return fmt.Errorf("fetch header of %d: %v", uid, err)
 		}
-		log.Warn("mail quarantined", "reason", string(q.Reason), "detail", q.Error())
-		res.Quarantine = q
+		if res, err = w.o.Receiver.HandleOversize(ctx, msgs[0].FindBodySection(section), sizes[0].RFC822Size); err != nil {
+			return fmt.Errorf("handle %d: %w", uid, err)
+		}
 	} else {
 		section := &imap.FetchItemBodySection{Peek: true}
 		msgs, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{section}}).Collect()

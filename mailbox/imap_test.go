@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -209,4 +210,57 @@ func TestWatcherStartTLSPolling(t *testing.T) {
 		t.Fatal("mail not handled by polling within 10s")
 	}
 	waitFor(t, "the mail moved", func() bool { return is.count(t, "INBOX") == 0 && is.count(t, "HL7/Processed") == 1 })
+}
+
+// TestWatcherOversize: a mail over the limit is not fetched whole: its
+// header is, journalled as the evidence that it came, and it is
+// quarantined as oversize with an alert; the known partner that asked for a
+// receipt gets a "denied" MDN.
+func TestWatcherOversize(t *testing.T) {
+	l := newLabSide(t)
+	is := startIMAP(t, nil, "127.0.0.1:0")
+	r, jpath := l.receiver(t)
+	st := r.Store
+	big := "From: edi@hospital.test\r\nTo: lab@partner.test\r\nMessage-ID: <big@x.test>\r\nSubject: HL7\r\n" +
+		"Disposition-Notification-To: edi@hospital.test\r\nMIME-Version: 1.0\r\nContent-Type: application/edi-hl7\r\n\r\n" +
+		strings.Repeat("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n", 4000)
+	is.deliver(t, []byte(big))
+	handled := make(chan Result, 1)
+	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "none", Username: "lab@partner.test", Password: "secret",
+		Mailbox: "INBOX", Processed: "HL7/Processed", Quarantine: "HL7/Quarantine", Poll: 30 * time.Second, MaxSize: 64 << 10,
+		Receiver: r, Store: st, Logger: testlog.New(t, slog.LevelInfo), Handled: func(res Result) { handled <- res }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	var res Result
+	select {
+	case res = <-handled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the oversize mail was not handled within 10s")
+	}
+	if res.Quarantine == nil || res.Quarantine.Reason != ReasonOversize || res.Quarantine.Partner == nil {
+		t.Fatalf("result %+v, want quarantined as oversize, from the partner", res)
+	}
+	if is.count(t, "HL7/Quarantine") != 1 {
+		t.Errorf("the mail is not in the quarantine folder")
+	}
+	journal, err := os.ReadFile(jpath)
+	if err != nil || !strings.Contains(string(journal), "Message-ID: <big@x.test>") || len(journal) > len(big)/2 {
+		t.Errorf("incoming journal holds %d bytes, %v; want the header only", len(journal), err)
+	}
+	alerts, _ := st.Alerts(ctx, false, 10)
+	if len(alerts) != 1 || alerts[0].Kind != store.AlertQuarantine || !strings.Contains(alerts[0].Text, "oversize") {
+		t.Errorf("alerts %+v, want one for the quarantined mail", alerts)
+	}
+	out, _ := st.List(ctx, store.Filter{Direction: store.Outbound})
+	if len(out) != 1 {
+		t.Fatalf("outbound %+v, want the denied receipt", out)
+	}
+	m, _ := st.Get(ctx, out[0].ID)
+	if mdn, err := security.ParseMDN(m.Payload); err != nil || mdn.Disposition.Type != security.Denied || mdn.OriginalMessageID != "<big@x.test>" {
+		t.Errorf("receipt %+v, %v; want denied for <big@x.test>", mdn, err)
+	}
 }

@@ -92,11 +92,12 @@ func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (
 	return r.take(ctx, log, sender, raw, in)
 }
 
-// HandleOversize takes in a mail larger than the limit that an MTA handed
-// over (pipe mode) of which only the header was kept, streamed past the
-// rest: it is quarantined as oversize with that header, size bytes in all,
-// and a known partner that asked for a receipt gets a "denied" MDN. The
-// body was never held, so nothing of it is journalled.
+// HandleOversize takes in a mail larger than the limit of which only the
+// header was read (an MTA's pipe streamed past the rest; the IMAP watcher
+// fetched only the header): the header is journalled, as the evidence that
+// the mail came, and quarantined as oversize, size bytes in all, with an
+// alert; a known partner that asked for a receipt gets a "denied" MDN. The
+// body is never held, so it is not in the journal.
 func (r *Receiver) HandleOversize(ctx context.Context, header []byte, size int64) (Result, error) {
 	log := r.Logger
 	if log == nil {
@@ -115,6 +116,9 @@ func (r *Receiver) HandleOversize(ctx context.Context, header []byte, size int64
 				q.Partner = p
 			}
 		}
+	}
+	if err := journalAppend(ctx, r.Journal, r.Store, sender, time.Now(), strings.TrimSpace(h.Get("Message-Id")), header); err != nil {
+		return Result{}, fmt.Errorf("incoming journal: %w", err)
 	}
 	return r.quarantine(ctx, log, sender, header, q, false)
 }
