@@ -174,6 +174,9 @@ func (m *MDN) Entity() ([]byte, error) {
 	if m.Warning != "" {
 		field("Warning", m.Warning)
 	}
+	if m.FinalDelivery {
+		field("X-DIRECT-FINAL-DESTINATION-DELIVERY", "")
+	}
 	text := m.Text
 	if text == "" {
 		text = defaultText(m.Disposition)
