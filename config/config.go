@@ -40,6 +40,10 @@ type Config struct {
 	Local []Local `yaml:"local"`
 	// Alerts says who is told of alerts besides the log and the dashboard.
 	Alerts Alerts `yaml:"alerts"`
+	// ReturnRoutes send the answer to a partner's message to another
+	// partner, by the message's MSH-3/MSH-4 (draft-ietf-ediint-hl7-02
+	// §4.1.4, the first rule of the return address).
+	ReturnRoutes []ReturnRoute `yaml:"return_routes"`
 	// Partners are the remote parties; at least one is required.
 	Partners []Partner `yaml:"partners"`
 
@@ -478,6 +482,28 @@ func (c *Config) RouterForMail(p *Partner, recipient string) string {
 		return l.Router
 	}
 	return c.RouterFor(p)
+}
+
+// ReturnRoute names the partner that answers go to for messages from a
+// sending application (MSH-3) and facility (MSH-4, empty for any); each is
+// compared by its first component, without regard to case.
+type ReturnRoute struct {
+	Application string `yaml:"application"`
+	Facility    string `yaml:"facility"`
+	Partner     string `yaml:"partner"`
+}
+
+// ReturnRouteFor returns the partner the first matching return route
+// names for a message from app (the first component of MSH-3) at facility
+// (of MSH-4), or nil.
+func (c *Config) ReturnRouteFor(app, facility string) *Partner {
+	for _, r := range c.ReturnRoutes {
+		if strings.EqualFold(strings.TrimSpace(r.Application), app) &&
+			(r.Facility == "" || strings.EqualFold(strings.TrimSpace(r.Facility), facility)) {
+			return c.Partner(r.Partner)
+		}
+	}
+	return nil
 }
 
 // LocalAddress returns the local address addr, or nil.

@@ -206,3 +206,30 @@ partners:
 		}
 	}
 }
+
+func TestReturnRoutes(t *testing.T) {
+	good := strings.Replace(minimal, "partners:\n", `return_routes:
+  - {application: labapp, facility: tucker, partner: lab}
+  - {application: ADT, partner: lab}
+partners:
+`, 1)
+	c, err := Parse("x.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		app, facility string
+		want          bool
+	}{{"LABAPP", "TUCKER", true}, {"LABAPP", "ELSEWHERE", false}, {"ADT", "ANY", true}, {"ORU", "TUCKER", false}} {
+		if got := c.ReturnRouteFor(tc.app, tc.facility) != nil; got != tc.want {
+			t.Errorf("ReturnRouteFor(%s, %s) found %v, want %v", tc.app, tc.facility, got, tc.want)
+		}
+	}
+	bad := strings.Replace(good, "{application: ADT, partner: lab}", "{application: '', partner: nobody}", 1)
+	_, err = Parse("x.yaml", []byte(bad))
+	for _, want := range []string{"return_routes[1].application: is required", `return_routes[1].partner: "nobody" is not a configured partner`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(bad return route) = %v; want %q", err, want)
+		}
+	}
+}

@@ -277,6 +277,16 @@ func (v *validator) validate() {
 		}
 	}
 
+	for i, r := range c.ReturnRoutes {
+		f := func(field string) string { return fmt.Sprintf("return_routes[%d].%s", i, field) }
+		if strings.TrimSpace(r.Application) == "" {
+			v.addf(f("application"), "", "the sending application (MSH-3) the route is for", "is required")
+		}
+		if c.Partner(r.Partner) == nil {
+			v.addf(f("partner"), "", "a partner's name from partners[]", "%q is not a configured partner", r.Partner)
+		}
+	}
+
 	names := map[string]int{}
 	emails := map[string]int{}
 	ports := map[string]string{}

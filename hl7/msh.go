@@ -88,6 +88,11 @@ func (h *Header) component(field string, n int) string {
 // MessageCode is MSH-9.1, e.g. "ORU".
 func (h *Header) MessageCode() string { return h.component(h.MessageType, 1) }
 
+// SendingAppID and SendingFacilityID are the first components of MSH-3
+// and MSH-4 (the namespace IDs), with the message's own delimiters.
+func (h *Header) SendingAppID() string      { return h.component(h.SendingApp, 1) }
+func (h *Header) SendingFacilityID() string { return h.component(h.SendingFacility, 1) }
+
 // TriggerEvent is MSH-9.2, e.g. "R01".
 func (h *Header) TriggerEvent() string { return h.component(h.MessageType, 2) }
 

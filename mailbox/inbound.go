@@ -140,6 +140,8 @@ type Incoming struct {
 	// Unsigned is set for a receipt that came plain, from a partner
 	// configured with mdn: unsigned: weaker evidence, recorded as such.
 	Unsigned bool
+	// ReplyTo is the address of the mail's Reply-To, if it has one.
+	ReplyTo string
 	// ReceiptNote is the warning the receipt for this mail carries
 	// (processed/warning), when its request could not be honoured as
 	// written.
@@ -180,6 +182,9 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 			security.ErrMalformed, len(h.Get("From")))}
 	}
 	in.From = from.Address
+	if rt, err := mail.ParseAddress(h.Get("Reply-To")); err == nil {
+		in.ReplyTo = rt.Address
+	}
 	for i := range o.Config.Partners {
 		if strings.EqualFold(o.Config.Partners[i].Email, from.Address) {
 			in.Partner = &o.Config.Partners[i]
@@ -266,6 +271,42 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
 	}
 	return in, nil
+}
+
+// AnswerTo returns the partner the answer to in (its HL7 response and
+// the MDN) goes to, by the return address rules of draft-ietf-ediint-hl7-02
+// §4.1.4, and the rule that chose it; always a configured partner, never
+// an address taken from the mail alone:
+//  1. a return route for the message's MSH-3/MSH-4 (return_routes);
+//  2. the partner the signature authenticated;
+//  3. for unsigned mail (security: none), the partner whose address is
+//     the Disposition-Notification-To, 4. the Reply-To, 5. the From.
+func AnswerTo(cfg *config.Config, in *Incoming) (*config.Partner, string) {
+	if in.Header != nil {
+		if p := cfg.ReturnRouteFor(in.Header.SendingAppID(), in.Header.SendingFacilityID()); p != nil {
+			return p, "return-route"
+		}
+	}
+	if in.Signer != "" {
+		return in.Partner, "signer"
+	}
+	byEmail := func(addr string) *config.Partner {
+		for i := range cfg.Partners {
+			if addr != "" && strings.EqualFold(cfg.Partners[i].Email, addr) {
+				return &cfg.Partners[i]
+			}
+		}
+		return nil
+	}
+	if in.MDNRequest != nil {
+		if p := byEmail(in.MDNRequest.To); p != nil {
+			return p, "disposition-notification-to"
+		}
+	}
+	if p := byEmail(in.ReplyTo); p != nil {
+		return p, "reply-to"
+	}
+	return in.Partner, "from"
 }
 
 // honour fits the receipt to what the sender asked for in

@@ -184,10 +184,17 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 		if in.Kind == security.KindBundle {
 			kind = store.KindResponse
 		}
-		a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
+		nm := store.NewMessage{Direction: store.Inbound, Partner: in.Partner.Name,
 			ControlID: in.Header.ControlID, MessageType: in.Header.MessageType, Payload: in.Payload,
 			MessageID: in.MessageID, MIC: in.MIC.String(), Kind: kind, Recipient: in.Recipient, InReplyTo: in.InReplyTo,
-			ReceiptNote: in.ReceiptNote})
+			ReceiptNote: in.ReceiptNote}
+		if kind == store.KindRequest {
+			if p, rule := AnswerTo(r.Opener.Config, in); p.Name != in.Partner.Name {
+				nm.AnswerTo = p.Name
+				log.Info("its answer goes to another partner", "answer_to", p.Name, "rule", rule)
+			}
+		}
+		a, err := r.Store.Accept(ctx, nm)
 		if err != nil {
 			return Result{}, err
 		}

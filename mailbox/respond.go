@@ -94,16 +94,26 @@ func (r *Responder) logger(m store.Message) *slog.Logger {
 	return log.With("partner", m.Partner, "id", m.ID, "control_id", m.ControlID)
 }
 
+// answerTo is the partner the answer to request m goes to: its sender, or
+// the partner the return address rules chose when it came (AnswerTo).
+func answerTo(m store.Message) string {
+	if m.AnswerTo != "" {
+		return m.AnswerTo
+	}
+	return m.Partner
+}
+
 // queue stores the answer to request m for the sender.
 func (r *Responder) queue(ctx context.Context, m store.Message, entity []byte, controlID, typ string) error {
-	a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: m.Partner, ControlID: controlID,
+	to := answerTo(m)
+	a, err := r.Store.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: to, ControlID: controlID,
 		MessageType: typ, Payload: entity, Kind: store.KindBundle, InReplyTo: m.MessageID})
 	if err != nil {
 		return err
 	}
-	r.logger(m).Info("response queued", "response_id", a.ID, "in_reply_to", m.MessageID, "type", typ)
+	r.logger(m).Info("response queued", "response_id", a.ID, "in_reply_to", m.MessageID, "type", typ, "to_partner", to)
 	if r.Notify != nil {
-		r.Notify(m.Partner)
+		r.Notify(to)
 	}
 	return nil
 }
@@ -149,7 +159,7 @@ func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) 
 			mdn.Text = "The message was processed; the application answered " + string(a.Code) + "."
 		}
 		controlID = a.Header.ControlID
-		p := r.Config.Partner(m.Partner)
+		p := r.Config.Partner(answerTo(m))
 		ct := config.DefaultContentType
 		if p != nil {
 			ct = p.ContentType

@@ -436,7 +436,8 @@ func (s *Store) Unanswered(ctx context.Context) ([]Message, error) {
 	}
 	list, err := s.queryMessages(ctx, "unanswered", "SELECT "+messageColumns+` FROM messages m
 		WHERE direction = 'in' AND kind = 'request' AND state IN ('delivered', 'expired') AND message_id != ''
-		AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.direction = 'out' AND o.partner = m.partner
+		AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.direction = 'out'
+			AND o.partner = (CASE WHEN m.answer_to != '' THEN m.answer_to ELSE m.partner END)
 			AND o.in_reply_to = m.message_id)
 		ORDER BY id`)
 	if err != nil {

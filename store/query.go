@@ -21,7 +21,7 @@ type Filter struct {
 }
 
 const messageColumns = `id, direction, partner, control_id, message_type, message_id, state,
-	duplicate_of, size, sha256, received, updated, mic, kind, in_reply_to, retried, recipient, receipt_note`
+	duplicate_of, size, sha256, received, updated, mic, kind, in_reply_to, retried, recipient, receipt_note, answer_to`
 
 // List returns the messages matching f, newest first, without payloads.
 // It sees every message accepted before the call.
@@ -110,7 +110,7 @@ func scanMessage(scan func(dest ...any) error) (Message, error) {
 	var dup sql.NullInt64
 	var received, updated, retried int64
 	err := scan(&m.ID, &m.Direction, &m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.State,
-		&dup, &m.Size, &m.SHA256, &received, &updated, &m.MIC, &m.Kind, &m.InReplyTo, &retried, &m.Recipient, &m.ReceiptNote)
+		&dup, &m.Size, &m.SHA256, &received, &updated, &m.MIC, &m.Kind, &m.InReplyTo, &retried, &m.Recipient, &m.ReceiptNote, &m.AnswerTo)
 	if err != nil {
 		if errors.Is(err, sql.ErrNoRows) {
 			return m, err

@@ -145,12 +145,12 @@ func decodeRecord(body []byte) (logRecord, error) {
 // strings are the string fields of m in the order a record holds them;
 // fields points at them in the same order.
 func (m *NewMessage) strings() []string {
-	return []string{m.Partner, m.ControlID, m.MessageType, m.MessageID, m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote}
+	return []string{m.Partner, m.ControlID, m.MessageType, m.MessageID, m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote, m.AnswerTo}
 }
 
 func (m *NewMessage) fields() []*string {
 	return []*string{&m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.MIC, &m.Kind, &m.InReplyTo, &m.Recipient,
-		&m.ReceiptNote}
+		&m.ReceiptNote, &m.AnswerTo}
 }
 
 // segmentSize is the size each segment file is zero-filled to. Writing

@@ -107,6 +107,9 @@ type NewMessage struct {
 	// ReceiptNote is a warning for the receipt an inbound message gets
 	// (processed/warning), in our own words.
 	ReceiptNote string
+	// AnswerTo is the partner an inbound request's answer goes to when it
+	// is not the sender (a return route, draft-ietf-ediint-hl7-02 §4.1.4).
+	AnswerTo string
 }
 
 // Message kinds.
@@ -148,8 +151,9 @@ type Message struct {
 	// expire_after counts from then.
 	Retried   time.Time `json:"retried,omitzero"`
 	Recipient string    `json:"recipient,omitempty"`
-	// ReceiptNote: see NewMessage.
+	// ReceiptNote and AnswerTo: see NewMessage.
 	ReceiptNote string `json:"receipt_note,omitempty"`
+	AnswerTo    string `json:"answer_to,omitempty"`
 	Payload     []byte `json:"-"`
 }
 
@@ -513,7 +517,7 @@ var schema = []string{
 	// 14: every report that came back about a mail of ours, MDN or DSN
 	// (see Report); a note on the receipt an inbound message is to get
 	// (a request's Disposition-Notification-Options that could not be
-	// read, say).
+	// read, say), and the partner its answer goes to when another.
 	`CREATE TABLE reports (
 		id                  INTEGER PRIMARY KEY,
 		received            INTEGER NOT NULL,
@@ -532,7 +536,8 @@ var schema = []string{
 	CREATE INDEX reports_message ON reports(message) WHERE message != 0;
 	CREATE INDEX reports_mail ON reports(mail_message_id);
 	CREATE INDEX messages_outbound ON messages(message_id) WHERE direction = 'out';
-	ALTER TABLE messages ADD COLUMN receipt_note TEXT NOT NULL DEFAULT '';`,
+	ALTER TABLE messages ADD COLUMN receipt_note TEXT NOT NULL DEFAULT '';
+	ALTER TABLE messages ADD COLUMN answer_to TEXT NOT NULL DEFAULT '';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -937,8 +942,8 @@ const (
 	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
-		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient, receipt_note)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient, receipt_note, answer_to)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 )
 
 // insert writes recs into the database in one transaction, marking
@@ -968,7 +973,7 @@ func (s *Store) insert(recs []logRecord) (err error) {
 		}
 		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
 			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
-			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient, r.m.ReceiptNote); err != nil {
+			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient, r.m.ReceiptNote, r.m.AnswerTo); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the
