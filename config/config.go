@@ -252,6 +252,15 @@ type Partner struct {
 	// (MSH-15 and MSH-16 empty), for routers that take no other answer
 	// (Mirth 3.0, Cloverleaf tps_check_reply procs).
 	AcceptAck string `yaml:"accept_ack"`
+	// BatchAck is how the surrogate answers an HL7 batch (FHS/BHS … BTS/FTS,
+	// sent as one frame): batch (default) with one ACK for the whole batch,
+	// its MSA-2 the batch control ID (BHS-11); each with a batch
+	// acknowledgement holding one ACK per message.
+	BatchAck string `yaml:"batch_ack"`
+	// BatchSplit delivers a batch from this partner to the router as its
+	// messages, one by one, rather than as the one batch it came as; the
+	// router's answers go back to the partner as a batch acknowledgement.
+	BatchSplit bool `yaml:"batch_split"`
 	// AckMode is immediate (default: CA as soon as the message is stored)
 	// or rendezvous: the surrogate keeps the router's connection open and
 	// answers with the partner's own application response (AA/AE/AR) from
@@ -445,6 +454,9 @@ func (c *Config) applyDefaults() {
 		}
 		if p.AcceptAck == "" {
 			p.AcceptAck = "CA"
+		}
+		if p.BatchAck == "" {
+			p.BatchAck = "batch"
 		}
 		if p.RendezvousTimeout == 0 {
 			p.RendezvousTimeout = Duration(DefaultRendezvous)

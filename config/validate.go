@@ -371,6 +371,9 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
 		}
+		if p.BatchAck != "batch" && p.BatchAck != "each" {
+			v.addf(f("batch_ack"), who, "batch (the default: one ACK for a batch) or each (one per message)", "unknown value %q", p.BatchAck)
+		}
 		if p.AcceptAck != "CA" && p.AcceptAck != "AA" {
 			v.addf(f("accept_ack"), who, "CA (the default) or AA", "unknown value %q", p.AcceptAck)
 		}

@@ -182,6 +182,7 @@ func (g *Gateway) newSurrogate(ctx context.Context, cfg *config.Config, p *confi
 		IDs:            g.ids,
 
 		OriginalModeAA:        p.AcceptAck == "AA",
+		BatchAckEach:          p.BatchAck == "each",
 		FirstFrameTimeout:     p.FirstFrameTimeout.D(),
 		MaxConnectionsPerHost: p.MaxConnectionsPerHost,
 		Observe:               g.metrics.AckObserver(p.Name),

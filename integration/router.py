@@ -9,7 +9,10 @@ Every message received is written to OUTDIR as it arrived, one file each
 (000001.hl7, ...), and answered with the acknowledgement that python-hl7's
 create_ack makes: MSA-1 AA, or, with CODES (e.g. CE,CE,AA,AE), the next of
 those codes for each message until they run out. ACK messages are answers
-themselves and get none. Prints "listening" once the port is open.
+themselves and get none. A batch (BHS ... BTS, in an FHS ... FTS file or
+not) is answered with a batch acknowledgement: a BHS naming the batch in
+BHS-12, create_ack's answer to each of its messages, and a BTS with their
+count. Prints "listening" once the port is open.
 
 With ROUTER_TLS_CERT and ROUTER_TLS_KEY set it speaks MLLP over TLS, and
 with ROUTER_TLS_CA it requires a client certificate signed by that CA.
@@ -21,6 +24,14 @@ import sys
 
 import hl7
 from hl7.mllp import start_hl7_server
+
+
+def batch_ack(batch, codes, n):
+    """The batch acknowledgement of batch (HL7 v2.5 section 2.10.3.2)."""
+    bhs = str(batch.header).split("|") if batch.header else []
+    ref = bhs[10] if len(bhs) > 10 else ""
+    acks = [str(m.create_ack(codes.pop(0) if codes else "AA")) for m in batch]
+    return "\r".join(["BHS|^~\\&|ROUTER||||||||RB%d|%s" % (n, ref)] + acks + ["BTS|%d" % len(acks)]) + "\r"
 
 
 async def main(port, outdir, codes):
@@ -36,7 +47,14 @@ async def main(port, outdir, codes):
                 with open(path + ".tmp", "wb") as f:
                     f.write(block)
                 os.rename(path + ".tmp", path)
-                msg = hl7.parse(block.decode("utf-8"))
+                parsed = hl7.parse_hl7(block.decode("utf-8"))
+                if isinstance(parsed, hl7.File):
+                    parsed = parsed[0]
+                if isinstance(parsed, hl7.Batch):
+                    writer.writeblock(batch_ack(parsed, codes, count).encode("utf-8"))
+                    await writer.drain()
+                    continue
+                msg = parsed
                 if str(msg.segment("MSH")(9)(1)(1)) == "ACK":
                     continue
                 code = codes.pop(0) if codes else "AA"

@@ -243,7 +243,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		if err != nil {
 			return nil, q(err)
 		}
-		hdr, err := hl7.ParseHeader(payload)
+		hdr, err := headerOfPayload(payload)
 		if err != nil {
 			return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
 		}
@@ -342,6 +342,21 @@ func honour(p *config.Partner, in *Incoming, entity []byte) error {
 		in.MIC = security.MICWith(entity, h)
 	}
 	return nil
+}
+
+// headerOfPayload reads the header of an HL7 message, or of a batch (the
+// batch header, with the first message's type and version).
+func headerOfPayload(payload []byte) (*hl7.Header, error) {
+	if hl7.IsBatch(payload) {
+		b, err := hl7.ParseBatch(payload)
+		if err != nil {
+			return nil, err
+		}
+		h := *b.Header
+		h.MessageType = hl7.BatchType
+		return &h, nil
+	}
+	return hl7.ParseHeader(payload)
 }
 
 // openAs decrypts raw and verifies that partner p signed it.

@@ -150,15 +150,17 @@ func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) 
 	controlID := m.ControlID
 	var response []byte
 	if ack != nil {
-		a, err := hl7.ParseAck(ack)
+		code, ackID, accepted, err := answerOf(ack)
 		if err != nil {
 			return nil, "", err
 		}
-		if !a.Accepted() {
+		if !accepted {
 			mdn.Disposition.Modifier = security.ModWarning
-			mdn.Text = "The message was processed; the application answered " + string(a.Code) + "."
+			mdn.Text = "The message was processed; the application answered " + string(code) + "."
 		}
-		controlID = a.Header.ControlID
+		if ackID != "" {
+			controlID = ackID
+		}
 		p := r.Config.Partner(answerTo(m))
 		ct := config.DefaultContentType
 		if p != nil {
@@ -176,6 +178,21 @@ func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) 
 		return mdnEntity, controlID, nil
 	}
 	return security.BuildBundle(response, mdnEntity), controlID, nil
+}
+
+// answerOf reads the router's answer: an ACK, or for a batch a batch
+// acknowledgement; its code (the first that is not an accept, for a
+// batch), its control ID and whether it accepts.
+func answerOf(ack []byte) (hl7.AckCode, string, bool, error) {
+	if hl7.IsBatch(ack) {
+		r, err := hl7.ParseBatchAck(ack)
+		return r.Code(), r.ControlID, r.Accepted(), err
+	}
+	a, err := hl7.ParseAck(ack)
+	if err != nil {
+		return "", "", false, err
+	}
+	return a.Code, a.Header.ControlID, a.Accepted(), nil
 }
 
 func domainOf(addr string) string {

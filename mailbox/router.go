@@ -141,56 +141,25 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		return conn, true
 	}
 	addr := d.o.Config.RouterForMail(p, m.Recipient)
-	timeout := d.o.Config.Router.AckTimeout.D()
 	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no
-	// answer from the router: it is delivered once written.
+	// answer from the router: it is delivered once written. A batch is
+	// always answered (HL7 v2.5 §2.10.3).
 	wantsAck := true
 	if h, err := hl7.ParseHeader(m.Payload); err == nil && (h.IsAck() || h.AcceptAckType == "NE") {
 		wantsAck = false
 	}
-	ack, err := func() ([]byte, error) {
-		if conn == nil {
-			dctx, cancel := context.WithTimeout(ctx, timeout)
-			defer cancel()
-			var c *mllp.Client
-			var err error
-			if d.o.TLS != nil {
-				tc := d.o.TLS.Clone()
-				tc.ServerName, _, _ = net.SplitHostPort(addr)
-				c, err = mllp.DialTLS(dctx, addr, tc)
-			} else {
-				c, err = mllp.Dial(dctx, addr)
-			}
-			if err != nil {
-				return nil, err
-			}
-			conn = c
-		}
-		sctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		if !wantsAck {
-			return nil, conn.Write(sctx, m.Payload)
-		}
-		reply, err := conn.Send(sctx, m.Payload)
-		if err != nil {
-			return nil, err
-		}
-		return bytes.Clone(reply), nil
-	}()
-	// What happened is recorded even when shutdown begins meanwhile.
-	rctx := context.WithoutCancel(ctx)
-	if err == nil && wantsAck {
-		r, perr := hl7.ParseAck(ack)
-		switch {
-		case perr != nil || r.ControlID != m.ControlID:
-			err = fmt.Errorf("router answered with something else than an ACK for %s", m.ControlID)
-		case r.Code == hl7.CommitError:
-			// CE: the router could not take responsibility; send again. AE,
-			// AR and CR are its answer, delivered and passed on to the
-			// partner in the response.
-			err = errors.New("router answered CE (could not take responsibility yet)")
+	var ack []byte
+	var err error
+	if hl7.IsBatch(m.Payload) && p.BatchSplit {
+		conn, ack, err = d.deliverSplit(ctx, m, addr, conn, log)
+	} else {
+		conn, ack, err = d.exchange(ctx, conn, addr, m.Payload, wantsAck)
+		if err == nil && wantsAck {
+			err = replyError(m.ControlID, ack)
 		}
 	}
+	// What happened is recorded even when shutdown begins meanwhile.
+	rctx := context.WithoutCancel(ctx)
 	if err != nil {
 		if conn != nil {
 			conn.Close()
@@ -209,6 +178,11 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		log.Error("store", "err", err)
 		return conn, false
 	}
+	if hl7.IsBatch(m.Payload) && p.BatchSplit {
+		if err := d.o.Store.SetValue(rctx, batchKey(m.ID), ""); err != nil {
+			log.Error("store", "err", err)
+		}
+	}
 	if seq := sequenceOf(m.Payload); seq > 0 && seq > d.lastSequence(rctx, p) {
 		if err := d.o.Store.SetValue(rctx, sequenceKey(p), strconv.FormatInt(seq, 10)); err != nil {
 			log.Error("store", "err", err)
@@ -217,10 +191,122 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	code := "none expected"
 	if r, err := hl7.ParseAck(ack); err == nil {
 		code = string(r.Code)
+	} else if r, err := hl7.ParseBatchAck(ack); err == nil {
+		code = "batch " + string(r.Code())
 	}
 	log.Info("delivered to router", "router", addr, "ack", code)
 	if d.o.Delivered != nil {
 		d.o.Delivered(rctx, m, ack)
 	}
 	return conn, true
+}
+
+// exchange sends payload to the router at addr over conn (dialling when
+// nil) and returns the connection and the router's answer (none when
+// wantsAck is false).
+func (d *Deliverer) exchange(ctx context.Context, conn *mllp.Client, addr string, payload []byte, wantsAck bool) (*mllp.Client, []byte, error) {
+	timeout := d.o.Config.Router.AckTimeout.D()
+	if conn == nil {
+		dctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		var c *mllp.Client
+		var err error
+		if d.o.TLS != nil {
+			tc := d.o.TLS.Clone()
+			tc.ServerName, _, _ = net.SplitHostPort(addr)
+			c, err = mllp.DialTLS(dctx, addr, tc)
+		} else {
+			c, err = mllp.Dial(dctx, addr)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		conn = c
+	}
+	sctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if !wantsAck {
+		return conn, nil, conn.Write(sctx, payload)
+	}
+	reply, err := conn.Send(sctx, payload)
+	if err != nil {
+		return conn, nil, err
+	}
+	return conn, bytes.Clone(reply), nil
+}
+
+// replyError says what is wrong with the router's answer to the message
+// (or batch) controlID: nil for an answer to keep. CE means the router could
+// not take responsibility: send again. AE, AR and CR are its answer,
+// delivered and passed on to the partner in the response. A batch may be
+// answered with a batch acknowledgement or with one ACK naming the batch.
+func replyError(controlID string, reply []byte) error {
+	if hl7.IsBatch(reply) {
+		r, err := hl7.ParseBatchAck(reply)
+		if err != nil || r.Reference != "" && r.Reference != controlID {
+			return fmt.Errorf("router answered with something else than a batch acknowledgement for %s", controlID)
+		}
+		if r.Code() == hl7.CommitError {
+			return errors.New("router answered CE in its batch acknowledgement (could not take responsibility yet)")
+		}
+		return nil
+	}
+	r, err := hl7.ParseAck(reply)
+	switch {
+	case err != nil || r.ControlID != controlID:
+		return fmt.Errorf("router answered with something else than an ACK for %s", controlID)
+	case r.Code == hl7.CommitError:
+		return errors.New("router answered CE (could not take responsibility yet)")
+	}
+	return nil
+}
+
+func batchKey(id int64) string { return fmt.Sprintf("batch-delivered:%d", id) }
+
+// deliverSplit delivers the batch m to the router as its messages, one by
+// one (partners[].batch_split), and returns the router's answers as one
+// batch acknowledgement. Which messages the router has taken is recorded as
+// it goes, with their answers, so that a retry after a CE, a silence or a
+// crash goes on from the first it has not.
+func (d *Deliverer) deliverSplit(ctx context.Context, m store.Message, addr string, conn *mllp.Client,
+	log *slog.Logger) (*mllp.Client, []byte, error) {
+	b, err := hl7.ParseBatch(m.Payload)
+	if err != nil {
+		return conn, nil, err // checked when it came; not retried into success
+	}
+	// The progress is "<messages taken>" and the answers, parted by FS
+	// (0x1C), which cannot occur inside an MLLP frame.
+	key := batchKey(m.ID)
+	rctx := context.WithoutCancel(ctx)
+	done := 0
+	var acks [][]byte
+	if v, _ := d.o.Store.Value(rctx, key); v != "" {
+		parts := bytes.Split([]byte(v), []byte{0x1c})
+		done, _ = strconv.Atoi(string(parts[0]))
+		for _, a := range parts[1:] {
+			acks = append(acks, a)
+		}
+	}
+	for i := done; i < len(b.Messages); i++ {
+		h := b.Headers[i]
+		wants := !h.IsAck() && h.AcceptAckType != "NE"
+		var reply []byte
+		conn, reply, err = d.exchange(ctx, conn, addr, b.Messages[i], wants)
+		if err == nil && wants {
+			err = replyError(h.ControlID, reply)
+		}
+		if err != nil {
+			return conn, nil, fmt.Errorf("message %d of %d of the batch: %w", i+1, len(b.Messages), err)
+		}
+		if wants { // a message asking for no answer has none in the batch's
+			acks = append(acks, reply)
+		}
+		progress := append([][]byte{[]byte(strconv.Itoa(i + 1))}, acks...)
+		if err := d.o.Store.SetValue(rctx, key, string(bytes.Join(progress, []byte{0x1c}))); err != nil {
+			return conn, nil, err
+		}
+	}
+	log.Info("batch delivered as its messages", "messages", len(b.Messages))
+	ack := hl7.BuildBatchAck(b, "BA"+strconv.FormatInt(m.ID, 10), acks, time.Time{})
+	return conn, ack, nil
 }

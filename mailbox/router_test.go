@@ -442,3 +442,72 @@ func TestInboundExpires(t *testing.T) {
 		t.Errorf("%d expired alerts, want 2: %+v", n, alerts)
 	}
 }
+
+// TestBatchSplit: a batch from a partner with batch_split goes to the router
+// as its messages, one by one; a CE in the middle is retried from that
+// message on, not from the first; the router's answers make one batch
+// acknowledgement, which the response carries.
+func TestBatchSplit(t *testing.T) {
+	r := startScriptedRouter(t, hl7.ApplicationAccept, hl7.ApplicationAccept, hl7.CommitError, hl7.ApplicationAccept, hl7.ApplicationError)
+	cfg, st := delivererFixture(t, r.addr)
+	cfg.Partners[0].BatchSplit = true
+	var batch []byte
+	batch = append(batch, "BHS|^~\\&|LAB|TL|HIS|GH|20261201||||SB1\r"...)
+	for i := 1; i <= 4; i++ {
+		id := fmt.Sprint("s", i)
+		batch = append(batch, "MSH|^~\\&|LAB|TL|HIS|GH|20261201||ORU^R01|"+id+"|P|2.5|||AL\rPID|1||9\r"...)
+	}
+	batch = append(batch, "BTS|4\r"...)
+	ctx := context.Background()
+	if _, err := st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "hospital", ControlID: "SB1",
+		MessageType: hl7.BatchType, Payload: batch, MessageID: "<sb1@h.test>", Kind: store.KindRequest}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var answer []byte
+	d, err := NewDeliverer(DelivererOptions{Config: cfg, Store: st, Logger: testlog.New(t, slog.LevelInfo),
+		Poll: 10 * time.Millisecond, RetryBase: time.Millisecond, RetryMax: 5 * time.Millisecond,
+		Delivered: func(_ context.Context, m store.Message, ack []byte) { mu.Lock(); answer = ack; mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { d.Run(dctx); close(done) }()
+	waitFor(t, "the batch delivered", func() bool { mu.Lock(); defer mu.Unlock(); return answer != nil })
+	cancel()
+	<-done
+	var got []string
+	for _, f := range r.frames() {
+		h, err := hl7.ParseHeader(f)
+		if err != nil {
+			t.Fatalf("the router got a frame that is not one message: %q", f)
+		}
+		got = append(got, h.ControlID)
+	}
+	if fmt.Sprint(got) != "[s1 s2 s3 s3 s4]" {
+		t.Errorf("the router got %v, want [s1 s2 s3 s3 s4] (s3 again after its CE, s1 and s2 not)", got)
+	}
+	res, err := hl7.ParseBatchAck(answer)
+	if err != nil || res.Reference != "SB1" || len(res.Acks) != 4 || res.Code() != hl7.ApplicationError || res.Acks[3].ControlID != "s4" {
+		t.Errorf("answer %+v, %v; want a batch acknowledgement of four, s4's AE among them", res, err)
+	}
+	if v, _ := st.Value(ctx, batchKey(1)); v != "" {
+		t.Errorf("the batch's progress was left behind: %q", v)
+	}
+	// The response: the batch acknowledgement, its AE making the MDN a
+	// warning.
+	list, _ := st.List(ctx, store.Filter{Direction: store.Inbound})
+	m, _ := st.Get(ctx, list[0].ID)
+	bundle, controlID, err := (&Responder{Config: cfg, Store: st}).bundle(m, answer)
+	if err != nil || controlID != "BA1" {
+		t.Fatalf("bundle: %v, control ID %q", err, controlID)
+	}
+	b, err := security.ParseBundle(bundle)
+	if err != nil || b.MDN.Disposition.Status() != "processed/warning" {
+		t.Fatalf("bundle %+v, %v; want processed/warning", b, err)
+	}
+	if payload, _, err := security.DecodeEDI(b.Response, security.Accept{}); err != nil || !bytes.Equal(payload, answer) {
+		t.Errorf("the response carries %q, %v; want the batch acknowledgement", payload, err)
+	}
+}

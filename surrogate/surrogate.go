@@ -57,9 +57,13 @@ type Options struct {
 	// (draft-ietf-ediint-hl7-02 §6.5.1: the surrogate "mimics an accept
 	// ACK"; no application has seen the message yet).
 	OriginalModeAA bool
-	CommitTimeout  time.Duration // longest wait for the store before CE (default 10s)
-	WriteTimeout   time.Duration // longest wait to write an ACK (default 30s)
-	IDs            *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
+	// BatchAckEach answers an HL7 batch with a batch acknowledgement of
+	// one ACK per message (partners[].batch_ack: each) instead of one ACK
+	// for the whole batch.
+	BatchAckEach  bool
+	CommitTimeout time.Duration // longest wait for the store before CE (default 10s)
+	WriteTimeout  time.Duration // longest wait to write an ACK (default 30s)
+	IDs           *hl7.IDGen    // control IDs of ACKs (default NewIDGen("HM", now))
 	// Observe, when set, is told of each ACK written: its code and the time
 	// from the end of the frame to the ACK (metrics).
 	Observe func(code hl7.AckCode, d time.Duration)
@@ -402,6 +406,10 @@ func (c *conn) serve() {
 			}
 			continue
 		}
+		if hl7.IsBatch(frame) {
+			c.handleBatch(frame)
+			continue
+		}
 		h, perr := hl7.ParseHeader(frame)
 		current = h
 		if perr != nil {
@@ -469,6 +477,56 @@ func (c *conn) handle(h *hl7.Header, frame []byte) {
 		return
 	}
 	c.rendezvous(log, h, res.ID)
+}
+
+// handleBatch stores an HL7 batch (HL7 v2.5 §2.10.3) as one message, sent
+// as one MIME-EDI entity, and answers it as the partner's batch_ack says:
+// one ACK for the batch (MSA-2 the batch control ID), or a batch
+// acknowledgement with one ACK per message. A batch that is not well formed
+// is refused whole (CR). A batch is answered at once, also with ack_mode
+// rendezvous: its answers come back as one batch.
+func (c *conn) handleBatch(frame []byte) {
+	b, err := hl7.ParseBatch(frame)
+	if err != nil {
+		c.log.Warn("batch rejected", "reason", err.Error(), "size", len(frame))
+		c.answer(nil, hl7.CommitReject, err.Error(), hl7.ErrSegmentSequence)
+		return
+	}
+	log := c.log.With("control_id", b.Header.ControlID)
+	ctx, cancel := context.WithTimeout(context.Background(), c.s.opts.CommitTimeout)
+	defer cancel()
+	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
+		ControlID: b.Header.ControlID, MessageType: hl7.BatchType, Payload: bytes.Clone(frame)})
+	code := hl7.CommitAccept
+	if err != nil {
+		log.Error("batch not stored; answering CE", "err", err)
+		code = hl7.CommitError
+	} else {
+		log.Info("batch accepted", "id", res.ID, "messages", len(b.Messages), "size", len(frame))
+	}
+	if !c.s.opts.BatchAckEach {
+		text := ""
+		if code == hl7.CommitError {
+			text = "batch could not be stored, send it again later"
+		}
+		c.answer(b.Header, code, text, "")
+		return
+	}
+	var acks [][]byte
+	for _, h := range b.Headers {
+		mc := code
+		if c.s.opts.OriginalModeAA {
+			mc = h.AcceptCode(code)
+		}
+		if h.AckWanted(mc) {
+			acks = append(acks, hl7.BuildAck(h, hl7.Ack{Code: mc, ControlID: c.s.opts.IDs.Next()}))
+		}
+	}
+	if err := c.write(hl7.BuildBatchAck(b, c.s.opts.IDs.Next(), acks, time.Time{})); err != nil {
+		log.Warn("batch acknowledgement not written", "err", err)
+		return
+	}
+	c.observe(code)
 }
 
 // rendezvous waits for the partner's response to message id and writes it

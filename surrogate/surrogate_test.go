@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -494,5 +495,61 @@ func TestFirstFrameTimeout(t *testing.T) {
 	defer mu.Unlock()
 	if len(hits) != 1 || hits[0] != LimitConnectionsPerHost {
 		t.Errorf("limits hit %v, want one %s", hits, LimitConnectionsPerHost)
+	}
+}
+
+// batch20 is a batch of twenty messages, the last two in original mode.
+func batch20(id string) []byte {
+	var b strings.Builder
+	b.WriteString("FHS|^~\\&|HIS|GH|LAB|TL|20261201\rBHS|^~\\&|HIS|GH|LAB|TL|20261201||||" + id + "\r")
+	for i := 1; i <= 20; i++ {
+		msh15 := "AL"
+		if i > 18 {
+			msh15 = ""
+		}
+		b.WriteString(oru(fmt.Sprintf("%s-%d", id, i), msh15))
+	}
+	b.WriteString("BTS|20\rFTS|1\r")
+	return []byte(b.String())
+}
+
+// TestBatch: an HL7 batch is one frame, stored as one message and answered
+// as batch_ack says: one ACK naming the batch, or a batch acknowledgement
+// with an ACK for each message; a batch that is not well formed is refused
+// whole.
+func TestBatch(t *testing.T) {
+	for _, each := range []bool{false, true} {
+		st := openStore(t)
+		_, addr := start(t, Options{Spool: st, BatchAckEach: each})
+		c := dial(t, addr)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		reply, err := c.Send(ctx, batch20("B1"))
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !each {
+			if a := ackOf(t, reply); a.Code != hl7.CommitAccept || a.ControlID != "B1" {
+				t.Errorf("batch_ack batch: %s for %s, want CA for the batch B1", a.Code, a.ControlID)
+			}
+		} else {
+			r, err := hl7.ParseBatchAck(reply)
+			if err != nil || r.Reference != "B1" || len(r.Acks) != 20 || !r.Accepted() || r.Acks[19].ControlID != "B1-20" {
+				t.Errorf("batch_ack each: %+v, %v; want a batch acknowledgement of 20 CAs for B1", r, err)
+			}
+		}
+		list, _ := st.List(context.Background(), store.Filter{})
+		if len(list) != 1 || list[0].ControlID != "B1" || list[0].MessageType != hl7.BatchType {
+			t.Errorf("stored %+v, want the batch as one message", list)
+		} else if m, _ := st.Get(context.Background(), list[0].ID); !bytes.Equal(m.Payload, batch20("B1")) {
+			t.Errorf("the batch was not stored as it came")
+		}
+		bad := bytes.Replace(batch20("B2"), []byte("BTS|20"), []byte("BTS|21"), 1)
+		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+		reply, err = c.Send(ctx, bad)
+		cancel()
+		if a := ackOf(t, reply); err != nil || a.Code != hl7.CommitReject || !strings.Contains(string(reply), "BTS-1 says 21") {
+			t.Errorf("a batch with a wrong count: %q, %v; want CR saying why", reply, err)
+		}
 	}
 }
