@@ -12,7 +12,8 @@ those codes for each message until they run out. ACK messages are answers
 themselves and get none. A batch (BHS ... BTS, in an FHS ... FTS file or
 not) is answered with a batch acknowledgement: a BHS naming the batch in
 BHS-12, create_ack's answer to each of its messages, and a BTS with their
-count. Prints "listening" once the port is open.
+count; a batch of acknowledgements gets none. Prints "listening" once the
+port is open.
 
 With ROUTER_TLS_CERT and ROUTER_TLS_KEY set it speaks MLLP over TLS, and
 with ROUTER_TLS_CA it requires a client certificate signed by that CA.
@@ -51,6 +52,8 @@ async def main(port, outdir, codes):
                 if isinstance(parsed, hl7.File):
                     parsed = parsed[0]
                 if isinstance(parsed, hl7.Batch):
+                    if all(str(m.segment("MSH")(9)(1)(1)) == "ACK" for m in parsed):
+                        continue  # a batch acknowledgement is an answer itself
                     writer.writeblock(batch_ack(parsed, codes, count).encode("utf-8"))
                     await writer.drain()
                     continue

@@ -262,7 +262,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 			if err != nil {
 				return nil, q(err)
 			}
-			if in.Header, err = hl7.ParseHeader(payload); err != nil {
+			if in.Header, err = headerOfPayload(payload); err != nil {
 				return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
 			}
 			in.Payload = payload

@@ -142,11 +142,13 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 	}
 	addr := d.o.Config.RouterForMail(p, m.Recipient)
 	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no
-	// answer from the router: it is delivered once written. A batch is
-	// always answered (HL7 v2.5 §2.10.3).
+	// answer from the router: it is delivered once written; so is a batch
+	// acknowledgement. Another batch is answered (HL7 v2.5 §2.10.3).
 	wantsAck := true
 	if h, err := hl7.ParseHeader(m.Payload); err == nil && (h.IsAck() || h.AcceptAckType == "NE") {
 		wantsAck = false
+	} else if _, err := hl7.ParseBatchAck(m.Payload); err == nil {
+		wantsAck = false // a batch acknowledgement is an answer itself
 	}
 	var ack []byte
 	var err error
