@@ -418,7 +418,7 @@ func (g *Gateway) IMAPStatusFor(partner string) mailbox.LinkStatus {
 	return g.imapLink.Status()
 }
 
-// Retry puts failed or expired outbound message id back in its partner's
+// Retry puts failed, expired or bounced outbound message id back in its partner's
 // queue and wakes the sender.
 func (g *Gateway) Retry(ctx context.Context, id int64) error {
 	if err := g.store.Retry(ctx, id); err != nil {
@@ -433,7 +433,7 @@ func (g *Gateway) Retry(ctx context.Context, id int64) error {
 	return nil
 }
 
-// RetryAll puts every failed or expired outbound message of partner (of
+// RetryAll puts every failed, expired or bounced outbound message of partner (of
 // every partner for "") back in its queue, oldest first, and wakes the
 // sender; it returns how many.
 func (g *Gateway) RetryAll(ctx context.Context, partner string) (int, error) {

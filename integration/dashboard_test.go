@@ -253,7 +253,7 @@ func TestOperatorCommands(t *testing.T) {
 	if smtpSrv.Count() != 1 {
 		t.Errorf("SMTP server took %d mails, want 1", smtpSrv.Count())
 	}
-	if out, code := in.run("retry", "-config", in.config, id); code == 0 || !strings.Contains(out, "only failed or expired") {
+	if out, code := in.run("retry", "-config", in.config, id); code == 0 || !strings.Contains(out, "only failed, expired or bounced") {
 		t.Errorf("retry of a sent message: %d\n%s", code, out)
 	}
 	// Two more fail; "retry -all" puts both back, and they leave in order.

@@ -218,7 +218,7 @@ type Summary struct {
 	QueuedIn         int       `json:"queued_in"` // waiting for the router
 	AwaitingReceipt  int       `json:"awaiting_receipt"`
 	Overdue          int       `json:"overdue"`
-	Failed           int       `json:"failed"` // failed or expired
+	Failed           int       `json:"failed"` // failed, expired or bounced
 	Quarantined      int       `json:"quarantined"`
 	LastActivity     time.Time `json:"last_activity,omitzero"`
 	ReceiptsMatched  int       `json:"receipts_matched"`

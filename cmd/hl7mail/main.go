@@ -27,7 +27,7 @@ func commands() []command {
 		{"reports", "list the receipts and bounces that came back", runReports},
 		{"status", "the partner table: queues, receipts, connections", runStatus},
 		{"alerts", "list or acknowledge alerts", runAlerts},
-		{"retry", "put failed or expired messages back in their queues", runRetry},
+		{"retry", "put failed, expired or bounced messages back in their queues", runRetry},
 		{"dashboard", "print the operator page's address with its token", runDashboard},
 		{"reload", "make the running instance read its configuration and keys again", runReload},
 		{"release", "deliver a quarantined mail after a person checked it", runRelease},

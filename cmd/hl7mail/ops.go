@@ -325,7 +325,7 @@ acknowledges one, recorded with -by (default: the user running the command).`, s
 
 func runRetry(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("retry", "[-config FILE] ID | -partner NAME | -all", `
-Puts a failed or expired outbound message (ID as listed by "hl7mail
+Puts a failed, expired or bounced outbound message (ID as listed by "hl7mail
 messages") back in its partner's queue, to be sent at once with the same
 Message-ID; expire_after counts again from now. -partner NAME puts back
 every failed or expired message of that partner, -all those of every

@@ -70,10 +70,10 @@ async function loadOverview() {
     num(tr, p.overdue, true);
     const failed = num(tr, p.failed, true);
     if (p.failed > 0) {
-      // Every failed or expired message of the partner back in its queue.
+      // Every failed, expired or bounced message of the partner back in its queue.
       const b = document.createElement("button");
       b.textContent = "Retry";
-      b.title = "send every failed or expired message of " + p.name + " again, oldest first";
+      b.title = "send every failed, expired or bounced message of " + p.name + " again, oldest first";
       b.className = "retry-partner";
       b.onclick = async () => {
         try { await post("api/retry", { partner: p.name }); } catch (e) { alert(e.message); }
@@ -185,7 +185,7 @@ async function loadMessages() {
     cell(tr, fmtTime(m.received));
     cell(tr, fmtTime(m.updated));
     const td = cell(tr, "");
-    if (m.state === "failed" || m.state === "expired") {
+    if (m.state === "failed" || m.state === "expired" || m.state === "bounced") {
       const b = document.createElement("button");
       b.textContent = "Retry";
       b.onclick = async () => {
