@@ -325,9 +325,11 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}
 	wg.Wait()
 	g.wg.Wait()
-	// The mail side finishes what it is doing: an attempt, a delivery,
-	// the mail in hand.
-	g.side().stop()
+	// The mail side finishes what it is doing (an attempt, a delivery,
+	// the mail in hand) within the bound; then it is cut short.
+	if !g.side().stop(ctx) {
+		g.log.Warn("the mail side did not stop within the shutdown bound; closing the store under it")
+	}
 	if g.dash != nil {
 		errs = append(errs, g.dash.Shutdown(ctx))
 		g.dashWG.Wait()

@@ -82,7 +82,7 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 	}
 	// From here on the new configuration is applied. The old mail side
 	// stops before the new one starts: one sender per queue, ever.
-	old.stop()
+	old.stop(context.Background())
 	g.cur.Store(sd)
 	plan.commit(g)
 	sd.start()

@@ -33,7 +33,11 @@ type side struct {
 	runs       []func(context.Context)
 
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	// abort cuts short what is under way (a submission) once a shutdown's
+	// bound has run out; abortCtx is what it ends.
+	abortCtx context.Context
+	abort    context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 // buildSide makes the mail side of cfg and keys; nothing runs until start.
@@ -41,6 +45,7 @@ type side struct {
 // so that a reload reads them again.
 func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*mailbox.Link{}}
+	s.abortCtx, s.abort = context.WithCancel(context.Background())
 	log := g.log
 	submitter := g.opts.Submitter
 	if submitter == nil {
@@ -53,7 +58,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	s.sender, err = mailbox.NewSender(mailbox.SenderOptions{
 		Config: cfg, Store: g.store, Journal: g.outgoing, Submitter: submitter,
 		RetryBase: retryBase(g.opts.RetryBase, cfg.SMTP.Retry.D()),
-		Logger:    log.With("component", "sender"), Sealer: &keys.Sealer, Link: &g.smtpLink,
+		Logger:    log.With("component", "sender"), Sealer: &keys.Sealer, Link: &g.smtpLink, Abort: s.abortCtx,
 	})
 	if err != nil {
 		return nil, err
@@ -184,12 +189,28 @@ func (s *side) start() {
 }
 
 // stop ends the side and waits for it: the mail in hand and the attempt
-// under way finish.
-func (s *side) stop() {
+// under way finish, within ctx (a shutdown's bound). When ctx ends first,
+// what is under way is cut short (the second phase of the shutdown) and
+// waited for a moment more; it reports whether everything ended.
+func (s *side) stop(ctx context.Context) bool {
 	if s.cancel != nil {
 		s.cancel()
 	}
-	s.wg.Wait()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.abort()
+		return true
+	case <-ctx.Done():
+	}
+	s.abort()
+	select {
+	case <-done:
+		return true
+	case <-time.After(time.Second):
+		return false
+	}
 }
 
 // keyWatch reports keys that come within ExpiryWarning of their end while

@@ -100,6 +100,9 @@ type instance struct {
 	// runs "hl7mail receive" as).
 	as  *syscall.Credential
 	exe string // the binary serve runs from, when not binary (one that user may run)
+	// serveArgs are more flags for serve (-shutdown-timeout, say), env
+	// more variables of its environment.
+	serveArgs, env []string
 }
 
 // newInstance writes a configuration with the given partners (unencrypted,
@@ -186,7 +189,10 @@ func (in *instance) start() {
 	if in.exe != "" {
 		exe = in.exe
 	}
-	in.cmd = exec.Command(exe, "serve", "-config", in.config, "-log-format", "json")
+	in.cmd = exec.Command(exe, append([]string{"serve", "-config", in.config, "-log-format", "json"}, in.serveArgs...)...)
+	if in.env != nil {
+		in.cmd.Env = append(os.Environ(), in.env...)
+	}
 	if in.as != nil {
 		in.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: in.as}
 	}

@@ -155,6 +155,10 @@ type SenderOptions struct {
 	Poll time.Duration
 	// Link, when set, follows the outcome of submissions.
 	Link *Link
+	// Abort, when set, cuts a submission under way short when it ends:
+	// the second phase of a shutdown whose bound ran out. The message
+	// stays queued, with its Message-ID, for the next start.
+	Abort context.Context
 }
 
 // Sender takes stored outbound messages to their partners, one goroutine
@@ -265,8 +269,22 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	err = s.o.Submitter.Submit(ctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
+	sctx := ctx
+	if s.o.Abort != nil {
+		var cancel context.CancelFunc
+		sctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(s.o.Abort, cancel)()
+	}
+	err = s.o.Submitter.Submit(sctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
 		EnvelopeID: strings.Trim(msgID, "<>")})
+	if err != nil && s.o.Abort != nil && s.o.Abort.Err() != nil {
+		// Cut short by the shutdown: nothing is known of this attempt. The
+		// message stays queued and goes at the next start under the same
+		// Message-ID.
+		log.Warn("submission cut short by the shutdown; the message is sent at the next start", "message_id", msgID)
+		return false
+	}
 	if err == nil {
 		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
 			log.Error("store", "err", err)

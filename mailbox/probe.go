@@ -18,10 +18,11 @@ type Offer struct {
 // without sending anything (hl7mail check). It logs in with nobody's
 // password: that is for the real submission to find out.
 func (s *SMTPSubmitter) Probe(ctx context.Context, timeout time.Duration) (Offer, error) {
-	c, encrypted, stage, err := s.open(ctx, timeout)
+	c, encrypted, stage, release, err := s.open(ctx, timeout)
 	if err != nil {
 		return Offer{}, fmt.Errorf("smtp %s: %s: %w", s.Addr, stage, err)
 	}
+	defer release()
 	defer c.Close()
 	o := Offer{TLS: encrypted}
 	o.Auth, _ = c.Extension("AUTH")

@@ -71,10 +71,11 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 	if timeout == 0 {
 		timeout = 2 * time.Minute
 	}
-	c, _, stage, err := s.open(ctx, timeout)
+	c, _, stage, release, err := s.open(ctx, timeout)
 	if err != nil {
 		return session(stage, err)
 	}
+	defer release()
 	defer c.Close()
 	if s.Username != "" {
 		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
@@ -117,12 +118,25 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 // open connects to the server and says EHLO, over TLS as s.TLS says; each
 // step is bounded by timeout. It returns the client, whether the session is
 // encrypted, and on error the stage that failed (connect, starttls, hello).
-func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, encrypted bool, stage string, err error) {
+//
+// When ctx ends the connection is closed, whatever command waits on it: a
+// shutdown cuts a session short within its bound (the mail is sent again
+// at start, and the partner's replay check absorbs a copy that arrived).
+// The caller calls release when done with the client.
+func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, encrypted bool, stage string,
+	release func(), err error) {
 	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
 	conn, err := d.DialContext(ctx, "tcp", s.Addr)
 	if err != nil {
-		return nil, false, "connect", err
+		return nil, false, "connect", nil, err
 	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	release = func() { stop() }
+	defer func() {
+		if err != nil {
+			stop()
+		}
+	}()
 	tlsConfig := s.TLSConfig
 	if tlsConfig == nil {
 		host, _, _ := net.SplitHostPort(s.Addr)
@@ -139,16 +153,16 @@ func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smt
 	default:
 		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
 			conn.Close()
-			return nil, false, "starttls", err
+			return nil, false, "starttls", nil, err
 		}
 		encrypted = true
 	}
 	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
-	if err := c.Hello("localhost"); err != nil {
+	if err = c.Hello("localhost"); err != nil {
 		c.Close()
-		return nil, false, "hello", err
+		return nil, false, "hello", nil, err
 	}
-	return c, encrypted, "", nil
+	return c, encrypted, "", release, nil
 }
 
 func isSMTPError(err error) bool {
