@@ -1,0 +1,265 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"time"
+)
+
+// ingestInterval is the least time between two ingests while the store is
+// busy. Each database transaction costs writes of its own beside the spool
+// log's syncs that acknowledgements wait on; under load, fewer and larger
+// transactions keep them off that disk. A query that needs the database up
+// to date cuts the wait short.
+const ingestInterval = 250 * time.Millisecond
+
+// busyLoad is the recent ingest load, in records (decaying with time
+// constant ingestInterval), above which the store is busy: about 200
+// messages a second. Below it each record goes into the database at once,
+// so that a message's way through the gateway waits for no ingest.
+const busyLoad = 50
+
+// ingestLoad is a count of ingested records that decays with time
+// constant ingestInterval, and when records were last added.
+type ingestLoad struct {
+	n  float64
+	at time.Time
+}
+
+func (l ingestLoad) value(now time.Time) float64 {
+	return l.n * math.Exp(-now.Sub(l.at).Seconds()/ingestInterval.Seconds())
+}
+
+func (l *ingestLoad) add(now time.Time, n int) {
+	l.n, l.at = l.value(now)+float64(n), now
+}
+
+// maxIngest bounds the records of one ingest transaction.
+const maxIngest = 4096
+
+// OnIngest sets f to be called, from the ingester, with the partner and
+// direction of the messages each time some enter the database: a queue
+// reading the database (NextQueued) learns then that it has work. f must
+// not block.
+func (s *Store) OnIngest(f func(partner string, d Direction)) {
+	s.onIngest.Store(&f)
+}
+
+// ingestLoop copies committed records into the database, retrying while the
+// database fails; the records stay in the spool log until they are in.
+func (s *Store) ingestLoop() {
+	defer close(s.ingestDone)
+	var pending []logRecord
+	var load ingestLoad // load.at: when the last ingest ended
+	timer := time.NewTimer(ingestInterval)
+	timer.Stop()
+	for recs := range s.ingest {
+		pending = append(pending[:0], recs...)
+		// Busy, wait out the interval since the last ingest; else take
+		// only what is queued already.
+		var wait time.Duration
+		if now := time.Now(); load.value(now) > busyLoad {
+			wait = load.at.Add(ingestInterval).Sub(now)
+		}
+		timer.Reset(max(wait, 0))
+	gather:
+		for len(pending) < maxIngest {
+			select {
+			case r, ok := <-s.ingest:
+				if !ok {
+					break gather
+				}
+				pending = append(pending, r...)
+			case <-s.kick:
+				break gather
+			case <-timer.C:
+				break gather
+			case <-s.quit:
+				break gather
+			}
+		}
+		timer.Stop()
+		if !s.ingestWithRetry(pending) {
+			return
+		}
+		load.add(time.Now(), len(pending))
+		s.announce(pending)
+	}
+}
+
+// announce tells the OnIngest function of the partners and directions of
+// recs, once each.
+func (s *Store) announce(recs []logRecord) {
+	f := s.onIngest.Load()
+	if f == nil {
+		return
+	}
+	type key struct {
+		partner string
+		d       Direction
+	}
+	seen := map[key]bool{}
+	for _, r := range recs {
+		k := key{r.m.Partner, r.m.Direction}
+		if !seen[k] {
+			seen[k] = true
+			(*f)(k.partner, k.d)
+		}
+	}
+}
+
+// ingestWithRetry inserts recs until it succeeds; it reports false when the
+// store is closing with recs not inserted (they are replayed at Open).
+func (s *Store) ingestWithRetry(recs []logRecord) bool {
+	delay := 10 * time.Millisecond
+	for {
+		var err error
+		if s.pauseIngest.Load() {
+			err = errors.New("ingest paused")
+		} else {
+			err = s.insert(recs)
+		}
+		s.ingMu.Lock()
+		s.ingestErr = err
+		if err == nil {
+			s.ingested = recs[len(recs)-1].seq
+			close(s.ingestedCh)
+			s.ingestedCh = make(chan struct{})
+		}
+		s.ingMu.Unlock()
+		if err == nil {
+			return true
+		}
+		if !s.pauseIngest.Load() {
+			s.log.Error("store: messages not yet in the database; retrying (they are safe in the spool log)",
+				"messages", len(recs), "err", err, "delay", delay)
+		}
+		select {
+		case <-time.After(delay):
+			delay = min(2*delay, 5*time.Second)
+		case <-s.quit:
+			return false
+		}
+	}
+}
+
+// Backlog is the number of messages accepted (safe in the spool log) and not
+// yet in the database. It stays high while the database fails.
+func (s *Store) Backlog() int64 {
+	if s.readOnly {
+		return 0
+	}
+	s.ingMu.Lock()
+	defer s.ingMu.Unlock()
+	return max(s.appended.Load()-s.ingested, 0)
+}
+
+// Flush waits until every message accepted so far is in the database.
+func (s *Store) Flush(ctx context.Context) error { return s.waitIngested(ctx) }
+
+// waitIngested waits until every message accepted so far is in the
+// database, so that queries see them.
+func (s *Store) waitIngested(ctx context.Context) error {
+	return s.waitIngestedUpTo(ctx, s.appended.Load())
+}
+
+// waitInbound waits until every inbound message accepted so far is in the
+// database.
+func (s *Store) waitInbound(ctx context.Context) error {
+	return s.waitIngestedUpTo(ctx, s.appendedIn.Load())
+}
+
+// waitID waits until message id, if it was accepted, is in the database.
+// Work on one message that is in the database never waits: the messages
+// accepted after it go in at the ingester's pace.
+func (s *Store) waitID(ctx context.Context, id int64) error {
+	return s.waitIngestedUpTo(ctx, min(id, s.appended.Load()))
+}
+
+// waitIngestedUpTo waits until the messages up to id target are in the
+// database, asking the ingester not to wait for more.
+func (s *Store) waitIngestedUpTo(ctx context.Context, target int64) error {
+	if s.readOnly {
+		return nil
+	}
+	var timeout <-chan time.Time // made on the first wait: most calls wait for nothing
+	for {
+		s.ingMu.Lock()
+		got, ch, ierr := s.ingested, s.ingestedCh, s.ingestErr
+		s.ingMu.Unlock()
+		if got >= target {
+			return nil
+		}
+		if timeout == nil {
+			t := time.NewTimer(30 * time.Second)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+		var err error
+		select {
+		case <-ch:
+			continue
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-timeout:
+			err = context.DeadlineExceeded
+		}
+		return fmt.Errorf("store: %d accepted messages not yet in the database (last error: %v): %w", target-got, ierr, err)
+	}
+}
+
+const (
+	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
+		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
+	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
+		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient, receipt_note, answer_to)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+)
+
+// insert writes recs into the database in one transaction, marking
+// duplicates. Only the ingester (or Open, before it starts) calls it.
+func (s *Store) insert(recs []logRecord) (err error) {
+	ctx := context.Background()
+	st := &s.stmts
+	if _, err := st.begin.ExecContext(ctx); err != nil {
+		return fmt.Errorf("store: begin: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			st.rollback.ExecContext(ctx)
+		}
+	}()
+	for _, r := range recs {
+		var orig int64
+		err := st.find.QueryRowContext(ctx, r.m.Partner, r.m.Direction, r.m.ControlID, r.hash[:]).Scan(&orig)
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("store: look up duplicate: %w", err)
+		}
+		state, dup := Queued, sql.NullInt64{}
+		if orig != 0 {
+			state, dup = Duplicate, sql.NullInt64{Int64: orig, Valid: true}
+			s.log.Info("duplicate stored; it will not be sent", "id", r.seq, "duplicate_of", orig,
+				"partner", r.m.Partner, "control_id", r.m.ControlID)
+		}
+		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
+			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
+			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient, r.m.ReceiptNote, r.m.AnswerTo); err != nil {
+			return fmt.Errorf("store: insert: %w", err)
+		}
+		// A batch is milliseconds of CPU: yield between rows so that the
+		// goroutines answering routers are not kept waiting for a CPU.
+		runtime.Gosched()
+	}
+	if _, err := st.commit.ExecContext(ctx); err != nil {
+		return fmt.Errorf("store: commit: %w", err)
+	}
+	return nil
+}
