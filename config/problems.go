@@ -1,0 +1,174 @@
+package config
+
+import (
+	"fmt"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Problem is one thing wrong with a configuration.
+type Problem struct {
+	Line    int    // 1-based line in the file, 0 when unknown
+	Partner string // the partner concerned, if any
+	Field   string // e.g. "partners[1].listen"
+	Msg     string
+	Hint    string // a likely fix, if any
+}
+
+func (p Problem) String() string {
+	var b strings.Builder
+	if p.Partner != "" {
+		fmt.Fprintf(&b, "partner %s: ", p.Partner)
+	}
+	if p.Field != "" {
+		fmt.Fprintf(&b, "%s: ", p.Field)
+	}
+	b.WriteString(p.Msg)
+	if p.Hint != "" {
+		fmt.Fprintf(&b, " (%s)", p.Hint)
+	}
+	return b.String()
+}
+
+// Error lists every problem found in a configuration file.
+type Error struct {
+	File     string
+	Problems []Problem
+	lines    map[string]int
+}
+
+func (e *Error) add(p Problem) { e.Problems = append(e.Problems, p) }
+
+// Error prints one problem a line, as file:line: text, in line order.
+func (e *Error) Error() string {
+	ps := append([]Problem(nil), e.Problems...)
+	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Line < ps[j].Line })
+	lines := make([]string, len(ps))
+	for i, p := range ps {
+		if p.Line > 0 {
+			lines[i] = fmt.Sprintf("%s:%d: %s", e.File, p.Line, p)
+		} else {
+			lines[i] = fmt.Sprintf("%s: %s", e.File, p)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+var (
+	yamlLine     = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+	unknownField = regexp.MustCompile(`^field (\S+) not found in type config\.(\w+)$`)
+)
+
+// knownKeys maps the Go type names yaml reports to their YAML keys.
+var knownKeys = map[string]reflect.Type{
+	"Config": reflect.TypeFor[Config](), "Self": reflect.TypeFor[Self](), "Router": reflect.TypeFor[Router](),
+	"MailServer": reflect.TypeFor[MailServer](), "IMAP": reflect.TypeFor[IMAP](),
+	"Dashboard": reflect.TypeFor[Dashboard](), "Partner": reflect.TypeFor[Partner](),
+}
+
+func keysOf(t reflect.Type) []string {
+	var keys []string
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if opts == "inline" {
+			keys = append(keys, keysOf(f.Type)...)
+			continue
+		}
+		if tag != "" && tag != "-" {
+			keys = append(keys, tag)
+		}
+	}
+	return keys
+}
+
+// problemFromYAML turns a yaml error ("line 5: field foo not found in type
+// config.Partner") into a Problem with a readable message.
+func problemFromYAML(err error) Problem {
+	msg := err.Error()
+	p := Problem{Msg: msg}
+	if m := yamlLine.FindStringSubmatch(msg); m != nil {
+		p.Line, _ = strconv.Atoi(m[1])
+		p.Msg = m[2]
+	}
+	if m := unknownField.FindStringSubmatch(p.Msg); m != nil {
+		p.Msg = fmt.Sprintf("unknown key %q", m[1])
+		if t, ok := knownKeys[m[2]]; ok {
+			keys := keysOf(t)
+			if best := closest(m[1], keys); best != "" {
+				p.Hint = fmt.Sprintf("did you mean %q?", best)
+			} else {
+				p.Hint = "known keys: " + strings.Join(keys, ", ")
+			}
+		}
+	}
+	return p
+}
+
+// closest returns the key within edit distance 2 of s, if any.
+func closest(s string, keys []string) string {
+	best, bestD := "", 3
+	for _, k := range keys {
+		if d := editDistance(s, k); d < bestD {
+			best, bestD = k, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+// nodeLines maps field paths ("partners[1].listen") to their lines.
+func nodeLines(root *yaml.Node) map[string]int {
+	lines := map[string]int{}
+	var walk func(n *yaml.Node, path string)
+	walk = func(n *yaml.Node, path string) {
+		switch n.Kind {
+		case yaml.DocumentNode:
+			for _, c := range n.Content {
+				walk(c, path)
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k := n.Content[i]
+				p := k.Value
+				if path != "" {
+					p = path + "." + k.Value
+				}
+				lines[p] = k.Line
+				walk(n.Content[i+1], p)
+			}
+		case yaml.SequenceNode:
+			for i, c := range n.Content {
+				p := fmt.Sprintf("%s[%d]", path, i)
+				lines[p] = c.Line
+				walk(c, p)
+			}
+		}
+	}
+	walk(root, "")
+	return lines
+}
