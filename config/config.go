@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"reflect"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -339,8 +340,12 @@ func Parse(path string, data []byte) (*Config, error) {
 		e.add(problemFromYAML(err))
 		return nil, e
 	}
+	// Unknown keys are found on the tree, beside the types, each with its
+	// line; the decoder reports what does not fit a type.
+	for _, p := range unknownKeys(&root, reflect.TypeFor[Config](), "") {
+		e.add(p)
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil {
 		if te, ok := err.(*yaml.TypeError); ok {
 			for _, msg := range te.Errors {

@@ -233,3 +233,26 @@ partners:
 		}
 	}
 }
+
+// TestUnknownNestedKeys: an unknown key is found at any depth (a section
+// within a section, a partner's TLS settings, a list of local addresses),
+// with its line and the closest key; values that decode themselves
+// (durations) are not walked into.
+func TestUnknownNestedKeys(t *testing.T) {
+	bad := strings.Replace(minimal, "partners:\n", `alerts: {webhook: {ur: https://x.test/hook}, digest: 2m}
+local:
+  - {address: adt@h.test, imap: {addr: 127.0.0.1:1143, tls: none, usename: adt}}
+partners:
+`, 1)
+	bad = strings.Replace(bad, "allow_unencrypted: true}", "allow_unencrypted: true, listen_tls: {cert_fil: c.pem}, idle_timeout: 5m}", 1)
+	_, err := Parse("x.yaml", []byte(bad))
+	for _, want := range []string{`x.yaml:5: unknown key "ur" (did you mean "url"?)`, `x.yaml:7: unknown key "usename" (did you mean "username"?)`,
+		`x.yaml:9: unknown key "cert_fil" (did you mean "cert_file"?)`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse = %v; want %q", err, want)
+		}
+	}
+	if err != nil && strings.Contains(err.Error(), "idle_timeout") {
+		t.Errorf("a duration reported: %v", err)
+	}
+}

@@ -59,53 +59,101 @@ func (e *Error) Error() string {
 	return strings.Join(lines, "\n")
 }
 
-var (
-	yamlLine     = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
-	unknownField = regexp.MustCompile(`^field (\S+) not found in type config\.(\w+)$`)
-)
+var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
 
-// knownKeys maps the Go type names yaml reports to their YAML keys.
-var knownKeys = map[string]reflect.Type{
-	"Config": reflect.TypeFor[Config](), "Self": reflect.TypeFor[Self](), "Router": reflect.TypeFor[Router](),
-	"MailServer": reflect.TypeFor[MailServer](), "IMAP": reflect.TypeFor[IMAP](),
-	"Dashboard": reflect.TypeFor[Dashboard](), "Partner": reflect.TypeFor[Partner](),
-}
-
-func keysOf(t reflect.Type) []string {
-	var keys []string
+// keysOf returns the YAML keys of struct type t: the yaml tags of its
+// fields, those of inline fields included.
+func keysOf(t reflect.Type) map[string]reflect.Type {
+	keys := map[string]reflect.Type{}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
 		tag, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 		if opts == "inline" {
-			keys = append(keys, keysOf(f.Type)...)
+			for k, ft := range keysOf(f.Type) {
+				keys[k] = ft
+			}
 			continue
 		}
 		if tag != "" && tag != "-" {
-			keys = append(keys, tag)
+			keys[tag] = f.Type
 		}
 	}
 	return keys
 }
 
-// problemFromYAML turns a yaml error ("line 5: field foo not found in type
-// config.Partner") into a Problem with a readable message.
+var unmarshaler = reflect.TypeFor[yaml.Unmarshaler]()
+
+// unknownKeys walks the YAML tree n beside the Go type t it decodes into
+// and reports every mapping key that names no field, at its line, with
+// the closest known key as a hint (or the known keys).
+func unknownKeys(n *yaml.Node, t reflect.Type, path string) []Problem {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(unmarshaler) {
+		return nil // decodes itself (Duration)
+	}
+	var out []Problem
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			out = append(out, unknownKeys(c, t, path)...)
+		}
+	case yaml.MappingNode:
+		switch t.Kind() {
+		case reflect.Struct:
+			keys := keysOf(t)
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k := n.Content[i]
+				p := k.Value
+				if path != "" {
+					p = path + "." + k.Value
+				}
+				ft, ok := keys[k.Value]
+				if !ok {
+					out = append(out, unknownKey(k, keys))
+					continue
+				}
+				out = append(out, unknownKeys(n.Content[i+1], ft, p)...)
+			}
+		case reflect.Map:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				out = append(out, unknownKeys(n.Content[i+1], t.Elem(), path+"."+n.Content[i].Value)...)
+			}
+		}
+	case yaml.SequenceNode:
+		if t.Kind() == reflect.Slice || t.Kind() == reflect.Array {
+			for i, c := range n.Content {
+				out = append(out, unknownKeys(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i))...)
+			}
+		}
+	}
+	return out
+}
+
+func unknownKey(k *yaml.Node, keys map[string]reflect.Type) Problem {
+	names := make([]string, 0, len(keys))
+	for name := range keys {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	p := Problem{Line: k.Line, Msg: fmt.Sprintf("unknown key %q", k.Value)}
+	if best := closest(k.Value, names); best != "" {
+		p.Hint = fmt.Sprintf("did you mean %q?", best)
+	} else {
+		p.Hint = "known keys: " + strings.Join(names, ", ")
+	}
+	return p
+}
+
+// problemFromYAML turns a yaml error ("line 5: cannot unmarshal ...") into
+// a Problem with its line.
 func problemFromYAML(err error) Problem {
 	msg := err.Error()
 	p := Problem{Msg: msg}
 	if m := yamlLine.FindStringSubmatch(msg); m != nil {
 		p.Line, _ = strconv.Atoi(m[1])
 		p.Msg = m[2]
-	}
-	if m := unknownField.FindStringSubmatch(p.Msg); m != nil {
-		p.Msg = fmt.Sprintf("unknown key %q", m[1])
-		if t, ok := knownKeys[m[2]]; ok {
-			keys := keysOf(t)
-			if best := closest(m[1], keys); best != "" {
-				p.Hint = fmt.Sprintf("did you mean %q?", best)
-			} else {
-				p.Hint = "known keys: " + strings.Join(keys, ", ")
-			}
-		}
 	}
 	return p
 }
