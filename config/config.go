@@ -5,6 +5,8 @@
 //
 // Decoding is strict (an unknown key is an error) and validation reports
 // every problem at once, each with its line.
+//
+// It imports, of this module, nothing.
 package config
 
 import (

@@ -8,6 +8,8 @@
 // Nothing it serves carries a payload or patient data: messages are shown
 // by their MSH header fields (type, control ID) and mail identifiers, and
 // the log records it streams carry none either.
+//
+// It imports, of this module, only config, hl7, mailbox, store.
 package dashboard
 
 import (

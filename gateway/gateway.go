@@ -5,6 +5,8 @@
 // deliverer that hands it to the router; and the responder that answers
 // with the router's response and the receipt. It starts everything or
 // nothing, and stops in reverse.
+//
+// It imports, of this module, only config, dashboard, hl7, internal/safefile, journal, mailbox, notify, security, store, surrogate.
 package gateway
 
 import (

@@ -5,6 +5,8 @@
 // original and enhanced acknowledgement modes.
 //
 // Only the header is parsed; the rest of a message is carried as opaque bytes.
+//
+// It imports, of this module, nothing.
 package hl7
 
 import (

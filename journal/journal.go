@@ -7,6 +7,8 @@
 // more '>' followed by "From " gets one more '>', which a reader removes.
 // The mail's own line ends (CRLF) are kept, so Read gives back the exact
 // bytes. Append syncs the file before it returns.
+//
+// It imports, of this module, only internal/safefile.
 package journal
 
 import (

@@ -1,6 +1,8 @@
 // Package mailbox is hl7mail's mail side (draft-ietf-ediint-hl7-02 §6.2 to
 // §6.4): the sender that takes stored messages to partners over SMTP, and
 // the inbound handling of partner mail.
+//
+// It imports, of this module, only config, hl7, journal, mllp, security, store.
 package mailbox
 
 import (

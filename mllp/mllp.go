@@ -6,6 +6,8 @@
 // Reader takes frames from a stream: several frames per read, frames split
 // across many reads, junk between frames and oversized or unterminated frames
 // are all reported without hanging or losing the framing of what follows.
+//
+// It imports, of this module, nothing.
 package mllp
 
 import (

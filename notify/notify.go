@@ -7,6 +7,8 @@
 // content. Notices run on their own and never hold up HL7 traffic.
 //
 // It imports store only, for the alerts and their notice marks.
+//
+// It imports, of this module, only store.
 package notify
 
 import (

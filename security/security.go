@@ -7,6 +7,8 @@
 //
 // The package is a library: it imports nothing of hl7mail's services and
 // logs nothing.
+//
+// It imports, of this module, nothing.
 package security
 
 import (

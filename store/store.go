@@ -12,6 +12,8 @@
 // see every accepted message wait for it, the queues (NextQueued,
 // QueuedList) read the database as it is and learn of new messages from
 // OnIngest.
+//
+// It imports, of this module, only internal/safefile.
 package store
 
 import (

@@ -4,6 +4,8 @@
 // surrogate answers each message with an accept ACK (§6.5.1) once the
 // message is durably stored — CA when stored, CE when it could not be stored
 // (send again), CR when it is not acceptable (do not send again).
+//
+// It imports, of this module, only hl7, mllp, store.
 package surrogate
 
 import (

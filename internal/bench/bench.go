@@ -2,6 +2,8 @@
 // measured in the same run: a bare MLLP server that appends each message to
 // a file and fsyncs it before answering. The ratio between the two is what
 // the store and the surrogate cost on top of the unavoidable fsync.
+//
+// It imports, of this module, only hl7, internal/demo, mllp, security, store, surrogate.
 package bench
 
 import (

@@ -1,6 +1,8 @@
 // Package corpus loads the sample HL7 v2 messages of the shared test data
 // (../shared/testdata/hl7/simhospital-messages.hl7 beside the repository):
 // messages whose segments end in CR, separated by blank lines.
+//
+// It imports, of this module, nothing.
 package corpus
 
 import (

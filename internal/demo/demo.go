@@ -3,6 +3,8 @@
 // an embedded SMTP/IMAP mail system; the lab on PGP, the clinic on S/MIME.
 // Messages go from the hospital's router through its surrogates, by mail,
 // to the partners' routers; their answers come back bundled with receipts.
+//
+// It imports, of this module, only config, dashboard, gateway, hl7, internal/embedded, mllp, security, store.
 package demo
 
 import (

@@ -3,6 +3,8 @@
 // private to the user running hl7mail (folders 0700, files 0600), never
 // reached through a symbolic link another user planted, and an export never
 // writes into a file or folder prepared by someone else.
+//
+// It imports, of this module, nothing.
 package safefile
 
 import (
