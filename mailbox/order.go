@@ -147,12 +147,12 @@ func (d *Deliverer) replyReady(ctx context.Context, p *config.Partner, q *store.
 }
 
 func (d *Deliverer) alertOnce(ctx context.Context, p *config.Partner, q *store.QueuedMessage, text string) {
-	d.mu.Lock()
-	done := d.alerted[q.ID]
-	d.alerted[q.ID] = true
-	d.mu.Unlock()
-	if !done {
-		raise(ctx, d.o.Store, d.log, store.Alert{Kind: store.AlertOrder, Partner: p.Name, ControlID: q.ControlID,
-			MessageID: q.MessageID, Text: text}, "partner", p.Name, "id", q.ID, "control_id", q.ControlID)
+	raised, err := d.o.Store.RaiseOnceEver(context.WithoutCancel(ctx), fmt.Sprintf("order:%d", q.ID), store.Alert{
+		Kind: store.AlertOrder, Partner: p.Name, ControlID: q.ControlID, MessageID: q.MessageID, Text: text})
+	if err != nil {
+		d.log.Error("alert not recorded", "alert", store.AlertOrder, "err", err)
+	}
+	if raised {
+		d.log.Error("ALERT "+text, "alert", store.AlertOrder, "partner", p.Name, "id", q.ID, "control_id", q.ControlID)
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -54,9 +53,6 @@ type Deliverer struct {
 	o   DelivererOptions
 	log *slog.Logger
 	q   *queue
-
-	mu      sync.Mutex
-	alerted map[int64]bool // messages whose wait for order was reported
 }
 
 // NewDeliverer returns a Deliverer; Run starts it.
@@ -76,8 +72,7 @@ func NewDeliverer(o DelivererOptions) (*Deliverer, error) {
 	if o.Poll == 0 {
 		o.Poll = 5 * time.Second
 	}
-	d := &Deliverer{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Inbound, o.Poll, o.Now, o.Logger),
-		alerted: map[int64]bool{}}
+	d := &Deliverer{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Inbound, o.Poll, o.Now, o.Logger)}
 	d.q.next = d.nextInOrder
 	return d, nil
 }

@@ -39,18 +39,18 @@ func SweepStuck(ctx context.Context, cfg *config.Config, st *store.Store, log *s
 			return alerted, err
 		}
 		for _, m := range stuck {
-			key := fmt.Sprintf("alerted-stuck:%d", m.ID)
-			if v, err := st.Value(ctx, key); err != nil || v != "" {
-				continue
-			}
 			attempts, _, lastErr, _ := st.Delivery(ctx, m.ID)
-			raise(ctx, st, log, store.Alert{Kind: store.AlertStuck, Partner: p.Name, ControlID: m.ControlID,
-				MessageID: m.MessageID, Text: "message not delivered to the router"},
-				"partner", p.Name, "id", m.ID, "control_id", m.ControlID,
-				"waiting", now.Sub(m.Received).Round(time.Second).String(), "attempts", attempts, "last_error", lastErr)
-			if err := st.SetValue(ctx, key, now.Format(time.RFC3339)); err != nil {
+			raised, err := st.RaiseOnceEver(ctx, fmt.Sprintf("stuck:%d", m.ID), store.Alert{Kind: store.AlertStuck,
+				Partner: p.Name, ControlID: m.ControlID, MessageID: m.MessageID, Text: "message not delivered to the router"})
+			if err != nil {
 				return alerted, err
 			}
+			if !raised {
+				continue
+			}
+			log.Error("ALERT message not delivered to the router", "alert", store.AlertStuck, "partner", p.Name, "id", m.ID,
+				"control_id", m.ControlID, "waiting", now.Sub(m.Received).Round(time.Second).String(), "attempts", attempts,
+				"last_error", lastErr)
 			alerted = append(alerted, m)
 		}
 	}

@@ -91,6 +91,28 @@ func (s *Store) RaiseOnce(ctx context.Context, key string, a Alert) (id int64, r
 	return s.raise(ctx, a, key)
 }
 
+// RaiseOnceEver records a as the alert of key unless an alert of key was
+// ever recorded, open or not: for an event told once (a message stuck at
+// the router, one delivered out of order), also across restarts. raised
+// tells whether it was recorded now.
+func (s *Store) RaiseOnceEver(ctx context.Context, key string, a Alert) (raised bool, err error) {
+	if key == "" {
+		return false, errors.New("store: RaiseOnceEver needs a key")
+	}
+	err = s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
+		res, err := tx.ExecContext(ctx, `INSERT INTO alerts (raised, kind, partner, control_id, message_id, text, key)
+			SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE key = ?)`,
+			now, a.Kind, a.Partner, a.ControlID, a.MessageID, a.Text, key, key)
+		if err != nil {
+			return fmt.Errorf("store: alert: %w", err)
+		}
+		n, _ := res.RowsAffected()
+		raised = n > 0
+		return nil
+	})
+	return raised, err
+}
+
 func (s *Store) raise(ctx context.Context, a Alert, key string) (id int64, raised bool, err error) {
 	err = s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
 		res, err := tx.ExecContext(ctx, `INSERT INTO alerts (raised, kind, partner, control_id, message_id, text, key)

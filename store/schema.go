@@ -118,7 +118,9 @@ var schema = []string{
 	// 14: every report that came back about a mail of ours, MDN or DSN
 	// (see Report); a note on the receipt an inbound message is to get
 	// (a request's Disposition-Notification-Options that could not be
-	// read, say), and the partner its answer goes to when another.
+	// read, say), and the partner its answer goes to when another. An
+	// alert told once ever is found by its key (RaiseOnceEver); the
+	// stuck-message marks kept in state until now become such keys.
 	`CREATE TABLE reports (
 		id                  INTEGER PRIMARY KEY,
 		received            INTEGER NOT NULL,
@@ -138,7 +140,14 @@ var schema = []string{
 	CREATE INDEX reports_mail ON reports(mail_message_id);
 	CREATE INDEX messages_outbound ON messages(message_id) WHERE direction = 'out';
 	ALTER TABLE messages ADD COLUMN receipt_note TEXT NOT NULL DEFAULT '';
-	ALTER TABLE messages ADD COLUMN answer_to TEXT NOT NULL DEFAULT '';`,
+	ALTER TABLE messages ADD COLUMN answer_to TEXT NOT NULL DEFAULT '';
+	CREATE INDEX alerts_key ON alerts(key) WHERE key != '';
+	INSERT INTO alerts (raised, kind, partner, control_id, message_id, text, key, acked, acked_by)
+		SELECT CAST(strftime('%s', value) AS INTEGER) * 1000000, 'router-stuck', '', '', '',
+			'message not delivered to the router (told before this version)', 'stuck:' || substr(key, 15),
+			CAST(strftime('%s', 'now') AS INTEGER) * 1000000, 'upgrade'
+		FROM state WHERE key LIKE 'alerted-stuck:%';
+	DELETE FROM state WHERE key LIKE 'alerted-stuck:%';`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

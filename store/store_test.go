@@ -500,3 +500,82 @@ func TestOldRecordFormat(t *testing.T) {
 		t.Errorf("decodeRecord(later form) = %+v, %v", got, err)
 	}
 }
+
+// TestRaiseOnceEver: an alert told once ever is recorded the first time
+// only: not again while open, nor once acknowledged, nor after a restart.
+func TestRaiseOnceEver(t *testing.T) {
+	dir := t.TempDir()
+	st, err := Open(Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	a := Alert{Kind: AlertStuck, Partner: "lab", Text: "message not delivered to the router"}
+	for i, want := range []bool{true, false} {
+		if raised, err := st.RaiseOnceEver(ctx, "stuck:1", a); err != nil || raised != want {
+			t.Errorf("RaiseOnceEver #%d = %v, %v; want %v", i+1, raised, err, want)
+		}
+	}
+	list, _ := st.Alerts(ctx, false, 10)
+	if len(list) != 1 || list[0].Key != "stuck:1" {
+		t.Fatalf("alerts %+v, want the one", list)
+	}
+	if err := st.AckAlert(ctx, list[0].ID, "ops"); err != nil {
+		t.Fatal(err)
+	}
+	if raised, _ := st.RaiseOnceEver(ctx, "stuck:1", a); raised {
+		t.Error("raised again once acknowledged")
+	}
+	if raised, _ := st.RaiseOnceEver(ctx, "stuck:2", a); !raised {
+		t.Error("another message's alert not raised")
+	}
+	st.Close()
+	st, err = Open(Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if raised, _ := st.RaiseOnceEver(ctx, "stuck:2", a); raised {
+		t.Error("raised again after a restart")
+	}
+}
+
+// TestStuckMarksUpgrade: the marks of stuck messages told before alerts
+// had keys become acknowledged alerts with those keys, so that the upgrade
+// tells none of them again.
+func TestStuckMarksUpgrade(t *testing.T) {
+	st, err := Open(Options{Dir: t.TempDir(), Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := context.Background()
+	if err := st.SetValue(ctx, "alerted-stuck:7", "2026-11-30T10:00:00Z"); err != nil {
+		t.Fatal(err)
+	}
+	// The statements of migration 14 that carry the marks over.
+	var stmts []string
+	for _, q := range strings.Split(schema[13], ";") {
+		if strings.Contains(q, "alerted-stuck") {
+			stmts = append(stmts, q)
+		}
+	}
+	if len(stmts) != 2 {
+		t.Fatalf("migration 14 has %d statements about the marks, want 2", len(stmts))
+	}
+	for _, q := range stmts {
+		if _, err := st.updater.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	if v, _ := st.Value(ctx, "alerted-stuck:7"); v != "" {
+		t.Errorf("the mark is left: %q", v)
+	}
+	if raised, _ := st.RaiseOnceEver(ctx, "stuck:7", Alert{Kind: AlertStuck, Text: "x"}); raised {
+		t.Error("message 7 told again after the upgrade")
+	}
+	all, _ := st.Alerts(ctx, true, 10)
+	if len(all) != 1 || all[0].Key != "stuck:7" || all[0].AckedBy != "upgrade" || all[0].Raised.Year() != 2026 {
+		t.Errorf("alerts %+v, want the acknowledged alert of message 7", all)
+	}
+}
