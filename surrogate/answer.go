@@ -25,7 +25,7 @@ func (c *conn) handleBatch(frame []byte) {
 		return
 	}
 	log := c.log.With("control_id", b.Header.ControlID)
-	ctx, cancel := context.WithTimeout(context.Background(), c.s.opts.CommitTimeout)
+	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
 	defer cancel()
 	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
 		ControlID: b.Header.ControlID, MessageType: hl7.BatchType, Payload: bytes.Clone(frame)})
@@ -64,7 +64,7 @@ func (c *conn) handleBatch(frame []byte) {
 // rendezvous waits for the partner's response to message id and writes it
 // on the router's connection, or answers that it timed out.
 func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
-	resp, written, err := c.s.opts.Rendezvous(context.Background(), id)
+	resp, written, err := c.s.opts.Rendezvous(c.s.base, id)
 	if err != nil {
 		log.Warn("no response from the partner in time; the message is stored and will be delivered", "id", id, "err", err)
 		c.answer(h, hl7.CommitError, "timed out waiting for the partner's response; the message is stored and will be delivered",

@@ -142,6 +142,10 @@ type Server struct {
 	wg       sync.WaitGroup
 	nextConn atomic.Uint64
 	panics   atomic.Int64
+	// base is the context of every connection's waits (the store's commit,
+	// a rendezvous); Close cancels it, so that nothing waits on after.
+	base       context.Context
+	cancelBase context.CancelFunc
 }
 
 // New returns a Server; it listens once Serve or ListenAndServe is called.
@@ -178,6 +182,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{},
 		perHost: map[string]int{}}
+	s.base, s.cancelBase = context.WithCancel(context.Background())
 	s.lim.Store(&Limits{MaxMessageSize: opts.MaxMessageSize, MaxConnections: opts.MaxConnections,
 		MaxConnectionsPerHost: opts.MaxConnectionsPerHost, IdleTimeout: opts.IdleTimeout, FirstFrameTimeout: opts.FirstFrameTimeout})
 	return s, nil
@@ -292,9 +297,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
-// Close closes the listener and every connection at once.
+// Close closes the listener and every connection at once, and ends what
+// they wait for.
 func (s *Server) Close() error {
 	s.closing.Store(true)
+	s.cancelBase()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var err error
@@ -459,7 +466,7 @@ func (c *conn) frameError(err error) bool {
 // handle stores a well-formed message and answers it.
 func (c *conn) handle(h *hl7.Header, frame []byte) {
 	log := c.log.With("control_id", h.ControlID)
-	ctx, cancel := context.WithTimeout(context.Background(), c.s.opts.CommitTimeout)
+	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
 	defer cancel()
 	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{
 		Direction:   store.Outbound,

@@ -553,3 +553,38 @@ func TestBatch(t *testing.T) {
 		}
 	}
 }
+
+// stuckSpool never finishes an Accept until its context ends: a store
+// stalled.
+type stuckSpool struct{ entered chan struct{} }
+
+func (s stuckSpool) Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error) {
+	s.entered <- struct{}{}
+	<-ctx.Done()
+	return store.Accepted{}, ctx.Err()
+}
+
+// TestShutdownCutsWaits: when Shutdown's bound runs out, a commit still
+// waiting on the store is ended at once (the connections' waits hang off
+// the server's base context, which Close cancels), not after the whole
+// commit timeout.
+func TestShutdownCutsWaits(t *testing.T) {
+	spool := stuckSpool{entered: make(chan struct{}, 1)}
+	s, addr := start(t, Options{Spool: spool, CommitTimeout: time.Minute})
+	c := dial(t, addr)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c.Send(ctx, []byte(oru("stuck", "AL")))
+	}()
+	<-spool.entered
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown = %v, want the deadline's error", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Shutdown took %s with a 100ms bound and a commit stalled for a minute", d)
+	}
+}
