@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/notify"
 	"github.com/hl7mail/hl7mail/store"
@@ -75,8 +76,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.receiver = &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
-		Store: g.store, Journal: g.incoming, Logger: log.With("component", "receiver"), Notify: s.sender.Notify}
+	s.receiver = NewReceiver(cfg, keys, g.store, g.incoming, log.With("component", "receiver"), s.sender.Notify)
 	// Without imap.addr, mail comes in only through "hl7mail receive"
 	// (an MTA's pipe, draft-ietf-ediint-hl7-02 §6.2 figure 7).
 	if cfg.IMAP.Addr != "" {
@@ -173,6 +173,16 @@ func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log
 		o.Webhook = &notify.Webhook{URL: a.Webhook.URL, Token: token}
 	}
 	return notify.New(o)
+}
+
+// NewReceiver is the one inbound pipeline of cfg and keys: the running
+// instance's, and that of the commands that take mail with it stopped
+// (receive, release). incoming (the journal), log and notify may be nil
+// for a command that only releases.
+func NewReceiver(cfg *config.Config, keys *Keys, st *store.Store, incoming *journal.Journal, log *slog.Logger,
+	notify func(partner string)) *mailbox.Receiver {
+	return &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
+		Store: st, Journal: incoming, Logger: log, Notify: notify}
 }
 
 // start runs the side until stop.

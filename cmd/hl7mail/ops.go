@@ -407,7 +407,7 @@ func releaseStopped(cfg *config.Config, id int64, by, note string) (int64, error
 		return 0, err
 	}
 	defer st.Close()
-	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer}, Store: st}
+	r := gateway.NewReceiver(cfg, keys, st, nil, nil, nil)
 	res, err := r.Release(context.Background(), id, by, note)
 	return res.ID, err
 }

@@ -203,8 +203,7 @@ func receiveStopped(cfg *config.Config, raw []byte, size int64, to string) (dash
 		return a, err
 	}
 	defer j.Close()
-	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
-		Store: st, Journal: j}
+	r := gateway.NewReceiver(cfg, keys, st, j, nil, nil)
 	var res mailbox.Result
 	if size > int64(cfg.IMAP.MaxMailSize) {
 		res, err = r.HandleOversize(context.Background(), raw, size)
