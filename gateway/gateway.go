@@ -109,23 +109,32 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	cfg := opts.Config
 	g := &Gateway{opts: opts, log: opts.Logger, rdv: newRendezvous(), metrics: dashboard.NewMetrics(),
 		ids: hl7.NewIDGen("HM", time.Now()), surrogates: map[string]*partnerListener{}}
+	// What starts is listed with how to undo it; a failure undoes the
+	// list in reverse, and only what started (maddy's lifetime list).
+	var undo []func()
+	failed := func(err error) (*Gateway, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		return nil, err
+	}
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
 	if err != nil {
 		return nil, err
 	}
 	g.store = st
+	undo = append(undo, func() { st.Close() })
 	if g.outgoing, err = journal.Open(filepath.Join(cfg.StoreDir(), OutgoingJournal)); err != nil {
-		st.Close()
-		return nil, err
+		return failed(err)
 	}
+	undo = append(undo, func() { g.outgoing.Close() })
 	if g.incoming, err = journal.Open(filepath.Join(cfg.StoreDir(), IncomingJournal)); err != nil {
-		g.rollback()
-		return nil, err
+		return failed(err)
 	}
+	undo = append(undo, func() { g.incoming.Close() })
 	sd, err := g.buildSide(cfg, opts.Keys)
 	if err != nil {
-		g.rollback()
-		return nil, err
+		return failed(err)
 	}
 	g.cur.Store(sd)
 	// The sender and the deliverer read their queues from the database:
@@ -140,22 +149,21 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	for i := range cfg.Partners {
 		pl, err := g.newSurrogate(ctx, cfg, &cfg.Partners[i])
 		if err != nil {
-			g.rollback()
-			return nil, err
+			return failed(err)
 		}
 		g.surrogates[pl.partner.Name] = pl
+		undo = append(undo, func() { pl.ln.Close() })
 	}
 	if !opts.NoDashboard {
 		if err := g.startDashboard(opts); err != nil {
-			g.rollback()
-			return nil, err
+			return failed(err)
 		}
+		undo = append(undo, func() { g.dashLn.Close(); g.ctlLn.Close() })
 	}
 	g.keyProblems(ctx, opts.Keys)
 	// Requests the router took before a crash cut off their response.
 	if err := sd.responder.Recover(ctx); err != nil {
-		g.rollback()
-		return nil, fmt.Errorf("responses left unsent: %w", err)
+		return failed(fmt.Errorf("responses left unsent: %w", err))
 	}
 	sd.start()
 	g.mu.Lock()
@@ -261,23 +269,6 @@ func (g *Gateway) keyProblems(ctx context.Context, keys *Keys) {
 
 // keyAlertPrefix starts the alert key of a key that expires soon, or did.
 const keyAlertPrefix = "key-expiry:"
-
-// rollback releases what Start opened before it failed.
-func (g *Gateway) rollback() {
-	if g.dashLn != nil {
-		g.dashLn.Close()
-		g.ctlLn.Close()
-	}
-	for _, pl := range g.surrogates {
-		pl.ln.Close()
-	}
-	for _, j := range []*journal.Journal{g.outgoing, g.incoming} {
-		if j != nil {
-			j.Close()
-		}
-	}
-	g.store.Close()
-}
 
 // retryBase is the sender's first wait after a failed submission: the
 // option, else smtp.retry, else 30s.
