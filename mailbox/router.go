@@ -280,9 +280,7 @@ func (d *Deliverer) deliverSplit(ctx context.Context, m store.Message, addr stri
 	if v, _ := d.o.Store.Value(rctx, key); v != "" {
 		parts := bytes.Split([]byte(v), []byte{0x1c})
 		done, _ = strconv.Atoi(string(parts[0]))
-		for _, a := range parts[1:] {
-			acks = append(acks, a)
-		}
+		acks = append(acks, parts[1:]...)
 	}
 	for i := done; i < len(b.Messages); i++ {
 		h := b.Headers[i]
