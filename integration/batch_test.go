@@ -37,19 +37,8 @@ func TestBatches(t *testing.T) {
 	hRouter := startPyRouter(t, python, filepath.Join(dir, "hospital-router"))
 	labRouter := startPyRouter(t, python, filepath.Join(dir, "lab-router"))
 	toLab := freePort(t)
-	site := func(name, email, router, partner string, listen map[string]string) *instance {
-		p := filepath.Join(dir, name, "partners.yaml")
-		os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: private.asc}
-store: var
-router: {addr: %s, ack_timeout: 10s}
-smtp: {addr: %s, tls: none, retry: 300ms}
-imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 1s}
-dashboard: {addr: %s}
-partners:
-%s`, name, email, router, w.SMTPAddr, w.IMAPAddr, email, freePort(t), partner)), 0o600)
-		in := &instance{t: t, dir: filepath.Join(dir, name), config: p, listen: listen}
-		t.Cleanup(in.stop)
-		return in
+	site := func(name, email, router, partners string, listen map[string]string) *instance {
+		return worldSite(t, w, dir, name, email, router, partners, listen)
 	}
 	hospital := site("hospital", "edi@hospital.test", hRouter.addr,
 		fmt.Sprintf("  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc}\n", toLab),

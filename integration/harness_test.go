@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
 )
 
@@ -324,6 +325,28 @@ func sharedDir(t *testing.T, prefix string) string {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o755)
 	return dir
+}
+
+// worldSite writes the configuration of a site on the embedded mail
+// servers of w, in dir/name (its keys made there by siteKeys), whose router
+// is router and whose partners are the partners lines, and returns its
+// instance (not started).
+func worldSite(t *testing.T, w *embedded.World, dir, name, email, router, partners string, listen map[string]string) *instance {
+	t.Helper()
+	p := filepath.Join(dir, name, "partners.yaml")
+	if err := os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: private.asc}
+store: var
+router: {addr: %s, ack_timeout: 10s}
+smtp: {addr: %s, tls: none, retry: 300ms}
+imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 1s}
+dashboard: {addr: %s}
+partners:
+%s`, name, email, router, w.SMTPAddr, w.IMAPAddr, email, freePort(t), partners)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in := &instance{t: t, dir: filepath.Join(dir, name), config: p, listen: listen}
+	t.Cleanup(in.stop)
+	return in
 }
 
 // mailServers are real Postfix and Dovecot started by mailservers.sh.

@@ -36,19 +36,8 @@ func TestRendezvousMLLPSend(t *testing.T) {
 	labRouter, _ := embedded.StartRouter("127.0.0.1:0")
 	defer labRouter.Close()
 	toLab := freePort(t)
-	site := func(name, email, router, partner string, listen map[string]string) *instance {
-		p := filepath.Join(dir, name, "partners.yaml")
-		os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: private.asc}
-store: var
-router: {addr: %s, ack_timeout: 5s}
-smtp: {addr: %s, tls: none, retry: 500ms}
-imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 1s}
-dashboard: {addr: %s}
-partners:
-%s`, name, email, router, w.SMTPAddr, w.IMAPAddr, email, freePort(t), partner)), 0o600)
-		in := &instance{t: t, dir: filepath.Join(dir, name), config: p, listen: listen}
-		t.Cleanup(in.stop)
-		return in
+	site := func(name, email, router, partners string, listen map[string]string) *instance {
+		return worldSite(t, w, dir, name, email, router, partners, listen)
 	}
 	hospital := site("hospital", "edi@hospital.test", hRouter.Addr, fmt.Sprintf(
 		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc, ack_mode: rendezvous, rendezvous_timeout: 3s}\n",

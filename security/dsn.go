@@ -46,14 +46,7 @@ var statusCode = regexp.MustCompile(`^[245]\.[0-9]{1,3}\.[0-9]{1,3}$`)
 
 // ParseDSN reads a delivery-status report (a whole message).
 func ParseDSN(mail []byte) (*DSN, error) {
-	e, err := parseEntity(mail)
-	if err != nil {
-		return nil, err
-	}
-	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], "delivery-status") {
-		return nil, malformed("DSN is %s; report-type=%s", token(e.typ), token(e.params["report-type"]))
-	}
-	parts, err := e.parts()
+	parts, err := reportParts(mail, "DSN", "delivery-status")
 	if err != nil {
 		return nil, err
 	}

@@ -217,14 +217,7 @@ func oneLine(s string) string {
 // ParseMDN reads a multipart/report; report-type=disposition-notification
 // entity.
 func ParseMDN(entity []byte) (*MDN, error) {
-	e, err := parseEntity(entity)
-	if err != nil {
-		return nil, err
-	}
-	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], "disposition-notification") {
-		return nil, malformed("MDN is %s; report-type=%s", token(e.typ), token(e.params["report-type"]))
-	}
-	parts, err := e.parts()
+	parts, err := reportParts(entity, "MDN", "disposition-notification")
 	if err != nil {
 		return nil, err
 	}
@@ -262,6 +255,19 @@ func ParseMDN(entity []byte) (*MDN, error) {
 		return nil, malformed("MDN has no message/disposition-notification part")
 	}
 	return m, nil
+}
+
+// reportParts returns the parts of a multipart/report entity of
+// reportType (RFC 6522): an MDN's or a DSN's, what names it in errors.
+func reportParts(entity []byte, what, reportType string) ([][]byte, error) {
+	e, err := parseEntity(entity)
+	if err != nil {
+		return nil, err
+	}
+	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], reportType) {
+		return nil, malformed("%s is %s; report-type=%s", what, token(e.typ), token(e.params["report-type"]))
+	}
+	return e.parts()
 }
 
 func (m *MDN) readFields(b []byte) error {

@@ -31,18 +31,9 @@ whether or not hl7mail serve is running.`, stderr)
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
-	cfg, err := config.Load(*cfgPath)
+	st, err := readStore(*cfgPath, "messages")
 	if err != nil {
 		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
-		fmt.Fprintf(stderr, "hl7mail messages: no store in %s (has hl7mail serve run?)\n", cfg.StoreDir())
-		return 1
-	}
-	st, err := store.OpenReadOnly(cfg.StoreDir())
-	if err != nil {
-		fmt.Fprintln(stderr, "hl7mail messages:", err)
 		return 1
 	}
 	defer st.Close()
@@ -74,6 +65,23 @@ whether or not hl7mail serve is running.`, stderr)
 	}
 	tw.Flush()
 	return 0
+}
+
+// readStore opens the store of the configuration at cfgPath read-only,
+// for command cmd: it works whether or not hl7mail serve is running.
+func readStore(cfgPath, cmd string) (*store.Store, error) {
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
+		return nil, fmt.Errorf("hl7mail %s: no store in %s (has hl7mail serve run?)", cmd, cfg.StoreDir())
+	}
+	st, err := store.OpenReadOnly(cfg.StoreDir())
+	if err != nil {
+		return nil, fmt.Errorf("hl7mail %s: %w", cmd, err)
+	}
+	return st, nil
 }
 
 // dash is term(s), or "-" for an empty s.
@@ -111,18 +119,9 @@ it. The mails themselves are in the incoming journal.`, stderr)
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
-	cfg, err := config.Load(*cfgPath)
+	st, err := readStore(*cfgPath, "reports")
 	if err != nil {
 		fmt.Fprintln(stderr, err)
-		return 1
-	}
-	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
-		fmt.Fprintf(stderr, "hl7mail reports: no store in %s (has hl7mail serve run?)\n", cfg.StoreDir())
-		return 1
-	}
-	st, err := store.OpenReadOnly(cfg.StoreDir())
-	if err != nil {
-		fmt.Fprintln(stderr, "hl7mail reports:", err)
 		return 1
 	}
 	defer st.Close()
