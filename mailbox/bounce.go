@@ -87,10 +87,16 @@ func (r *Receiver) bounce(ctx context.Context, log *slog.Logger, sender, mailID 
 		}
 		rep.Outcome = "bounced"
 		if !changed {
+			// A receipt came already, or the message was sent again
+			// meanwhile: recorded, and left as it is.
 			rep.Outcome = "bounced after " + string(m.State)
 		}
 		if _, err := r.Store.AddReport(ctx, rep); err != nil {
 			return Result{}, err
+		}
+		if !changed {
+			log.Warn("a bounce for a message no longer waiting on this mail; recorded only", append(attrs, "state", string(m.State))...)
+			break
 		}
 		raise(ctx, r.Store, log, store.Alert{Kind: store.AlertBounced, Partner: p.Name, ControlID: m.ControlID, MessageID: m.MessageID,
 			Text: "message bounced: " + detail}, attrs...)

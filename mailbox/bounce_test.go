@@ -39,7 +39,7 @@ func TestBounce(t *testing.T) {
 	st := r.Store
 	ctx := context.Background()
 	sent := map[string]int64{}
-	for _, id := range []string{"b1", "b2", "b3"} {
+	for _, id := range []string{"b1", "b2", "b3", "b4"} {
 		a, err := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "hospital", ControlID: id, Payload: []byte(id)})
 		if err != nil {
 			t.Fatal(err)
@@ -58,6 +58,11 @@ func TestBounce(t *testing.T) {
 			t.Errorf("%s: %+v (bounce %+v), %v; want outcome %s", name, res, res.Bounce, err, outcome)
 		}
 	}
+	if _, err := st.SetReceipt(ctx, "<b4@partner.test>", store.PendingMatched, store.MatchByMessageID, false); err != nil {
+		t.Fatal(err)
+	}
+	check("failed, for a message whose receipt came", dsnMail("<d5@mail>", "b4@partner.test", "", "edi@hospital.test", "failed", "5.1.1"),
+		"bounced after acknowledged")
 	check("failed, by ENVID", dsnMail("<d1@mail>", "b1@partner.test", "<other@x>", "edi@hospital.test", "failed", "5.1.1"), "bounced")
 	check("again", dsnMail("<d1@mail>", "b1@partner.test", "<other@x>", "edi@hospital.test", "failed", "5.1.1"), "bounced")
 	check("failed, by returned header", dsnMail("<d2@mail>", "", "<b2@partner.test>", "edi@hospital.test", "failed", "5.2.2"), "bounced")
@@ -66,7 +71,7 @@ func TestBounce(t *testing.T) {
 	if err != nil || res.Quarantine == nil || res.Quarantine.Reason != ReasonUnknownBounce {
 		t.Errorf("unknown bounce: %+v, %v; want quarantined as %s", res, err, ReasonUnknownBounce)
 	}
-	for id, want := range map[string]store.State{"b1": store.Bounced, "b2": store.Bounced, "b3": store.Sent} {
+	for id, want := range map[string]store.State{"b1": store.Bounced, "b2": store.Bounced, "b3": store.Sent, "b4": store.Acknowledged} {
 		m, _ := st.Get(ctx, sent[id])
 		if m.State != want {
 			t.Errorf("%s: %s, want %s", id, m.State, want)
@@ -91,10 +96,10 @@ func TestBounce(t *testing.T) {
 		}
 	}
 	if bounced != 2 {
-		t.Errorf("%d bounce alerts, want 2 (one a message): %+v", bounced, alerts)
+		t.Errorf("%d bounce alerts, want 2 (one a message, none for the acknowledged one): %+v", bounced, alerts)
 	}
-	if reports, _ := st.Reports(ctx, store.ReportFilter{}); len(reports) != 3 {
-		t.Errorf("%d reports, want 3 (the repeated one recorded once): %+v", len(reports), reports)
+	if reports, _ := st.Reports(ctx, store.ReportFilter{}); len(reports) != 4 {
+		t.Errorf("%d reports, want 4 (the repeated one recorded once): %+v", len(reports), reports)
 	}
 	// A bounced message goes back into its queue with retry.
 	if n, err := st.RetryAll(ctx, "hospital"); err != nil || n["hospital"] != 2 {
