@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -94,6 +95,22 @@ func TestDashboardBrowser(t *testing.T) {
 		const line = [...document.querySelectorAll('#log li')].some(li => li.textContent.includes('control_id=' + id));
 		return row && line;`, id), 2*time.Second)
 	t.Logf("message %s shown in the table and the live tail %s after its CA", h.ControlID, took.Round(time.Millisecond))
+
+	// A plain receipt from the partner (security: none) that names no
+	// message of ours: recorded, and listed under receipts and bounces.
+	receipt := "From: tucker-lab@partner.test\r\nTo: edi@hospital.test\r\nMessage-ID: <r1@partner.test>\r\n" +
+		"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=disposition-notification; boundary=\"R\"\r\n\r\n" +
+		"--R\r\nContent-Type: text/plain\r\n\r\nProcessed.\r\n--R\r\nContent-Type: message/disposition-notification\r\n\r\n" +
+		"Reporting-UA: partner.test; theirs\r\nFinal-Recipient: rfc822; tucker-lab@partner.test\r\n" +
+		"Original-Message-ID: <never-sent@hospital.test>\r\nDisposition: automatic-action/MDN-sent-automatically; processed\r\n\r\n--R--\r\n"
+	recv := exec.Command(binary, "receive", "-config", in.config)
+	recv.Stdin = strings.NewReader(receipt)
+	if out, err := recv.CombinedOutput(); err != nil {
+		t.Fatalf("hl7mail receive of a receipt: %v\n%s", err, out)
+	}
+	b.waitFor("the receipt in the list of receipts and bounces", `
+		return [...document.querySelectorAll('#reports li')].some(li => li.textContent.includes('MDN processed → unknown'));`,
+		10*time.Second)
 
 	var text string
 	b.eval(`return document.body.innerText`, &text)

@@ -166,6 +166,18 @@ async function loadQuarantine() {
   }));
 }
 
+// The receipts (MDNs) and bounces (DSNs) that came back, newest first:
+// what each said and what hl7mail made of it.
+async function loadReports() {
+  fillList($("reports"), await api("api/reports?limit=50"), "No receipts or bounces yet.", (r) => ({
+    key: "report",
+    text: fmtTime(r.received) + " " + (r.partner || "-") + ": " + r.type.toUpperCase() + " " + r.disposition +
+      (r.final_delivery ? " (final destination)" : "") + (r.unsigned ? " (unsigned)" : "") + " → " + r.outcome +
+      (r.message ? " [message " + r.message + "]" : "") + (r.detail ? " — " + r.detail : ""),
+    title: r.original_message_id,
+  }));
+}
+
 async function loadMessages() {
   const q = $("search").value.trim();
   const list = await api("api/messages?limit=200&q=" + encodeURIComponent(q));
@@ -200,7 +212,7 @@ async function loadMessages() {
 
 async function refresh() {
   try {
-    await Promise.all([loadOverview(), loadAlerts(), loadQuarantine(), loadMessages()]);
+    await Promise.all([loadOverview(), loadAlerts(), loadQuarantine(), loadReports(), loadMessages()]);
   } catch (e) {
     $("updated").textContent = "update failed: " + e.message;
   }
