@@ -136,22 +136,15 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		return conn, true
 	}
 	addr := d.o.Config.RouterForMail(p, m.Recipient)
-	// An acknowledgement, or a message asking for none (MSH-15 NE), gets no
-	// answer from the router: it is delivered once written; so is a batch
-	// acknowledgement. Another batch is answered (HL7 v2.5 §2.10.3).
-	wantsAck := true
-	if h, err := hl7.ParseHeader(m.Payload); err == nil && (h.IsAck() || h.AcceptAckType == "NE") {
-		wantsAck = false
-	} else if _, err := hl7.ParseBatchAck(m.Payload); err == nil {
-		wantsAck = false // a batch acknowledgement is an answer itself
-	}
 	var ack []byte
 	var err error
-	if hl7.IsBatch(m.Payload) && p.BatchSplit {
+	split := hl7.IsBatch(m.Payload) && p.BatchSplit
+	if split {
 		conn, ack, err = d.deliverSplit(ctx, m, addr, conn, log)
 	} else {
-		conn, ack, err = d.exchange(ctx, conn, addr, m.Payload, wantsAck)
-		if err == nil && wantsAck {
+		wants := expectsAnswer(m.Payload)
+		conn, ack, err = d.exchange(ctx, conn, addr, m.Payload, wants)
+		if err == nil && wants {
 			err = replyError(m.ControlID, ack)
 		}
 	}
@@ -175,7 +168,7 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		log.Error("store", "err", err)
 		return conn, false
 	}
-	if hl7.IsBatch(m.Payload) && p.BatchSplit {
+	if split {
 		if err := d.o.Store.SetValue(rctx, batchKey(m.ID), ""); err != nil {
 			log.Error("store", "err", err)
 		}
@@ -186,10 +179,8 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 		}
 	}
 	code := "none expected"
-	if r, err := hl7.ParseAck(ack); err == nil {
-		code = string(r.Code)
-	} else if r, err := hl7.ParseBatchAck(ack); err == nil {
-		code = "batch " + string(r.Code())
+	if c, _, _, err := answerOf(ack); err == nil {
+		code = string(c)
 	}
 	log.Info("delivered to router", "router", addr, "ack", code)
 	if d.o.Delivered != nil {
@@ -230,6 +221,18 @@ func (d *Deliverer) exchange(ctx context.Context, conn *mllp.Client, addr string
 		return conn, nil, err
 	}
 	return conn, bytes.Clone(reply), nil
+}
+
+// expectsAnswer reports whether the router answers payload: not an
+// acknowledgement, nor a message asking for none (MSH-15 NE), nor a batch
+// acknowledgement; those are delivered once written. Any other message or
+// batch is answered (HL7 v2.5 §2.9, §2.10.3).
+func expectsAnswer(payload []byte) bool {
+	if h, err := hl7.ParseHeader(payload); err == nil {
+		return !h.IsAck() && h.AcceptAckType != "NE"
+	}
+	_, err := hl7.ParseBatchAck(payload)
+	return err != nil
 }
 
 // replyError says what is wrong with the router's answer to the message
@@ -284,7 +287,7 @@ func (d *Deliverer) deliverSplit(ctx context.Context, m store.Message, addr stri
 	}
 	for i := done; i < len(b.Messages); i++ {
 		h := b.Headers[i]
-		wants := !h.IsAck() && h.AcceptAckType != "NE"
+		wants := expectsAnswer(b.Messages[i])
 		var reply []byte
 		conn, reply, err = d.exchange(ctx, conn, addr, b.Messages[i], wants)
 		if err == nil && wants {

@@ -314,9 +314,13 @@ func (s *Store) Value(ctx context.Context, key string) (string, error) {
 	return v, err
 }
 
-// SetValue sets the named value (synced before it returns).
+// SetValue sets the named value (synced before it returns); "" removes it.
 func (s *Store) SetValue(ctx context.Context, key, value string) error {
 	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
+		if value == "" { // what Value answers for a key it lacks
+			_, err := tx.ExecContext(ctx, `DELETE FROM state WHERE key = ?`, key)
+			return err
+		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO state (key, value) VALUES (?, ?)
 			ON CONFLICT(key) DO UPDATE SET value = excluded.value`, key, value)
 		return err
