@@ -168,14 +168,10 @@ func (r *Receiver) take(ctx context.Context, log *slog.Logger, sender string, ra
 			// Message-ID a gateway gave it on the way.
 			in.InReplyTo = p.MessageID
 		}
+		// A bundle whose receipt is recorded already but whose response
+		// is not stored (a crash between the two; once stored, it is a
+		// replay above) goes on to store it.
 		r.receiptOutcome(ctx, log, in, outcome, p)
-		if outcome == ReceiptRepeated && in.Payload != nil {
-			// A bundle already taken: its response was stored with it.
-			if prev, err := r.Store.FindInbound(ctx, in.Partner.Name, in.MessageID); err == nil {
-				res.ID, res.Replay = prev.ID, true
-				return res, nil
-			}
-		}
 	}
 	if in.Payload != nil {
 		// A partner's request gets a response; a response in a bundle does
@@ -286,8 +282,8 @@ func (r *Receiver) refusalReceipt(ctx context.Context, log *slog.Logger, raw []b
 		return nil
 	}
 	self := r.recipientIn(h)
-	mdn := &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
-		OriginalMessageID: messageID, Disposition: d, Text: "The message was not processed: " + text + "."}
+	mdn := receiptFrom(self, messageID, d)
+	mdn.Text = "The message was not processed: " + text + "."
 	if d.Type == security.Failed {
 		mdn.Failure = text // RFC 3798 §3.2.7
 	} else {

@@ -61,7 +61,6 @@ func (r *Responder) Expired(ctx context.Context, m store.Message) {
 	mdn := r.mdnFor(m)
 	mdn.Disposition = security.Disposition{Type: security.Deleted, Modifier: security.ModExpired}
 	mdn.Text = "The message was removed: it could not be delivered to the application in time."
-	mdn.MIC = nil
 	entity, err := mdn.Entity()
 	if err == nil {
 		err = r.queue(ctx, m, entity, "mdn-"+m.ControlID, "MDN")
@@ -118,19 +117,20 @@ func (r *Responder) queue(ctx context.Context, m store.Message, entity []byte, c
 	return nil
 }
 
-// mdnFor is the MDN for request m: processed, with the MIC of its mail.
+// mdnFor is the MDN for request m, processed: from the address of ours
+// it was sent to.
 func (r *Responder) mdnFor(m store.Message) *security.MDN {
 	to := m.Recipient
 	if to == "" {
 		to = r.Config.Self.Email
 	}
-	return &security.MDN{
-		ReportingUA:       domainOf(to) + "; hl7mail",
-		OriginalRecipient: to,
-		FinalRecipient:    to,
-		OriginalMessageID: m.MessageID,
-		Disposition:       security.Disposition{Type: security.Processed},
-	}
+	return receiptFrom(to, m.MessageID, security.Disposition{Type: security.Processed})
+}
+
+// receiptFrom is our MDN, from our address self, for the mail messageID.
+func receiptFrom(self, messageID string, d security.Disposition) *security.MDN {
+	return &security.MDN{ReportingUA: domainOf(self) + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
+		OriginalMessageID: messageID, Disposition: d}
 }
 
 func (r *Responder) bundle(m store.Message, ack []byte) ([]byte, string, error) {
