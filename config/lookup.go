@@ -91,6 +91,17 @@ func (c *Config) Partner(name string) *Partner {
 	return nil
 }
 
+// PartnerByEmail returns the partner whose address is addr (without regard
+// to case), or nil; partner addresses are unique (validated).
+func (c *Config) PartnerByEmail(addr string) *Partner {
+	for i := range c.Partners {
+		if addr != "" && strings.EqualFold(c.Partners[i].Email, addr) {
+			return &c.Partners[i]
+		}
+	}
+	return nil
+}
+
 // Secret reads a password or passphrase from file (relative to the
 // configuration, trailing line ends removed) or from the environment
 // variable env; it returns "" when neither is named.

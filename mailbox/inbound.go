@@ -185,11 +185,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	if rt, err := mail.ParseAddress(h.Get("Reply-To")); err == nil {
 		in.ReplyTo = rt.Address
 	}
-	for i := range o.Config.Partners {
-		if strings.EqualFold(o.Config.Partners[i].Email, from.Address) {
-			in.Partner = &o.Config.Partners[i]
-		}
-	}
+	in.Partner = o.Config.PartnerByEmail(from.Address)
 	now := time.Now()
 	if o.Now != nil {
 		now = o.Now()
@@ -290,20 +286,12 @@ func AnswerTo(cfg *config.Config, in *Incoming) (*config.Partner, string) {
 	if in.Signer != "" {
 		return in.Partner, "signer"
 	}
-	byEmail := func(addr string) *config.Partner {
-		for i := range cfg.Partners {
-			if addr != "" && strings.EqualFold(cfg.Partners[i].Email, addr) {
-				return &cfg.Partners[i]
-			}
-		}
-		return nil
-	}
 	if in.MDNRequest != nil {
-		if p := byEmail(in.MDNRequest.To); p != nil {
+		if p := cfg.PartnerByEmail(in.MDNRequest.To); p != nil {
 			return p, "disposition-notification-to"
 		}
 	}
-	if p := byEmail(in.ReplyTo); p != nil {
+	if p := cfg.PartnerByEmail(in.ReplyTo); p != nil {
 		return p, "reply-to"
 	}
 	return in.Partner, "from"

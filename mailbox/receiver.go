@@ -111,11 +111,7 @@ func (r *Receiver) HandleOversize(ctx context.Context, header []byte, size int64
 	q := &QuarantineError{Reason: ReasonOversize, Err: fmt.Errorf("%d bytes, limit %d", size, r.Opener.MaxSize)}
 	if a, err := mail.ParseAddress(h.Get("From")); err == nil {
 		sender = a.Address
-		for i := range r.Opener.Config.Partners {
-			if p := &r.Opener.Config.Partners[i]; strings.EqualFold(p.Email, a.Address) {
-				q.Partner = p
-			}
-		}
+		q.Partner = r.Opener.Config.PartnerByEmail(a.Address)
 	}
 	if err := journalAppend(ctx, r.Journal, r.Store, sender, time.Now(), strings.TrimSpace(h.Get("Message-Id")), header); err != nil {
 		return Result{}, fmt.Errorf("incoming journal: %w", err)
