@@ -41,11 +41,13 @@ func (r *Receiver) bounce(ctx context.Context, log *slog.Logger, sender, mailID 
 	}
 	var m store.Message
 	err = store.ErrNotFound
-	for _, id := range []string{d.EnvelopeID, d.ReturnedMessageID} {
+	rule := ""
+	for i, id := range []string{d.EnvelopeID, d.ReturnedMessageID} {
 		if id = strings.Trim(strings.TrimSpace(id), "<>"); id == "" {
 			continue
 		}
 		if m, err = r.Store.FindOutbound(ctx, "<"+id+">"); !errors.Is(err, store.ErrNotFound) {
+			rule = [...]string{"envid", "message-id"}[i]
 			break
 		}
 	}
@@ -73,10 +75,7 @@ func (r *Receiver) bounce(ctx context.Context, log *slog.Logger, sender, mailID 
 	}
 	detail := strings.TrimSpace(rc.Status + " " + rc.Diagnostic)
 	rep := store.Report{Type: store.ReportDSN, Partner: p.Name, Message: m.ID, OriginalMessageID: m.MessageID,
-		MailMessageID: mailID, Disposition: rc.Action, Detail: detail, MatchedBy: "envid"}
-	if d.EnvelopeID == "" || "<"+strings.Trim(d.EnvelopeID, "<>")+">" != m.MessageID {
-		rep.MatchedBy = "message-id"
-	}
+		MailMessageID: mailID, Disposition: rc.Action, Detail: detail, MatchedBy: rule}
 	attrs := []any{"partner", p.Name, "id", m.ID, "control_id", m.ControlID, "message_id", m.MessageID,
 		"action", rc.Action, "status", rc.Status, "diagnostic", rc.Diagnostic, "reporting_mta", d.ReportingMTA}
 	switch rc.Action {

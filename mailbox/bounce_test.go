@@ -101,6 +101,11 @@ func TestBounce(t *testing.T) {
 	if reports, _ := st.Reports(ctx, store.ReportFilter{}); len(reports) != 4 {
 		t.Errorf("%d reports, want 4 (the repeated one recorded once): %+v", len(reports), reports)
 	}
+	for mail, want := range map[string]string{"<d1@mail>": "envid", "<d2@mail>": "message-id"} {
+		if r, _ := st.Reports(ctx, store.ReportFilter{MailMessageID: mail}); len(r) != 1 || r[0].MatchedBy != want {
+			t.Errorf("report of %s: %+v, want matched by %s", mail, r, want)
+		}
+	}
 	// A bounced message goes back into its queue with retry.
 	if n, err := st.RetryAll(ctx, "hospital"); err != nil || n["hospital"] != 2 {
 		t.Errorf("RetryAll = %v, %v; want the two bounced", n, err)
