@@ -1,14 +1,11 @@
 package surrogate
 
 import (
-	"bytes"
-	"context"
 	"log/slog"
 	"time"
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/mllp"
-	"github.com/hl7mail/hl7mail/store"
 )
 
 // handleBatch stores an HL7 batch (HL7 v2.5 §2.10.3) as one message, sent
@@ -25,10 +22,7 @@ func (c *conn) handleBatch(frame []byte) {
 		return
 	}
 	log := c.log.With("control_id", b.Header.ControlID)
-	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
-	defer cancel()
-	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
-		ControlID: b.Header.ControlID, MessageType: hl7.BatchType, Payload: bytes.Clone(frame)})
+	res, err := c.spool(b.Header.ControlID, hl7.BatchType, frame)
 	code := hl7.CommitAccept
 	if err != nil {
 		log.Error("batch not stored; answering CE", "err", err)
@@ -39,7 +33,7 @@ func (c *conn) handleBatch(frame []byte) {
 	if !c.s.opts.BatchAckEach {
 		text := ""
 		if code == hl7.CommitError {
-			text = "batch could not be stored, send it again later"
+			text = notStored
 		}
 		c.answer(b.Header, code, text, "")
 		return

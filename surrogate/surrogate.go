@@ -463,21 +463,24 @@ func (c *conn) frameError(err error) bool {
 	return false
 }
 
+// notStored is the text of the CE that answers what could not be stored.
+const notStored = "message could not be stored, send it again later"
+
+// spool stores frame for the partner, within the commit timeout.
+func (c *conn) spool(controlID, messageType string, frame []byte) (store.Accepted, error) {
+	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
+	defer cancel()
+	return c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
+		ControlID: controlID, MessageType: messageType, Payload: bytes.Clone(frame)})
+}
+
 // handle stores a well-formed message and answers it.
 func (c *conn) handle(h *hl7.Header, frame []byte) {
 	log := c.log.With("control_id", h.ControlID)
-	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
-	defer cancel()
-	res, err := c.s.opts.Spool.Accept(ctx, store.NewMessage{
-		Direction:   store.Outbound,
-		Partner:     c.s.opts.Partner,
-		ControlID:   h.ControlID,
-		MessageType: h.MessageType,
-		Payload:     bytes.Clone(frame),
-	})
+	res, err := c.spool(h.ControlID, h.MessageType, frame)
 	if err != nil {
 		log.Error("message not stored; answering CE", "err", err)
-		c.answer(h, hl7.CommitError, "message could not be stored, send it again later", hl7.ErrApplicationIntern)
+		c.answer(h, hl7.CommitError, notStored, hl7.ErrApplicationIntern)
 		return
 	}
 	log.Info("message accepted", "id", res.ID, "type", h.MessageCode()+"^"+h.TriggerEvent(), "size", len(frame))
