@@ -185,12 +185,7 @@ func TestDashboardToken(t *testing.T) {
 // to it.
 func refusingSMTP(t *testing.T) (*embedded.SMTP, *instance) {
 	t.Helper()
-	srv := &embedded.SMTP{}
-	addr, err := srv.Serve("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv, addr := startSMTP(t)
 	srv.FailPermanently()
 	in := newInstance(t, "tucker-lab")
 	in.useSMTP(addr)

@@ -11,7 +11,6 @@ import (
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/corpus"
-	"github.com/hl7mail/hl7mail/internal/embedded"
 )
 
 // gpgExpiredKeys makes, with GnuPG and a faked clock a month back, a key
@@ -61,12 +60,7 @@ func gpgExpiredKeys(t *testing.T, gpg, dir string) {
 // clear.
 func TestExpiredPartnerKeys(t *testing.T) {
 	gpg := requireTool(t, "/usr/bin/gpg")
-	smtpSrv := &embedded.SMTP{}
-	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer smtpSrv.Close()
+	smtpSrv, smtpAddr := startSMTP(t)
 	dir := t.TempDir()
 	for _, s := range [][2]string{{"hospital", "edi@hospital.test"}, {"lab", "lab@partner.test"}} {
 		siteKeys(t, dir, s[0], s[1], "pgp")

@@ -327,6 +327,19 @@ func sharedDir(t *testing.T, prefix string) string {
 	return dir
 }
 
+// startSMTP runs an embedded SMTP server on loopback until the test ends
+// and returns it with its address.
+func startSMTP(t *testing.T) (*embedded.SMTP, string) {
+	t.Helper()
+	srv := &embedded.SMTP{}
+	addr, err := srv.Serve("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv, addr
+}
+
 // worldSite writes the configuration of a site on the embedded mail
 // servers of w, in dir/name (its keys made there by siteKeys), whose router
 // is router and whose partners are the partners lines, and returns its

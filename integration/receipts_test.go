@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/internal/corpus"
-	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -106,12 +105,7 @@ func (p *partnerTools) clinicMail(entity []byte, msgID string) []byte {
 // "hl7mail journal verify" stays green.
 func TestReceiptDispositions(t *testing.T) {
 	mllpSend := requireTool(t, "/usr/bin/mllp_send")
-	smtpSrv := &embedded.SMTP{}
-	smtpAddr, err := smtpSrv.Serve("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer smtpSrv.Close()
+	smtpSrv, smtpAddr := startSMTP(t)
 	dir := t.TempDir()
 	siteKeys(t, dir, "hospital", "edi@hospital.test", "pgp", "smime")
 	siteKeys(t, dir, "lab", "lab@partner.test", "pgp")
