@@ -137,14 +137,15 @@ func parseBatch(data []byte, allowEmpty bool) (*Batch, error) {
 	return b, nil
 }
 
-// segmentName shows a segment's name when it looks like one.
+// segmentName names a segment in an error when it is one of the batch's
+// own (FHS, BHS, BTS, FTS, MSH); any other three letters might be the
+// start of a patient's name on a broken line, and are not shown.
 func segmentName(s string) string {
-	for _, c := range s {
-		if (c < 'A' || c > 'Z') && (c < '0' || c > '9') {
-			return "not a segment name"
-		}
+	switch s {
+	case "FHS", "BHS", "BTS", "FTS", "MSH":
+		return s
 	}
-	return s
+	return "a segment of a message"
 }
 
 // BuildBatchAck returns the batch acknowledgement of b (HL7 v2.5

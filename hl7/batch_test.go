@@ -77,7 +77,7 @@ func TestParseBatch(t *testing.T) {
 		{"count wrong", batchOf(twenty, "B1", 19, false), "BTS-1 says 19 messages, the batch holds 20"},
 		{"no trailer", bytes.TrimSuffix(batchOf(twenty, "B1", 20, false), []byte("BTS|20\r")), "no BTS segment"},
 		{"empty", batchOf(nil, "B1", 0, false), "no message in the batch"},
-		{"segment before the first message", []byte("BHS|^~\\&|A\rPID|1\rMSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\rBTS|1\r"), "segment 2 (PID) out of place"},
+		{"segment before the first message", []byte("BHS|^~\\&|A\rPID|1\rMSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\rBTS|1\r"), "segment 2 (a segment of a message) out of place"},
 		{"a message without MSH-10", []byte("BHS|^~\\&|A\rMSH|^~\\&|A|B|C|D|1||ADT^A01||P|2.5\rBTS|1\r"), "message 1 of the batch"},
 		{"two batches", append(batchOf(twenty[:1], "B1", 1, false), batchOf(twenty[1:2], "B2", 1, false)...), "(BHS) out of place"},
 	} {
@@ -88,8 +88,8 @@ func TestParseBatch(t *testing.T) {
 	if _, err := ParseBatch(batchOf(twenty, "B1", 19, false)); !errors.Is(err, ErrBadBatch) {
 		t.Errorf("a wrong count is not ErrBadBatch: %v", err)
 	}
-	// Errors name no content.
-	if _, err := ParseBatch([]byte("BHS|^~\\&|A\rSMITH^JOHN\rBTS\r")); err == nil || strings.Contains(err.Error(), "SMITH") {
+	// Errors name no content, not even three letters of a broken line.
+	if _, err := ParseBatch([]byte("BHS|^~\\&|A\rSMITH^JOHN\rBTS\r")); err == nil || strings.Contains(err.Error(), "SMI") {
 		t.Errorf("error %v", err)
 	}
 }
