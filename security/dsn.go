@@ -141,23 +141,3 @@ func xtextDecode(s string) string {
 	}
 	return b.String()
 }
-
-// Bounded keeps a mail server's words for a log or an alert when they are
-// short printable ASCII without HL7's delimiters (a server's diagnostic
-// does not quote the message), at most max bytes; else only their length.
-func Bounded(s string, max int) string {
-	s = strings.Join(strings.Fields(s), " ")
-	if len(s) <= max && !strings.ContainsAny(s, "|^~\\&") {
-		ok := true
-		for _, r := range s {
-			if r < 0x20 || r >= 0x7f {
-				ok = false
-				break
-			}
-		}
-		if ok {
-			return s
-		}
-	}
-	return fmt.Sprintf("(%d bytes)", len(s))
-}

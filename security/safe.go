@@ -58,15 +58,36 @@ func validField(l []byte) bool {
 // (at most 64 bytes, no control characters and none of HL7's delimiters),
 // and only its length otherwise.
 func token(s string) string {
-	if len(s) <= 64 && !strings.ContainsAny(s, "|^~&\\\r\n\t") {
-		for _, r := range s {
-			if r < 0x20 || r >= 0x7f {
-				return fmt.Sprintf("(%d bytes)", len(s))
-			}
-		}
+	if plain(s, 64) {
 		return fmt.Sprintf("%q", s)
 	}
 	return fmt.Sprintf("(%d bytes)", len(s))
+}
+
+// Bounded keeps a mail server's words for a log or an alert, its white
+// space folded, when they are at most max bytes of printable ASCII without
+// HL7's delimiters (a server's diagnostic does not quote the message);
+// else only their length.
+func Bounded(s string, max int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if plain(s, max) {
+		return s
+	}
+	return fmt.Sprintf("(%d bytes)", len(s))
+}
+
+// plain reports whether s is at most max bytes of printable ASCII (space
+// included) with none of HL7's delimiters.
+func plain(s string, max int) bool {
+	if len(s) > max || strings.ContainsAny(s, "|^~\\&") {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // Suite names the security suite a mail's outer entity uses: "pgp"
