@@ -189,6 +189,9 @@ func NewSender(o SenderOptions) (*Sender, error) {
 	if o.Poll == 0 {
 		o.Poll = 5 * time.Second
 	}
+	if o.Abort == nil {
+		o.Abort = context.Background() // never ends: nothing is cut short
+	}
 	return &Sender{o: o, log: o.Logger, q: newQueue(o.Config, o.Store, store.Outbound, o.Poll, o.Now, o.Logger)}, nil
 }
 
@@ -271,16 +274,12 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		log.Error("outgoing journal not written; not sending", "err", err)
 		return false
 	}
-	sctx := ctx
-	if s.o.Abort != nil {
-		var cancel context.CancelFunc
-		sctx, cancel = context.WithCancel(ctx)
-		defer cancel()
-		defer context.AfterFunc(s.o.Abort, cancel)()
-	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.o.Abort, cancel)()
 	err = s.o.Submitter.Submit(sctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
 		EnvelopeID: strings.Trim(msgID, "<>")})
-	if err != nil && s.o.Abort != nil && s.o.Abort.Err() != nil {
+	if err != nil && s.o.Abort.Err() != nil {
 		// Cut short by the shutdown: nothing is known of this attempt. The
 		// message stays queued and goes at the next start under the same
 		// Message-ID.
