@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -19,18 +19,18 @@ type PartnerRow struct {
 	// instance is not running.
 	Connections int `json:"connections"`
 	store.Summary
-	SMTP mailbox.LinkStatus `json:"smtp"`
-	IMAP mailbox.LinkStatus `json:"imap"`
+	SMTP link.Status `json:"smtp"`
+	IMAP link.Status `json:"imap"`
 }
 
 // Live is what only a running instance knows.
 type Live interface {
 	Connections(partner string) int
-	SMTPStatus() mailbox.LinkStatus
-	IMAPStatus() mailbox.LinkStatus
+	SMTPStatus() link.Status
+	IMAPStatus() link.Status
 	// IMAPStatusFor is the state of the account partner's mail comes to
 	// (its local address's own account, or the imap section's).
-	IMAPStatusFor(partner string) mailbox.LinkStatus
+	IMAPStatusFor(partner string) link.Status
 }
 
 // Rows returns a row per configured partner, in the configuration's order,
@@ -46,7 +46,7 @@ func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) (
 	rows := make([]PartnerRow, 0, len(cfg.Partners))
 	for _, p := range cfg.Partners {
 		row := PartnerRow{Name: p.Name, Email: p.Email, Security: p.Security, Listen: p.Listen, Connections: -1,
-			SMTP: mailbox.LinkStatus{State: "stopped"}, IMAP: mailbox.LinkStatus{State: "stopped"}}
+			SMTP: link.Status{State: "stopped"}, IMAP: link.Status{State: "stopped"}}
 		if s := sums[p.Name]; s != nil {
 			row.Summary = *s
 		}

@@ -35,11 +35,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/hl7mail/hl7mail/config"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/inbound"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
 
-type linkStatus = mailbox.LinkStatus
+type linkStatus = link.Status
 
 // Instance is the running gateway the dashboard shows and acts on.
 type Instance interface {
@@ -48,9 +49,9 @@ type Instance interface {
 	// Connections is the number of open router connections to partner's
 	// surrogate.
 	Connections(partner string) int
-	SMTPStatus() mailbox.LinkStatus
-	IMAPStatus() mailbox.LinkStatus
-	IMAPStatusFor(partner string) mailbox.LinkStatus
+	SMTPStatus() link.Status
+	IMAPStatus() link.Status
+	IMAPStatusFor(partner string) link.Status
 	// Retry puts a failed or expired outbound message back in its queue.
 	Retry(ctx context.Context, id int64) error
 	// RetryAll puts every failed or expired outbound message of partner
@@ -66,10 +67,10 @@ type Instance interface {
 	Ready() error
 	// Receive takes in one raw mail handed over by an MTA (pipe mode),
 	// for recipient to ("": the mail's To says).
-	Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error)
+	Receive(ctx context.Context, raw []byte, to string) (inbound.Result, error)
 	// ReceiveOversize quarantines a mail larger than the limit, of which
 	// only the header was handed over, size bytes in all.
-	ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error)
+	ReceiveOversize(ctx context.Context, header []byte, size int64) (inbound.Result, error)
 }
 
 // Options configure New. Addr and Instance are required.

@@ -18,8 +18,9 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/internal/testlog"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -33,14 +34,14 @@ type fakeInstance struct {
 	reloads  int
 }
 
-func (f *fakeInstance) Config() *config.Config         { return f.cfg }
-func (f *fakeInstance) Store() *store.Store            { return f.st }
-func (f *fakeInstance) Connections(string) int         { return 2 }
-func (f *fakeInstance) SMTPStatus() mailbox.LinkStatus { return mailbox.LinkStatus{State: "up"} }
-func (f *fakeInstance) IMAPStatus() mailbox.LinkStatus {
-	return mailbox.LinkStatus{State: "down", LastError: "connect: refused", Errors: 3}
+func (f *fakeInstance) Config() *config.Config  { return f.cfg }
+func (f *fakeInstance) Store() *store.Store     { return f.st }
+func (f *fakeInstance) Connections(string) int  { return 2 }
+func (f *fakeInstance) SMTPStatus() link.Status { return link.Status{State: "up"} }
+func (f *fakeInstance) IMAPStatus() link.Status {
+	return link.Status{State: "down", LastError: "connect: refused", Errors: 3}
 }
-func (f *fakeInstance) IMAPStatusFor(string) mailbox.LinkStatus   { return f.IMAPStatus() }
+func (f *fakeInstance) IMAPStatusFor(string) link.Status          { return f.IMAPStatus() }
 func (f *fakeInstance) Retry(ctx context.Context, id int64) error { return f.st.Retry(ctx, id) }
 func (f *fakeInstance) RetryAll(ctx context.Context, partner string) (int, error) {
 	counts, err := f.st.RetryAll(ctx, partner)
@@ -56,16 +57,16 @@ func (f *fakeInstance) Release(ctx context.Context, id int64, by, note string) (
 	return 99, f.st.MarkReleased(ctx, id, by, note, 99)
 }
 func (f *fakeInstance) Ready() error { return f.notReady }
-func (f *fakeInstance) ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error) {
+func (f *fakeInstance) ReceiveOversize(ctx context.Context, header []byte, size int64) (inbound.Result, error) {
 	f.received = append(f.received, header)
-	return mailbox.Result{Quarantine: &mailbox.QuarantineError{Reason: mailbox.ReasonOversize}}, nil
+	return inbound.Result{Quarantine: &inbound.QuarantineError{Reason: inbound.ReasonOversize}}, nil
 }
-func (f *fakeInstance) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
+func (f *fakeInstance) Receive(ctx context.Context, raw []byte, to string) (inbound.Result, error) {
 	f.received = append(f.received, raw)
 	if bytes.Contains(raw, []byte("fail")) {
-		return mailbox.Result{}, errors.New("incoming journal: disk full")
+		return inbound.Result{}, errors.New("incoming journal: disk full")
 	}
-	return mailbox.Result{ID: 7}, nil
+	return inbound.Result{ID: 7}, nil
 }
 
 func newInstance(t *testing.T) *fakeInstance {

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/inbound"
 )
 
 // logStream sends the log tail as Server-Sent Events: the kept records
@@ -103,7 +103,7 @@ func (s *Server) receive(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "400: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	var res mailbox.Result
+	var res inbound.Result
 	if oversize > int64(s.o.Instance.Config().IMAP.MaxMailSize) {
 		res, err = s.o.Instance.ReceiveOversize(r.Context(), raw, oversize)
 	} else {

@@ -33,7 +33,6 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/safefile"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -85,7 +84,7 @@ func (r *Report) Broken() []string {
 // Options configure Build. All are required.
 type Options struct {
 	Config *config.Config
-	Keys   *mailbox.Sealer
+	Keys   *security.Keyring
 	Store  *store.Store
 }
 
@@ -215,7 +214,7 @@ func (r *Report) export(prefix string, raw []byte, opened *security.Opened, ours
 // certificates to check them with, and report.txt saying how. dir must be
 // new, or an empty private folder of ours (safefile.ExportDir); each file
 // is created anew, never written through a file or link already there.
-func (r *Report) Export(dir string, keys *mailbox.Sealer) error {
+func (r *Report) Export(dir string, keys *security.Keyring) error {
 	if err := safefile.ExportDir(dir); err != nil {
 		return err
 	}

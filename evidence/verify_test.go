@@ -16,7 +16,6 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -48,7 +47,7 @@ partners:
 	}
 	self, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "H", Email: "edi@hospital.test"})
 	lab, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Lab", Email: "lab@partner.test"})
-	keys := &mailbox.Sealer{PGPSelf: self, PGPPartners: map[string]*openpgp.Entity{"lab": lab}}
+	keys := &security.Keyring{PGPSelf: self, PGPPartners: map[string]*openpgp.Entity{"lab": lab}}
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: testlog.New(t, slog.LevelWarn)})
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +63,11 @@ partners:
 		t.Fatal(err)
 	}
 	w.id = a.ID
-	sealed, mic, err := keys.Seal(&cfg.Partners[0], payload, store.KindHL7, time.Now())
+	edi, err := security.EncodeEDI(payload, security.EDIOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sealed, mic, err := keys.Suite(security.SuitePGP, "lab", "").Seal(edi, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,8 +25,10 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/link"
+	"github.com/hl7mail/hl7mail/outbound"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
 )
@@ -39,7 +41,7 @@ type Options struct {
 	// ConfigPath is the file Reload reads again (default Config.File).
 	ConfigPath string
 	// Submitter replaces SMTP submission (tests); default: the smtp section.
-	Submitter mailbox.Submitter
+	Submitter outbound.Submitter
 	// RetryBase is the sender's first retry wait (default 30s).
 	RetryBase time.Duration
 	// NoticeGather is how long the notices to personnel wait for more
@@ -68,8 +70,8 @@ type Gateway struct {
 	store    *store.Store
 	outgoing *journal.Journal
 	incoming *journal.Journal
-	smtpLink mailbox.Link
-	imapLink mailbox.Link
+	smtpLink link.Link
+	imapLink link.Link
 	dash     *dashboard.Server
 	dashLn   net.Listener
 	ctlLn    net.Listener // the control socket
@@ -243,7 +245,7 @@ func (g *Gateway) keyProblems(ctx context.Context, keys *Keys) {
 		}
 	}
 	for partner, why := range keys.Unusable {
-		if _, _, err := g.store.RaiseOnce(ctx, mailbox.HeldAlertKey(partner), store.Alert{Kind: store.AlertHeld, Partner: partner,
+		if _, _, err := g.store.RaiseOnce(ctx, outbound.HeldAlertKey(partner), store.Alert{Kind: store.AlertHeld, Partner: partner,
 			Text: "queue waits: cannot seal: " + why}); err != nil {
 			g.log.Error("alert not recorded", "err", err)
 		}
@@ -387,7 +389,7 @@ func (g *Gateway) rendezvousFor(p *config.Partner) func(context.Context, int64) 
 // handled hands a response to the router connection waiting for it. When
 // none takes it, the deliverer is woken: it may have left the response
 // alone while a connection still waited.
-func (g *Gateway) handled(r mailbox.Result) {
+func (g *Gateway) handled(r inbound.Result) {
 	if g.rendezvousResponse(r) {
 		return
 	}

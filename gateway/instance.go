@@ -8,7 +8,8 @@ import (
 	"strings"
 
 	"github.com/hl7mail/hl7mail/config"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/inbound"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -36,14 +37,14 @@ func (g *Gateway) Connections(partner string) int {
 }
 
 // SMTPStatus returns the state of mail submission.
-func (g *Gateway) SMTPStatus() mailbox.LinkStatus { return g.smtpLink.Status() }
+func (g *Gateway) SMTPStatus() link.Status { return g.smtpLink.Status() }
 
 // IMAPStatus returns the state of the IMAP watcher's connection.
-func (g *Gateway) IMAPStatus() mailbox.LinkStatus { return g.imapLink.Status() }
+func (g *Gateway) IMAPStatus() link.Status { return g.imapLink.Status() }
 
 // IMAPStatusFor returns the state of the account partner's mail comes to:
 // its local address's own, or the imap section's.
-func (g *Gateway) IMAPStatusFor(partner string) mailbox.LinkStatus {
+func (g *Gateway) IMAPStatusFor(partner string) link.Status {
 	sd := g.side()
 	if p := sd.cfg.Partner(partner); p != nil {
 		if l, ok := sd.localLinks[strings.ToLower(p.Local)]; ok {
@@ -88,7 +89,7 @@ func (g *Gateway) RetryAll(ctx context.Context, partner string) (int, error) {
 	return n, nil
 }
 
-// Release takes in quarantined mail id (see mailbox.Receiver.Release); it
+// Release takes in quarantined mail id (see inbound.Receiver.Release); it
 // returns the stored message's id. The deliverer learns of it from the
 // store (OnIngest).
 func (g *Gateway) Release(ctx context.Context, id int64, by, note string) (int64, error) {
@@ -116,7 +117,7 @@ func (g *Gateway) Ready() error {
 // draft-ietf-ediint-hl7-02 §6.2 figure 7): the same path as mail the IMAP
 // watcher fetches. An error means nothing was decided: the MTA keeps the
 // mail and tries again.
-func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (mailbox.Result, error) {
+func (g *Gateway) Receive(ctx context.Context, raw []byte, to string) (inbound.Result, error) {
 	if max := g.Config().IMAP.MaxMailSize; len(raw) > max {
 		return g.ReceiveOversize(ctx, raw[:min(len(raw), maxKeptHeader)], int64(len(raw)))
 	}
@@ -139,7 +140,7 @@ const maxKeptHeader = 64 << 10
 // ReceiveOversize quarantines a mail from the MTA that is larger than
 // imap.max_mail_size, of which header is the start (the rest was streamed
 // past, never held) and size the whole length.
-func (g *Gateway) ReceiveOversize(ctx context.Context, header []byte, size int64) (mailbox.Result, error) {
+func (g *Gateway) ReceiveOversize(ctx context.Context, header []byte, size int64) (inbound.Result, error) {
 	if i := bytes.Index(header, []byte("\r\n\r\n")); i >= 0 {
 		header = header[:i+4]
 	}

@@ -11,7 +11,6 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/config"
-	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
 )
 
@@ -20,15 +19,15 @@ import (
 const ExpiryWarning = 30 * 24 * time.Hour
 
 // Keys are the keys and certificates a configuration names, loaded: the
-// Sealer the mail side seals and opens with, and what expires soon.
+// Keyring the mail side seals and opens with, and what expires soon.
 type Keys struct {
-	mailbox.Sealer
+	security.Keyring
 	// Warnings name keys and certificates that expire within ExpiryWarning.
 	Warnings []string
 	// Problems are the partners' key problems (unreadable, wrong address,
 	// expired, an expired encryption subkey), nil when there are none. They
 	// do not stop the gateway: that partner's queue waits with an alert
-	// (Sealer.Usable) while every other partner works.
+	// (Suite.Usable) while every other partner works.
 	Problems *config.Error
 
 	expiries []expiry // every loaded key or certificate that expires
@@ -61,10 +60,10 @@ func (k *Keys) Expiring(now time.Time) []string {
 //
 // Only our own keys stop the start: a partner's key problem is kept in
 // Problems, and when the key cannot be used at all (unreadable, another
-// address), in Sealer.Unusable. When ours have problems, the error lists
+// address), in Keyring.Unusable. When ours have problems, the error lists
 // the partners' too, so that check names everything at once.
 func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
-	k := &Keys{Sealer: mailbox.Sealer{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{},
+	k := &Keys{Keyring: security.Keyring{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{},
 		Unusable: map[string]string{}}}
 	e := cfg.Problems()
 	pass, err := passphrase(cfg)

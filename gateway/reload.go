@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/outbound"
 	"github.com/hl7mail/hl7mail/store"
 	"github.com/hl7mail/hl7mail/surrogate"
 )
@@ -100,12 +100,12 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 	release := append([]string(nil), plan.removed...)
 	for i := range cfg.Partners {
 		p := &cfg.Partners[i]
-		if !p.RequireTLS && keys.Usable(p, time.Now()) == nil {
+		if !p.RequireTLS && keys.Suite(p.Security, p.Name, p.KeyTransport).Usable(time.Now()) == nil {
 			release = append(release, p.Name)
 		}
 	}
 	for _, name := range release {
-		if _, err := g.store.ClearAlert(ctx, mailbox.HeldAlertKey(name)); err != nil {
+		if _, err := g.store.ClearAlert(ctx, outbound.HeldAlertKey(name)); err != nil {
 			g.log.Error("alert not cleared", "err", err)
 		}
 	}

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -157,7 +157,7 @@ func (g *Gateway) held(m store.Message) bool {
 // written it is marked delivered; when the connection could not take it,
 // the deliverer delivers it as a message of its own. It reports whether a
 // connection took it.
-func (g *Gateway) rendezvousResponse(r mailbox.Result) bool {
+func (g *Gateway) rendezvousResponse(r inbound.Result) bool {
 	if r.ReceiptFor == 0 || r.ID == 0 || r.Incoming == nil || r.Incoming.Payload == nil {
 		return false
 	}

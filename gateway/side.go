@@ -13,9 +13,12 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/deliver"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/notify"
+	"github.com/hl7mail/hl7mail/outbound"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -26,11 +29,11 @@ import (
 type side struct {
 	cfg        *config.Config
 	keys       *Keys
-	sender     *mailbox.Sender
-	deliverer  *mailbox.Deliverer
-	receiver   *mailbox.Receiver
-	responder  *mailbox.Responder
-	localLinks map[string]*mailbox.Link // local address (lower case) → its own IMAP account
+	sender     *outbound.Sender
+	deliverer  *deliver.Deliverer
+	receiver   *inbound.Receiver
+	responder  *deliver.Responder
+	localLinks map[string]*link.Link // local address (lower case) → its own IMAP account
 	runs       []func(context.Context)
 
 	cancel context.CancelFunc
@@ -45,7 +48,7 @@ type side struct {
 // Secrets (the SMTP and IMAP passwords, the webhook token) are read here,
 // so that a reload reads them again.
 func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
-	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*mailbox.Link{}}
+	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*link.Link{}}
 	s.abortCtx, s.abort = context.WithCancel(context.Background())
 	log := g.log
 	submitter := g.opts.Submitter
@@ -56,21 +59,21 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 		}
 	}
 	var err error
-	s.sender, err = mailbox.NewSender(mailbox.SenderOptions{
+	s.sender, err = outbound.NewSender(outbound.SenderOptions{
 		Config: cfg, Store: g.store, Journal: g.outgoing, Submitter: submitter,
 		RetryBase: retryBase(g.opts.RetryBase, cfg.SMTP.Retry.D()),
-		Logger:    log.With("component", "sender"), Sealer: &keys.Sealer, Link: &g.smtpLink, Abort: s.abortCtx,
+		Logger:    log.With("component", "sender"), Keys: &keys.Keyring, Link: &g.smtpLink, Abort: s.abortCtx,
 	})
 	if err != nil {
 		return nil, err
 	}
 	// The sender learns of the responses queued from the store (OnIngest).
-	s.responder = &mailbox.Responder{Config: cfg, Store: g.store, Logger: log.With("component", "responder")}
+	s.responder = &deliver.Responder{Config: cfg, Store: g.store, Logger: log.With("component", "responder")}
 	routerTLS, err := routerTLSConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s.deliverer, err = mailbox.NewDeliverer(mailbox.DelivererOptions{Config: cfg, Store: g.store,
+	s.deliverer, err = deliver.NewDeliverer(deliver.DelivererOptions{Config: cfg, Store: g.store,
 		Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
 		Delivered: s.responder.Delivered, Expired: s.responder.Expired, Held: g.held, TLS: routerTLS})
 	if err != nil {
@@ -95,7 +98,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 		if l.IMAP == nil || l.IMAP.Addr == "" {
 			continue
 		}
-		link := &mailbox.Link{}
+		link := &link.Link{}
 		s.localLinks[strings.ToLower(l.Address)] = link
 		run, err := g.watcher(s, l.IMAP, "local "+l.Address+" imap", l.Address, link,
 			log.With("component", "imap", "local", l.Address))
@@ -109,7 +112,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 		return nil, err
 	}
 	sweep := func(ctx context.Context) {
-		mailbox.RunSweeper(ctx, cfg, g.store, log.With("component", "sweeper"), sweepInterval(cfg))
+		runSweeper(ctx, cfg, g.store, log.With("component", "sweeper"), sweepInterval(cfg))
 	}
 	s.runs = append(s.runs, s.sender.Run, s.deliverer.Run, sweep, g.keyWatch(keys))
 	if notifier != nil {
@@ -129,7 +132,7 @@ func sweepInterval(cfg *config.Config) time.Duration {
 }
 
 // newSubmitter is the SMTP submission of cfg's smtp section.
-func newSubmitter(cfg *config.Config) (*mailbox.SMTPSubmitter, error) {
+func newSubmitter(cfg *config.Config) (*outbound.SMTPSubmitter, error) {
 	password, err := cfg.Secret(cfg.SMTP.PasswordFile, cfg.SMTP.PasswordEnv)
 	if err != nil {
 		return nil, fmt.Errorf("smtp password: %w", err)
@@ -138,7 +141,7 @@ func newSubmitter(cfg *config.Config) (*mailbox.SMTPSubmitter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("smtp.ca_file: %w", err)
 	}
-	return &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
+	return &outbound.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc, Username: cfg.SMTP.Username,
 		Password: password}, nil
 }
 
@@ -150,7 +153,7 @@ func SMTPTLSConfig(cfg *config.Config) (*tls.Config, error) {
 
 // newNotifier is the notices to personnel of cfg's alerts section, nil
 // when it names nobody.
-func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log *slog.Logger, gather time.Duration) (*notify.Notifier, error) {
+func newNotifier(cfg *config.Config, st *store.Store, sub outbound.Submitter, log *slog.Logger, gather time.Duration) (*notify.Notifier, error) {
 	a := cfg.Alerts
 	if len(a.Email) == 0 && a.Webhook.URL == "" {
 		return nil, nil
@@ -162,7 +165,7 @@ func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log
 	if len(a.Email) > 0 {
 		o.Mail = &notify.Mail{From: cfg.Self.Email, To: a.Email,
 			Send: func(ctx context.Context, from string, to []string, msg []byte) error {
-				return sub.Submit(ctx, from, to, msg, mailbox.SubmitOptions{})
+				return sub.Submit(ctx, from, to, msg, outbound.SubmitOptions{})
 			}}
 	}
 	if a.Webhook.URL != "" {
@@ -180,8 +183,8 @@ func newNotifier(cfg *config.Config, st *store.Store, sub mailbox.Submitter, log
 // (receive, release). incoming (the journal), log and notify may be nil
 // for a command that only releases.
 func NewReceiver(cfg *config.Config, keys *Keys, st *store.Store, incoming *journal.Journal, log *slog.Logger,
-	notify func(partner string)) *mailbox.Receiver {
-	return &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer, MaxSize: cfg.IMAP.MaxMailSize},
+	notify func(partner string)) *inbound.Receiver {
+	return &inbound.Receiver{Opener: &inbound.Opener{Config: cfg, Keys: &keys.Keyring, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: incoming, Logger: log, Notify: notify}
 }
 
@@ -244,7 +247,7 @@ func (g *Gateway) keyWatch(keys *Keys) func(context.Context) {
 
 // watcher makes the watcher of one IMAP account: imap's (recipient "") or
 // a local address's own. name says which in errors.
-func (g *Gateway) watcher(s *side, im *config.IMAP, name, recipient string, link *mailbox.Link, log *slog.Logger) (func(context.Context), error) {
+func (g *Gateway) watcher(s *side, im *config.IMAP, name, recipient string, link *link.Link, log *slog.Logger) (func(context.Context), error) {
 	password, err := s.cfg.Secret(im.PasswordFile, im.PasswordEnv)
 	if err != nil {
 		return nil, fmt.Errorf("%s password: %w", name, err)
@@ -253,7 +256,7 @@ func (g *Gateway) watcher(s *side, im *config.IMAP, name, recipient string, link
 	if err != nil {
 		return nil, fmt.Errorf("%s.ca_file: %w", name, err)
 	}
-	w, err := mailbox.NewWatcher(mailbox.WatcherOptions{
+	w, err := inbound.NewWatcher(inbound.WatcherOptions{
 		Addr: im.Addr, TLS: im.TLS, TLSConfig: tc, Username: im.Username, Password: password,
 		Mailbox: im.Mailbox, Processed: im.Processed, Quarantine: im.Quarantine,
 		Poll: im.Poll.D(), MaxSize: int64(im.MaxMailSize), Receiver: s.receiver, Store: g.store,
@@ -282,4 +285,25 @@ func tlsConfig(addr, caFile string) (*tls.Config, error) {
 	}
 	host, _, _ := net.SplitHostPort(addr)
 	return &tls.Config{ServerName: host, RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
+
+// runSweeper looks every interval, until ctx ends, for receipts that became
+// overdue (outbound.Sweep) and messages the router does not take
+// (deliver.SweepStuck), and alerts them.
+func runSweeper(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if _, err := outbound.Sweep(ctx, st, log, time.Now()); err != nil && ctx.Err() == nil {
+			log.Error("sweep", "err", err)
+		}
+		if _, err := deliver.SweepStuck(ctx, cfg, st, log, time.Now()); err != nil && ctx.Err() == nil {
+			log.Error("sweep", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

@@ -6,9 +6,11 @@
 // control ID, Message-ID, times, our words and a server's): never message
 // content. Notices run on their own and never hold up HL7 traffic.
 //
-// It imports store only, for the alerts and their notice marks.
+// Raise is how the rest of hl7mail raises an alert: a log line and a row
+// in the store, which the notices then tell.
 //
-// It imports, of this module, only store.
+// It imports, of this module, only store, for the alerts and their notice
+// marks.
 package notify
 
 import (

@@ -411,3 +411,14 @@ func Classify(entity []byte) Kind {
 	}
 	return KindUnknown
 }
+
+// ReceiptFrom is hl7mail's MDN, from our address self, for the mail
+// messageID, with disposition d.
+func ReceiptFrom(self, messageID string, d Disposition) *MDN {
+	domain := self
+	if _, after, ok := strings.Cut(self, "@"); ok {
+		domain = after
+	}
+	return &MDN{ReportingUA: domain + "; hl7mail", OriginalRecipient: self, FinalRecipient: self,
+		OriginalMessageID: messageID, Disposition: d}
+}

@@ -90,9 +90,9 @@ func plain(s string, max int) bool {
 	return true
 }
 
-// Suite names the security suite a mail's outer entity uses: "pgp"
+// SuiteOf names the security suite a mail's outer entity uses: "pgp"
 // (PGP/MIME, RFC 3156), "smime" (RFC 8551) or "" (neither, or unreadable).
-func Suite(mail []byte) string {
+func SuiteOf(mail []byte) string {
 	e, err := parseEntity(mail)
 	if err != nil {
 		return ""

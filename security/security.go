@@ -5,6 +5,9 @@
 // (RFC 3335 §5.2, RFC 4130 §7.3.1), and the reading of all of it from mail,
 // with typed errors for every way a mail can fail to be trusted.
 //
+// A partner's suite is chosen in one place: Keyring.Suite gives the Suite
+// (pgp, smime or none) that seals mail for that partner and opens its mail.
+//
 // The package is a library: it imports nothing of hl7mail's services and
 // logs nothing.
 //

@@ -9,7 +9,7 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/gateway"
 	"github.com/hl7mail/hl7mail/internal/safefile"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/outbound"
 )
 
 func runCheck(args []string, stdout, stderr io.Writer) int {
@@ -79,7 +79,7 @@ func smtpWarnings(cfg *config.Config) []string {
 	if err != nil {
 		return []string{"smtp.ca_file: " + err.Error()}
 	}
-	sub := &mailbox.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc}
+	sub := &outbound.SMTPSubmitter{Addr: cfg.SMTP.Addr, TLS: cfg.SMTP.TLS, TLSConfig: tc}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	offer, err := sub.Probe(ctx, 5*time.Second)

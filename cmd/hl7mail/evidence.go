@@ -106,5 +106,5 @@ func evidenceOptions(cfgPath string) (evidence.Options, error) {
 	if err != nil {
 		return evidence.Options{}, err
 	}
-	return evidence.Options{Config: cfg, Keys: &keys.Sealer, Store: st}, nil
+	return evidence.Options{Config: cfg, Keys: &keys.Keyring, Store: st}, nil
 }

@@ -22,7 +22,7 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
-	"github.com/hl7mail/hl7mail/mailbox"
+	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -206,7 +206,7 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 		running = false
 		ctx := context.Background()
 		o = dashboard.Overview{Self: cfg.Self.Name, Email: cfg.Self.Email, Now: time.Now(),
-			SMTP: mailbox.LinkStatus{State: "stopped"}, IMAP: mailbox.LinkStatus{State: "stopped"}}
+			SMTP: link.Status{State: "stopped"}, IMAP: link.Status{State: "stopped"}}
 		if o.Partners, err = dashboard.Rows(ctx, cfg, st, nil); err == nil {
 			o.OpenAlerts, err = st.OpenAlerts(ctx)
 		}
@@ -244,8 +244,8 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 	return 0
 }
 
-func linkText(l mailbox.LinkStatus) string {
-	if l.LastError != "" && l.State != mailbox.LinkUp {
+func linkText(l link.Status) string {
+	if l.LastError != "" && l.State != link.Up {
 		return l.State + " (" + l.LastError + ")"
 	}
 	return l.State

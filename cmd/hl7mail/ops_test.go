@@ -16,9 +16,9 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -90,12 +90,12 @@ partners:
 		t.Fatal(err)
 	}
 	j, _ := journal.Open(filepath.Join(cfg.StoreDir(), gateway.IncomingJournal))
-	r := &mailbox.Receiver{Opener: &mailbox.Opener{Config: cfg, Keys: &keys.Sealer}, Store: st, Journal: j,
+	r := &inbound.Receiver{Opener: &inbound.Opener{Config: cfg, Keys: &keys.Keyring}, Store: st, Journal: j,
 		Logger: testlog.New(t, slog.LevelInfo)}
 	res, err := r.Handle(context.Background(), raw)
 	j.Close()
 	st.Close()
-	if err != nil || res.Quarantine == nil || res.Quarantine.Reason != mailbox.ReasonUnknownSigner {
+	if err != nil || res.Quarantine == nil || res.Quarantine.Reason != inbound.ReasonUnknownSigner {
 		t.Fatalf("Handle = %+v, %v", res, err)
 	}
 

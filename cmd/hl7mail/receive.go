@@ -21,8 +21,8 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/journal"
-	"github.com/hl7mail/hl7mail/mailbox"
 )
 
 // Exit codes of "hl7mail receive" (sysexits.h): an MTA retries on
@@ -204,7 +204,7 @@ func receiveStopped(cfg *config.Config, raw []byte, size int64, to string) (dash
 	}
 	defer j.Close()
 	r := gateway.NewReceiver(cfg, keys, st, j, nil, nil)
-	var res mailbox.Result
+	var res inbound.Result
 	if size > int64(cfg.IMAP.MaxMailSize) {
 		res, err = r.HandleOversize(context.Background(), raw, size)
 	} else {
