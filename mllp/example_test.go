@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"time"
 
 	"github.com/hl7mail/hl7mail/mllp"
 )
@@ -52,4 +53,41 @@ func ExampleClient_Send() {
 	}
 	fmt.Println(strings.Split(string(ack), "\r")[1])
 	// Output: MSA|CA|MSG1
+}
+
+// A listener's side: a Server serves each connection with a Handler; here
+// every message is answered CA. Shutdown stops it within its bound.
+func ExampleServer() {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	srv := &mllp.Server{Handler: mllp.HandlerFunc(func(ctx context.Context, c net.Conn) {
+		r := mllp.NewReader(c, 1<<20)
+		for {
+			msg, err := r.ReadFrame()
+			if err != nil {
+				return
+			}
+			id := strings.Split(string(bytes.SplitN(msg, []byte("\r"), 2)[0]), "|")[9]
+			mllp.WriteFrame(c, []byte("MSH|^~\\&|C|D|A|B|20261201||ACK|K1|P|2.5\rMSA|CA|"+id+"\r"))
+		}
+	})}
+	go srv.Serve(ln)
+	c, err := mllp.Dial(context.Background(), ln.Addr().String())
+	if err != nil {
+		panic(err)
+	}
+	ack, err := c.Send(context.Background(), []byte("MSH|^~\\&|A|B|C|D|20261201||ADT^A01|MSG2|P|2.5\rPID|1\r"))
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(strings.Split(string(ack), "\r")[1])
+	c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	fmt.Println(srv.Shutdown(ctx))
+	// Output:
+	// MSA|CA|MSG2
+	// <nil>
 }

@@ -6,6 +6,9 @@
 // Reader takes frames from a stream: several frames per read, frames split
 // across many reads, junk between frames and oversized or unterminated frames
 // are all reported without hanging or losing the framing of what follows.
+// Client sends a message and reads its acknowledgement; Server accepts
+// connections and serves each with a Handler (the surrogates, the embedded
+// router and the bench's baseline all run on it).
 //
 // It imports, of this module, nothing.
 package mllp

@@ -58,7 +58,7 @@ func (c *conn) handleBatch(frame []byte) {
 // rendezvous waits for the partner's response to message id and writes it
 // on the router's connection, or answers that it timed out.
 func (c *conn) rendezvous(log *slog.Logger, h *hl7.Header, id int64) {
-	resp, written, err := c.s.opts.Rendezvous(c.s.base, id)
+	resp, written, err := c.s.opts.Rendezvous(c.s.srv.Context(), id)
 	if err != nil {
 		log.Warn("no response from the partner in time; the message is stored and will be delivered", "id", id, "err", err)
 		c.answer(h, hl7.CommitError, "timed out waiting for the partner's response; the message is stored and will be delivered",

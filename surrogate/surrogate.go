@@ -21,7 +21,6 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/hl7mail/hl7mail/hl7"
@@ -30,7 +29,7 @@ import (
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
-var ErrServerClosed = errors.New("surrogate: server closed")
+var ErrServerClosed = mllp.ErrServerClosed
 
 // Spool takes durable responsibility for a message; *store.Store is one.
 type Spool interface {
@@ -131,21 +130,19 @@ func (s *Server) limits() Limits { return *s.lim.Load() }
 
 // Server is one partner's surrogate listener.
 type Server struct {
-	opts     Options
-	lim      atomic.Pointer[Limits]
-	log      *slog.Logger
+	opts Options
+	lim  atomic.Pointer[Limits]
+	log  *slog.Logger
+	// srv accepts the connections; its context is the context of every
+	// connection's waits (the store's commit, a rendezvous), which Close
+	// cancels, so that nothing waits on after.
+	srv      mllp.Server
 	mu       sync.Mutex
-	ln       net.Listener
 	conns    map[*conn]struct{}
 	perHost  map[string]int // open connections by source address
 	closing  atomic.Bool
-	wg       sync.WaitGroup
 	nextConn atomic.Uint64
 	panics   atomic.Int64
-	// base is the context of every connection's waits (the store's commit,
-	// a rendezvous); Close cancels it, so that nothing waits on after.
-	base       context.Context
-	cancelBase context.CancelFunc
 }
 
 // New returns a Server; it listens once Serve or ListenAndServe is called.
@@ -182,7 +179,8 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{opts: opts, log: opts.Logger.With("partner", opts.Partner), conns: map[*conn]struct{}{},
 		perHost: map[string]int{}}
-	s.base, s.cancelBase = context.WithCancel(context.Background())
+	s.srv.Logger = s.log
+	s.srv.Handler = mllp.HandlerFunc(func(_ context.Context, nc net.Conn) { s.startConn(nc) })
 	s.lim.Store(&Limits{MaxMessageSize: opts.MaxMessageSize, MaxConnections: opts.MaxConnections,
 		MaxConnectionsPerHost: opts.MaxConnectionsPerHost, IdleTimeout: opts.IdleTimeout, FirstFrameTimeout: opts.FirstFrameTimeout})
 	return s, nil
@@ -207,36 +205,19 @@ func (s *Server) ListenAndServe(addr string) error {
 // Serve accepts connections on ln until Shutdown or Close; it then returns
 // ErrServerClosed.
 func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
 	if s.closing.Load() {
-		s.mu.Unlock()
 		ln.Close()
 		return ErrServerClosed
 	}
-	s.ln = ln
-	s.mu.Unlock()
 	s.log.Info("surrogate listening", "addr", ln.Addr().String())
-	var delay time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			if s.closing.Load() {
-				return ErrServerClosed
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				s.log.Warn("accept failed; retrying", "err", err, "delay", delay)
-				time.Sleep(delay)
-				continue
-			}
-			return fmt.Errorf("surrogate %s: accept: %w", s.opts.Partner, err)
-		}
-		delay = 0
-		s.startConn(nc)
+	err := s.srv.Serve(ln)
+	if errors.Is(err, ErrServerClosed) {
+		return err
 	}
+	return fmt.Errorf("surrogate %s: %w", s.opts.Partner, err)
 }
 
+// startConn serves one connection, within the limits, until it ends.
 func (s *Server) startConn(nc net.Conn) {
 	id := "c" + strconv.FormatUint(s.nextConn.Add(1), 10)
 	host, _, _ := net.SplitHostPort(nc.RemoteAddr().String())
@@ -265,9 +246,8 @@ func (s *Server) startConn(nc net.Conn) {
 	}
 	s.perHost[c.host]++
 	s.conns[c] = struct{}{}
-	s.wg.Add(1)
 	s.mu.Unlock()
-	go c.serve()
+	c.serve()
 }
 
 // Shutdown stops accepting, lets every connection finish the message it is
@@ -278,44 +258,22 @@ func (s *Server) startConn(nc net.Conn) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.closing.Store(true)
 	s.mu.Lock()
-	if s.ln != nil {
-		s.ln.Close()
-	}
 	for c := range s.conns {
 		c.interrupt()
 	}
 	s.mu.Unlock()
-	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		s.Close()
-		<-done
-		return ctx.Err()
-	}
+	return s.srv.Shutdown(ctx)
 }
 
 // Close closes the listener and every connection at once, and ends what
 // they wait for.
 func (s *Server) Close() error {
 	s.closing.Store(true)
-	s.cancelBase()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var err error
-	if s.ln != nil {
-		err = s.ln.Close()
-	}
-	for c := range s.conns {
-		c.nc.Close()
-	}
-	return err
+	return s.srv.Close()
 }
 
 // Panics returns how many connection panics were recovered.
-func (s *Server) Panics() int64 { return s.panics.Load() }
+func (s *Server) Panics() int64 { return s.panics.Load() + s.srv.Panics() }
 
 // Connections returns the number of open router connections.
 func (s *Server) Connections() int {
@@ -385,14 +343,12 @@ func (c *conn) serve() {
 				c.answer(current, hl7.CommitError, "internal error, send again", hl7.ErrApplicationIntern)
 			}
 		}
-		c.nc.Close()
 		s.mu.Lock()
 		delete(s.conns, c)
 		if s.perHost[c.host]--; s.perHost[c.host] <= 0 {
 			delete(s.perHost, c.host)
 		}
 		s.mu.Unlock()
-		s.wg.Done()
 	}()
 	c.log.Info("router connected", "remote", c.nc.RemoteAddr().String())
 	rd := mllp.NewReader(c.nc, s.limits().MaxMessageSize)
@@ -468,7 +424,7 @@ const notStored = "message could not be stored, send it again later"
 
 // spool stores frame for the partner, within the commit timeout.
 func (c *conn) spool(controlID, messageType string, frame []byte) (store.Accepted, error) {
-	ctx, cancel := context.WithTimeout(c.s.base, c.s.opts.CommitTimeout)
+	ctx, cancel := context.WithTimeout(c.s.srv.Context(), c.s.opts.CommitTimeout)
 	defer cancel()
 	return c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
 		ControlID: controlID, MessageType: messageType, Payload: bytes.Clone(frame)})

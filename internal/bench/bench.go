@@ -117,9 +117,10 @@ func isCA(reply []byte) bool {
 // pays.
 type Baseline struct {
 	ln    net.Listener
+	srv   mllp.Server
 	f     *os.File
 	mu    sync.Mutex
-	wg    sync.WaitGroup
+	ids   *hl7.IDGen
 	syncs int
 }
 
@@ -134,57 +135,46 @@ func StartBaseline(dir string) (*Baseline, error) {
 		f.Close()
 		return nil, err
 	}
-	b := &Baseline{ln: ln, f: f}
-	b.wg.Add(1)
-	go b.serve()
+	b := &Baseline{ln: ln, f: f, ids: hl7.NewIDGen("BL", time.Now())}
+	b.srv.Handler = mllp.HandlerFunc(b.serveConn)
+	go b.srv.Serve(ln)
 	return b, nil
 }
 
 // Addr is the listening address.
 func (b *Baseline) Addr() string { return b.ln.Addr().String() }
 
-func (b *Baseline) serve() {
-	defer b.wg.Done()
-	ids := hl7.NewIDGen("BL", time.Now())
+// serveConn answers each message CA once it is appended and synced, CE
+// when it could not be.
+func (b *Baseline) serveConn(_ context.Context, nc net.Conn) {
+	rd := mllp.NewReader(nc, 0)
 	for {
-		nc, err := b.ln.Accept()
+		frame, err := rd.ReadFrame()
 		if err != nil {
 			return
 		}
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			defer nc.Close()
-			rd := mllp.NewReader(nc, 0)
-			for {
-				frame, err := rd.ReadFrame()
-				if err != nil {
-					return
-				}
-				h, _ := hl7.ParseHeader(frame)
-				b.mu.Lock()
-				_, werr := b.f.Write(frame)
-				if werr == nil {
-					werr = b.f.Sync()
-				}
-				b.syncs++
-				b.mu.Unlock()
-				code := hl7.CommitAccept
-				if werr != nil {
-					code = hl7.CommitError
-				}
-				if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: ids.Next()})) != nil {
-					return
-				}
-			}
-		}()
+		h, _ := hl7.ParseHeader(frame)
+		b.mu.Lock()
+		_, werr := b.f.Write(frame)
+		if werr == nil {
+			werr = b.f.Sync()
+		}
+		b.syncs++
+		b.mu.Unlock()
+		code := hl7.CommitAccept
+		if werr != nil {
+			code = hl7.CommitError
+		}
+		if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: b.ids.Next()})) != nil {
+			return
+		}
 	}
 }
 
 // Close stops the server.
 func (b *Baseline) Close() error {
-	b.ln.Close()
-	b.wg.Wait()
+	b.srv.Close()
+	b.srv.Wait()
 	return b.f.Close()
 }
 

@@ -2,6 +2,7 @@ package embedded
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"sync"
 	"time"
@@ -12,13 +13,12 @@ import (
 
 // Router is a running stand-in router.
 type Router struct {
-	Addr  string
-	ln    net.Listener
-	mu    sync.Mutex
-	msgs  [][]byte
-	at    []time.Time
-	ids   *hl7.IDGen
-	conns map[net.Conn]struct{}
+	Addr string
+	srv  *mllp.Server
+	mu   sync.Mutex
+	msgs [][]byte
+	at   []time.Time
+	ids  *hl7.IDGen
 }
 
 // StartRouter listens on addr ("127.0.0.1:0" for any port).
@@ -27,47 +27,40 @@ func StartRouter(addr string) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Router{Addr: ln.Addr().String(), ln: ln, ids: hl7.NewIDGen("RT", time.Now()), conns: map[net.Conn]struct{}{}}
-	go r.serve(ln)
+	r := &Router{Addr: ln.Addr().String(), ids: hl7.NewIDGen("RT", time.Now())}
+	r.start(ln)
 	return r, nil
 }
 
-func (r *Router) serve(ln net.Listener) {
+func (r *Router) start(ln net.Listener) {
+	srv := &mllp.Server{Handler: mllp.HandlerFunc(r.serveConn)}
+	r.mu.Lock()
+	r.srv = srv
+	r.mu.Unlock()
+	go srv.Serve(ln)
+}
+
+// serveConn stores each message and answers it AA, as an application
+// that took it would; acknowledgements and NE messages get no answer.
+func (r *Router) serveConn(_ context.Context, c net.Conn) {
+	rd := mllp.NewReader(c, 0)
 	for {
-		c, err := ln.Accept()
+		frame, err := rd.ReadFrame()
 		if err != nil {
 			return
 		}
+		h, err := hl7.ParseHeader(frame)
 		r.mu.Lock()
-		r.conns[c] = struct{}{}
+		r.msgs = append(r.msgs, bytes.Clone(frame))
+		r.at = append(r.at, time.Now())
 		r.mu.Unlock()
-		go func() {
-			defer func() {
-				c.Close()
-				r.mu.Lock()
-				delete(r.conns, c)
-				r.mu.Unlock()
-			}()
-			rd := mllp.NewReader(c, 0)
-			for {
-				frame, err := rd.ReadFrame()
-				if err != nil {
-					return
-				}
-				h, err := hl7.ParseHeader(frame)
-				r.mu.Lock()
-				r.msgs = append(r.msgs, bytes.Clone(frame))
-				r.at = append(r.at, time.Now())
-				r.mu.Unlock()
-				if err != nil || h.IsAck() || h.AcceptAckType == "NE" {
-					continue
-				}
-				ack := hl7.BuildAck(h, hl7.Ack{Code: hl7.ApplicationAccept, ControlID: r.ids.Next()})
-				if mllp.WriteFrame(c, ack) != nil {
-					return
-				}
-			}
-		}()
+		if err != nil || h.IsAck() || h.AcceptAckType == "NE" {
+			continue
+		}
+		ack := hl7.BuildAck(h, hl7.Ack{Code: hl7.ApplicationAccept, ControlID: r.ids.Next()})
+		if mllp.WriteFrame(c, ack) != nil {
+			return
+		}
 	}
 }
 
@@ -93,11 +86,9 @@ func (r *Router) Close() error { return r.Stop() }
 // received.
 func (r *Router) Stop() error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	for c := range r.conns {
-		c.Close()
-	}
-	return r.ln.Close()
+	srv := r.srv
+	r.mu.Unlock()
+	return srv.Close()
 }
 
 // Restart listens again on the router's address.
@@ -106,10 +97,7 @@ func (r *Router) Restart() error {
 	if err != nil {
 		return err
 	}
-	r.mu.Lock()
-	r.ln = ln
-	r.mu.Unlock()
-	go r.serve(ln)
+	r.start(ln)
 	return nil
 }
 
