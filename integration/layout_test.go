@@ -14,8 +14,9 @@ import (
 // same layer, none).
 var layers = [][]string{
 	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog"},
-	{"journal", "store", "internal/embedded"},
-	{"surrogate", "notify", "internal/partnerq"},
+	{"journal", "spool", "internal/embedded"},
+	{"store", "surrogate"},
+	{"notify", "internal/partnerq"},
 	{"outbound", "deliver", "inbound", "internal/mailtest"},
 	{"evidence", "dashboard"},
 	{"gateway"},

@@ -8,6 +8,8 @@ import (
 	"math"
 	"runtime"
 	"time"
+
+	"github.com/hl7mail/hl7mail/spool"
 )
 
 // ingestInterval is the least time between two ingests while the store is
@@ -49,51 +51,53 @@ func (s *Store) OnIngest(f func(partner string, d Direction)) {
 	s.onIngest.Store(&f)
 }
 
-// ingestLoop copies committed records into the database, retrying while the
-// database fails; the records stay in the spool log until they are in.
+// ingestLoop copies the records the spool committed into the database,
+// retrying while the database fails; the records stay in the spool log
+// until they are in. At Close it takes what is left, once.
 func (s *Store) ingestLoop() {
 	defer close(s.ingestDone)
-	var pending []logRecord
 	var load ingestLoad // load.at: when the last ingest ended
 	timer := time.NewTimer(ingestInterval)
 	timer.Stop()
-	for recs := range s.ingest {
-		pending = append(pending[:0], recs...)
-		// Busy, wait out the interval since the last ingest; else take
-		// only what is queued already.
-		var wait time.Duration
-		if now := time.Now(); load.value(now) > busyLoad {
-			wait = load.at.Add(ingestInterval).Sub(now)
-		}
-		timer.Reset(max(wait, 0))
-	gather:
-		for len(pending) < maxIngest {
-			select {
-			case r, ok := <-s.ingest:
-				if !ok {
-					break gather
+	for {
+		select {
+		case <-s.sp.Ready():
+		case <-s.quit:
+			for {
+				recs := s.sp.Take(maxIngest)
+				if len(recs) == 0 || !s.ingestWithRetry(recs) {
+					return
 				}
-				pending = append(pending, r...)
-			case <-s.kick:
-				break gather
-			case <-timer.C:
-				break gather
-			case <-s.quit:
-				break gather
+				s.announce(recs)
 			}
 		}
-		timer.Stop()
-		if !s.ingestWithRetry(pending) {
+		// Busy, wait out the interval since the last ingest (unless a
+		// query asks for the database to be up to date); else take only
+		// what is committed already.
+		if now := time.Now(); load.value(now) > busyLoad {
+			timer.Reset(max(load.at.Add(ingestInterval).Sub(now), 0))
+			select {
+			case <-s.kick:
+			case <-timer.C:
+			case <-s.quit:
+			}
+			timer.Stop()
+		}
+		recs := s.sp.Take(maxIngest)
+		if len(recs) == 0 {
+			continue
+		}
+		if !s.ingestWithRetry(recs) {
 			return
 		}
-		load.add(time.Now(), len(pending))
-		s.announce(pending)
+		load.add(time.Now(), len(recs))
+		s.announce(recs)
 	}
 }
 
 // announce tells the OnIngest function of the partners and directions of
 // recs, once each.
-func (s *Store) announce(recs []logRecord) {
+func (s *Store) announce(recs []spool.Record) {
 	f := s.onIngest.Load()
 	if f == nil {
 		return
@@ -104,7 +108,7 @@ func (s *Store) announce(recs []logRecord) {
 	}
 	seen := map[key]bool{}
 	for _, r := range recs {
-		k := key{r.m.Partner, r.m.Direction}
+		k := key{r.Msg.Partner, r.Msg.Direction}
 		if !seen[k] {
 			seen[k] = true
 			(*f)(k.partner, k.d)
@@ -114,7 +118,7 @@ func (s *Store) announce(recs []logRecord) {
 
 // ingestWithRetry inserts recs until it succeeds; it reports false when the
 // store is closing with recs not inserted (they are replayed at Open).
-func (s *Store) ingestWithRetry(recs []logRecord) bool {
+func (s *Store) ingestWithRetry(recs []spool.Record) bool {
 	delay := 10 * time.Millisecond
 	for {
 		var err error
@@ -126,7 +130,8 @@ func (s *Store) ingestWithRetry(recs []logRecord) bool {
 		s.ingMu.Lock()
 		s.ingestErr = err
 		if err == nil {
-			s.ingested = recs[len(recs)-1].seq
+			s.ingested = recs[len(recs)-1].ID
+			s.sp.Ingested(s.ingested)
 			close(s.ingestedCh)
 			s.ingestedCh = make(chan struct{})
 		}
@@ -153,9 +158,7 @@ func (s *Store) Backlog() int64 {
 	if s.readOnly {
 		return 0
 	}
-	s.ingMu.Lock()
-	defer s.ingMu.Unlock()
-	return max(s.appended.Load()-s.ingested, 0)
+	return s.sp.Backlog()
 }
 
 // Flush waits until every message accepted so far is in the database.
@@ -164,20 +167,29 @@ func (s *Store) Flush(ctx context.Context) error { return s.waitIngested(ctx) }
 // waitIngested waits until every message accepted so far is in the
 // database, so that queries see them.
 func (s *Store) waitIngested(ctx context.Context) error {
-	return s.waitIngestedUpTo(ctx, s.appended.Load())
+	if s.readOnly {
+		return nil
+	}
+	return s.waitIngestedUpTo(ctx, s.sp.Appended())
 }
 
 // waitInbound waits until every inbound message accepted so far is in the
 // database.
 func (s *Store) waitInbound(ctx context.Context) error {
-	return s.waitIngestedUpTo(ctx, s.appendedIn.Load())
+	if s.readOnly {
+		return nil
+	}
+	return s.waitIngestedUpTo(ctx, s.sp.AppendedInbound())
 }
 
 // waitID waits until message id, if it was accepted, is in the database.
 // Work on one message that is in the database never waits: the messages
 // accepted after it go in at the ingester's pace.
 func (s *Store) waitID(ctx context.Context, id int64) error {
-	return s.waitIngestedUpTo(ctx, min(id, s.appended.Load()))
+	if s.readOnly {
+		return nil
+	}
+	return s.waitIngestedUpTo(ctx, min(id, s.sp.Appended()))
 }
 
 // waitIngestedUpTo waits until the messages up to id target are in the
@@ -226,7 +238,7 @@ const (
 
 // insert writes recs into the database in one transaction, marking
 // duplicates. Only the ingester (or Open, before it starts) calls it.
-func (s *Store) insert(recs []logRecord) (err error) {
+func (s *Store) insert(recs []spool.Record) (err error) {
 	ctx := context.Background()
 	st := &s.stmts
 	if _, err := st.begin.ExecContext(ctx); err != nil {
@@ -239,19 +251,20 @@ func (s *Store) insert(recs []logRecord) (err error) {
 	}()
 	for _, r := range recs {
 		var orig int64
-		err := st.find.QueryRowContext(ctx, r.m.Partner, r.m.Direction, r.m.ControlID, r.hash[:]).Scan(&orig)
+		m := &r.Msg
+		err := st.find.QueryRowContext(ctx, m.Partner, m.Direction, m.ControlID, r.Hash[:]).Scan(&orig)
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("store: look up duplicate: %w", err)
 		}
 		state, dup := Queued, sql.NullInt64{}
 		if orig != 0 {
 			state, dup = Duplicate, sql.NullInt64{Int64: orig, Valid: true}
-			s.log.Info("duplicate stored; it will not be sent", "id", r.seq, "duplicate_of", orig,
-				"partner", r.m.Partner, "control_id", r.m.ControlID)
+			s.log.Info("duplicate stored; it will not be sent", "id", r.ID, "duplicate_of", orig,
+				"partner", m.Partner, "control_id", m.ControlID)
 		}
-		if _, err := st.insert.ExecContext(ctx, r.seq, r.m.Direction, r.m.Partner, r.m.ControlID, r.m.MessageType,
-			state, dup, len(r.m.Payload), r.hash[:], r.m.Payload, r.time, r.time, r.m.MessageID, r.m.MIC,
-			kindOr(r.m.Kind), r.m.InReplyTo, r.m.Recipient, r.m.ReceiptNote, r.m.AnswerTo); err != nil {
+		if _, err := st.insert.ExecContext(ctx, r.ID, m.Direction, m.Partner, m.ControlID, m.MessageType,
+			state, dup, len(m.Payload), r.Hash[:], m.Payload, r.Time, r.Time, m.MessageID, m.MIC,
+			kindOr(m.Kind), m.InReplyTo, m.Recipient, m.ReceiptNote, m.AnswerTo); err != nil {
 			return fmt.Errorf("store: insert: %w", err)
 		}
 		// A batch is milliseconds of CPU: yield between rows so that the

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -126,29 +125,12 @@ func scanMessage(scan func(dest ...any) error) (Message, error) {
 	return m, nil
 }
 
-// CommitStats describe the group commits made since Open.
-type CommitStats struct {
-	Commits  int64 // syncs of the spool log (or failed attempts)
-	Messages int64 // messages in them
-}
-
-type commitStats struct {
-	mu sync.Mutex
-	CommitStats
-}
-
-func (c *commitStats) record(n int) {
-	c.mu.Lock()
-	c.Commits++
-	c.Messages += int64(n)
-	c.mu.Unlock()
-}
-
-// Stats returns the commit statistics.
+// Stats returns the spool's commit statistics.
 func (s *Store) Stats() CommitStats {
-	s.stats.mu.Lock()
-	defer s.stats.mu.Unlock()
-	return s.stats.CommitStats
+	if s.readOnly {
+		return CommitStats{}
+	}
+	return s.sp.Stats()
 }
 
 // FindInbound returns the inbound message of partner that came in the mail

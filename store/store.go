@@ -1,19 +1,19 @@
-// Package store is hl7mail's durable spool: every message hl7mail has
-// taken responsibility for, with its state.
+// Package store holds every message hl7mail has taken responsibility for,
+// with its state, and what belongs to them: receipts, reports, quarantine,
+// alerts, journal digests. One file per aggregate: delivery.go (messages
+// and their states), receipts in ops.go and reports.go, alerts.go, query.go.
 //
-// Accept appends messages to a write-ahead spool log and fdatasyncs it before
-// it returns, committing the messages that arrive together with one sync
-// (group commit); that is what lets a surrogate answer CA
-// (draft-ietf-ediint-hl7-02 §6.5.1). An ingester copies the log into an
-// embedded SQLite database (WAL journal, one writer; state changes are
-// synchronous=FULL), which every query reads; Open replays what the
-// database lacks after a crash. The ingester copies each message at once
-// while the store is quiet and paces itself when busy; queries that must
-// see every accepted message wait for it, the queues (NextQueued,
-// QueuedList) read the database as it is and learn of new messages from
-// OnIngest.
+// Accept is the spool's (package spool: the write-ahead log, group commit,
+// the lock), which never waits on the database. An ingester copies what the
+// spool committed into an embedded SQLite database (WAL journal, one
+// writer; state changes are synchronous=FULL), which every query reads;
+// Open replays what the database lacks after a crash. The ingester copies
+// each message at once while the store is quiet and paces itself when busy;
+// queries that must see every accepted message wait for it, the queues
+// (NextQueued, QueuedList) read the database as it is and learn of new
+// messages from OnIngest.
 //
-// It imports, of this module, only internal/safefile.
+// It imports, of this module, only internal/safefile and spool.
 package store
 
 import (
@@ -25,47 +25,27 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
 	"github.com/hl7mail/hl7mail/internal/safefile"
+	"github.com/hl7mail/hl7mail/spool"
 )
 
-// Store is the spool. Its methods are safe for concurrent use.
+// Store is the database and the spool that feeds it. Its methods are safe
+// for concurrent use.
 type Store struct {
-	dir         string
-	segmentSize int64
-	lock        *os.File // held (flock) while the store is open for writing
-	readOnly    bool
-	db          *sql.DB
-	log         *slog.Logger
-	now         func() time.Time
-	max         int
-	reqs        chan *acceptReq
-	quit        chan struct{}
-	done        chan struct{} // writeLoop has ended
+	dir      string
+	readOnly bool
+	db       *sql.DB
+	log      *slog.Logger
+	now      func() time.Time
+	sp       *spool.Spool
+	quit     chan struct{} // Close: the ingester and the checkpointer end
 
-	// commitMu is held by whoever appends to the spool log: the writer
-	// goroutine, or an Accept that finds it free and commits on its own
-	// goroutine (sparing two goroutine handoffs when the store is not busy).
-	commitMu  sync.Mutex
-	spool     *spoolLog // guarded by commitMu
-	nextSeq   int64     // guarded by commitMu
-	logClosed bool      // guarded by commitMu
-	appended  atomic.Int64
-	// appendedIn is the highest inbound id appended: what queries about
-	// received mail (replays, ordering) wait for.
-	appendedIn atomic.Int64
-	// durable is the highest id known to be synced in the database file:
-	// the spool log may be reused only when it reaches the last id appended.
-	durable atomic.Int64
-
-	ingest      chan []logRecord
 	ingestDone  chan struct{}
 	kick        chan struct{} // a query waits for the ingester
 	pauseIngest atomic.Bool   // tests: leave records in the log only
@@ -80,7 +60,6 @@ type Store struct {
 
 	writer *sql.Conn
 	stmts  writerStmts
-	stats  commitStats
 
 	// updater makes the state changes of delivery, each synced
 	// (synchronous=FULL) before it returns; updMu serializes its use.
@@ -119,17 +98,6 @@ func (w *writerStmts) close() {
 	}
 }
 
-type acceptReq struct {
-	m    NewMessage
-	hash [32]byte
-	res  chan acceptRes
-}
-
-type acceptRes struct {
-	a   Accepted
-	err error
-}
-
 // Open opens (creating if needed) the store in opts.Dir and replays into the
 // database any message the spool log holds that the database lacks.
 func Open(opts Options) (*Store, error) {
@@ -138,9 +106,6 @@ func Open(opts Options) (*Store, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
-	}
-	if opts.MaxBatch <= 0 {
-		opts.MaxBatch = 256
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -157,13 +122,14 @@ func Open(opts Options) (*Store, error) {
 	for _, w := range problems.Warnings {
 		opts.Logger.Warn("store folder", "warning", w)
 	}
-	lock, err := lockDir(opts.Dir)
+	sp, recs, err := spool.Open(spool.Options{Dir: opts.Dir, Logger: opts.Logger, MaxBatch: opts.MaxBatch,
+		MaxBacklog: opts.MaxBacklog, Now: opts.Now, SegmentSize: opts.segmentSize})
 	if err != nil {
 		return nil, err
 	}
 	// SQLite creates the -wal and -shm files with the database file's mode.
 	if f, err := safefile.OpenPrivate(filepath.Join(opts.Dir, FileName)); err != nil {
-		lock.Close()
+		sp.Close()
 		return nil, fmt.Errorf("store: %w", err)
 	} else {
 		f.Close()
@@ -178,17 +144,15 @@ func Open(opts Options) (*Store, error) {
 	dsn := "file:" + filepath.Join(opts.Dir, FileName) + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
-		lock.Close()
+		sp.Close()
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
 	s := &Store{
-		lock: lock,
-		dir:  opts.Dir, segmentSize: opts.segmentSize, db: db, log: opts.Logger, now: opts.Now, max: opts.MaxBatch,
-		reqs: make(chan *acceptReq, 4*opts.MaxBatch), quit: make(chan struct{}), done: make(chan struct{}),
-		ingest: make(chan []logRecord, 1024), ingestDone: make(chan struct{}), kick: make(chan struct{}, 1), ingestedCh: make(chan struct{}),
+		dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, sp: sp, quit: make(chan struct{}),
+		ingestDone: make(chan struct{}), kick: make(chan struct{}, 1), ingestedCh: make(chan struct{}),
 		ckDone: make(chan struct{}),
 	}
-	if err := s.open(); err != nil {
+	if err := s.open(recs); err != nil {
 		s.stmts.close()
 		if s.writer != nil {
 			s.writer.Close()
@@ -196,20 +160,18 @@ func Open(opts Options) (*Store, error) {
 		if s.updater != nil {
 			s.updater.Close()
 		}
-		if s.spool != nil {
-			s.spool.close()
-		}
 		db.Close()
-		lock.Close()
+		sp.Close()
 		return nil, err
 	}
-	go s.writeLoop()
 	go s.ingestLoop()
 	go s.checkpointLoop()
 	return s, nil
 }
 
-func (s *Store) open() error {
+// open readies the database and replays into it the spool's records recs
+// that it lacks; then the spool starts accepting.
+func (s *Store) open(recs []spool.Record) error {
 	ctx := context.Background()
 	if err := migrate(ctx, s.db); err != nil {
 		return err
@@ -232,18 +194,13 @@ func (s *Store) open() error {
 	if s.updater, err = s.db.Conn(ctx); err != nil {
 		return fmt.Errorf("store: updater connection: %w", err)
 	}
-	spool, recs, err := openSpoolLog(s.dir, s.segmentSize)
-	if err != nil {
-		return err
-	}
-	s.spool = spool
 	var maxID int64
 	if err := s.db.QueryRowContext(ctx, "SELECT COALESCE(MAX(id), 0) FROM messages").Scan(&maxID); err != nil {
 		return fmt.Errorf("store: read last id: %w", err)
 	}
-	var replay []logRecord
+	var replay []spool.Record
 	for _, r := range recs {
-		if r.seq > maxID {
+		if r.ID > maxID {
 			replay = append(replay, r)
 		}
 	}
@@ -252,8 +209,8 @@ func (s *Store) open() error {
 			return fmt.Errorf("store: replay spool log: %w", err)
 		}
 		s.log.Info("store replayed messages from the spool log", "messages", len(replay),
-			"first_id", replay[0].seq, "last_id", replay[len(replay)-1].seq)
-		maxID = replay[len(replay)-1].seq
+			"first_id", replay[0].ID, "last_id", replay[len(replay)-1].ID)
+		maxID = replay[len(replay)-1].ID
 	}
 	// Sync the database before the log is written over.
 	var busy, frames, copied int
@@ -263,28 +220,9 @@ func (s *Store) open() error {
 	if busy != 0 {
 		return errors.New("store: checkpoint at open was blocked: is another hl7mail using this store?")
 	}
-	s.nextSeq = maxID + 1
-	s.appended.Store(maxID)
 	s.ingested = maxID
-	s.durable.Store(maxID)
+	s.sp.Start(maxID)
 	return nil
-}
-
-// lockDir takes the store's lock file, so that one process at a time
-// writes to a store.
-func lockDir(dir string) (*os.File, error) {
-	f, err := safefile.OpenPrivate(filepath.Join(dir, "hl7mail.lock"))
-	if err != nil {
-		return nil, fmt.Errorf("store: lock: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		pid, _ := os.ReadFile(f.Name())
-		f.Close()
-		return nil, fmt.Errorf("%w (held by process %s)", ErrLocked, strings.TrimSpace(string(pid)))
-	}
-	f.Truncate(0)
-	f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
-	return f, nil
 }
 
 // OpenReadOnly opens the store in dir for queries only, whether or not
@@ -320,12 +258,8 @@ func (s *Store) Close() error {
 	if s.readOnly {
 		return s.db.Close()
 	}
+	s.sp.Stop()
 	close(s.quit)
-	<-s.done
-	s.commitMu.Lock()
-	s.logClosed = true
-	s.commitMu.Unlock()
-	close(s.ingest)
 	<-s.ingestDone
 	<-s.ckDone
 	s.stmts.close()
@@ -334,8 +268,7 @@ func (s *Store) Close() error {
 	// A last full checkpoint syncs everything ingested and leaves a small
 	// WAL behind. Records it does not cover are replayed at Open.
 	s.checkpoint("TRUNCATE")
-	s.spool.close()
 	err := s.db.Close()
-	s.lock.Close()
+	s.sp.Close()
 	return err
 }

@@ -3,7 +3,6 @@ package store
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/internal/corpus"
 	"github.com/hl7mail/hl7mail/internal/testlog"
+	"github.com/hl7mail/hl7mail/spool"
 )
 
 func open(t *testing.T, dir string) *Store {
@@ -137,29 +137,6 @@ func TestGroupCommit(t *testing.T) {
 	}
 }
 
-// TestCommitFailure makes the spool log write fail, as on a full disk: the
-// batch fails with an error, nothing of it is stored, and the store goes on
-// accepting.
-func TestCommitFailure(t *testing.T) {
-	s := open(t, t.TempDir())
-	defer s.Close()
-	ctx := context.Background()
-	s.commitMu.Lock()
-	s.spool.failNext = errors.New("no space left on device")
-	s.commitMu.Unlock()
-	if _, err := s.Accept(ctx, msg("lab", "FAIL", "x")); err == nil || !strings.Contains(err.Error(), "no space left") {
-		t.Fatalf("Accept on a full disk = %v, want the write error", err)
-	}
-	ok, err := s.Accept(ctx, msg("lab", "OK", "y"))
-	if err != nil {
-		t.Fatalf("Accept after failure: %v", err)
-	}
-	list, _ := s.List(ctx, Filter{})
-	if len(list) != 1 || list[0].ControlID != "OK" || list[0].ID != ok.ID {
-		t.Errorf("stored %+v, want only the message accepted after the failure", list)
-	}
-}
-
 // TestReplay accepts messages that never reach the database (as when the
 // process dies right after the sync) and checks that Open replays them,
 // duplicates marked, in order.
@@ -215,65 +192,14 @@ func TestReplay(t *testing.T) {
 	}
 }
 
-// TestTornTail cuts and corrupts the end of the spool log, as a crash in the
-// middle of a write leaves it: complete records are replayed, the torn one
-// is dropped, and the store works on.
-func TestTornTail(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		tear func(b []byte, end int) // end: where the records end
-		want int
-	}{
-		{"cut in the last record", func(b []byte, end int) { clear(b[end-5 : end]) }, 2},
-		{"flipped byte in the last record", func(b []byte, end int) { b[end-3] ^= 0xff }, 2},
-		{"nothing torn", func(b []byte, end int) {}, 3},
-		{"garbage header after the records", func(b []byte, end int) { copy(b[end:], []byte{0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4}) }, 3},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s := open(t, dir)
-			s.pauseIngest.Store(true)
-			for i := 0; i < 3; i++ {
-				s.Accept(context.Background(), msg("lab", fmt.Sprint(i), strings.Repeat("x", 50)))
-			}
-			s.Close()
-			path := filepath.Join(dir, "spool-0.log")
-			seg, _, end64, err := openSegment(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			end := int(end64)
-			seg.f.Close()
-			b, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			tc.tear(b, end)
-			os.WriteFile(path, b, 0o600)
-			s = open(t, dir)
-			defer s.Close()
-			list, err := s.List(context.Background(), Filter{})
-			if err != nil || len(list) != tc.want {
-				t.Fatalf("after a torn tail: %d messages, %v; want %d", len(list), err, tc.want)
-			}
-			if _, err := s.Accept(context.Background(), msg("lab", "after", "y")); err != nil {
-				t.Fatal(err)
-			}
-			if list, _ := s.List(context.Background(), Filter{}); len(list) != tc.want+1 {
-				t.Errorf("after accepting again: %d messages, want %d", len(list), tc.want+1)
-			}
-		})
-	}
-}
-
 // logRecords counts the records in a closed store's spool log.
 func logRecords(t *testing.T, dir string) int {
 	t.Helper()
-	l, recs, err := openSpoolLog(dir, 0)
+	sp, recs, err := spool.Open(spool.Options{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.close()
+	sp.Close()
 	return len(recs)
 }
 
@@ -450,54 +376,6 @@ func TestLock(t *testing.T) {
 	}
 	if _, err := ro.Accept(ctx, msg("lab", "2", "B")); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("read-only Accept = %v, want ErrReadOnly", err)
-	}
-}
-
-// TestOldRecordFormat: records written by earlier versions (direction 'o'
-// or 'i' and seven strings, 'O' or 'I' and eight) still decode after an
-// upgrade, and the present form ('N', direction, count) round-trips with
-// every field.
-func TestOldRecordFormat(t *testing.T) {
-	m := NewMessage{Direction: Inbound, Partner: "lab", ControlID: "c1", MessageType: "ORU^R01",
-		MessageID: "<m@x>", MIC: "mic", Kind: KindRequest, Recipient: "adt@edi.hospital", ReceiptNote: "options unreadable",
-		Payload: []byte("MSH|...")}
-	hash := [32]byte{1, 2, 3}
-	// older writes the record as a version that kept n strings did.
-	older := func(dir byte, n int) []byte {
-		b := binary.LittleEndian.AppendUint64(nil, 7)
-		b = binary.LittleEndian.AppendUint64(b, 99)
-		b = append(b, dir)
-		for _, s := range m.strings()[:n] {
-			b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
-			b = append(b, s...)
-		}
-		b = append(b, hash[:]...)
-		return append(b, m.Payload...)
-	}
-	for _, c := range []struct {
-		dir             byte
-		n               int
-		recipient, note string
-	}{{'i', 7, "", ""}, {'I', 8, m.Recipient, ""}} {
-		got, err := decodeRecord(older(c.dir, c.n))
-		if err != nil || got.seq != 7 || got.m.Direction != Inbound || got.m.Partner != "lab" || got.m.Kind != KindRequest ||
-			string(got.m.Payload) != "MSH|..." || got.m.Recipient != c.recipient || got.m.ReceiptNote != c.note || got.hash != hash {
-			t.Errorf("decodeRecord(%q form) = %+v, %v", c.dir, got, err)
-		}
-	}
-	r := logRecord{seq: 7, time: 99, m: m, hash: hash}
-	got, err := decodeRecord(r.appendTo(nil)[logHeader:])
-	if err != nil || got.m.Recipient != m.Recipient || got.m.ReceiptNote != m.ReceiptNote || got.m.Direction != Inbound ||
-		string(got.m.Payload) != "MSH|..." {
-		t.Errorf("decodeRecord(present form) = %+v, %v", got, err)
-	}
-	// A later version's record with a string more is read past it.
-	later := r.appendTo(nil)[logHeader:]
-	at := len(later) - len(m.Payload) - 32
-	later = append(append(append([]byte(nil), later[:at]...), 3, 0, 'x', 'y', 'z'), later[at:]...)
-	later[18]++
-	if got, err := decodeRecord(later); err != nil || got.m.ReceiptNote != m.ReceiptNote || got.hash != hash {
-		t.Errorf("decodeRecord(later form) = %+v, %v", got, err)
 	}
 }
 

@@ -4,15 +4,17 @@ import (
 	"errors"
 	"log/slog"
 	"time"
+
+	"github.com/hl7mail/hl7mail/spool"
 )
 
 // Direction says which way a message travels.
-type Direction string
+type Direction = spool.Direction
 
 // Directions.
 const (
-	Outbound Direction = "out" // router → partner (received by a surrogate)
-	Inbound  Direction = "in"  // partner → router (received by mail)
+	Outbound = spool.Outbound // router → partner (received by a surrogate)
+	Inbound  = spool.Inbound  // partner → router (received by mail)
 )
 
 // State is where a message is in its life.
@@ -42,10 +44,14 @@ const (
 )
 
 // ErrClosed is returned by Accept after Close.
-var ErrClosed = errors.New("store: closed")
+var ErrClosed = spool.ErrClosed
 
 // ErrLocked is returned by Open when another process has the store open.
-var ErrLocked = errors.New("store: in use by another hl7mail process")
+var ErrLocked = spool.ErrLocked
+
+// ErrBacklog is returned by Accept while too many accepted messages wait
+// for the database (Options.MaxBacklog).
+var ErrBacklog = spool.ErrBacklog
 
 // ErrReadOnly is returned by Accept on a store opened with OpenReadOnly.
 var ErrReadOnly = errors.New("store: opened read-only")
@@ -57,29 +63,7 @@ var ErrNotFound = errors.New("store: no such message")
 const FileName = "hl7mail.db"
 
 // NewMessage is a message to take responsibility for.
-type NewMessage struct {
-	Direction   Direction
-	Partner     string
-	ControlID   string // MSH-10
-	MessageType string // MSH-9
-	Payload     []byte
-	// MessageID and MIC are those of the mail an inbound message came in:
-	// a replay is recognized by the first, the receipt carries the second.
-	MessageID string
-	MIC       string
-	// Kind says what the payload is (default KindHL7).
-	Kind string
-	// InReplyTo is the Message-ID of the mail an outbound response answers.
-	InReplyTo string
-	// Recipient is the address of ours an inbound message was sent to.
-	Recipient string
-	// ReceiptNote is a warning for the receipt an inbound message gets
-	// (processed/warning), in our own words.
-	ReceiptNote string
-	// AnswerTo is the partner an inbound request's answer goes to when it
-	// is not the sender (a return route, draft-ietf-ediint-hl7-02 §4.1.4).
-	AnswerTo string
-}
+type NewMessage = spool.Message
 
 // Message kinds.
 const (
@@ -95,9 +79,10 @@ const (
 )
 
 // Accepted is the outcome of Accept.
-type Accepted struct {
-	ID int64 // the message's id, in the order messages were accepted
-}
+type Accepted = spool.Accepted
+
+// CommitStats describe the group commits made since Open.
+type CommitStats = spool.CommitStats
 
 // Message is a stored message. Payload is filled only by Get.
 type Message struct {
@@ -134,6 +119,9 @@ type Options struct {
 	Logger *slog.Logger
 	// MaxBatch bounds how many messages share one sync (default 256).
 	MaxBatch int
+	// MaxBacklog bounds the messages accepted and not yet in the database
+	// (default spool.DefaultMaxBacklog); past it Accept returns ErrBacklog.
+	MaxBacklog int64
 	// Now returns the current time (default time.Now).
 	Now func() time.Time
 

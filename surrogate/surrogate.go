@@ -5,7 +5,8 @@
 // message is durably stored — CA when stored, CE when it could not be stored
 // (send again), CR when it is not acceptable (do not send again).
 //
-// It imports, of this module, only hl7, mllp, store.
+// It imports, of this module, only hl7, mllp, spool: the CA path needs the
+// spool alone, never the database.
 package surrogate
 
 import (
@@ -25,15 +26,16 @@ import (
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/mllp"
-	"github.com/hl7mail/hl7mail/store"
+	"github.com/hl7mail/hl7mail/spool"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = mllp.ErrServerClosed
 
-// Spool takes durable responsibility for a message; *store.Store is one.
+// Spool takes durable responsibility for a message; *store.Store and
+// *spool.Spool are one.
 type Spool interface {
-	Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error)
+	Accept(ctx context.Context, m spool.Message) (spool.Accepted, error)
 }
 
 // Options configure a Server. Partner and Spool are required.
@@ -423,10 +425,10 @@ func (c *conn) frameError(err error) bool {
 const notStored = "message could not be stored, send it again later"
 
 // spool stores frame for the partner, within the commit timeout.
-func (c *conn) spool(controlID, messageType string, frame []byte) (store.Accepted, error) {
+func (c *conn) spool(controlID, messageType string, frame []byte) (spool.Accepted, error) {
 	ctx, cancel := context.WithTimeout(c.s.srv.Context(), c.s.opts.CommitTimeout)
 	defer cancel()
-	return c.s.opts.Spool.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: c.s.opts.Partner,
+	return c.s.opts.Spool.Accept(ctx, spool.Message{Direction: spool.Outbound, Partner: c.s.opts.Partner,
 		ControlID: controlID, MessageType: messageType, Payload: bytes.Clone(frame)})
 }
 

@@ -1,4 +1,4 @@
-package store
+package spool
 
 import (
 	"bufio"
@@ -18,9 +18,9 @@ import (
 // The spool log is the store's write-ahead log: Accept appends each message
 // to it and fdatasyncs before reporting success, so that acknowledging a
 // message costs one write and one sync, like a plain append-only file. The
-// ingester then copies records into the SQLite database, where they are
-// queried; Open replays records the database lacks. Once every record is in
-// the database the log is truncated.
+// store's ingester then copies records into its database, where they are
+// queried; at Open the store replays records the database lacks. A segment
+// is written over only once its records are synced in the database.
 //
 // A record is:
 //
@@ -46,36 +46,36 @@ import (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// logRecord is one message in the spool log.
-type logRecord struct {
-	seq  int64
-	time int64
-	m    NewMessage
-	hash [32]byte
+// Record is one message in the spool log.
+type Record struct {
+	ID   int64    // the message's id, in the order messages were accepted
+	Time int64    // when it was accepted, Unix microseconds
+	Msg  Message  // the message
+	Hash [32]byte // SHA-256 of Msg.Payload
 }
 
 const logHeader = 8
 
-func (r *logRecord) appendTo(dst []byte) []byte {
+func (r *Record) appendTo(dst []byte) []byte {
 	start := len(dst)
 	dst = append(dst, make([]byte, logHeader)...)
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.seq))
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.time))
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.ID))
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(r.Time))
 	// 'N', the direction ('O' or 'I') and the number of strings that
 	// follow. Records written before that say 'O' or 'I' and have eight
 	// strings, or 'o' or 'i' and seven (before the recipient was kept).
 	d := byte('O')
-	if r.m.Direction == Inbound {
+	if r.Msg.Direction == Inbound {
 		d = 'I'
 	}
-	strs := r.m.strings()
+	strs := r.Msg.strings()
 	dst = append(dst, 'N', d, byte(len(strs)))
 	for _, s := range strs {
 		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(s)))
 		dst = append(dst, s...)
 	}
-	dst = append(dst, r.hash[:]...)
-	dst = append(dst, r.m.Payload...)
+	dst = append(dst, r.Hash[:]...)
+	dst = append(dst, r.Msg.Payload...)
 	body := dst[start+logHeader:]
 	binary.LittleEndian.PutUint32(dst[start:], uint32(len(body)))
 	binary.LittleEndian.PutUint32(dst[start+4:], crc32.Checksum(body, castagnoli))
@@ -84,14 +84,14 @@ func (r *logRecord) appendTo(dst []byte) []byte {
 
 var errBadRecord = errors.New("bad spool log record")
 
-func decodeRecord(body []byte) (logRecord, error) {
-	var r logRecord
+func decodeRecord(body []byte) (Record, error) {
+	var r Record
 	if len(body) < 8+8+1+7*2+32 {
 		return r, errBadRecord
 	}
-	r.seq = int64(binary.LittleEndian.Uint64(body))
-	r.time = int64(binary.LittleEndian.Uint64(body[8:]))
-	fields := r.m.fields()
+	r.ID = int64(binary.LittleEndian.Uint64(body))
+	r.Time = int64(binary.LittleEndian.Uint64(body[8:]))
+	fields := r.Msg.fields()
 	p := body[17:]
 	switch body[16] {
 	case 'N':
@@ -100,9 +100,9 @@ func decodeRecord(body []byte) (logRecord, error) {
 		}
 		switch p[0] {
 		case 'O':
-			r.m.Direction = Outbound
+			r.Msg.Direction = Outbound
 		case 'I':
-			r.m.Direction = Inbound
+			r.Msg.Direction = Inbound
 		default:
 			return r, errBadRecord
 		}
@@ -113,13 +113,13 @@ func decodeRecord(body []byte) (logRecord, error) {
 		}
 		fields = fields[:n]
 	case 'O':
-		r.m.Direction, fields = Outbound, fields[:8]
+		r.Msg.Direction, fields = Outbound, fields[:8]
 	case 'I':
-		r.m.Direction, fields = Inbound, fields[:8]
+		r.Msg.Direction, fields = Inbound, fields[:8]
 	case 'o':
-		r.m.Direction, fields = Outbound, fields[:7]
+		r.Msg.Direction, fields = Outbound, fields[:7]
 	case 'i':
-		r.m.Direction, fields = Inbound, fields[:7]
+		r.Msg.Direction, fields = Inbound, fields[:7]
 	default:
 		return r, errBadRecord
 	}
@@ -137,18 +137,18 @@ func decodeRecord(body []byte) (logRecord, error) {
 	if len(p) < 32 {
 		return r, errBadRecord
 	}
-	copy(r.hash[:], p)
-	r.m.Payload = append([]byte(nil), p[32:]...)
+	copy(r.Hash[:], p)
+	r.Msg.Payload = append([]byte(nil), p[32:]...)
 	return r, nil
 }
 
 // strings are the string fields of m in the order a record holds them;
 // fields points at them in the same order.
-func (m *NewMessage) strings() []string {
+func (m *Message) strings() []string {
 	return []string{m.Partner, m.ControlID, m.MessageType, m.MessageID, m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote, m.AnswerTo}
 }
 
-func (m *NewMessage) fields() []*string {
+func (m *Message) fields() []*string {
 	return []*string{&m.Partner, &m.ControlID, &m.MessageType, &m.MessageID, &m.MIC, &m.Kind, &m.InReplyTo, &m.Recipient,
 		&m.ReceiptNote, &m.AnswerTo}
 }
@@ -165,7 +165,7 @@ type segment struct {
 }
 
 // spoolLog is the log: segment files spool-N.log, one of them active. Its
-// methods are called under the store's commitMu.
+// methods are called under the Spool's commitMu.
 type spoolLog struct {
 	dir     string
 	segSize int64
@@ -181,7 +181,7 @@ type spoolLog struct {
 // openSpoolLog opens the segments in dir (creating two when there are
 // none) and returns the records they hold, in id order. Writing starts over
 // at the first segment: the caller replays the records first.
-func openSpoolLog(dir string, segSize int64) (*spoolLog, []logRecord, error) {
+func openSpoolLog(dir string, segSize int64) (*spoolLog, []Record, error) {
 	if segSize <= 0 {
 		segSize = segmentSize
 	}
@@ -191,7 +191,7 @@ func openSpoolLog(dir string, segSize int64) (*spoolLog, []logRecord, error) {
 		return nil, nil, err
 	}
 	sort.Strings(paths)
-	var recs []logRecord
+	var recs []Record
 	for _, p := range paths {
 		seg, segRecs, _, err := openSegment(p)
 		if err != nil {
@@ -213,19 +213,19 @@ func openSpoolLog(dir string, segSize int64) (*spoolLog, []logRecord, error) {
 			return nil, nil, err
 		}
 	}
-	sort.Slice(recs, func(i, j int) bool { return recs[i].seq < recs[j].seq })
+	sort.Slice(recs, func(i, j int) bool { return recs[i].ID < recs[j].ID })
 	return l, recs, nil
 }
 
 // openSegment opens a segment file and reads its records: they run while
 // each is complete, checks out and has a larger id than the one before.
 // end is where they end.
-func openSegment(path string) (*segment, []logRecord, int64, error) {
+func openSegment(path string) (*segment, []Record, int64, error) {
 	f, err := safefile.OpenPrivate(path)
 	if err != nil {
-		return nil, nil, 0, fmt.Errorf("store: open spool log: %w", err)
+		return nil, nil, 0, fmt.Errorf("spool: open spool log: %w", err)
 	}
-	var recs []logRecord
+	var recs []Record
 	var end, prev int64
 	br := bufio.NewReaderSize(f, 1<<20)
 	hdr := make([]byte, logHeader)
@@ -245,10 +245,10 @@ func openSegment(path string) (*segment, []logRecord, int64, error) {
 			break
 		}
 		r, err := decodeRecord(body)
-		if err != nil || r.seq <= prev {
+		if err != nil || r.ID <= prev {
 			break
 		}
-		prev = r.seq
+		prev = r.ID
 		recs = append(recs, r)
 		end += logHeader + int64(n)
 	}
@@ -279,7 +279,7 @@ func (l *spoolLog) addSegment() error {
 func preallocate(f *os.File, size int64) error {
 	st, err := f.Stat()
 	if err != nil {
-		return fmt.Errorf("store: spool log: %w", err)
+		return fmt.Errorf("spool: spool log: %w", err)
 	}
 	if st.Size() >= size {
 		return nil
@@ -287,11 +287,11 @@ func preallocate(f *os.File, size int64) error {
 	zeros := make([]byte, 1<<20)
 	for off := st.Size(); off < size; off += int64(len(zeros)) {
 		if _, err := f.WriteAt(zeros[:min(int64(len(zeros)), size-off)], off); err != nil {
-			return fmt.Errorf("store: preallocate spool log: %w", err)
+			return fmt.Errorf("spool: preallocate spool log: %w", err)
 		}
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("store: preallocate spool log: %w", err)
+		return fmt.Errorf("spool: preallocate spool log: %w", err)
 	}
 	return nil
 }
@@ -310,7 +310,7 @@ func syncDir(dir string) error {
 // all have ids up to durable (they are synced in the database), or to a new
 // segment when none is. On failure the records in use are unchanged: the
 // next append writes over whatever part of the failed one reached the file.
-func (l *spoolLog) append(recs []logRecord, durable int64) error {
+func (l *spoolLog) append(recs []Record, durable int64) error {
 	l.buf = l.buf[:0]
 	for i := range recs {
 		l.buf = recs[i].appendTo(l.buf)
@@ -330,10 +330,10 @@ func (l *spoolLog) append(recs []logRecord, durable int64) error {
 		err = fdatasync(seg.f)
 	}
 	if err != nil {
-		return fmt.Errorf("store: spool log write: %w", err)
+		return fmt.Errorf("spool: spool log write: %w", err)
 	}
 	l.size += int64(len(l.buf))
-	seg.last = recs[len(recs)-1].seq
+	seg.last = recs[len(recs)-1].ID
 	if cap(l.buf) > 4<<20 {
 		l.buf = nil
 	}
