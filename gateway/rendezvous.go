@@ -17,13 +17,13 @@ import (
 type rendezvous struct {
 	mu       sync.Mutex
 	waiting  map[int64]chan response // outbound message id → its waiting connection
-	inflight map[int64]bool          // responses offered and not yet written or given back
-	// written holds, for a while, the responses a connection wrote: a
-	// deliverer that read its queue just before one was marked delivered
-	// must still leave it alone.
-	written map[int64]time.Time
-	quit    chan struct{} // closed at shutdown: every wait ends
-	once    sync.Once
+	// inflight holds the responses offered and not yet written or given
+	// back. One written is marked delivered before it leaves inflight, so
+	// a deliverer that finds it neither waited for nor in flight learns
+	// from the store's state whether it is still to deliver (held).
+	inflight map[int64]bool
+	quit     chan struct{} // closed at shutdown: every wait ends
+	once     sync.Once
 }
 
 // stop ends every wait.
@@ -42,8 +42,7 @@ var (
 )
 
 func newRendezvous() *rendezvous {
-	return &rendezvous{waiting: map[int64]chan response{}, inflight: map[int64]bool{}, written: map[int64]time.Time{},
-		quit: make(chan struct{})}
+	return &rendezvous{waiting: map[int64]chan response{}, inflight: map[int64]bool{}, quit: make(chan struct{})}
 }
 
 // wait blocks until the response to message id is offered, timeout passes
@@ -98,9 +97,6 @@ func (r *rendezvous) offer(id int64, resp response) bool {
 		}
 		r.mu.Lock()
 		delete(r.inflight, id)
-		if err == nil {
-			r.written[id] = time.Now()
-		}
 		r.mu.Unlock()
 		if err != nil {
 			done(err) // the deliverer may take it now
@@ -110,46 +106,38 @@ func (r *rendezvous) offer(id int64, resp response) bool {
 	return true
 }
 
-// writtenFor is how long a written response stays held: far longer than a
-// deliverer's read of its queue can be stale.
-const writtenFor = time.Minute
-
 // holds reports whether the response to message id belongs to a waiting
-// connection: waited for, offered and not yet written, or written a moment
-// ago.
+// connection: waited for, or offered and not yet written.
 func (r *rendezvous) holds(id int64) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.forget(time.Now())
-	_, written := r.written[id]
-	return r.waiting[id] != nil || r.inflight[id] || written
-}
-
-// forget drops the written responses held long enough. Called with mu held.
-func (r *rendezvous) forget(now time.Time) {
-	for id, at := range r.written {
-		if now.Sub(at) > writtenFor {
-			delete(r.written, id)
-		}
-	}
-}
-
-// idle reports whether no connection waits at all.
-func (r *rendezvous) idle() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.forget(time.Now())
-	return len(r.waiting) == 0 && len(r.inflight) == 0 && len(r.written) == 0
+	return r.waiting[id] != nil || r.inflight[id]
 }
 
 // held tells the deliverer to leave alone a partner's response that a
-// router connection waits for.
+// router connection waits for, or that one wrote since the deliverer read
+// its queue (the store says it is no longer queued).
 func (g *Gateway) held(m store.Message) bool {
-	if m.Kind != store.KindResponse || m.InReplyTo == "" || g.rdv.idle() {
+	if p := g.Config().Partner(m.Partner); p == nil || p.AckMode != "rendezvous" {
 		return false
 	}
-	p, err := g.store.PendingByMessageID(context.Background(), m.InReplyTo)
-	return err == nil && g.rdv.holds(p.ID)
+	return g.rdv.leaveAlone(context.Background(), g.store, m)
+}
+
+// leaveAlone reports whether the deliverer must leave m alone: a response
+// a connection waits for or is writing, or one it wrote since the
+// deliverer read its queue (no longer queued). State changes compare and
+// set, and a written response is marked delivered before it leaves
+// inflight, so no time-bound hold is needed.
+func (r *rendezvous) leaveAlone(ctx context.Context, st *store.Store, m store.Message) bool {
+	if m.Kind != store.KindResponse || m.InReplyTo == "" {
+		return false
+	}
+	if p, err := st.PendingByMessageID(ctx, m.InReplyTo); err == nil && r.holds(p.ID) {
+		return true
+	}
+	state, err := st.StateOf(ctx, m.ID)
+	return err != nil || state != store.Queued
 }
 
 // rendezvousResponse offers a stored response to the connection waiting
@@ -169,6 +157,7 @@ func (g *Gateway) rendezvousResponse(r inbound.Result) bool {
 			return
 		}
 		if err := g.store.MarkDelivered(context.Background(), r.ID, nil); err != nil {
+			// ErrStateChanged would mean the deliverer took it too.
 			g.log.Error("store", "err", err)
 		}
 	}

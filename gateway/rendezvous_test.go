@@ -2,7 +2,9 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -10,6 +12,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/internal/testlog"
 	"github.com/hl7mail/hl7mail/mllp"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -99,9 +102,10 @@ func TestRendezvous(t *testing.T) {
 	}
 }
 
-// TestRendezvousHub: a response is held while a connection waits for it,
-// while it is marked delivered, and a while after it was written; after a
-// wait ended without it nothing is held.
+// TestRendezvousHub: a response is held while a connection waits for it
+// and while it is marked delivered; after it was written, or after a wait
+// ended without it, the hub holds nothing (the store's state decides:
+// TestLeaveAlone).
 func TestRendezvousHub(t *testing.T) {
 	r := newRendezvous()
 	if r.offer(1, response{written: func(error) {}}) || r.holds(1) {
@@ -135,16 +139,8 @@ func TestRendezvousHub(t *testing.T) {
 	if result != nil || !heldWhileMarked {
 		t.Errorf("marking delivered: err %v, held meanwhile %v", result, heldWhileMarked)
 	}
-	// A deliverer that read its queue before the response was marked
-	// delivered still leaves it alone.
-	if !r.holds(1) || r.idle() {
-		t.Error("a response written a moment ago is not held")
-	}
-	r.mu.Lock()
-	r.forget(time.Now().Add(2 * writtenFor))
-	r.mu.Unlock()
-	if r.holds(1) || !r.idle() {
-		t.Errorf("long after writing: held %v, idle %v", r.holds(1), r.idle())
+	if r.holds(1) {
+		t.Error("a written response is still held by the hub")
 	}
 	// A wait that timed out holds nothing: a late response is refused, and
 	// the deliverer takes it.
@@ -153,5 +149,68 @@ func TestRendezvousHub(t *testing.T) {
 	}
 	if r.holds(2) || r.offer(2, response{written: func(error) {}}) {
 		t.Error("a response after the wait ended is held or taken")
+	}
+}
+
+// TestLeaveAlone: the deliverer leaves a response alone while a connection
+// waits for it, and once a connection wrote it (the store has it delivered,
+// however stale the deliverer's read of its queue); with nobody waiting it
+// delivers it.
+func TestLeaveAlone(t *testing.T) {
+	st, err := store.Open(store.Options{Dir: t.TempDir(), Logger: testlog.New(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := context.Background()
+	out, err := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "lab", ControlID: "q1", Payload: []byte("MSH|q1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Prepare(ctx, out.ID, "<q1@h>", &store.Pending{Partner: "lab", ControlID: "q1", Sent: time.Now(),
+		Due: time.Now().Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	in, err := st.Accept(ctx, store.NewMessage{Direction: store.Inbound, Partner: "lab", ControlID: "r1",
+		Payload: []byte("MSH|r1"), Kind: store.KindResponse, InReplyTo: "<q1@h>", MessageID: "<r1@l>"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale, err := st.Get(ctx, in.ID) // what the deliverer read of its queue
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newRendezvous()
+	if r.leaveAlone(ctx, st, stale) {
+		t.Error("a response nobody waits for is left alone")
+	}
+	waited := make(chan error, 1)
+	go func() {
+		_, written, err := r.wait(ctx, out.ID, 5*time.Second)
+		if err == nil {
+			// What rendezvousResponse does once written: delivered,
+			// then out of flight.
+			err = st.MarkDelivered(ctx, in.ID, nil)
+			written(nil)
+		}
+		waited <- err
+	}()
+	for !r.holds(out.ID) {
+		time.Sleep(time.Millisecond)
+	}
+	if !r.leaveAlone(ctx, st, stale) {
+		t.Error("a response a connection waits for is not left alone")
+	}
+	if !r.offer(out.ID, response{payload: stale.Payload, written: func(error) {}}) {
+		t.Fatal("offer refused")
+	}
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	if r.holds(out.ID) || !r.leaveAlone(ctx, st, stale) {
+		t.Error("a response a connection wrote is not left alone by a deliverer with a stale read")
+	}
+	if err := st.MarkDelivered(ctx, in.ID, nil); !errors.Is(err, store.ErrStateChanged) {
+		t.Errorf("delivering it again = %v, want ErrStateChanged", err)
 	}
 }

@@ -91,6 +91,43 @@ func (s *Store) update(ctx context.Context, id int64, f func(tx *sql.Tx, now int
 	return nil
 }
 
+// ErrStateChanged is returned by a state change whose message is no longer
+// in the state the change starts from: another worker, a waiting router
+// connection or an operator changed it meanwhile. Nothing was changed.
+var ErrStateChanged = errors.New("store: the message's state changed meanwhile")
+
+// inState returns a check that an update of message id made with
+// "WHERE id = ? AND state = from" changed one row: else ErrNotFound, or
+// ErrStateChanged with the state the message is in.
+func inState(ctx context.Context, tx *sql.Tx, id int64, from State) func(sql.Result, error) error {
+	return func(res sql.Result, err error) error {
+		if err != nil {
+			return fmt.Errorf("store: update %d: %w", id, err)
+		}
+		if n, _ := res.RowsAffected(); n == 1 {
+			return nil
+		}
+		var now State
+		if err := tx.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&now); err != nil {
+			return fmt.Errorf("%w: %d", ErrNotFound, id)
+		}
+		return fmt.Errorf("%w: message %d is %s, not %s", ErrStateChanged, id, now, from)
+	}
+}
+
+// StateOf returns the state message id is in now.
+func (s *Store) StateOf(ctx context.Context, id int64) (State, error) {
+	if err := s.waitID(ctx, id); err != nil {
+		return "", err
+	}
+	var st State
+	err := s.db.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&st)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", fmt.Errorf("%w: %d", ErrNotFound, id)
+	}
+	return st, err
+}
+
 // expectOne returns a check that an update of message id changed one row.
 func expectOne(id int64) func(sql.Result, error) error {
 	return func(res sql.Result, err error) error {
@@ -145,13 +182,13 @@ func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pend
 	})
 }
 
-// MarkSent records that the SMTP server took the message. The receipt it
-// awaits is due from now on: the time of an outage before this submission
-// is not counted against the partner.
+// MarkSent records that the SMTP server took the queued message. The
+// receipt it awaits is due from now on: the time of an outage before this
+// submission is not counted against the partner.
 func (s *Store) MarkSent(ctx context.Context, id int64) error {
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
-			last_error = '', updated = ? WHERE id = ?`, now, id)); err != nil {
+		if err := inState(ctx, tx, id, Queued)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
+			last_error = '', updated = ? WHERE id = ? AND state = 'queued'`, now, id)); err != nil {
 			return err
 		}
 		_, err := tx.ExecContext(ctx, `UPDATE pending SET due = ? + (due - sent), sent = ?, updated = ?
@@ -160,11 +197,12 @@ func (s *Store) MarkSent(ctx context.Context, id int64) error {
 	})
 }
 
-// MarkRetry records a failed attempt and when to try again.
+// MarkRetry records a failed attempt of a queued message and when to try
+// again.
 func (s *Store) MarkRetry(ctx context.Context, id int64, reason string, next time.Time) error {
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET attempts = attempts + 1, last_error = ?,
-			next_attempt = ?, updated = ? WHERE id = ?`, reason, next.UnixMicro(), now, id))
+		return inState(ctx, tx, id, Queued)(tx.ExecContext(ctx, `UPDATE messages SET attempts = attempts + 1, last_error = ?,
+			next_attempt = ?, updated = ? WHERE id = ? AND state = 'queued'`, reason, next.UnixMicro(), now, id))
 	})
 }
 
@@ -190,14 +228,15 @@ func (s *Store) MarkBounced(ctx context.Context, id int64, reason string) (bool,
 	return changed, err
 }
 
-// MarkFinal ends a message's delivery as Failed or Expired with a reason.
+// MarkFinal ends a queued message's delivery as Failed or Expired with a
+// reason.
 func (s *Store) MarkFinal(ctx context.Context, id int64, state State, reason string) error {
 	if state != Failed && state != Expired {
 		return fmt.Errorf("store: %s is not a final state", state)
 	}
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ? WHERE id = ?`,
-			state, reason, now, id)); err != nil {
+		if err := inState(ctx, tx, id, Queued)(tx.ExecContext(ctx, `UPDATE messages SET state = ?, last_error = ?, updated = ?
+			WHERE id = ? AND state = 'queued'`, state, reason, now, id)); err != nil {
 			return err
 		}
 		// No receipt will come for what was never delivered.
@@ -285,12 +324,12 @@ func (s *Store) Overdue(ctx context.Context, now time.Time) ([]Pending, error) {
 	return out, err
 }
 
-// MarkDelivered records that the router acknowledged an inbound message,
-// with its acknowledgement.
+// MarkDelivered records that the router acknowledged a queued inbound
+// message, with its acknowledgement.
 func (s *Store) MarkDelivered(ctx context.Context, id int64, ack []byte) error {
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'delivered', attempts = attempts + 1,
-			last_error = '', response = ?, updated = ? WHERE id = ?`, ack, now, id))
+		return inState(ctx, tx, id, Queued)(tx.ExecContext(ctx, `UPDATE messages SET state = 'delivered', attempts = attempts + 1,
+			last_error = '', response = ?, updated = ? WHERE id = ? AND state = 'queued'`, ack, now, id))
 	})
 }
 
@@ -345,12 +384,12 @@ func (s *Store) FindResponse(ctx context.Context, partner, inReplyTo string) (Me
 	return s.Get(ctx, id)
 }
 
-// Requeue puts a response that was sent back in the queue, to be sent
-// again with the same Message-ID.
+// Requeue puts a response that was sent (or acknowledged) back in the
+// queue, to be sent again with the same Message-ID.
 func (s *Store) Requeue(ctx context.Context, id int64) error {
 	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		return expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', next_attempt = 0, updated = ?
-			WHERE id = ? AND kind = 'bundle' AND state = 'sent'`, now, id))
+		return inState(ctx, tx, id, Sent)(tx.ExecContext(ctx, `UPDATE messages SET state = 'queued', next_attempt = 0, updated = ?
+			WHERE id = ? AND kind = 'bundle' AND state IN ('sent', 'acknowledged')`, now, id))
 	})
 }
 

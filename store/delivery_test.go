@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -153,5 +154,41 @@ func TestWorkOnOneMessageDoesNotWaitForLater(t *testing.T) {
 	}
 	if n := s.Backlog(); n != 0 {
 		t.Errorf("Backlog once every message is in = %d", n)
+	}
+}
+
+// TestCompareAndSet: a state change starts from the state it expects; from
+// any other it changes nothing and says ErrStateChanged with the state the
+// message is in, and for a message that does not exist ErrNotFound.
+func TestCompareAndSet(t *testing.T) {
+	s := open(t, t.TempDir())
+	defer s.Close()
+	ctx := context.Background()
+	a, err := s.Accept(ctx, NewMessage{Direction: Inbound, Partner: "lab", ControlID: "c1", Payload: []byte("MSH|c1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkDelivered(ctx, a.ID, []byte("ACK")); err != nil {
+		t.Fatal(err)
+	}
+	for name, change := range map[string]func() error{
+		"delivered again": func() error { return s.MarkDelivered(ctx, a.ID, nil) },
+		"sent":            func() error { return s.MarkSent(ctx, a.ID) },
+		"retried":         func() error { return s.MarkRetry(ctx, a.ID, "x", time.Now()) },
+		"failed":          func() error { return s.MarkFinal(ctx, a.ID, Failed, "x") },
+	} {
+		err := change()
+		if !errors.Is(err, ErrStateChanged) || !strings.Contains(err.Error(), "is delivered") {
+			t.Errorf("%s: %v, want ErrStateChanged naming the state", name, err)
+		}
+	}
+	if m, _ := s.Get(ctx, a.ID); m.State != Delivered {
+		t.Errorf("state after refused changes = %s", m.State)
+	}
+	if st, err := s.StateOf(ctx, a.ID); err != nil || st != Delivered {
+		t.Errorf("StateOf = %s, %v", st, err)
+	}
+	if err := s.MarkDelivered(ctx, 999, nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a message that does not exist: %v, want ErrNotFound", err)
 	}
 }
