@@ -107,7 +107,7 @@ type MailServer struct {
 	// Addr is host:port; required.
 	Addr string `yaml:"addr"`
 	// TLS is starttls (default), tls (implicit TLS) or none (loopback only).
-	TLS string `yaml:"tls"`
+	TLS TLSMode `yaml:"tls"`
 	// Username for AUTH/LOGIN; when set, a password is required.
 	Username string `yaml:"username"`
 	// PasswordFile or PasswordEnv hold the password. Never inline.
@@ -202,7 +202,7 @@ type Partner struct {
 	// Email is the partner's address; required and unique.
 	Email string `yaml:"email"`
 	// Security is pgp, smime or none (none needs AllowUnencrypted).
-	Security string `yaml:"security"`
+	Security Suite `yaml:"security"`
 	// AllowUnencrypted must be true for security: none, so that mail never
 	// leaves unencrypted by accident.
 	AllowUnencrypted bool `yaml:"allow_unencrypted"`
@@ -211,7 +211,7 @@ type Partner struct {
 	// SMIMECert is the partner's PEM certificate (security: smime).
 	SMIMECert string `yaml:"smime_cert"`
 	// MDN is the receipt asked for: signed (default), unsigned or none.
-	MDN string `yaml:"mdn"`
+	MDN Receipt `yaml:"mdn"`
 	// MDNTimeout is when a missing receipt raises an alert (default 1h).
 	MDNTimeout Duration `yaml:"mdn_timeout"`
 	// ExpireAfter is how long delivery is retried (default 120h).
@@ -239,7 +239,7 @@ type Partner struct {
 	// KeyTransport is how S/MIME content keys are encrypted to this
 	// partner: oaep (RSA-OAEP-SHA256, default) or pkcs1v15 for partners
 	// whose software needs it.
-	KeyTransport string `yaml:"key_transport"`
+	KeyTransport KeyTransport `yaml:"key_transport"`
 	// AcceptConsent allows application/edi-consent from this partner.
 	AcceptConsent bool `yaml:"accept_consent"`
 	// RequireTLS hands mail for this partner only to an SMTP server reached
@@ -252,12 +252,12 @@ type Partner struct {
 	// sender's mode, or AA: AA, AE or AR to a sender in original mode
 	// (MSH-15 and MSH-16 empty), for routers that take no other answer
 	// (Mirth 3.0, Cloverleaf tps_check_reply procs).
-	AcceptAck string `yaml:"accept_ack"`
+	AcceptAck AcceptAck `yaml:"accept_ack"`
 	// BatchAck is how the surrogate answers an HL7 batch (FHS/BHS … BTS/FTS,
 	// sent as one frame): batch (default) with one ACK for the whole batch,
 	// its MSA-2 the batch control ID (BHS-11); each with a batch
 	// acknowledgement holding one ACK per message.
-	BatchAck string `yaml:"batch_ack"`
+	BatchAck BatchAck `yaml:"batch_ack"`
 	// BatchSplit delivers a batch from this partner to the router as its
 	// messages, one by one, rather than as the one batch it came as; the
 	// router's answers go back to the partner as a batch acknowledgement.
@@ -268,7 +268,7 @@ type Partner struct {
 	// the returned bundle, or with CE (AE in original mode with accept_ack:
 	// AA) saying "timed out" after RendezvousTimeout
 	// (draft-ietf-ediint-hl7-02 §4.1.4).
-	AckMode string `yaml:"ack_mode"`
+	AckMode AckMode `yaml:"ack_mode"`
 	// RendezvousTimeout bounds the wait of ack_mode: rendezvous (default
 	// 30s). The message is stored and delivered either way; a response that
 	// comes later reaches the router as an unsolicited message.

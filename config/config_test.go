@@ -256,3 +256,24 @@ partners:
 		t.Errorf("a duration reported: %v", err)
 	}
 }
+
+// TestEnums: each setting of a few words takes exactly its own words; the
+// validator asks the type.
+func TestEnums(t *testing.T) {
+	check := func(name string, ok, bad bool) {
+		t.Helper()
+		if !ok || bad {
+			t.Errorf("%s: its words valid %v, a stranger valid %v", name, ok, bad)
+		}
+	}
+	check("security", valid(PGP) && valid(SMIME) && valid(NoSecurity), valid(Suite("PGP")))
+	check("mdn", valid(ReceiptSigned) && valid(ReceiptUnsigned) && valid(ReceiptNone), valid(Receipt("")))
+	check("key_transport", valid(OAEP) && valid(PKCS1v15), valid(KeyTransport("rsa")))
+	check("ack_mode", valid(AckImmediate) && valid(AckRendezvous), valid(AckMode("later")))
+	check("accept_ack", valid(AcceptCA) && valid(AcceptAA), valid(AcceptAck("AE")))
+	check("batch_ack", valid(BatchAckBatch) && valid(BatchAckEach), valid(BatchAck("all")))
+	check("tls", valid(StartTLS) && valid(ImplicitTLS) && valid(NoTLS), valid(TLSMode("ssl")))
+	if !PGP.Signs() || !SMIME.Signs() || NoSecurity.Signs() {
+		t.Error("Signs")
+	}
+}

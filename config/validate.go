@@ -170,17 +170,17 @@ func (v *validator) validate() {
 			v.addf(f("local"), who, "self.email or one of local[].address", "%s is not one of our addresses", p.Local)
 		}
 		switch p.Security {
-		case "pgp":
+		case PGP:
 			needPGP = true
 			if p.PGPKey == "" {
 				v.addfAt(f("security"), f("pgp_key"), who, "the partner's armored public key", "required with security: pgp")
 			}
-		case "smime":
+		case SMIME:
 			needSMIME = true
 			if p.SMIMECert == "" {
 				v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate", "required with security: smime")
 			}
-		case "none":
+		case NoSecurity:
 			if !p.AllowUnencrypted {
 				v.addf(f("security"), who, "set allow_unencrypted: true if this is really wanted",
 					"security: none would send HL7 unencrypted over the Internet")
@@ -190,14 +190,10 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("security"), who, "pgp, smime or none", "unknown value %q", p.Security)
 		}
-		switch p.MDN {
-		case "signed", "unsigned", "none":
-		default:
+		if !valid(p.MDN) {
 			v.addf(f("mdn"), who, "signed, unsigned or none", "unknown value %q", p.MDN)
 		}
-		switch p.KeyTransport {
-		case "oaep", "pkcs1v15":
-		default:
+		if !valid(p.KeyTransport) {
 			v.addf(f("key_transport"), who, "oaep or pkcs1v15", "unknown value %q", p.KeyTransport)
 		}
 		switch p.ContentType {
@@ -205,18 +201,16 @@ func (v *validator) validate() {
 		default:
 			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
 		}
-		if p.BatchAck != "batch" && p.BatchAck != "each" {
+		if !valid(p.BatchAck) {
 			v.addf(f("batch_ack"), who, "batch (the default: one ACK for a batch) or each (one per message)", "unknown value %q", p.BatchAck)
 		}
-		if p.AcceptAck != "CA" && p.AcceptAck != "AA" {
+		if !valid(p.AcceptAck) {
 			v.addf(f("accept_ack"), who, "CA (the default) or AA", "unknown value %q", p.AcceptAck)
 		}
-		switch p.AckMode {
-		case "immediate", "rendezvous":
-		default:
+		if !valid(p.AckMode) {
 			v.addf(f("ack_mode"), who, "immediate or rendezvous", "unknown value %q", p.AckMode)
 		}
-		if p.RequireTLS && c.SMTP.TLS == "none" {
+		if p.RequireTLS && c.SMTP.TLS == NoTLS {
 			v.addf(f("require_tls"), who, "set smtp.tls to starttls or tls", "require_tls cannot be met: smtp.tls is none")
 		}
 		v.positive(f("mdn_timeout"), who, p.MDNTimeout)
@@ -243,8 +237,8 @@ func (v *validator) validate() {
 func (v *validator) server(name string, s *MailServer) {
 	hostOK := v.addr(name+".addr", "", s.Addr, true)
 	switch s.TLS {
-	case "starttls", "tls":
-	case "none":
+	case StartTLS, ImplicitTLS:
+	case NoTLS:
 		if host, _, err := net.SplitHostPort(s.Addr); hostOK && err == nil && !isLoopback(host) {
 			v.addf(name+".tls", "", "use starttls or tls", "tls: none is allowed only for loopback addresses, not %s", host)
 		}

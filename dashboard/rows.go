@@ -45,7 +45,7 @@ func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) (
 	}
 	rows := make([]PartnerRow, 0, len(cfg.Partners))
 	for _, p := range cfg.Partners {
-		row := PartnerRow{Name: p.Name, Email: p.Email, Security: p.Security, Listen: p.Listen, Connections: -1,
+		row := PartnerRow{Name: p.Name, Email: p.Email, Security: string(p.Security), Listen: p.Listen, Connections: -1,
 			SMTP: link.Status{State: "stopped"}, IMAP: link.Status{State: "stopped"}}
 		if s := sums[p.Name]; s != nil {
 			row.Summary = *s

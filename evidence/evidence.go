@@ -17,7 +17,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -27,8 +26,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/safefile"
@@ -147,20 +144,13 @@ type opener struct {
 // open decrypts and verifies raw as signed by the partner (ours false) or
 // by us (ours true), as of when.
 func (op opener) open(raw []byte, ours bool, when time.Time) (*security.Opened, error) {
-	k := op.o.Keys
-	switch op.partner.Security {
-	case "pgp":
-		signer := k.PGPPartners[op.partner.Name]
+	p := op.partner
+	if p.Security.Signs() {
+		suite := op.o.Keys.Suite(string(p.Security), p.Name, string(p.KeyTransport))
 		if ours {
-			signer = k.PGPSelf
+			return suite.OpenOwn(raw, when)
 		}
-		return security.PGPOpen(raw, security.PGPKeys{Self: k.PGPSelf, Partners: openpgp.EntityList{signer}}, signer, when)
-	case "smime":
-		signer := k.SMIMEPartners[op.partner.Name]
-		if ours {
-			signer = k.SMIMECert
-		}
-		return security.SMIMEOpen(raw, security.SMIMEKeys{Cert: k.SMIMECert, Key: k.SMIMEKey, Partners: []*x509.Certificate{signer}}, signer, when)
+		return suite.Open(raw, when)
 	}
 	return nil, fmt.Errorf("partner %s uses security %s: mail is neither signed nor encrypted, there is nothing to verify", op.partner.Name, op.partner.Security)
 }
@@ -186,7 +176,7 @@ func (r *Report) export(prefix string, raw []byte, opened *security.Opened, ours
 		signer = "us"
 	}
 	switch r.Partner.Security {
-	case "pgp":
+	case config.PGP:
 		content, sig, err := security.SplitSigned(opened.Signed)
 		if err != nil {
 			return
@@ -199,7 +189,7 @@ func (r *Report) export(prefix string, raw []byte, opened *security.Opened, ours
 			exportFile{name: prefix + "-content.mime", data: content, note: "the signed MIME entity, decrypted"},
 			exportFile{name: prefix + "-signature.asc", data: sig, note: fmt.Sprintf(
 				"signature by %s: gpg --import %s; gpg --verify %s-signature.asc %s-content.mime", signer, key, prefix, prefix)})
-	case "smime":
+	case config.SMIME:
 		cert := "partner-cert.pem"
 		if ours {
 			cert = "our-cert.pem"
@@ -220,7 +210,7 @@ func (r *Report) Export(dir string, keys *security.Keyring) error {
 	}
 	files := append([]exportFile(nil), r.files...)
 	switch r.Partner.Security {
-	case "pgp":
+	case config.PGP:
 		our, err := security.ArmorPGPPublic(keys.PGPSelf)
 		if err != nil {
 			return err
@@ -231,7 +221,7 @@ func (r *Report) Export(dir string, keys *security.Keyring) error {
 		}
 		files = append(files, exportFile{name: "our-key.asc", data: our, note: "our public key"},
 			exportFile{name: "partner-key.asc", data: theirs, note: "the partner's public key"})
-	case "smime":
+	case config.SMIME:
 		files = append(files,
 			exportFile{name: "our-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: keys.SMIMECert.Raw}), note: "our certificate"},
 			exportFile{name: "partner-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE",

@@ -148,7 +148,7 @@ func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 // unsignedReceipt reports whether raw is a plain receipt from partner p,
 // configured for unsigned ones (mdn: unsigned), for a message we sent.
 func unsignedReceipt(p *config.Partner, raw []byte, byMsgID map[string][]store.Message) bool {
-	if p.MDN != "unsigned" || security.Classify(raw) != security.KindMDN {
+	if p.MDN != config.ReceiptUnsigned || security.Classify(raw) != security.KindMDN {
 		return false
 	}
 	mdn, err := security.ParseMDN(raw)

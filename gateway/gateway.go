@@ -191,8 +191,8 @@ func (g *Gateway) newSurrogate(ctx context.Context, cfg *config.Config, p *confi
 		IdleTimeout:    p.IdleTimeout.D(),
 		IDs:            g.ids,
 
-		OriginalModeAA:        p.AcceptAck == "AA",
-		BatchAckEach:          p.BatchAck == "each",
+		OriginalModeAA:        p.AcceptAck == config.AcceptAA,
+		BatchAckEach:          p.BatchAck == config.BatchAckEach,
 		FirstFrameTimeout:     p.FirstFrameTimeout.D(),
 		MaxConnectionsPerHost: p.MaxConnectionsPerHost,
 		Observe:               g.metrics.AckObserver(p.Name),
@@ -378,7 +378,7 @@ func (g *Gateway) keyAlert(ctx context.Context, warning string) {
 // rendezvousFor returns the surrogate's Rendezvous for partner p, nil for
 // ack_mode: immediate.
 func (g *Gateway) rendezvousFor(p *config.Partner) func(context.Context, int64) ([]byte, func(error), error) {
-	if p.AckMode != "rendezvous" {
+	if p.AckMode != config.AckRendezvous {
 		return nil
 	}
 	return func(ctx context.Context, id int64) ([]byte, func(error), error) {

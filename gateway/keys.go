@@ -118,7 +118,7 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 		k.Unusable[p.Name] = fmt.Sprintf("partner %s: %s: ", p.Name, field(f)) + fmt.Sprintf(format, args...)
 	}
 	switch p.Security {
-	case "pgp":
+	case config.PGP:
 		ent, err := security.LoadPGPKey(cfg.Path(p.PGPKey), nil)
 		if err != nil {
 			unusable("pgp_key", "", "%v", err)
@@ -135,7 +135,7 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 				e.Addf(field("pgp_key"), p.Name, "ask the partner for its renewed key", "%s", why)
 			}
 		}
-	case "smime":
+	case config.SMIME:
 		cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
 		if err != nil {
 			unusable("smime_cert", "", "%v", err)

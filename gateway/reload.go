@@ -100,7 +100,7 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 	release := append([]string(nil), plan.removed...)
 	for i := range cfg.Partners {
 		p := &cfg.Partners[i]
-		if !p.RequireTLS && keys.Suite(p.Security, p.Name, p.KeyTransport).Usable(time.Now()) == nil {
+		if !p.RequireTLS && keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)).Usable(time.Now()) == nil {
 			release = append(release, p.Name)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -15,8 +16,8 @@ import (
 // for them (ack_mode: rendezvous, draft-ietf-ediint-hl7-02 §4.1.4, last
 // paragraphs): a virtual end-to-end acknowledgement over mail.
 type rendezvous struct {
-	mu       sync.Mutex
-	waiting  map[int64]chan response // outbound message id → its waiting connection
+	mu      sync.Mutex
+	waiting map[int64]chan response // outbound message id → its waiting connection
 	// inflight holds the responses offered and not yet written or given
 	// back. One written is marked delivered before it leaves inflight, so
 	// a deliverer that finds it neither waited for nor in flight learns
@@ -118,7 +119,7 @@ func (r *rendezvous) holds(id int64) bool {
 // router connection waits for, or that one wrote since the deliverer read
 // its queue (the store says it is no longer queued).
 func (g *Gateway) held(m store.Message) bool {
-	if p := g.Config().Partner(m.Partner); p == nil || p.AckMode != "rendezvous" {
+	if p := g.Config().Partner(m.Partner); p == nil || p.AckMode != config.AckRendezvous {
 		return false
 	}
 	return g.rdv.leaveAlone(context.Background(), g.store, m)

@@ -14,6 +14,7 @@ import (
 	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
 
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -22,8 +23,8 @@ import (
 // Receiver and Store are required.
 type WatcherOptions struct {
 	Addr      string
-	TLS       string      // starttls (default), tls, or none (loopback only)
-	TLSConfig *tls.Config // nil: verify the server's certificate
+	TLS       config.TLSMode // starttls (default), tls, or none (loopback only)
+	TLSConfig *tls.Config    // nil: verify the server's certificate
 	Username  string
 	Password  string
 	// Mailbox is watched; handled mail moves to Processed, refused mail to
@@ -117,9 +118,9 @@ func (w *Watcher) dial(newMail chan<- struct{}) (*imapclient.Client, error) {
 		opts.TLSConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	}
 	switch w.o.TLS {
-	case "none":
+	case config.NoTLS:
 		return imapclient.DialInsecure(w.o.Addr, opts)
-	case "tls":
+	case config.ImplicitTLS:
 		return imapclient.DialTLS(w.o.Addr, opts)
 	}
 	return imapclient.DialStartTLS(w.o.Addr, opts)

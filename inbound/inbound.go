@@ -194,7 +194,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 		// §6.2, figure 8): the partner whose key signed the mail sent it.
 		for i := range o.Config.Partners {
 			p := &o.Config.Partners[i]
-			if p.Security == "none" {
+			if p.Security == config.NoSecurity {
 				continue
 			}
 			if opened, err := o.openAs(p, raw, now); err == nil {
@@ -212,7 +212,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	in.MDNRequest = security.ParseMDNRequest(h)
 	switch {
 	case in.FromRewritten:
-	case p.MDN == "unsigned" && security.Classify(raw) == security.KindMDN:
+	case p.MDN == config.ReceiptUnsigned && security.Classify(raw) == security.KindMDN:
 		// A partner asked for unsigned receipts sends them as they are
 		// (draft-ietf-ediint-hl7-02 §4.1.3): a receipt only, never a
 		// message, and recorded as unsigned.
@@ -220,7 +220,7 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	default:
 		// The partner's suite; with none (allowed only with
 		// allow_unencrypted) the mail is taken as it is.
-		opened, err := o.Keys.Suite(p.Security, p.Name, p.KeyTransport).Open(raw, now)
+		opened, err := o.Keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)).Open(raw, now)
 		if err != nil {
 			return nil, q(err)
 		}
@@ -312,8 +312,8 @@ func honour(p *config.Partner, in *Incoming, entity []byte) error {
 	if req.Unreadable {
 		in.ReceiptNote = "disposition-notification-options unreadable"
 	}
-	signs := p.Security == "pgp" || p.Security == "smime"
-	if req.Protocol != "" && req.Required && (!signs || !req.ProtocolFits(p.Security)) {
+	signs := p.Security.Signs()
+	if req.Protocol != "" && req.Required && (!signs || !req.ProtocolFits(string(p.Security))) {
 		return refuse(ReasonReceiptRefused, fmt.Sprintf("a signed receipt is required in a protocol other than the partner's (%s)", p.Security))
 	}
 	if len(req.MICAlgs) == 0 || in.MIC.Hash == 0 {
@@ -346,10 +346,10 @@ func headerOfPayload(payload []byte) (*hl7.Header, error) {
 
 // openAs decrypts raw and verifies that partner p signed it.
 func (o *Opener) openAs(p *config.Partner, raw []byte, now time.Time) (*security.Opened, error) {
-	if p.Security != security.SuitePGP && p.Security != security.SuiteSMIME {
+	if !p.Security.Signs() {
 		return nil, fmt.Errorf("partner %s: security %s is not signed", p.Name, p.Security)
 	}
-	return o.Keys.Suite(p.Security, p.Name, p.KeyTransport).Open(raw, now)
+	return o.Keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)).Open(raw, now)
 }
 
 // headerOf reads the header of a raw mail. Its error says what is wrong in

@@ -47,10 +47,10 @@ func Seal(keys *security.Keyring, p *config.Partner, payload []byte, kind string
 			return nil, security.MIC{}, err
 		}
 	}
-	if p.Security == security.SuiteNone && !p.AllowUnencrypted {
+	if p.Security == config.NoSecurity && !p.AllowUnencrypted {
 		return nil, security.MIC{}, fmt.Errorf("partner %s: security none without allow_unencrypted", p.Name)
 	}
-	return keys.Suite(p.Security, p.Name, p.KeyTransport).Seal(edi, now)
+	return keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)).Seal(edi, now)
 }
 
 // SenderOptions configure a Sender. Config, Store, Keys, Submitter and
@@ -176,7 +176,7 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 		return false
 	}
 	var pending *store.Pending
-	if p.MDN != "none" && m.Kind != store.KindBundle {
+	if p.MDN != config.ReceiptNone && m.Kind != store.KindBundle {
 		pending = &store.Pending{Partner: p.Name, ControlID: m.ControlID, MIC: mic.String(), Sent: now,
 			Due: now.Add(p.MDNTimeout.D())}
 	}
@@ -315,7 +315,7 @@ func (s *Sender) compose(p *config.Partner, from string, m store.Message, msgID 
 	if m.Kind == store.KindBundle {
 		// A response carries the receipt for the request and asks for none
 		// in turn (draft-ietf-ediint-hl7-02 §4.1.4).
-		subject, mdn = "HL7 response "+m.ControlID, "none"
+		subject, mdn = "HL7 response "+m.ControlID, config.ReceiptNone
 		if m.InReplyTo != "" {
 			h.Set("In-Reply-To", m.InReplyTo)
 			h.Set("References", m.InReplyTo)
@@ -326,15 +326,15 @@ func (s *Sender) compose(p *config.Partner, from string, m store.Message, msgID 
 	h.SetSubject(subject)
 	h.Set("MIME-Version", "1.0")
 	switch mdn {
-	case "signed":
+	case config.ReceiptSigned:
 		proto := "pgp-signature"
-		if p.Security == "smime" {
+		if p.Security == config.SMIME {
 			proto = "pkcs7-signature"
 		}
 		to, opts := security.MDNRequest{To: from, Protocol: proto}.Headers()
 		h.Set("Disposition-Notification-To", to)
 		h.Set("Disposition-Notification-Options", opts)
-	case "unsigned":
+	case config.ReceiptUnsigned:
 		h.Set("Disposition-Notification-To", from)
 	}
 	var b bytes.Buffer

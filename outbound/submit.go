@@ -10,6 +10,7 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/security"
 )
 
@@ -52,7 +53,7 @@ type SMTPSubmitter struct {
 	Addr string
 	// TLS is starttls, tls (implicit) or none (loopback only; config
 	// enforces it).
-	TLS       string
+	TLS       config.TLSMode
 	TLSConfig *tls.Config // nil: verify the server's certificate for its host name
 	Username  string
 	Password  string
@@ -62,7 +63,7 @@ type SMTPSubmitter struct {
 // Submit sends one mail. Errors before RCPT TO are *SessionError; an
 // *smtp.SMTPError carries the server's reply.
 func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
-	if opts.RequireTLS && s.TLS == "none" {
+	if opts.RequireTLS && s.TLS == config.NoTLS {
 		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
 	}
 	session := func(stage string, err error) error {
@@ -147,9 +148,9 @@ func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smt
 	// go-smtp then sets a deadline of its own for each command.
 	conn.SetDeadline(time.Now().Add(timeout))
 	switch s.TLS {
-	case "tls":
+	case config.ImplicitTLS:
 		c, encrypted = smtp.NewClient(tls.Client(conn, tlsConfig)), true
-	case "none":
+	case config.NoTLS:
 		c = smtp.NewClient(conn)
 	default:
 		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {

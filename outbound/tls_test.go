@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/mailtest"
 )
@@ -74,7 +75,7 @@ func TestRequireTLS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sub := &SMTPSubmitter{Addr: addr, TLS: tt.tls, TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}
+		sub := &SMTPSubmitter{Addr: addr, TLS: config.TLSMode(tt.tls), TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}}
 		err = sub.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, req)
 		got := srv.Mails()
 		srv.Close()

@@ -32,6 +32,9 @@ type Suite interface {
 	Seal(entity []byte, now time.Time) ([]byte, MIC, error)
 	// Open decrypts mail and verifies that the partner signed it.
 	Open(mail []byte, now time.Time) (*Opened, error)
+	// OpenOwn decrypts mail we sealed for the partner (it is encrypted to
+	// us too) and verifies our signature: evidence of what was sent.
+	OpenOwn(mail []byte, now time.Time) (*Opened, error)
 }
 
 // ErrNoKey means a partner's key or ours is missing or unusable: the
@@ -136,6 +139,11 @@ func (s pgpSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 	return PGPOpen(mail, PGPKeys{Self: s.k.PGPSelf, Partners: list}, s.k.PGPPartners[s.partner], now)
 }
 
+func (s pgpSuite) OpenOwn(mail []byte, now time.Time) (*Opened, error) {
+	self := s.k.PGPSelf
+	return PGPOpen(mail, PGPKeys{Self: self, Partners: openpgp.EntityList{self}}, self, now)
+}
+
 type smimeSuite struct {
 	k       *Keyring
 	partner string
@@ -184,6 +192,11 @@ func (s smimeSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 	return SMIMEOpen(mail, keys, s.k.SMIMEPartners[s.partner], now)
 }
 
+func (s smimeSuite) OpenOwn(mail []byte, now time.Time) (*Opened, error) {
+	c := s.k.SMIMECert
+	return SMIMEOpen(mail, SMIMEKeys{Cert: c, Key: s.k.SMIMEKey, Partners: []*x509.Certificate{c}}, c, now)
+}
+
 // noneSuite sends and takes mail as it is. Configuration allows it only
 // with allow_unencrypted.
 type noneSuite struct{}
@@ -199,6 +212,8 @@ func (noneSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 	return &Opened{Entity: mail, MIC: ComputeMIC(mail)}, nil
 }
 
+func (n noneSuite) OpenOwn(mail []byte, now time.Time) (*Opened, error) { return n.Open(mail, now) }
+
 type unknownSuite struct{ name, partner string }
 
 func (s unknownSuite) Name() string { return s.name }
@@ -209,7 +224,8 @@ func (s unknownSuite) Usable(time.Time) error { return s.err() }
 func (s unknownSuite) Seal([]byte, time.Time) ([]byte, MIC, error) {
 	return nil, MIC{}, s.err()
 }
-func (s unknownSuite) Open([]byte, time.Time) (*Opened, error) { return nil, s.err() }
+func (s unknownSuite) Open([]byte, time.Time) (*Opened, error)    { return nil, s.err() }
+func (s unknownSuite) OpenOwn([]byte, time.Time) (*Opened, error) { return nil, s.err() }
 
 // wrongSuite refuses a mail that uses another suite than the partner's.
 func wrongSuite(mail []byte, want, partner string) error {

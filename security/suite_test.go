@@ -53,6 +53,16 @@ func TestSuites(t *testing.T) {
 		if (opened.Signer == "") != (name == SuiteNone) {
 			t.Errorf("%s: signer %q", name, opened.Signer)
 		}
+		// What we sent stays readable to us, and verifiable as ours.
+		own, err := out.OpenOwn(sealed, now)
+		if err != nil || string(own.Entity) != string(edi) {
+			t.Errorf("%s: OpenOwn: %v", name, err)
+		}
+		if name != SuiteNone {
+			if _, err := lab.Suite(name, "hospital", "").OpenOwn(sealed, now); err == nil {
+				t.Errorf("%s: the lab opened the hospital's mail as its own", name)
+			}
+		}
 	}
 	// PGP/MIME sent to a partner configured for S/MIME is refused as such.
 	sealed, _, _ := hospital.Suite(SuitePGP, "lab", "").Seal(edi, now)
