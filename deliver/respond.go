@@ -19,7 +19,7 @@ import (
 // never an address from the mail's headers (§4.1.4 return address rules).
 type Responder struct {
 	Config *config.Config
-	Store  *store.Store
+	Store  Store
 	Logger *slog.Logger
 	// Notify wakes the sender for a partner (Sender.Notify).
 	Notify func(partner string)

@@ -22,7 +22,7 @@ import (
 // DelivererOptions configure a Deliverer. Config and Store are required.
 type DelivererOptions struct {
 	Config *config.Config
-	Store  *store.Store
+	Store  Store
 	Logger *slog.Logger
 	Now    func() time.Time
 	// RetryBase is the wait after the first failed delivery, doubling up

@@ -14,7 +14,7 @@ import (
 // partner that has waited for the router longer than the partner's
 // mdn_timeout (the partner is waiting for its receipt meanwhile). Outbound
 // messages that do not move expire by expire_after instead.
-func SweepStuck(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger, now time.Time) ([]store.Message, error) {
+func SweepStuck(ctx context.Context, cfg *config.Config, st Stuck, log *slog.Logger, now time.Time) ([]store.Message, error) {
 	var alerted []store.Message
 	for _, p := range cfg.Partners {
 		stuck, err := st.Stuck(ctx, p.Name, store.Inbound, now.Add(-p.MDNTimeout.D()))

@@ -36,7 +36,7 @@ func dsnMail(mailID, envid, returned, rcpt, action, status string) []byte {
 func TestBounce(t *testing.T) {
 	l := newLabSide(t)
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	ctx := context.Background()
 	sent := map[string]int64{}
 	for _, id := range []string{"b1", "b2", "b3", "b4"} {

@@ -16,7 +16,6 @@ import (
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/link"
-	"github.com/hl7mail/hl7mail/store"
 )
 
 // WatcherOptions configure a Watcher. Addr, Mailbox, Processed, Quarantine,
@@ -38,7 +37,7 @@ type WatcherOptions struct {
 	// (default 32 MiB).
 	MaxSize  int64
 	Receiver *Receiver
-	Store    *store.Store // keeps UIDVALIDITY and the last UID handled
+	Store    Positions // keeps UIDVALIDITY and the last UID handled
 	Logger   *slog.Logger
 	// Handled is called after each mail was handled and moved.
 	Handled func(Result)

@@ -109,7 +109,7 @@ func TestWatcher(t *testing.T) {
 	l := newLabSide(t)
 	is := startIMAP(t, nil, "127.0.0.1:0")
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	var mu sync.Mutex
 	handled := 0
 	run := func(addr string) func() {
@@ -185,7 +185,7 @@ func TestWatcherStartTLSPolling(t *testing.T) {
 		&tls.Config{Certificates: []tls.Certificate{cert}})
 	is.tls = &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	done := make(chan Result, 4)
 	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "starttls", TLSConfig: is.tls,
 		Username: "lab@partner.test", Password: "secret", Mailbox: "INBOX", Processed: "HL7/Processed",
@@ -221,7 +221,7 @@ func TestWatcherOversize(t *testing.T) {
 	l := newLabSide(t)
 	is := startIMAP(t, nil, "127.0.0.1:0")
 	r, jpath := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	big := "From: edi@hospital.test\r\nTo: lab@partner.test\r\nMessage-ID: <big@x.test>\r\nSubject: HL7\r\n" +
 		"Disposition-Notification-To: edi@hospital.test\r\nMIME-Version: 1.0\r\nContent-Type: application/edi-hl7\r\n\r\n" +
 		strings.Repeat("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n", 4000)

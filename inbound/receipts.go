@@ -49,7 +49,7 @@ func (r Receipt) String() string {
 //
 // unsigned says the MDN came unsigned (a partner with mdn: unsigned); it is
 // recorded with the receipt, as weaker evidence.
-func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *security.MDN, unsigned bool, mailID string) (Receipt, store.Pending, error) {
+func Reconcile(ctx context.Context, st Receipts, partner string, mdn *security.MDN, unsigned bool, mailID string) (Receipt, store.Pending, error) {
 	if mailID != "" {
 		if prev, err := st.Reports(ctx, store.ReportFilter{Partner: partner, MailMessageID: mailID, Limit: 1}); err != nil {
 			return ReceiptUnknown, store.Pending{}, err
@@ -71,7 +71,7 @@ func Reconcile(ctx context.Context, st *store.Store, partner string, mdn *securi
 	return outcome, p, err
 }
 
-func match(ctx context.Context, st *store.Store, partner string, mdn *security.MDN, unsigned bool) (Receipt, store.Pending, error) {
+func match(ctx context.Context, st Receipts, partner string, mdn *security.MDN, unsigned bool) (Receipt, store.Pending, error) {
 	rule := store.MatchByMessageID
 	p, err := st.PendingByMessageID(ctx, mdn.OriginalMessageID)
 	if err == nil && p.Partner != partner {

@@ -23,7 +23,7 @@ import (
 // §6.2, §6.4). Opener, Store and Journal (the incoming journal) are required.
 type Receiver struct {
 	Opener  *Opener
-	Store   *store.Store
+	Store   Store
 	Journal *journal.Journal
 	Logger  *slog.Logger
 	// Notify wakes the sender for a partner when a receipt is queued.

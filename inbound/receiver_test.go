@@ -17,7 +17,7 @@ import (
 func TestReceiver(t *testing.T) {
 	l := newLabSide(t)
 	r, jpath := l.receiver(t)
-	st, j := r.Store, r.Journal
+	st, j := r.Store.(*store.Store), r.Journal
 	ctx := context.Background()
 
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
@@ -102,7 +102,7 @@ func TestReceiver(t *testing.T) {
 func TestReceiverAnswers(t *testing.T) {
 	l := newLabSide(t)
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	woken := 0
 	r.Notify = func(string) { woken++ }
 	ctx := context.Background()
@@ -154,7 +154,7 @@ func TestReceiverAnswers(t *testing.T) {
 func TestRelease(t *testing.T) {
 	l := newLabSide(t)
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	ctx := context.Background()
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
 	newKey, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: "hospital", Email: "edi@hospital.test"})
@@ -226,7 +226,7 @@ func TestUnsignedReceipt(t *testing.T) {
 	l := newLabSide(t)
 	l.opener.Config.Partners[1].MDN = "unsigned" // the clinic
 	r, _ := l.receiver(t)
-	st := r.Store
+	st := r.Store.(*store.Store)
 	ctx := context.Background()
 	sentMIC := security.ComputeMIC([]byte("what we signed"))
 	for _, p := range []string{"clinic", "hospital"} {

@@ -57,7 +57,7 @@ func Seal(keys *security.Keyring, p *config.Partner, payload []byte, kind string
 // Journal are required.
 type SenderOptions struct {
 	Config    *config.Config
-	Store     *store.Store
+	Store     Store
 	Keys      *security.Keyring
 	Submitter Submitter
 	Journal   *journal.Journal // the outgoing journal

@@ -12,7 +12,7 @@ import (
 // Sweep raises an alert for every receipt that became overdue
 // (draft-ietf-ediint-hl7-02 §6.4): each is marked overdue and reported once.
 // It returns them.
-func Sweep(ctx context.Context, st *store.Store, log *slog.Logger, now time.Time) ([]store.Pending, error) {
+func Sweep(ctx context.Context, st Receipts, log *slog.Logger, now time.Time) ([]store.Pending, error) {
 	overdue, err := st.Overdue(ctx, now)
 	if err != nil {
 		return nil, err
