@@ -102,16 +102,7 @@ func receiptFor(op opener, entries []entry, who, original string, ours bool, als
 			}
 			return nil, nil, nil, false
 		}
-		var b *security.Bundle
-		var mdn *security.MDN
-		switch security.Classify(opened.Entity) {
-		case security.KindBundle:
-			if b, err = security.ParseBundle(opened.Entity); err == nil {
-				mdn = b.MDN
-			}
-		case security.KindMDN:
-			mdn, _ = security.ParseMDN(opened.Entity) // nil when unreadable: not the receipt
-		}
+		b, mdn := receiptOf(opened.Entity)
 		// A receipt matched by its MIC names the Message-ID a gateway gave
 		// the mail on the way.
 		byMIC := alsoMIC != nil && mdn != nil && mdn.MIC != nil && mdn.MIC.Equal(*alsoMIC)
@@ -294,4 +285,21 @@ func (op opener) intact(l *Link, e *entry) {
 		return
 	}
 	l.addf("the journalled bytes are those written then (SHA-256 %x)", want[:8])
+}
+
+// receiptOf returns the receipt an opened entity carries, with the bundle
+// it came in, if any; nil when it carries none or it cannot be read (then
+// it is not the receipt looked for).
+func receiptOf(entity []byte) (*security.Bundle, *security.MDN) {
+	switch security.Classify(entity) {
+	case security.KindBundle:
+		if b, err := security.ParseBundle(entity); err == nil {
+			return b, b.MDN
+		}
+	case security.KindMDN:
+		if m, err := security.ParseMDN(entity); err == nil {
+			return nil, m
+		}
+	}
+	return nil, nil
 }

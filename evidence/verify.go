@@ -172,15 +172,7 @@ func counterpart(ctx context.Context, o Options, e *entry, opened *security.Open
 	}
 	// A receipt without a response: it closed a pending row (ours were
 	// sent for mail of the partner's, which the store holds).
-	var mdn *security.MDN
-	switch security.Classify(opened.Entity) {
-	case security.KindMDN:
-		mdn, _ = security.ParseMDN(opened.Entity)
-	case security.KindBundle:
-		if b, err := security.ParseBundle(opened.Entity); err == nil {
-			mdn = b.MDN
-		}
-	}
+	_, mdn := receiptOf(opened.Entity)
 	{
 		if mdn != nil {
 			if ours {

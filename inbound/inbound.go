@@ -229,37 +229,21 @@ func (o *Opener) Open(raw []byte) (*Incoming, error) {
 	if err := honour(p, in, entity); err != nil {
 		return nil, err
 	}
-	in.Kind = security.Classify(entity)
-	switch in.Kind {
-	case security.KindHL7:
-		payload, _, err := security.DecodeEDI(entity, security.Accept{Consent: p.AcceptConsent})
-		if err != nil {
-			return nil, q(err)
+	c, err := security.Read(entity, security.Accept{Consent: p.AcceptConsent})
+	if err != nil {
+		return nil, q(err)
+	}
+	in.Kind, in.MDN, in.Bundle = c.Kind, c.MDN, c.Bundle
+	switch c.Kind {
+	case security.KindHL7, security.KindBundle:
+		if c.Payload == nil { // a bundle with only the receipt
+			break
 		}
-		hdr, err := headerOfPayload(payload)
-		if err != nil {
+		if in.Header, err = headerOfPayload(c.Payload); err != nil {
 			return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
 		}
-		in.Payload, in.Header = payload, hdr
+		in.Payload = c.Payload
 	case security.KindMDN:
-		if in.MDN, err = security.ParseMDN(entity); err != nil {
-			return nil, q(err)
-		}
-	case security.KindBundle:
-		if in.Bundle, err = security.ParseBundle(entity); err != nil {
-			return nil, q(err)
-		}
-		in.MDN = in.Bundle.MDN
-		if in.Bundle.Response != nil {
-			payload, _, err := security.DecodeEDI(in.Bundle.Response, security.Accept{Consent: p.AcceptConsent})
-			if err != nil {
-				return nil, q(err)
-			}
-			if in.Header, err = headerOfPayload(payload); err != nil {
-				return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: err}
-			}
-			in.Payload = payload
-		}
 	default:
 		return nil, &QuarantineError{Reason: ReasonNotHL7, Partner: p, Err: errors.New("carries no HL7, MDN or bundle")}
 	}

@@ -217,7 +217,16 @@ func oneLine(s string) string {
 // ParseMDN reads a multipart/report; report-type=disposition-notification
 // entity.
 func ParseMDN(entity []byte) (*MDN, error) {
-	parts, err := reportParts(entity, "MDN", "disposition-notification")
+	e, err := parseEntity(entity)
+	if err != nil {
+		return nil, err
+	}
+	return parseMDN(e)
+}
+
+// parseMDN is ParseMDN of an entity already parsed.
+func parseMDN(e mimeEntity) (*MDN, error) {
+	parts, err := reportPartsOf(e, "MDN", "disposition-notification")
 	if err != nil {
 		return nil, err
 	}
@@ -264,6 +273,11 @@ func reportParts(entity []byte, what, reportType string) ([][]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return reportPartsOf(e, what, reportType)
+}
+
+// reportPartsOf is reportParts of an entity already parsed.
+func reportPartsOf(e mimeEntity, what, reportType string) ([][]byte, error) {
 	if e.typ != typeMultipartReport || !strings.EqualFold(e.params["report-type"], reportType) {
 		return nil, malformed("%s is %s; report-type=%s", what, token(e.typ), token(e.params["report-type"]))
 	}
@@ -343,6 +357,11 @@ func ParseBundle(entity []byte) (*Bundle, error) {
 	if err != nil {
 		return nil, err
 	}
+	return parseBundle(e)
+}
+
+// parseBundle is ParseBundle of an entity already parsed.
+func parseBundle(e mimeEntity) (*Bundle, error) {
 	if e.typ != typeMultipartRelated || !strings.EqualFold(e.params["type"], TypeEDIResponse) {
 		return nil, malformed("bundle is %s; type=%s", token(e.typ), token(e.params["type"]))
 	}
@@ -366,7 +385,7 @@ func ParseBundle(entity []byte) (*Bundle, error) {
 			if b.MDN != nil {
 				return nil, malformed("bundle holds two MDNs")
 			}
-			if b.MDN, err = ParseMDN(p); err != nil {
+			if b.MDN, err = parseMDN(pe); err != nil {
 				return nil, err
 			}
 		default:
@@ -400,6 +419,10 @@ func Classify(entity []byte) Kind {
 	if err != nil {
 		return KindUnknown
 	}
+	return classify(e)
+}
+
+func classify(e mimeEntity) Kind {
 	ct, params := e.typ, e.params
 	switch {
 	case ct == TypeEDIHL7 || ct == TypeXEDIHL7 || ct == TypeEDIConsent:
@@ -410,6 +433,47 @@ func Classify(entity []byte) Kind {
 		return KindBundle
 	}
 	return KindUnknown
+}
+
+// Content is what an opened entity carries, read in one pass: its kind,
+// and the HL7 payload, the receipt or the bundle.
+type Content struct {
+	Kind Kind
+	// Payload is the HL7 message (KindHL7) or the bundle's response
+	// (KindBundle; nil when the bundle holds only the receipt), decoded
+	// from its MIME-EDI entity exactly as it was sent.
+	Payload []byte
+	MDN     *MDN    // KindMDN, KindBundle
+	Bundle  *Bundle // KindBundle
+}
+
+// Read reads what an opened entity carries, parsing its structure once;
+// accept lists the MIME-EDI types the sender may use. An entity of no kind
+// hl7mail takes (or whose header cannot be read) is KindUnknown, without
+// an error; an error says why an entity of a known kind is unreadable.
+func Read(entity []byte, accept Accept) (*Content, error) {
+	e, err := parseEntity(entity)
+	if err != nil {
+		return &Content{Kind: KindUnknown}, nil
+	}
+	c := &Content{Kind: classify(e)}
+	switch c.Kind {
+	case KindHL7:
+		c.Payload, _, err = DecodeEDI(entity, accept)
+	case KindMDN:
+		c.MDN, err = parseMDN(e)
+	case KindBundle:
+		if c.Bundle, err = parseBundle(e); err == nil {
+			c.MDN = c.Bundle.MDN
+			if c.Bundle.Response != nil {
+				c.Payload, _, err = DecodeEDI(c.Bundle.Response, accept)
+			}
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // ReceiptFrom is hl7mail's MDN, from our address self, for the mail
