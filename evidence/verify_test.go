@@ -29,6 +29,8 @@ type world struct {
 	outgoing string
 	msgID    string
 	id       int64
+	mic      security.MIC // of the mail sent
+	lab      *openpgp.Entity
 }
 
 func newWorld(t *testing.T) *world {
@@ -54,7 +56,7 @@ partners:
 	}
 	t.Cleanup(func() { st.Close() })
 	w := &world{o: Options{Config: cfg, Keys: keys, Store: st}, dir: cfg.StoreDir(),
-		outgoing: filepath.Join(cfg.StoreDir(), OutgoingJournal), msgID: "<1@hospital.test>"}
+		outgoing: filepath.Join(cfg.StoreDir(), OutgoingJournal), msgID: "<1@hospital.test>", lab: lab}
 	ctx := context.Background()
 	payload := []byte("MSH|^~\\&|HIS|GH|LAB|TL|20261201||ORU^R01|c1|P|2.5\rPID|1\r")
 	a, err := st.Accept(ctx, store.NewMessage{Direction: store.Outbound, Partner: "lab", ControlID: "c1", MessageType: "ORU^R01",
@@ -71,6 +73,7 @@ partners:
 	if err != nil {
 		t.Fatal(err)
 	}
+	w.mic = mic
 	mail := append([]byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nMessage-ID: "+w.msgID+"\r\nSubject: HL7\r\n"), sealed...)
 	if err := st.Prepare(ctx, a.ID, w.msgID, &store.Pending{Partner: "lab", ControlID: "c1", MIC: mic.String(),
 		Sent: time.Now(), Due: time.Now().Add(time.Hour)}); err != nil {
