@@ -9,7 +9,8 @@
 // by their MSH header fields (type, control ID) and mail identifiers, and
 // the log records it streams carry none either.
 //
-// It imports, of this module, only config, hl7, mailbox, store.
+// It imports, of this module, only config, hl7, inbound (a release's
+// result), link (connection states), store.
 package dashboard
 
 import (

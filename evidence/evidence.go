@@ -10,7 +10,8 @@
 // hl7mail encrypts what it sends to itself as well as to the partner, so
 // that its own outgoing journal can be read again.
 //
-// It imports, of this module, only config, hl7, internal/safefile, journal, mailbox, security, store.
+// It imports, of this module, only config, hl7, internal/safefile, journal,
+// security, store; none of the mail side that wrote the journals.
 package evidence
 
 import (

@@ -6,7 +6,9 @@
 // with the router's response and the receipt. It starts everything or
 // nothing, and stops in reverse.
 //
-// It imports, of this module, only config, dashboard, hl7, internal/safefile, journal, mailbox, notify, security, store, surrogate.
+// It imports, of this module, only config, dashboard, deliver, hl7, inbound,
+// internal/safefile, journal, link, notify, outbound, security, store,
+// surrogate.
 package gateway
 
 import (

@@ -3,7 +3,9 @@ package integration
 import (
 	"encoding/json"
 	"io"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -42,6 +44,8 @@ func TestLayout(t *testing.T) {
 	for {
 		var p struct {
 			ImportPath  string
+			Dir         string
+			GoFiles     []string
 			Imports     []string
 			TestImports []string
 		}
@@ -65,6 +69,9 @@ func TestLayout(t *testing.T) {
 				t.Errorf("%s imports %s, which is not below it in the data path", name, dep)
 			}
 		}
+		if name != "integration" && name != "cmd/hl7mail" {
+			checkDoc(t, name, p.Dir, p.GoFiles, p.Imports, rank)
+		}
 		// Evidence re-verifies from the journals alone: it shares no code
 		// with the mail side that made them, not even in its tests.
 		if name == "evidence" {
@@ -73,6 +80,57 @@ func TestLayout(t *testing.T) {
 					t.Errorf("evidence imports %s", dep)
 				}
 			}
+		}
+	}
+}
+
+// checkDoc: the package doc's "It imports, of this module, …" sentence
+// names exactly the packages of ours the package imports.
+func checkDoc(t *testing.T, name, dir string, files, imports []string, rank map[string]int) {
+	t.Helper()
+	const mod = "github.com/hl7mail/hl7mail/"
+	var sentence string
+	for _, f := range files {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		src := string(b)
+		pkg := strings.Index(src, "\npackage ")
+		i := strings.Index(src, "// It imports")
+		if i < 0 || pkg < 0 || i > pkg {
+			continue
+		}
+		sentence = strings.ReplaceAll(src[i:pkg], "\n// ", " ")
+		if end := strings.IndexAny(sentence, ".:"); end >= 0 {
+			sentence = sentence[:end]
+		}
+		break
+	}
+	if sentence == "" {
+		t.Errorf("package %s: its doc does not say what it imports of this module", name)
+		return
+	}
+	named := map[string]bool{}
+	for _, w := range strings.FieldsFunc(sentence, func(r rune) bool { return r == ' ' || r == ',' || r == ';' || r == '(' || r == ')' }) {
+		if _, ok := rank[w]; ok {
+			named[w] = true
+		}
+	}
+	got := map[string]bool{}
+	for _, imp := range imports {
+		if dep, ours := strings.CutPrefix(imp, mod); ours {
+			got[dep] = true
+		}
+	}
+	for dep := range got {
+		if !named[dep] {
+			t.Errorf("package %s imports %s; its doc does not say so (%q)", name, dep, sentence)
+		}
+	}
+	for dep := range named {
+		if !got[dep] {
+			t.Errorf("package %s's doc says it imports %s; it does not (%q)", name, dep, sentence)
 		}
 	}
 }

@@ -1,9 +1,8 @@
 // Package mailtest holds what the tests of the mail side share: a router
 // stand-in, a lab's configuration, a server certificate, a wait.
 //
-// It imports, of this module, only config, internal/testlog, store and
-// surrogate, so that the tests of outbound, inbound and deliver can all
-// use it.
+// It imports, of this module, only config, internal/testlog, store,
+// surrogate; none of the mail side, whose tests all use it.
 package mailtest
 
 import (

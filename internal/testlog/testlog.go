@@ -1,4 +1,6 @@
 // Package testlog sends a test's slog records to t.Log.
+//
+// It imports, of this module, nothing.
 package testlog
 
 import (
