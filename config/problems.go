@@ -220,3 +220,24 @@ func nodeLines(root *yaml.Node) map[string]int {
 	walk(root, "")
 	return lines
 }
+
+// Problems returns an empty problem list for this configuration, to which
+// checks made outside this package (loading keys) add problems that carry
+// the line of their field.
+func (c *Config) Problems() *Error {
+	return &Error{File: c.File, lines: c.lines}
+}
+
+// Addf adds a problem of field (e.g. "partners[1].pgp_key") for partner.
+func (e *Error) Addf(field, partner, hint, format string, args ...any) {
+	v := validator{e: e, lines: e.lines}
+	v.addf(field, partner, hint, format, args...)
+}
+
+// Err returns e when it holds problems, and nil otherwise.
+func (e *Error) Err() error {
+	if len(e.Problems) == 0 {
+		return nil
+	}
+	return e
+}

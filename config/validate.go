@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/mail"
 	"net/url"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -90,6 +89,14 @@ func (v *validator) validate() {
 	if len(c.Partners) == 0 {
 		v.addf("partners", "", "see the shipped partners.yaml", "at least one partner is required")
 	}
+	v.locals()
+	v.returnRoutes()
+	v.partners()
+}
+
+// locals checks our other addresses (local[]).
+func (v *validator) locals() {
+	c := v.c
 	locals := map[string]int{}
 	for i, l := range c.Local {
 		f := func(field string) string { return fmt.Sprintf("local[%d].%s", i, field) }
@@ -110,7 +117,11 @@ func (v *validator) validate() {
 			v.positive(f("imap.poll"), "", l.IMAP.Poll)
 		}
 	}
+}
 
+// returnRoutes checks return_routes[].
+func (v *validator) returnRoutes() {
+	c := v.c
 	for i, r := range c.ReturnRoutes {
 		f := func(field string) string { return fmt.Sprintf("return_routes[%d].%s", i, field) }
 		if strings.TrimSpace(r.Application) == "" {
@@ -120,117 +131,144 @@ func (v *validator) validate() {
 			v.addf(f("partner"), "", "a partner's name from partners[]", "%q is not a configured partner", r.Partner)
 		}
 	}
+}
 
+// partners checks each partner, and what they need together:
+// distinct names, addresses and ports, and our keys for their suites.
+func (v *validator) partners() {
+	c := v.c
 	names := map[string]int{}
 	emails := map[string]int{}
 	ports := map[string]string{}
 	if _, port, err := net.SplitHostPort(c.Dashboard.Addr); err == nil {
 		ports[port] = "dashboard.addr"
 	}
-	needPGP, needSMIME := false, false
+	seen := &seenPartners{names: names, emails: emails, ports: ports}
 	for i := range c.Partners {
-		p := &c.Partners[i]
-		f := func(field string) string { return fmt.Sprintf("partners[%d].%s", i, field) }
-		who := p.Name
-		switch {
-		case p.Name == "":
-			v.addf(f("name"), "", "", "required")
-			who = fmt.Sprintf("#%d", i+1)
-		case !partnerName.MatchString(p.Name):
-			v.addf(f("name"), "", "use letters, digits, '-', '_' and '.'", "%q is not a valid name", p.Name)
-		}
-		if j, dup := names[p.Name]; dup && p.Name != "" {
-			v.addf(f("name"), who, "partner names must be unique", "already used by the partner on line %d", v.lineOf(fmt.Sprintf("partners[%d]", j)))
-		} else {
-			names[p.Name] = i
-		}
-		if v.email(f("email"), who, p.Email) {
-			key := strings.ToLower(p.Email)
-			if j, dup := emails[key]; dup {
-				v.addf(f("email"), who, "each partner needs its own address", "%s is already the address of partner %s", p.Email, c.Partners[j].Name)
-			} else {
-				emails[key] = i
-			}
-			if c.IsOurs(p.Email) {
-				v.addf(f("email"), who, "", "%s is one of our own addresses", p.Email)
-			}
-		}
-		if v.addr(f("listen"), who, p.Listen, true) {
-			_, port, _ := net.SplitHostPort(p.Listen)
-			if other, dup := ports[port]; dup {
-				v.addf(f("listen"), who, "each partner needs its own listen port", "port %s is already used by %s", port, other)
-			} else {
-				ports[port] = "partner " + who
-			}
-		}
-		if p.Router != "" {
-			v.addr(f("router"), who, p.Router, true)
-		}
-		if p.Local != "" && !c.IsOurs(p.Local) {
-			v.addf(f("local"), who, "self.email or one of local[].address", "%s is not one of our addresses", p.Local)
-		}
-		switch p.Security {
-		case PGP:
-			needPGP = true
-			if p.PGPKey == "" {
-				v.addfAt(f("security"), f("pgp_key"), who, "the partner's armored public key", "required with security: pgp")
-			}
-		case SMIME:
-			needSMIME = true
-			if p.SMIMECert == "" {
-				v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate", "required with security: smime")
-			}
-		case NoSecurity:
-			if !p.AllowUnencrypted {
-				v.addf(f("security"), who, "set allow_unencrypted: true if this is really wanted",
-					"security: none would send HL7 unencrypted over the Internet")
-			}
-		case "":
-			v.addf(f("security"), who, "pgp, smime or none", "required")
-		default:
-			v.addf(f("security"), who, "pgp, smime or none", "unknown value %q", p.Security)
-		}
-		if !valid(p.MDN) {
-			v.addf(f("mdn"), who, "signed, unsigned or none", "unknown value %q", p.MDN)
-		}
-		if !valid(p.KeyTransport) {
-			v.addf(f("key_transport"), who, "oaep or pkcs1v15", "unknown value %q", p.KeyTransport)
-		}
-		switch p.ContentType {
-		case "application/edi-hl7", "application/x-edi-hl7":
-		default:
-			v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
-		}
-		if !valid(p.BatchAck) {
-			v.addf(f("batch_ack"), who, "batch (the default: one ACK for a batch) or each (one per message)", "unknown value %q", p.BatchAck)
-		}
-		if !valid(p.AcceptAck) {
-			v.addf(f("accept_ack"), who, "CA (the default) or AA", "unknown value %q", p.AcceptAck)
-		}
-		if !valid(p.AckMode) {
-			v.addf(f("ack_mode"), who, "immediate or rendezvous", "unknown value %q", p.AckMode)
-		}
-		if p.RequireTLS && c.SMTP.TLS == NoTLS {
-			v.addf(f("require_tls"), who, "set smtp.tls to starttls or tls", "require_tls cannot be met: smtp.tls is none")
-		}
-		v.positive(f("mdn_timeout"), who, p.MDNTimeout)
-		v.positive(f("expire_after"), who, p.ExpireAfter)
-		v.positive(f("idle_timeout"), who, p.IdleTimeout)
-		if t := p.ListenTLS; t != nil && (t.CertFile == "" || t.KeyFile == "") {
-			v.addf(f("listen_tls"), who, "", "cert_file and key_file are required")
-		}
-		if p.MaxConnections < 0 {
-			v.addf(f("max_connections"), who, "", "must be positive")
-		}
-		if p.MaxMessageSize < 0 {
-			v.addf(f("max_message_size"), who, "", "must be positive")
-		}
+		v.partner(i, &c.Partners[i], seen)
 	}
-	if needPGP && c.Self.PGPKey == "" {
+	if seen.pgp && c.Self.PGPKey == "" {
 		v.addf("self.pgp_key", "", "hl7mail keygen -kind pgp writes one", "required because a partner uses security: pgp")
 	}
-	if needSMIME && (c.Self.SMIMECert == "" || c.Self.SMIMEKey == "") {
+	if seen.smime && (c.Self.SMIMECert == "" || c.Self.SMIMEKey == "") {
 		v.addf("self.smime_cert", "", "hl7mail keygen -kind smime writes both", "self.smime_cert and self.smime_key are required because a partner uses security: smime")
+	}
+}
+
+// seenPartners is what the partners checked so far used: names, addresses
+// and ports (to find one used twice), and suites (to require our keys).
+type seenPartners struct {
+	names      map[string]int
+	emails     map[string]int
+	ports      map[string]string
+	pgp, smime bool
+}
+
+// partner checks partners[i].
+func (v *validator) partner(i int, p *Partner, seen *seenPartners) {
+	c := v.c
+	names, emails, ports := seen.names, seen.emails, seen.ports
+	f := func(field string) string { return fmt.Sprintf("partners[%d].%s", i, field) }
+	who := p.Name
+	switch {
+	case p.Name == "":
+		v.addf(f("name"), "", "", "required")
+		who = fmt.Sprintf("#%d", i+1)
+	case !partnerName.MatchString(p.Name):
+		v.addf(f("name"), "", "use letters, digits, '-', '_' and '.'", "%q is not a valid name", p.Name)
+	}
+	if j, dup := names[p.Name]; dup && p.Name != "" {
+		v.addf(f("name"), who, "partner names must be unique", "already used by the partner on line %d", v.lineOf(fmt.Sprintf("partners[%d]", j)))
+	} else {
+		names[p.Name] = i
+	}
+	if v.email(f("email"), who, p.Email) {
+		key := strings.ToLower(p.Email)
+		if j, dup := emails[key]; dup {
+			v.addf(f("email"), who, "each partner needs its own address", "%s is already the address of partner %s", p.Email, c.Partners[j].Name)
+		} else {
+			emails[key] = i
+		}
+		if c.IsOurs(p.Email) {
+			v.addf(f("email"), who, "", "%s is one of our own addresses", p.Email)
+		}
+	}
+	if v.addr(f("listen"), who, p.Listen, true) {
+		_, port, _ := net.SplitHostPort(p.Listen)
+		if other, dup := ports[port]; dup {
+			v.addf(f("listen"), who, "each partner needs its own listen port", "port %s is already used by %s", port, other)
+		} else {
+			ports[port] = "partner " + who
+		}
+	}
+	if p.Router != "" {
+		v.addr(f("router"), who, p.Router, true)
+	}
+	if p.Local != "" && !c.IsOurs(p.Local) {
+		v.addf(f("local"), who, "self.email or one of local[].address", "%s is not one of our addresses", p.Local)
+	}
+	v.partnerSettings(f, who, p, seen)
+}
+
+// partnerSettings checks a partner's suite and the settings of a few words
+// or a bound; f names its fields, who the partner.
+func (v *validator) partnerSettings(f func(string) string, who string, p *Partner, seen *seenPartners) {
+	c := v.c
+	switch p.Security {
+	case PGP:
+		seen.pgp = true
+		if p.PGPKey == "" {
+			v.addfAt(f("security"), f("pgp_key"), who, "the partner's armored public key", "required with security: pgp")
+		}
+	case SMIME:
+		seen.smime = true
+		if p.SMIMECert == "" {
+			v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate", "required with security: smime")
+		}
+	case NoSecurity:
+		if !p.AllowUnencrypted {
+			v.addf(f("security"), who, "set allow_unencrypted: true if this is really wanted",
+				"security: none would send HL7 unencrypted over the Internet")
+		}
+	case "":
+		v.addf(f("security"), who, "pgp, smime or none", "required")
+	default:
+		v.addf(f("security"), who, "pgp, smime or none", "unknown value %q", p.Security)
+	}
+	if !valid(p.MDN) {
+		v.addf(f("mdn"), who, "signed, unsigned or none", "unknown value %q", p.MDN)
+	}
+	if !valid(p.KeyTransport) {
+		v.addf(f("key_transport"), who, "oaep or pkcs1v15", "unknown value %q", p.KeyTransport)
+	}
+	switch p.ContentType {
+	case "application/edi-hl7", "application/x-edi-hl7":
+	default:
+		v.addf(f("content_type"), who, "application/edi-hl7 or application/x-edi-hl7", "unknown value %q", p.ContentType)
+	}
+	if !valid(p.BatchAck) {
+		v.addf(f("batch_ack"), who, "batch (the default: one ACK for a batch) or each (one per message)", "unknown value %q", p.BatchAck)
+	}
+	if !valid(p.AcceptAck) {
+		v.addf(f("accept_ack"), who, "CA (the default) or AA", "unknown value %q", p.AcceptAck)
+	}
+	if !valid(p.AckMode) {
+		v.addf(f("ack_mode"), who, "immediate or rendezvous", "unknown value %q", p.AckMode)
+	}
+	if p.RequireTLS && c.SMTP.TLS == NoTLS {
+		v.addf(f("require_tls"), who, "set smtp.tls to starttls or tls", "require_tls cannot be met: smtp.tls is none")
+	}
+	v.positive(f("mdn_timeout"), who, p.MDNTimeout)
+	v.positive(f("expire_after"), who, p.ExpireAfter)
+	v.positive(f("idle_timeout"), who, p.IdleTimeout)
+	if t := p.ListenTLS; t != nil && (t.CertFile == "" || t.KeyFile == "") {
+		v.addf(f("listen_tls"), who, "", "cert_file and key_file are required")
+	}
+	if p.MaxConnections < 0 {
+		v.addf(f("max_connections"), who, "", "must be positive")
+	}
+	if p.MaxMessageSize < 0 {
+		v.addf(f("max_message_size"), who, "", "must be positive")
 	}
 }
 
@@ -306,116 +344,4 @@ func isLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-// Problems returns an empty problem list for this configuration, to which
-// checks made outside this package (loading keys) add problems that carry
-// the line of their field.
-func (c *Config) Problems() *Error {
-	return &Error{File: c.File, lines: c.lines}
-}
-
-// Addf adds a problem of field (e.g. "partners[1].pgp_key") for partner.
-func (e *Error) Addf(field, partner, hint, format string, args ...any) {
-	v := validator{e: e, lines: e.lines}
-	v.addf(field, partner, hint, format, args...)
-}
-
-// Err returns e when it holds problems, and nil otherwise.
-func (e *Error) Err() error {
-	if len(e.Problems) == 0 {
-		return nil
-	}
-	return e
-}
-
-// MinTokenLength is the shortest dashboard token accepted, in bytes.
-const MinTokenLength = 32
-
-// CheckFiles checks that the key, certificate, password and token files the
-// configuration names exist, are regular files and can be read, and that
-// the environment variables it names are set. It returns an *Error listing
-// every problem, or nil.
-//
-// Files holding secrets (private keys, passphrases, passwords, the
-// dashboard token) must not be readable by group or others.
-func (c *Config) CheckFiles() error {
-	v := validator{c: c, e: c.Problems(), lines: c.lines}
-	secret := map[string]bool{"self.pgp_key": true, "self.smime_key": true, "self.passphrase_file": true,
-		"router.tls.key_file": true,
-		"smtp.password_file":  true, "imap.password_file": true, "dashboard.token_file": true,
-		"alerts.webhook.token_file": true}
-	file := func(path, who, name string) {
-		if name == "" {
-			return
-		}
-		p := c.Path(name)
-		st, err := os.Stat(p)
-		if err != nil {
-			v.addf(path, who, "", "%v", err)
-			return
-		}
-		if !st.Mode().IsRegular() {
-			v.addf(path, who, "", "%s is not a regular file", p)
-			return
-		}
-		if (secret[path] || strings.HasSuffix(path, ".password_file") || strings.HasSuffix(path, "listen_tls.key_file")) &&
-			st.Mode().Perm()&0o077 != 0 {
-			v.addf(path, who, "chmod 600 "+p, "%s holds a secret but is readable by group or others (mode %04o)", p, st.Mode().Perm())
-			return
-		}
-		f, err := os.Open(p)
-		if err != nil {
-			v.addf(path, who, "", "%v", err)
-			return
-		}
-		f.Close()
-	}
-	env := func(path, name string) {
-		if name != "" && os.Getenv(name) == "" {
-			v.addf(path, "", "", "environment variable %s is not set", name)
-		}
-	}
-	file("self.pgp_key", "", c.Self.PGPKey)
-	file("self.smime_cert", "", c.Self.SMIMECert)
-	file("self.smime_key", "", c.Self.SMIMEKey)
-	file("self.passphrase_file", "", c.Self.PassphraseFile)
-	env("self.passphrase_env", c.Self.PassphraseEnv)
-	file("smtp.password_file", "", c.SMTP.PasswordFile)
-	env("smtp.password_env", c.SMTP.PasswordEnv)
-	file("imap.password_file", "", c.IMAP.PasswordFile)
-	env("imap.password_env", c.IMAP.PasswordEnv)
-	file("dashboard.token_file", "", c.Dashboard.TokenFile)
-	if c.Dashboard.TokenFile != "" {
-		// A token short enough to guess is no token.
-		if t, err := c.Secret(c.Dashboard.TokenFile, ""); err == nil && len(strings.TrimSpace(t)) < MinTokenLength {
-			v.addf("dashboard.token_file", "", "e.g. head -c 32 /dev/urandom | base64 > "+c.Dashboard.TokenFile,
-				"the token holds %d bytes; at least %d are required", len(strings.TrimSpace(t)), MinTokenLength)
-		}
-	}
-	file("alerts.webhook.token_file", "", c.Alerts.Webhook.TokenFile)
-	file("smtp.ca_file", "", c.SMTP.CAFile)
-	file("imap.ca_file", "", c.IMAP.CAFile)
-	for i, l := range c.Local {
-		if l.IMAP != nil {
-			file(fmt.Sprintf("local[%d].imap.password_file", i), "", l.IMAP.PasswordFile)
-			env(fmt.Sprintf("local[%d].imap.password_env", i), l.IMAP.PasswordEnv)
-			file(fmt.Sprintf("local[%d].imap.ca_file", i), "", l.IMAP.CAFile)
-		}
-	}
-	for i, p := range c.Partners {
-		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
-		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
-		if t := p.ListenTLS; t != nil {
-			file(fmt.Sprintf("partners[%d].listen_tls.cert_file", i), p.Name, t.CertFile)
-			file(fmt.Sprintf("partners[%d].listen_tls.key_file", i), p.Name, t.KeyFile)
-			file(fmt.Sprintf("partners[%d].listen_tls.client_ca_file", i), p.Name, t.ClientCAFile)
-		}
-	}
-	if t := c.Router.TLS; t != nil {
-		file("router.tls.ca_file", "", t.CAFile)
-		file("router.tls.cert_file", "", t.CertFile)
-		file("router.tls.key_file", "", t.KeyFile)
-	}
-	return v.e.Err()
 }
