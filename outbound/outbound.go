@@ -137,43 +137,92 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 	ctx = context.WithoutCancel(ctx)
 	now := s.o.Now()
 	log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
-	since := m.Received
-	if m.Retried.After(since) {
-		since = m.Retried
-	}
-	if age := now.Sub(since); age > p.ExpireAfter.D() {
-		reason := fmt.Sprintf("not delivered within expire_after %s", p.ExpireAfter.D())
-		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Expired, reason); err != nil {
-			log.Error("store", "err", err)
-			return false
-		}
-		notify.Raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertExpired, Partner: p.Name, ControlID: m.ControlID,
-			MessageID: m.MessageID, Text: "message expired (deleted/expired)"}, "age", age.Round(time.Second).String())
+	if s.expired(ctx, p, m, now, log) {
 		return true
 	}
 	sealed, mic, err := Seal(s.o.Keys, p, m.Payload, m.Kind, now)
-	if err != nil && Classify(err) == FaultPartner {
-		s.hold(ctx, p, m, err, log)
-		return false
-	}
 	if err != nil {
-		if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, "cannot seal: "+err.Error()); err != nil {
-			log.Error("store", "err", err)
-			return false
-		}
-		notify.Raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
-			Text: "message failed: cannot seal"}, "err", err)
-		return true
+		return s.sealFailed(ctx, p, m, err, log)
 	}
 	from := s.o.Config.FromFor(p) // the local address this partner talks to
 	msgID := m.MessageID
 	if msgID == "" {
 		msgID = newMessageID(m.ID, from)
 	}
+	mailBytes, ok := s.prepare(ctx, p, m, from, msgID, now, sealed, mic, log)
+	if !ok {
+		return false
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.o.Abort, cancel)()
+	err = s.o.Submitter.Submit(sctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
+		EnvelopeID: strings.Trim(msgID, "<>")})
+	switch {
+	case err != nil && s.o.Abort.Err() != nil:
+		// Cut short by the shutdown: nothing is known of this attempt. The
+		// message stays queued and goes at the next start under the same
+		// Message-ID.
+		log.Warn("submission cut short by the shutdown; the message is sent at the next start", "message_id", msgID)
+		return false
+	case err != nil:
+		return s.submitFailed(ctx, p, m, msgID, err, log)
+	}
+	if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
+		log.Error("store", "err", err)
+		return false
+	}
+	log.Info("mail submitted", "message_id", msgID, "mic", mic.String())
+	s.submitted(ctx, p)
+	return true
+}
+
+// expired ends m as expired, with an alert, when it has waited longer than
+// the partner's expire_after (since it was accepted, or retried by an
+// operator); it reports whether it did.
+func (s *Sender) expired(ctx context.Context, p *config.Partner, m store.Message, now time.Time, log *slog.Logger) bool {
+	since := m.Received
+	if m.Retried.After(since) {
+		since = m.Retried
+	}
+	age := now.Sub(since)
+	if age <= p.ExpireAfter.D() {
+		return false
+	}
+	reason := fmt.Sprintf("not delivered within expire_after %s", p.ExpireAfter.D())
+	if err := s.o.Store.MarkFinal(ctx, m.ID, store.Expired, reason); err != nil {
+		log.Error("store", "err", err)
+		return false // tried again at the next attempt
+	}
+	notify.Raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertExpired, Partner: p.Name, ControlID: m.ControlID,
+		MessageID: m.MessageID, Text: "message expired (deleted/expired)"}, "age", age.Round(time.Second).String())
+	return true
+}
+
+// sealFailed handles a message that could not be sealed: a key problem
+// holds the partner's queue; any other fails the message, with an alert.
+func (s *Sender) sealFailed(ctx context.Context, p *config.Partner, m store.Message, err error, log *slog.Logger) bool {
+	if Classify(err) == FaultPartner {
+		s.hold(ctx, p, m, err, log)
+		return false
+	}
+	if err := s.o.Store.MarkFinal(ctx, m.ID, store.Failed, "cannot seal: "+err.Error()); err != nil {
+		log.Error("store", "err", err)
+		return false
+	}
+	notify.Raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
+		Text: "message failed: cannot seal"}, "err", err)
+	return true
+}
+
+// prepare composes the mail, records its Message-ID and the receipt it
+// awaits, and journals it: nothing is submitted that is not journalled.
+func (s *Sender) prepare(ctx context.Context, p *config.Partner, m store.Message, from, msgID string, now time.Time,
+	sealed []byte, mic security.MIC, log *slog.Logger) ([]byte, bool) {
 	mailBytes, err := s.compose(p, from, m, msgID, now, sealed)
 	if err != nil {
 		log.Error("compose", "err", err)
-		return false
+		return nil, false
 	}
 	var pending *store.Pending
 	if p.MDN != config.ReceiptNone && m.Kind != store.KindBundle {
@@ -182,33 +231,19 @@ func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message
 	}
 	if err := s.o.Store.Prepare(ctx, m.ID, msgID, pending); err != nil {
 		log.Error("store", "err", err)
-		return false
+		return nil, false
 	}
 	if err := journal.AppendIndexed(ctx, s.o.Journal, s.o.Store, from, now, msgID, mailBytes); err != nil {
 		log.Error("outgoing journal not written; not sending", "err", err)
-		return false
+		return nil, false
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer context.AfterFunc(s.o.Abort, cancel)()
-	err = s.o.Submitter.Submit(sctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
-		EnvelopeID: strings.Trim(msgID, "<>")})
-	if err != nil && s.o.Abort.Err() != nil {
-		// Cut short by the shutdown: nothing is known of this attempt. The
-		// message stays queued and goes at the next start under the same
-		// Message-ID.
-		log.Warn("submission cut short by the shutdown; the message is sent at the next start", "message_id", msgID)
-		return false
-	}
-	if err == nil {
-		if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
-			log.Error("store", "err", err)
-			return false
-		}
-		log.Info("mail submitted", "message_id", msgID, "mic", mic.String())
-		s.submitted(ctx, p)
-		return true
-	}
+	return mailBytes, true
+}
+
+// submitFailed records a submission that failed, by its fault class
+// (Classify): the message fails, the partner's queue is held, the message
+// is retried later, or every queue waits for the server with one alert.
+func (s *Sender) submitFailed(ctx context.Context, p *config.Partner, m store.Message, msgID string, err error, log *slog.Logger) bool {
 	switch Classify(err) {
 	case FaultMessage:
 		s.o.Link.Set(link.Up, err) // the server answered
