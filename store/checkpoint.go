@@ -1,22 +1,8 @@
 package store
 
 import (
-	"context"
 	"time"
 )
-
-// Accept stores m durably and returns its id once it is on disk (in the
-// spool's log; the database has it soon after). A message repeating an
-// earlier one (same partner, direction, control ID and payload) is kept in
-// state Duplicate and never sent. When ctx ends first an error is returned;
-// the message may still be stored. While too many accepted messages wait
-// for the database it returns ErrBacklog and stores nothing.
-func (s *Store) Accept(ctx context.Context, m NewMessage) (Accepted, error) {
-	if s.readOnly {
-		return Accepted{}, ErrReadOnly
-	}
-	return s.sp.Accept(ctx, m)
-}
 
 // checkpointInterval is how often the WAL is copied into the database.
 const checkpointInterval = 2 * time.Second

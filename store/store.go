@@ -225,6 +225,19 @@ func (s *Store) open(recs []spool.Record) error {
 	return nil
 }
 
+// Accept stores m durably and returns its id once it is on disk (in the
+// spool's log; the database has it soon after). A message repeating an
+// earlier one (same partner, direction, control ID and payload) is kept in
+// state Duplicate and never sent. When ctx ends first an error is returned;
+// the message may still be stored. While too many accepted messages wait
+// for the database it returns ErrBacklog and stores nothing.
+func (s *Store) Accept(ctx context.Context, m NewMessage) (Accepted, error) {
+	if s.readOnly {
+		return Accepted{}, ErrReadOnly
+	}
+	return s.sp.Accept(ctx, m)
+}
+
 // OpenReadOnly opens the store in dir for queries only, whether or not
 // another process has it open for writing. It sees the messages that
 // process has moved into the database (within a fraction of a second of
