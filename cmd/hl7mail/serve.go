@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
 )
@@ -60,6 +61,9 @@ configuration with problems is refused and the running one kept.`, stderr)
 		log.Error("start failed", "err", err)
 		return 1
 	}
+	// Every surrogate listens: systemd may start what comes after us.
+	sdNotify(log, daemon.SdNotifyReady)
+	go watchdog(ctx, log)
 	// SIGHUP reloads partners.yaml, the keys and the secret files.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -69,10 +73,13 @@ configuration with problems is refused and the running one kept.`, stderr)
 		case <-ctx.Done():
 		case <-hup:
 			log.Info("SIGHUP: reloading the configuration", "config", *cfgPath)
+			sdNotify(log, daemon.SdNotifyReloading)
 			g.Reload(ctx) // refused reloads are logged with every problem
+			sdNotify(log, daemon.SdNotifyReady)
 		}
 	}
 	log.Info("shutting down")
+	sdNotify(log, daemon.SdNotifyStopping)
 	sctx, cancel := context.WithTimeout(context.Background(), *grace)
 	defer cancel()
 	if err := g.Shutdown(sctx); err != nil {
