@@ -38,6 +38,7 @@ func commands() []command {
 		}},
 		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
+		{"version", "print the version of this build", runVersion},
 	}
 }
 
