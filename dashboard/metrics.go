@@ -98,6 +98,12 @@ var (
 		"1 when the last contact with the mail server succeeded.", []string{"server"}, nil)
 	descLinkErrors = prometheus.NewDesc("hl7mail_mail_server_errors_total",
 		"Failed connections or submissions, by server (smtp, imap).", []string{"server"}, nil)
+	descQueueOldest = prometheus.NewDesc("hl7mail_queue_oldest_seconds",
+		"Age of the oldest message waiting to be mailed (out) or delivered to the router (in); 0 when none waits.",
+		[]string{"partner", "direction"}, nil)
+	descKeyExpiry = prometheus.NewDesc("hl7mail_key_expiry_timestamp_seconds",
+		"When a loaded key or certificate expires (Unix time), by party (self or a partner) and the field naming it.",
+		[]string{"party", "field"}, nil)
 )
 
 type instanceCollector struct{ inst Instance }
@@ -105,7 +111,7 @@ type instanceCollector struct{ inst Instance }
 func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMessages, descTaken, descQueue, descPending, descOverdue, descMismatch,
 		descQuarantined, descQuarantinedTotal, descAlerts, descBacklog, descSyncs, descSynced, descConns, descLinkUp,
-		descLinkErrors} {
+		descLinkErrors, descQueueOldest, descKeyExpiry} {
 		ch <- d
 	}
 }
@@ -124,13 +130,14 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(descMessages, err)
 	}
 	type pd struct{ partner, direction string }
-	taken, queued := map[pd]int{}, map[pd]int{}
+	taken, queued, oldest := map[pd]int{}, map[pd]int{}, map[pd]time.Time{}
 	for _, n := range counts {
 		k := pd{n.Partner, string(n.Direction)}
 		ch <- prometheus.MustNewConstMetric(descMessages, prometheus.GaugeValue, float64(n.N), n.Partner, k.direction, string(n.State))
 		taken[k] += n.N
 		if n.State == store.Queued {
 			queued[k] += n.N
+			oldest[k] = n.Oldest
 		}
 	}
 	cfg := c.inst.Config()
@@ -139,8 +146,26 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 			k := pd{p.Name, d}
 			ch <- prometheus.MustNewConstMetric(descTaken, prometheus.CounterValue, float64(taken[k]), p.Name, d)
 			ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(queued[k]), p.Name, d)
+			age := 0.0
+			if at, ok := oldest[k]; ok {
+				age = max(time.Since(at).Seconds(), 0)
+			}
+			ch <- prometheus.MustNewConstMetric(descQueueOldest, prometheus.GaugeValue, age, p.Name, d)
 		}
 		ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(c.inst.Connections(p.Name)), p.Name)
+	}
+	// A key and its encryption subkey are named by one field: the first
+	// of them to expire is what the field's key expires by.
+	type pf struct{ party, field string }
+	expires := map[pf]time.Time{}
+	for _, x := range c.inst.KeyExpiries() {
+		k := pf{x.Party, x.Field}
+		if at, ok := expires[k]; !ok || x.At.Before(at) {
+			expires[k] = x.At
+		}
+	}
+	for k, at := range expires {
+		ch <- prometheus.MustNewConstMetric(descKeyExpiry, prometheus.GaugeValue, float64(at.Unix()), k.party, k.field)
 	}
 	sums, err := st.Summaries(ctx, time.Now())
 	if err != nil {

@@ -43,9 +43,19 @@ import (
 
 type linkStatus = link.Status
 
+// KeyExpiry is when one loaded key or certificate expires.
+type KeyExpiry struct {
+	Party string // "self" or a partner's name
+	Field string // where partners.yaml names it: self.pgp_key, partners[0].smime_cert, …
+	At    time.Time
+}
+
 // Instance is the running gateway the dashboard shows and acts on.
 type Instance interface {
 	Config() *config.Config
+	// KeyExpiries are the loaded keys and certificates that expire, ours
+	// and the partners'.
+	KeyExpiries() []KeyExpiry
 	Store() *store.Store
 	// Connections is the number of open router connections to partner's
 	// surrogate.

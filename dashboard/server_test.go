@@ -11,7 +11,9 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -34,8 +36,11 @@ type fakeInstance struct {
 	reloads  int
 }
 
-func (f *fakeInstance) Config() *config.Config  { return f.cfg }
-func (f *fakeInstance) Store() *store.Store     { return f.st }
+func (f *fakeInstance) Config() *config.Config { return f.cfg }
+func (f *fakeInstance) Store() *store.Store    { return f.st }
+func (f *fakeInstance) KeyExpiries() []KeyExpiry {
+	return []KeyExpiry{{Party: "self", Field: "self.pgp_key", At: time.Date(2028, 1, 2, 0, 0, 0, 0, time.UTC)}}
+}
 func (f *fakeInstance) Connections(string) int  { return 2 }
 func (f *fakeInstance) SMTPStatus() link.Status { return link.Status{State: "up"} }
 func (f *fakeInstance) IMAPStatus() link.Status {
@@ -352,10 +357,29 @@ func TestMetrics(t *testing.T) {
 		`hl7mail_quarantined_total{reason="oversize"} 1`,
 		`hl7mail_quarantined{partner="clinic"} 1`,
 		`hl7mail_go_goroutines`,
+		`hl7mail_queue_oldest_seconds{direction="in",partner="clinic"} 0`,
+		`hl7mail_key_expiry_timestamp_seconds{field="self.pgp_key",party="self"} 1.830384e+09`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+	// Every metric the shipped alerting rules use is served.
+	rules, err := os.ReadFile("../deploy/prometheus/hl7mail-rules.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range regexp.MustCompile(`hl7mail_[a-z_]+`).FindAllString(string(rules), -1) {
+		if !strings.Contains(text, "\n"+name+"{") && !strings.Contains(text, "\n"+name+" ") {
+			t.Errorf("the alerting rules use %s, which /metrics does not serve", name)
+		}
+	}
+	// The message queued a moment ago is the oldest waiting, and counted.
+	var age float64
+	if i := strings.Index(text, `hl7mail_queue_oldest_seconds{direction="out",partner="tucker-lab"} `); i < 0 {
+		t.Error("no queue age for tucker-lab")
+	} else if _, err := fmt.Sscan(text[i+len(`hl7mail_queue_oldest_seconds{direction="out",partner="tucker-lab"} `):], &age); err != nil || age <= 0 || age > 60 {
+		t.Errorf("queue age of a message queued a moment ago = %v, %v", age, err)
 	}
 	sc := bufio.NewScanner(strings.NewReader(text))
 	for sc.Scan() {

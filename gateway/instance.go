@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
@@ -38,6 +39,15 @@ func (g *Gateway) Connections(partner string) int {
 
 // SMTPStatus returns the state of mail submission.
 func (g *Gateway) SMTPStatus() link.Status { return g.smtpLink.Status() }
+
+// KeyExpiries are the loaded keys and certificates that expire.
+func (g *Gateway) KeyExpiries() []dashboard.KeyExpiry {
+	var out []dashboard.KeyExpiry
+	for _, x := range g.side().keys.expiries {
+		out = append(out, dashboard.KeyExpiry{Party: x.party, Field: x.field, At: x.at})
+	}
+	return out
+}
 
 // IMAPStatus returns the state of the IMAP watcher's connection.
 func (g *Gateway) IMAPStatus() link.Status { return g.imapLink.Status() }

@@ -35,6 +35,7 @@ type Keys struct {
 
 type expiry struct {
 	who, field, what string
+	party            string // "self" or the partner's name
 	at               time.Time
 }
 
@@ -179,11 +180,11 @@ func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Ti
 // checkExpiry records when what expires, reports it expired or expiring,
 // and reports whether it has expired.
 func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) bool {
-	who := "self"
+	who, party := "self", "self"
 	if partner != "" {
-		who = "partner " + partner
+		who, party = "partner "+partner, partner
 	}
-	k.expiries = append(k.expiries, expiry{who: who, field: field, what: what, at: expires})
+	k.expiries = append(k.expiries, expiry{who: who, field: field, what: what, party: party, at: expires})
 	switch {
 	case now.After(expires):
 		e.Addf(field, partner, "renew it and exchange the new one", "%s expired on %s", what, expires.Format(time.DateOnly))

@@ -309,6 +309,7 @@ type Count struct {
 	Direction Direction
 	State     State
 	N         int
+	Oldest    time.Time // when the oldest of them was received
 }
 
 // Counts returns the number of messages by partner, direction and state
@@ -319,9 +320,11 @@ func (s *Store) Counts(ctx context.Context) ([]Count, error) {
 	}
 	return queryAll(ctx, s.db, "counts", func(scan func(...any) error) (Count, error) {
 		var c Count
-		err := scan(&c.Partner, &c.Direction, &c.State, &c.N)
+		var oldest int64
+		err := scan(&c.Partner, &c.Direction, &c.State, &c.N, &oldest)
+		c.Oldest = time.UnixMicro(oldest)
 		return c, err
-	}, `SELECT partner, direction, state, count(*) FROM messages GROUP BY partner, direction, state`)
+	}, `SELECT partner, direction, state, count(*), MIN(received) FROM messages GROUP BY partner, direction, state`)
 }
 
 // QuarantineReasons returns how many mails were refused, by reason.
