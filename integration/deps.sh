@@ -3,7 +3,8 @@
 # packages, when they are missing: python3-hl7 (mllp_send and an asyncio MLLP
 # server), GnuPG, OpenSSL, Postfix with Dovecot (IMAP and LMTP), which
 # integration/mailservers.sh starts in a folder of their own, and Chromium
-# with ChromeDriver for the dashboard's browser test. Needs root (or sudo) when anything is missing;
+# with ChromeDriver for the dashboard's browser test, and Prometheus for
+# promtool, which checks the alerting rules. Needs root (or sudo) when anything is missing;
 # exits non-zero when a package cannot be installed, so that the tests fail
 # rather than skip.
 set -euo pipefail
@@ -17,6 +18,7 @@ declare -A need=(
   [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
   [/usr/bin/chromium]=chromium
   [/usr/bin/chromedriver]=chromium-driver
+  [/usr/bin/promtool]=prometheus
 )
 missing=()
 for path in "${!need[@]}"; do
@@ -33,6 +35,15 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # Postfix without a system configuration: the tests give it their own.
 echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+# Their services are not started: the tests start what they need in
+# folders of their own, on loopback ports.
+policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+  $sudo chmod 755 /usr/sbin/policy-rc.d
+  policy=/usr/sbin/policy-rc.d
+fi
+trap '[ -z "$policy" ] || $sudo rm -f "$policy"' EXIT
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 for path in "${!need[@]}"; do
