@@ -1,13 +1,20 @@
 # hl7mail — see README.md. `make test` installs what the tests need
 # (integration/deps.sh: Debian packages, as root) and runs every test.
 GO ?= go
+VERSION ?= $(shell sh deploy/version.sh)
 GOFLAGS_TEST ?= -race -shuffle=on -count=1
 FUZZTIME ?= 30s
 
-.PHONY: build test soak check fmt-check vet fuzz bench demo deps clean
+.PHONY: build test soak check fmt-check vet fuzz bench demo deps deb clean
 
 build:
-	$(GO) build -o bin/hl7mail ./cmd/hl7mail
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/hl7mail ./cmd/hl7mail
+
+# The Debian package, dist/hl7mail_<version>_amd64.deb (deploy/nfpm.yaml).
+deb: build
+	mkdir -p dist
+	sed 's#^store: var/hl7mail#store: /var/lib/hl7mail#' partners.yaml > dist/partners.yaml
+	VERSION=$(VERSION) $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2 package -f deploy/nfpm.yaml -p deb -t dist/
 
 deps:
 	bash integration/deps.sh
@@ -53,4 +60,4 @@ demo:
 	$(GO) run ./cmd/hl7mail demo -once
 
 clean:
-	rm -rf bin var
+	rm -rf bin var dist
