@@ -70,7 +70,7 @@ func TestServerEcho(t *testing.T) {
 // that finishes; one that does not is closed at the deadline, its context
 // cancelled, and Serve returns ErrServerClosed.
 func TestServerShutdown(t *testing.T) {
-	release := make(chan struct{})
+	release, started := make(chan struct{}), make(chan struct{})
 	ended := make(chan error, 2)
 	s, addr, done := startServer(t, func(ctx context.Context, c net.Conn) {
 		buf := make([]byte, 1)
@@ -79,6 +79,7 @@ func TestServerShutdown(t *testing.T) {
 			return
 		}
 		if buf[0] == 'w' {
+			close(started)
 			<-release
 			ended <- nil
 			return
@@ -96,7 +97,8 @@ func TestServerShutdown(t *testing.T) {
 		return c
 	}
 	dial('w')
-	// The first handler finishes when released, during Shutdown.
+	<-started
+	// The handler finishes when released, during Shutdown.
 	time.AfterFunc(50*time.Millisecond, func() { close(release) })
 	if err := s.Shutdown(context.Background()); err != nil {
 		t.Fatalf("Shutdown: %v", err)
