@@ -129,10 +129,14 @@ func TestSyntaxError(t *testing.T) {
 	}
 }
 
+// TestNoPartners: a configuration without partners yet (as "hl7mail
+// init" writes it) is valid, with partners: left out or empty.
 func TestNoPartners(t *testing.T) {
-	_, err := Parse("n.yaml", []byte(strings.Split(minimal, "partners:")[0]))
-	if err == nil || !strings.Contains(err.Error(), "at least one partner is required") {
-		t.Errorf("Parse(no partners) = %v", err)
+	for _, tail := range []string{"", "partners:\n", "partners: []\n"} {
+		c, err := Parse("n.yaml", []byte(strings.Split(minimal, "partners:")[0]+tail))
+		if err != nil || len(c.Partners) != 0 {
+			t.Errorf("Parse(no partners, %q) = %v", tail, err)
+		}
 	}
 }
 

@@ -336,3 +336,26 @@ func readFile(t *testing.T, path string) string {
 	}
 	return string(b)
 }
+
+// TestNoPartnersYet: a site without partners starts (the inbound side and
+// the page run), is ready, and takes its first partner by a reload: the
+// partner's surrogate listens and its mail leaves, without a restart.
+func TestNoPartnersYet(t *testing.T) {
+	s := newSite(t)
+	path := s.config(t)
+	g := s.start(t, path)
+	if err := g.Ready(); err != nil {
+		t.Fatalf("a site without partners is not ready: %v", err)
+	}
+	s.key(t, "lab.asc", "lab@partner.test", 0, nil)
+	addr := freeAddr(t)
+	s.config(t, [2]string{"lab", addr})
+	if err := g.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.SurrogateAddr("lab"); got == "" {
+		t.Fatal("no surrogate for the partner added by the reload")
+	}
+	sendAll(t, g.SurrogateAddr("lab"), "first1")
+	waitUntil(t, "the first partner's first mail", 20*time.Second, func() bool { return s.smtp.Count() == 1 })
+}
