@@ -22,6 +22,7 @@ func commands() []command {
 		{"serve", "run the gateway: surrogate listeners, store, mail", runServe},
 		{"demo", "the whole loop in one process, on embedded mail servers", runDemo},
 		{"check", "validate partners.yaml and the files it names", runCheck},
+		{"partner", "add, remove or list partners in partners.yaml, and reload", runPartner},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},
 		{"messages", "list stored messages (no payloads)", runMessages},
 		{"reports", "list the receipts and bounces that came back", runReports},
