@@ -12,7 +12,7 @@ build:
 
 # The Debian package, dist/hl7mail_<version>_amd64.deb (deploy/nfpm.yaml).
 deb: build
-	mkdir -p dist
+	mkdir -p dist && rm -f dist/hl7mail_*.deb
 	sed 's#^store: var/hl7mail#store: /var/lib/hl7mail#' partners.yaml > dist/partners.yaml
 	VERSION=$(VERSION) $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2 package -f deploy/nfpm.yaml -p deb -t dist/
 

@@ -12,9 +12,10 @@ import (
 // with dpkg as an operator would: the binary, both systemd units (which
 // systemd-analyze accepts), the configuration as a conffile only root
 // writes and hl7mail reads, the user hl7mail and its private store folder.
-// Removing keeps the store and the configuration; purging removes the
-// configuration and keeps the store and the user, unless
-// HL7MAIL_PURGE_DATA=yes asks for them too.
+// "hl7mail init" replaces the packaged example, and check passes on what
+// it wrote, also as the service's user. Removing keeps the store and the
+// configuration; purging removes the configuration and keeps the keys, the
+// store and the user, unless HL7MAIL_PURGE_DATA=yes asks for them too.
 func TestDebianPackage(t *testing.T) {
 	if os.Getuid() != 0 {
 		unavailable(t, "root, to install a package with dpkg")
@@ -44,6 +45,7 @@ func TestDebianPackage(t *testing.T) {
 		exec.Command("userdel", "hl7mail").Run()
 		exec.Command("groupdel", "hl7mail").Run()
 		os.RemoveAll("/var/lib/hl7mail")
+		os.RemoveAll("/etc/hl7mail")
 	}
 	t.Cleanup(purgeAll)
 
@@ -83,6 +85,29 @@ func TestDebianPackage(t *testing.T) {
 	if data, err := os.ReadFile("/etc/hl7mail/partners.yaml"); err != nil || !strings.Contains(string(data), "\nstore: /var/lib/hl7mail\n") {
 		t.Errorf("/etc/hl7mail/partners.yaml: store is not /var/lib/hl7mail (%v)", err)
 	}
+	// init replaces the example the package installed, and check passes
+	// on what it wrote; the service's user gets the keys.
+	if out := run(nil, "/usr/bin/hl7mail", "init", "-dir", "/etc/hl7mail", "-name", "general-hospital",
+		"-email", "edi@hospital.test"); !strings.Contains(out, "fingerprint: ") {
+		t.Errorf("init printed no fingerprint:\n%s", out)
+	}
+	if out := run(nil, "/usr/bin/hl7mail", "check", "-offline", "-config", "/etc/hl7mail/partners.yaml"); !strings.Contains(out, "OK, 0 partners") {
+		t.Errorf("check on what init wrote:\n%s", out)
+	}
+	for path, want := range map[string]string{
+		"/etc/hl7mail/partners.yaml": "640 root:hl7mail",
+		"/etc/hl7mail/keys":          "700 hl7mail:hl7mail",
+		"/etc/hl7mail/keys/self.asc": "600 hl7mail:hl7mail",
+	} {
+		if got := strings.TrimSpace(run(nil, "stat", "-c", "%a %U:%G", path)); got != want {
+			t.Errorf("after init, %s: %s, want %s", path, got, want)
+		}
+	}
+	// The service's user reads its configuration and keys as serve does.
+	if out, err := exec.Command("setpriv", "--reuid=hl7mail", "--regid=hl7mail", "--init-groups", "/usr/bin/hl7mail",
+		"check", "-offline", "-config", "/etc/hl7mail/partners.yaml").CombinedOutput(); err != nil {
+		t.Errorf("check as the user hl7mail: %v\n%s", err, out)
+	}
 	for _, unit := range []string{"/lib/systemd/system/hl7mail.service", "hl7mail@north.service"} {
 		out, err := exec.Command("systemd-analyze", "verify", unit).CombinedOutput()
 		if err != nil || strings.Contains(string(out), "hl7mail") {
@@ -99,11 +124,14 @@ func TestDebianPackage(t *testing.T) {
 			t.Errorf("after dpkg -r, %s present: %v, want %v", path, err == nil, kept)
 		}
 	}
-	// Purged: the configuration goes; the store and the user stay, as
-	// evidence, until asked for.
+	// Purged: the configuration goes; the keys, the store and the user
+	// stay, as evidence (our key reads the journals), until asked for.
 	run(nil, "dpkg", "--purge", "hl7mail")
-	if _, err := os.Stat("/etc/hl7mail"); err == nil {
-		t.Error("/etc/hl7mail is left after dpkg --purge")
+	if _, err := os.Stat("/etc/hl7mail/partners.yaml"); err == nil {
+		t.Error("/etc/hl7mail/partners.yaml is left after dpkg --purge")
+	}
+	if _, err := os.Stat("/etc/hl7mail/keys/self.asc"); err != nil {
+		t.Errorf("our key is gone after a plain purge: %v", err)
 	}
 	if _, err := os.Stat("/var/lib/hl7mail/evidence"); err != nil {
 		t.Errorf("the store is gone after a plain purge: %v", err)

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -48,50 +51,84 @@ Existing files are never overwritten.`, stderr)
 		for i := range emails {
 			emails[i] = strings.TrimSpace(emails[i])
 		}
-		e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: *name, Email: emails[0], AlsoEmails: emails[1:], RSA: *rsa})
+		k, err := makePGP(*out, "private.asc", "public.asc", *name, emails, *rsa, pass)
 		if err != nil {
 			return fail(err)
 		}
-		pub, err := security.ArmorPGPPublic(e)
-		if err != nil {
-			return fail(err)
-		}
-		priv, err := security.ArmorPGPPrivate(e, pass)
-		if err != nil {
-			return fail(err)
-		}
-		pp, err := security.WriteKeyFile(*out, "private.asc", priv, true)
-		if err != nil {
-			return fail(err)
-		}
-		pubp, err := security.WriteKeyFile(*out, "public.asc", pub, false)
-		if err != nil {
-			return fail(err)
-		}
-		fmt.Fprintf(stdout, "private key: %s\npublic key:  %s (hand this to partners)\nfingerprint: %s\n", pp, pubp, security.Fingerprint(e))
+		fmt.Fprintf(stdout, "private key: %s\npublic key:  %s (hand this to partners)\nfingerprint: %s\n", k.private, k.public, k.fingerprint)
 	case "smime":
 		if len(pass) > 0 {
 			return fail(fmt.Errorf("-passphrase-file applies to pgp keys only"))
 		}
-		key, cert, err := security.GenerateCert(security.CertOptions{Name: *name, Email: *email})
+		k, err := makeSMIME(*out, "key.pem", "cert.pem", *name, *email)
 		if err != nil {
 			return fail(err)
 		}
-		keyPEM, err := security.PEMKey(key)
-		if err != nil {
-			return fail(err)
-		}
-		kp, err := security.WriteKeyFile(*out, "key.pem", keyPEM, true)
-		if err != nil {
-			return fail(err)
-		}
-		cp, err := security.WriteKeyFile(*out, "cert.pem", security.PEMCert(cert), false)
-		if err != nil {
-			return fail(err)
-		}
-		fmt.Fprintf(stdout, "private key: %s\ncertificate: %s (hand this to partners)\nvalid until: %s\n", kp, cp, cert.NotAfter.Format("2006-01-02"))
+		fmt.Fprintf(stdout, "private key: %s\ncertificate: %s (hand this to partners)\nvalid until: %s\n", k.private, k.public, k.until)
 	default:
 		return fail(fmt.Errorf("-kind %q: want pgp or smime", *kind))
 	}
 	return 0
+}
+
+// madeKey is a key pair written by makePGP or makeSMIME.
+type madeKey struct {
+	private, public string // the files
+	fingerprint     string // to read to partners over the phone
+	until           string // the certificate's last day (S/MIME)
+}
+
+// makePGP writes a new OpenPGP key pair for emails (the first the primary
+// user ID) to dir: the private key (mode 0600) as priv, the public as pub.
+// Existing files are never overwritten.
+func makePGP(dir, priv, pub, name string, emails []string, rsa bool, pass []byte) (madeKey, error) {
+	e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: name, Email: emails[0], AlsoEmails: emails[1:], RSA: rsa})
+	if err != nil {
+		return madeKey{}, err
+	}
+	pubData, err := security.ArmorPGPPublic(e)
+	if err != nil {
+		return madeKey{}, err
+	}
+	privData, err := security.ArmorPGPPrivate(e, pass)
+	if err != nil {
+		return madeKey{}, err
+	}
+	k := madeKey{fingerprint: security.Fingerprint(e)}
+	if k.private, err = security.WriteKeyFile(dir, priv, privData, true); err != nil {
+		return madeKey{}, err
+	}
+	if k.public, err = security.WriteKeyFile(dir, pub, pubData, false); err != nil {
+		return madeKey{}, err
+	}
+	return k, nil
+}
+
+// makeSMIME writes a new self-signed S/MIME certificate for email and its
+// private key (mode 0600) to dir, as cert and key. Existing files are never
+// overwritten.
+func makeSMIME(dir, key, cert, name, email string) (madeKey, error) {
+	sk, c, err := security.GenerateCert(security.CertOptions{Name: name, Email: email})
+	if err != nil {
+		return madeKey{}, err
+	}
+	keyPEM, err := security.PEMKey(sk)
+	if err != nil {
+		return madeKey{}, err
+	}
+	k := madeKey{fingerprint: certFingerprint(c), until: c.NotAfter.Format("2006-01-02")}
+	if k.private, err = security.WriteKeyFile(dir, key, keyPEM, true); err != nil {
+		return madeKey{}, err
+	}
+	if k.public, err = security.WriteKeyFile(dir, cert, security.PEMCert(c), false); err != nil {
+		return madeKey{}, err
+	}
+	return k, nil
+}
+
+// certFingerprint is the SHA-256 of a certificate, as openssl x509
+// -fingerprint -sha256 shows it (without the colons).
+func certFingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return "SHA-256 " + strings.ToUpper(hex.EncodeToString(sum[:]))
 }

@@ -21,6 +21,7 @@ func commands() []command {
 	return []command{
 		{"serve", "run the gateway: surrogate listeners, store, mail", runServe},
 		{"demo", "the whole loop in one process, on embedded mail servers", runDemo},
+		{"init", "set up a site: its keys and a partners.yaml without partners yet", runInit},
 		{"check", "validate partners.yaml and the files it names", runCheck},
 		{"partner", "add, remove or list partners in partners.yaml, and reload", runPartner},
 		{"send", "send HL7 messages to an MLLP listener and print each ACK", runSend},

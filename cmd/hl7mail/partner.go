@@ -179,7 +179,11 @@ func editPartners(path string, stdout, stderr io.Writer, cmd string, prepare fun
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 		os.Chown(tmp, int(st.Uid), int(st.Gid))
 	}
-	if _, _, err := loadChecked(tmp); err != nil {
+	_, keys, err := loadChecked(tmp)
+	if err == nil && keys.Problems != nil {
+		err = keys.Problems // what check refuses: a partner's key that cannot serve
+	}
+	if err != nil {
 		undo()
 		fmt.Fprintln(stderr, err)
 		fmt.Fprintf(stderr, "hl7mail %s: the result does not pass the check; %s is unchanged\n", cmd, path)
