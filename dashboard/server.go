@@ -234,6 +234,7 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("POST /api/retry", s.retryAll)
 	s.mux.HandleFunc("POST /api/reload", s.reload)
 	s.mux.HandleFunc("GET /api/reports", s.reports)
+	s.mux.HandleFunc("GET /api/activity", s.activity)
 	s.mux.HandleFunc("GET /api/quarantine", s.quarantine)
 	s.mux.HandleFunc("POST /api/quarantine/{id}/release", s.release)
 	s.mux.HandleFunc("GET /api/log", s.logStream)

@@ -615,3 +615,33 @@ func TestRebindingAndOrigin(t *testing.T) {
 		}
 	}
 }
+
+// TestActivityAPI: /api/activity has every configured partner, with 24
+// hours of 5-minute steps, and counts the traffic of the one that had it.
+func TestActivityAPI(t *testing.T) {
+	inst := newInstance(t)
+	inst.st.Accept(context.Background(), store.NewMessage{Direction: store.Outbound, Partner: "tucker-lab", ControlID: "1", Payload: []byte("x")})
+	_, ts := newServer(t, Options{Instance: inst})
+	resp, err := http.Get(ts.URL + "/api/activity")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v struct {
+		StepSecs float64 `json:"step_secs"`
+		Partners map[string]struct {
+			Out      []int `json:"out"`
+			QueueOut []int `json:"queue_out"`
+		} `json:"partners"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		t.Fatal(err)
+	}
+	lab, clinic := v.Partners["tucker-lab"], v.Partners["clinic"]
+	if v.StepSecs != 300 || len(lab.Out) != 288 || len(clinic.Out) != 288 {
+		t.Fatalf("activity: step %v, %d and %d steps", v.StepSecs, len(lab.Out), len(clinic.Out))
+	}
+	if lab.Out[287] != 1 || lab.QueueOut[287] != 1 || clinic.Out[287] != 0 {
+		t.Errorf("the last step: lab out %d queued %d, clinic out %d", lab.Out[287], lab.QueueOut[287], clinic.Out[287])
+	}
+}

@@ -95,6 +95,10 @@ func TestDashboardBrowser(t *testing.T) {
 		const line = [...document.querySelectorAll('#log li')].some(li => li.textContent.includes('control_id=' + id));
 		return row && line;`, id), 2*time.Second)
 	t.Logf("message %s shown in the table and the live tail %s after its CA", h.ControlID, took.Round(time.Millisecond))
+	// The charts of the last 24 hours count it, for its partner only.
+	b.waitFor("the message in the partner's chart", `
+		const sum = (p, c) => Number(document.querySelector('#charts .chart-row[data-partner="' + p + '"] svg[data-chart="' + c + '"]')?.dataset.sum || 0);
+		return sum('tucker-lab', 'messages') >= 1 && sum('clinic', 'messages') === 0;`, 15*time.Second)
 
 	// A plain receipt from the partner (security: none) that names no
 	// message of ours: recorded, and listed under receipts and bounces.

@@ -213,6 +213,7 @@ async function loadMessages() {
 async function refresh() {
   try {
     await Promise.all([loadOverview(), loadAlerts(), loadQuarantine(), loadReports(), loadMessages()]);
+    document.dispatchEvent(new Event("hl7mail:refreshed")); // charts.js
   } catch (e) {
     $("updated").textContent = "update failed: " + e.message;
   }
