@@ -72,7 +72,7 @@ func TestNoPatientData(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
-	seen := pw.seen(t, "app.js", "api/partners", "metrics")
+	seen := pw.seen(t, "app.js", "charts.js", "api/partners", "api/activity", "api/reports", "metrics")
 	if !strings.Contains(seen[hospital.g.DashboardURL()+"api/log"], "receipt matched") {
 		t.Errorf("the hospital's log stream lacks the receipts")
 	}

@@ -95,10 +95,17 @@ func TestDashboardBrowser(t *testing.T) {
 		const line = [...document.querySelectorAll('#log li')].some(li => li.textContent.includes('control_id=' + id));
 		return row && line;`, id), 2*time.Second)
 	t.Logf("message %s shown in the table and the live tail %s after its CA", h.ControlID, took.Round(time.Millisecond))
-	// The charts of the last 24 hours count it, for its partner only.
-	b.waitFor("the message in the partner's chart", `
+	// More corpus traffic for the lab: the charts of the last 24 hours
+	// count it, and its queue, for that partner only.
+	for _, m := range msgs[20:24] {
+		if code := sendOne(t, in.listen["tucker-lab"], m); code != hl7.CommitAccept {
+			t.Fatalf("surrogate answered %s", code)
+		}
+	}
+	b.waitFor("the traffic in the partner's charts", `
 		const sum = (p, c) => Number(document.querySelector('#charts .chart-row[data-partner="' + p + '"] svg[data-chart="' + c + '"]')?.dataset.sum || 0);
-		return sum('tucker-lab', 'messages') >= 1 && sum('clinic', 'messages') === 0;`, 15*time.Second)
+		return sum('tucker-lab', 'messages') === 5 && sum('tucker-lab', 'queued') > 0 &&
+			sum('clinic', 'messages') === 0 && sum('clinic', 'queued') === 0;`, 15*time.Second)
 
 	// A plain receipt from the partner (security: none) that names no
 	// message of ours: recorded, and listed under receipts and bounces.
@@ -121,7 +128,7 @@ func TestDashboardBrowser(t *testing.T) {
 	if !strings.Contains(text, "tucker-lab") || !strings.Contains(text, h.ControlID) {
 		t.Errorf("page text lacks the partner or the control ID")
 	}
-	for _, phi := range corpus.PatientData([][]byte{msg}) {
+	for _, phi := range corpus.PatientData(append([][]byte{msg}, msgs[20:24]...)) {
 		if strings.Contains(text, phi) {
 			t.Errorf("the page shows patient data %q", phi)
 		}
