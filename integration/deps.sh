@@ -3,8 +3,9 @@
 # packages, when they are missing: python3-hl7 (mllp_send and an asyncio MLLP
 # server), GnuPG, OpenSSL, Postfix with Dovecot (IMAP and LMTP), which
 # integration/mailservers.sh starts in a folder of their own, and Chromium
-# with ChromeDriver for the dashboard's browser test, and Prometheus for
-# promtool, which checks the alerting rules. Needs root (or sudo) when anything is missing;
+# with ChromeDriver for the dashboard's browser test, Prometheus for
+# promtool, which checks the alerting rules, and systemd for
+# systemd-analyze, which checks the units the package installs. Needs root (or sudo) when anything is missing;
 # exits non-zero when a package cannot be installed, so that the tests fail
 # rather than skip.
 set -euo pipefail
@@ -19,6 +20,7 @@ declare -A need=(
   [/usr/bin/chromium]=chromium
   [/usr/bin/chromedriver]=chromium-driver
   [/usr/bin/promtool]=prometheus
+  [/usr/bin/systemd-analyze]=systemd
 )
 missing=()
 for path in "${!need[@]}"; do
