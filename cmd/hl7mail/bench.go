@@ -26,9 +26,14 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
   ack:    how fast a surrogate answers CA, latency (p50, p99) and messages/s
           at each connection count, against a bare MLLP server that fsyncs
           each message before answering. The store lives in a scratch folder
-          on the disk being measured.
+          on the disk being measured;
+  outbound: -queue messages for a PGP and an S/MIME partner queued while
+          the SMTP server is down, then drained into an in-process SMTP
+          sink, per partner, against sealing alone on every core.
 "hl7mail bench load -h" tells of the load command.`, stderr)
-	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), e2e (the whole loop over embedded mail servers), or all")
+	what := fs.String("what", "all", "ack (CA round trip), crypto (sign/encrypt and decrypt/verify), e2e (the whole loop over embedded mail servers), outbound (a queue's drain), or all")
+	queue := fs.Int("queue", 10000, "outbound: messages queued for each partner")
+	sealFor := fs.Duration("seal-for", 5*time.Second, "outbound: how long to measure sealing on every core")
 	connsFlag := fs.String("conns", "1,16", "comma-separated connection counts")
 	n := fs.Int("n", 20000, "messages per measured run (long enough to include checkpoints)")
 	rounds := fs.Int("rounds", 5, "baseline/hl7mail pairs at each connection count (the targets use the median)")
@@ -75,6 +80,25 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 		bench.PrintE2E(stdout, r)
 		fmt.Fprintf(stdout, "target: median under 1s: %s\n\n", verdict(r.Out50 < time.Second && r.Back50 < time.Second))
 		if *what == "e2e" {
+			return 0
+		}
+	}
+	if *what == "outbound" || *what == "all" {
+		fmt.Fprintf(stdout, "Outbound: %d messages for each partner, queued while SMTP was down, then drained into an in-process sink, %d CPUs\n\n",
+			*queue, runtime.NumCPU())
+		outDir, err := os.MkdirTemp(scratch, "outbound")
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench:", err)
+			return 1
+		}
+		rs, err := bench.Outbound(context.Background(), outDir, msgs, *queue, *sealFor)
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench:", err)
+			return 1
+		}
+		bench.PrintOutbound(stdout, rs)
+		fmt.Fprintln(stdout)
+		if *what == "outbound" {
 			return 0
 		}
 	}

@@ -97,7 +97,7 @@ func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
 	env.Hospital, env.Lab, env.Clinic = sites[0], sites[1], sites[2]
 	for _, s := range sites {
 		s.dir = filepath.Join(dir, s.name)
-		if err := writeKeys(s.dir, s.name, s.email); err != nil {
+		if err := WriteKeys(s.dir, s.name, s.email); err != nil {
 			env.Close()
 			return nil, err
 		}
@@ -303,7 +303,9 @@ partners:
 	return err
 }
 
-func writeKeys(dir, name, email string) error {
+// WriteKeys writes a site's keys to dir: private.asc and public.asc
+// (OpenPGP), key.pem and cert.pem (S/MIME).
+func WriteKeys(dir, name, email string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
