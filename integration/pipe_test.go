@@ -33,7 +33,9 @@ func TestPipeMode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer os.RemoveAll(dir)
+	// Removed after the mail servers in it have stopped (cleanups run
+	// last registered first): a folder removed first leaves them running.
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o755)
 	// The binary where nobody may run it.
 	bin := filepath.Join(dir, "hl7mail")
