@@ -105,7 +105,7 @@ func TestDashboardBrowser(t *testing.T) {
 	b.waitFor("the traffic in the partner's charts", `
 		const sum = (p, c) => Number(document.querySelector('#charts .chart-row[data-partner="' + p + '"] svg[data-chart="' + c + '"]')?.dataset.sum || 0);
 		return sum('tucker-lab', 'messages') === 5 && sum('tucker-lab', 'queued') > 0 &&
-			sum('clinic', 'messages') === 0 && sum('clinic', 'queued') === 0;`, 15*time.Second)
+			sum('clinic', 'messages') === 0 && sum('clinic', 'queued') === 0;`, 25*time.Second)
 
 	// A plain receipt from the partner (security: none) that names no
 	// message of ours: recorded, and listed under receipts and bounces.

@@ -70,14 +70,21 @@ func (s *Store) Activity(ctx context.Context, since, now time.Time, step time.Du
 		return a
 	}
 	slot := func(t int64) int { return min(int(time.UnixMicro(t).Sub(since)/step), n-1) }
-	lo, hi := since.UnixMicro(), now.UnixMicro()
-	// Messages that were taken, or waited, in the window. A message
+	lo, hi, stepMicros := since.UnixMicro(), now.UnixMicro(), step.Microseconds()
+	// endsFrom is the first step that ends at or after t: a message
+	// received at r and gone at l waits at the end of the steps
+	// [endsFrom(r), endsFrom(l)).
+	endsFrom := func(t int64) int { return min(max(int((t-lo+stepMicros-1)/stepMicros)-1, 0), n) }
+	// The queues' changes, step by step, summed up below.
+	deltaOut, deltaIn := map[string][]int{}, map[string][]int{}
+	// Messages that were taken, or waited, in the window (a message
+	// received in it changed in it too: updated >= received). A message
 	// leaves its queue when it is submitted (the receipt's sent time, or
 	// its last change when none is awaited), delivered, failed or expired.
 	rows, err := s.db.QueryContext(ctx, `SELECT m.partner, m.direction, m.state, m.received, m.updated,
 		COALESCE(p.sent, 0), COALESCE(p.updated, 0), COALESCE(p.state, '')
 		FROM messages m LEFT JOIN pending p ON p.id = m.id
-		WHERE m.state != 'duplicate' AND (m.received >= ? OR m.updated >= ? OR m.state = 'queued')`, lo, lo)
+		WHERE m.state != 'duplicate' AND (m.updated >= ? OR m.state = 'queued')`, lo)
 	if err != nil {
 		return nil, fmt.Errorf("store: activity: %w", err)
 	}
@@ -100,23 +107,26 @@ func (s *Store) Activity(ctx context.Context, since, now time.Time, step time.Du
 				a.In[slot(received)]++
 			}
 		}
-		left := int64(0) // still waiting
+		from, until := endsFrom(received), n // still waiting
 		switch {
 		case state == Queued:
 		case dir == Outbound && sent != 0:
-			left = sent
+			until = endsFrom(sent)
 		default:
-			left = updated
+			until = endsFrom(updated)
 		}
-		queue := a.QueueIn
+		deltas := deltaIn
 		if dir == Outbound {
-			queue = a.QueueOut
+			deltas = deltaOut
 		}
-		for i := range n {
-			end := since.Add(time.Duration(i+1) * step).UnixMicro()
-			if received <= end && (left == 0 || left > end) {
-				queue[i]++
+		if from < until {
+			d := deltas[partner]
+			if d == nil {
+				d = make([]int, n+1)
+				deltas[partner] = d
 			}
+			d[from]++
+			d[until]--
 		}
 		if pstate == PendingMatched && sent >= lo && matched >= sent {
 			if latencies[partner] == nil {
@@ -128,6 +138,18 @@ func (s *Store) Activity(ctx context.Context, since, now time.Time, step time.Du
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("store: activity: %w", err)
+	}
+	for _, q := range []struct {
+		deltas map[string][]int
+		queue  func(*Activity) []int
+	}{{deltaOut, func(a *Activity) []int { return a.QueueOut }}, {deltaIn, func(a *Activity) []int { return a.QueueIn }}} {
+		for partner, d := range q.deltas {
+			queue, depth := q.queue(get(partner)), 0
+			for i := range n {
+				depth += d[i]
+				queue[i] = depth
+			}
+		}
 	}
 	for partner, bySlot := range latencies {
 		a := get(partner)

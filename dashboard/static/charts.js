@@ -87,14 +87,15 @@ async function loadCharts() {
   }
 }
 
-// requestCharts loads the charts again soon: at most every 5 seconds,
+// requestCharts loads the charts again soon: at most every 10 seconds
+// (their steps are 5 minutes; the query reads every message of the day),
 // however often the page refreshes its tables (app.js asks after each).
 let chartsNext = 0, chartsTimer = null;
 function requestCharts() {
   if (chartsTimer) return;
   chartsTimer = setTimeout(() => {
     chartsTimer = null;
-    chartsNext = Date.now() + 5000;
+    chartsNext = Date.now() + 10000;
     loadCharts().catch(() => {});
   }, Math.max(0, chartsNext - Date.now()));
 }
