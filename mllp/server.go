@@ -65,9 +65,6 @@ func (s *Server) Context() context.Context {
 	return s.base
 }
 
-// Closing reports whether Shutdown or Close was called.
-func (s *Server) Closing() bool { return s.closing.Load() }
-
 // Panics returns how many handler panics were recovered.
 func (s *Server) Panics() int64 { return s.panics.Load() }
 
@@ -130,8 +127,8 @@ func (s *Server) serve(nc net.Conn) {
 
 // Shutdown stops accepting and waits for the handlers to return until ctx
 // ends; then it closes what is left (Close), waits for those handlers to
-// return, and returns ctx.Err(). A handler learns of the shutdown by
-// Closing; one that waits on a read should be woken by the caller.
+// return, and returns ctx.Err(). A handler waiting on a read is not woken
+// by Shutdown: the caller wakes the idle ones (as the surrogate does).
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.init()
 	s.closing.Store(true)

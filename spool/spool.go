@@ -353,9 +353,6 @@ func (s *Spool) Stop() {
 	})
 }
 
-// Stopping is closed once Stop was called.
-func (s *Spool) Stopping() <-chan struct{} { return s.quit }
-
 // Close stops the spool if needed, then closes the log and releases the
 // lock. Records not ingested stay in the log, for the next Open.
 func (s *Spool) Close() error {
@@ -363,12 +360,4 @@ func (s *Spool) Close() error {
 	err := s.log.close()
 	s.lock.Close()
 	return err
-}
-
-// failNextAppend makes the next append fail with err, as a full disk
-// would (tests).
-func (s *Spool) failNextAppend(err error) {
-	s.commitMu.Lock()
-	s.log.failNext = err
-	s.commitMu.Unlock()
 }

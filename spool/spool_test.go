@@ -30,6 +30,14 @@ func openStarted(t *testing.T, o Options) *Spool {
 	return s
 }
 
+// failNextAppend makes the next append fail with err, as a full disk
+// would.
+func (s *Spool) failNextAppend(err error) {
+	s.commitMu.Lock()
+	s.log.failNext = err
+	s.commitMu.Unlock()
+}
+
 func msg(id string) Message {
 	return Message{Direction: Outbound, Partner: "lab", ControlID: id, MessageType: "ORU^R01", Payload: []byte("MSH|" + id)}
 }
