@@ -49,9 +49,9 @@ func TestDebianPackage(t *testing.T) {
 	}
 	t.Cleanup(purgeAll)
 
-	make := exec.Command("make", "deb")
-	make.Dir = ".."
-	if out, err := make.CombinedOutput(); err != nil {
+	build := exec.Command("make", "deb")
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("make deb: %v\n%s", err, out)
 	}
 	debs, _ := filepath.Glob("../dist/hl7mail_*_amd64.deb")

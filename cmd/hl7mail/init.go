@@ -68,8 +68,8 @@ partners.yaml is made readable to its group. Then: "hl7mail partner add".`, stde
 	if *pgp {
 		k, err := keepOrMake(keys, "self.asc", "self.pub.asc", func() (madeKey, error) {
 			return makePGP(keys, "self.asc", "self.pub.asc", *name, []string{*email}, false, nil)
-		}, func(p string) (string, error) {
-			e, err := security.LoadPGPKey(p, nil)
+		}, func(k madeKey) (string, error) {
+			e, err := security.LoadPGPKey(k.private, nil)
 			if err != nil {
 				return "", err
 			}
@@ -83,7 +83,13 @@ partners.yaml is made readable to its group. Then: "hl7mail partner add".`, stde
 	if *smime {
 		k, err := keepOrMake(keys, "self.key", "self.crt", func() (madeKey, error) {
 			return makeSMIME(keys, "self.key", "self.crt", *name, *email)
-		}, nil)
+		}, func(k madeKey) (string, error) {
+			c, err := security.LoadCert(k.public)
+			if err != nil {
+				return "", err
+			}
+			return certFingerprint(c), nil
+		})
 		if err != nil {
 			return fail(err)
 		}
@@ -113,28 +119,16 @@ partners.yaml is made readable to its group. Then: "hl7mail partner add".`, stde
 	return 0
 }
 
-// keepOrMake keeps a key pair already in dir, reading its fingerprint
-// again (pgp: from the private key; S/MIME, nil: from the certificate), or
-// makes it.
-func keepOrMake(dir, priv, pub string, makeIt func() (madeKey, error), fingerprint func(string) (string, error)) (madeKey, error) {
-	p := filepath.Join(dir, priv)
-	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+// keepOrMake keeps a key pair already in dir (priv there), reading its
+// fingerprint again with fingerprint, or makes it.
+func keepOrMake(dir, priv, pub string, makeIt func() (madeKey, error), fingerprint func(madeKey) (string, error)) (madeKey, error) {
+	k := madeKey{private: filepath.Join(dir, priv), public: filepath.Join(dir, pub)}
+	if _, err := os.Stat(k.private); errors.Is(err, os.ErrNotExist) {
 		return makeIt()
 	}
-	k := madeKey{private: p, public: filepath.Join(dir, pub)}
-	if fingerprint == nil {
-		fingerprint = func(string) (string, error) {
-			c, err := security.LoadCert(k.public)
-			if err != nil {
-				return "", err
-			}
-			return certFingerprint(c), nil
-		}
-		p = k.public
-	}
-	fp, err := fingerprint(p)
+	fp, err := fingerprint(k)
 	if err != nil {
-		return madeKey{}, fmt.Errorf("%s is there already and cannot be read (%v): move it away, or mend it", p, err)
+		return madeKey{}, fmt.Errorf("%s is there already and cannot be read (%v): move it away, or mend it", k.private, err)
 	}
 	k.fingerprint = fp + " (the key made before, kept)"
 	return k, nil
