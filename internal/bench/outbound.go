@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -47,15 +46,11 @@ func Outbound(ctx context.Context, dir string, msgs [][]byte, n int, sealFor tim
 			return nil, err
 		}
 	}
-	smtpAddr, err := freeAddr()
-	if err != nil {
-		return nil, err
-	}
+	ports := demo.Ports{}
+	smtpAddr := ports.Free()
 	listen := map[string]string{}
 	for _, p := range []string{"lab", "clinic", "router", "dashboard"} {
-		if listen[p], err = freeAddr(); err != nil {
-			return nil, err
-		}
+		listen[p] = ports.Free()
 	}
 	path := filepath.Join(dir, "hospital", "partners.yaml")
 	cfgText := fmt.Sprintf(`self: {name: hospital, email: edi@hospital.test, pgp_key: private.asc, smime_cert: cert.pem, smime_key: key.pem}
@@ -181,15 +176,6 @@ func rssMB() float64 {
 		}
 	}
 	return 0
-}
-
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // PrintOutbound writes the drain table.

@@ -108,20 +108,20 @@ func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
 		r := s.Router
 		env.closers = append(env.closers, func() { r.Close() })
 	}
-	port := ports{}
-	env.Surrogate["lab"], env.Surrogate["clinic"] = port.free(), port.free()
+	port := Ports{}
+	env.Surrogate["lab"], env.Surrogate["clinic"] = port.Free(), port.Free()
 	partners := map[string]string{
 		"hospital": fmt.Sprintf("  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: ../lab/public.asc}\n"+
 			"  - {name: clinic, listen: %s, email: edi@clinic.test, security: smime, smime_cert: ../clinic/cert.pem}\n",
 			env.Surrogate["lab"], env.Surrogate["clinic"]),
-		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", port.free()),
-		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", port.free()),
+		"lab":    fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: ../hospital/public.asc}\n", port.Free()),
+		"clinic": fmt.Sprintf("  - {name: hospital, listen: %s, email: edi@hospital.test, security: smime, smime_cert: ../hospital/cert.pem}\n", port.Free()),
 	}
 	if trace == nil {
 		trace = io.Discard
 	}
 	for _, s := range sites {
-		if err := s.start(ctx, world, partners[s.name], port.free(), trace); err != nil {
+		if err := s.start(ctx, world, partners[s.name], port.Free(), trace); err != nil {
 			env.Close()
 			return nil, err
 		}
@@ -412,11 +412,13 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	return s.w.Write(p)
 }
 
-// ports hands out loopback addresses that were free a moment ago, never
-// the same one twice within one run.
-type ports map[string]bool
+// Ports hands out loopback addresses that were free a moment ago, never
+// the same one twice within one run. The zero value is not ready: make
+// one with Ports{}.
+type Ports map[string]bool
 
-func (p ports) free() string {
+// Free returns such an address.
+func (p Ports) Free() string {
 	for {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
