@@ -53,12 +53,57 @@ func (j *Journal) Path() string { return j.path }
 // Append writes msg as one mbox entry with the envelope sender from and time
 // t, syncs it, and returns the offset of its "From " line.
 func (j *Journal) Append(from string, t time.Time, msg []byte) (int64, error) {
+	offs, err := j.AppendAll([]Mail{{From: from, Time: t, Bytes: msg}})
+	if err != nil {
+		return 0, err
+	}
+	return offs[0], nil
+}
+
+// Mail is one mail to append: its envelope sender, time and bytes, and
+// the Message-ID AppendIndexedAll records it under.
+type Mail struct {
+	From      string
+	Time      time.Time
+	MessageID string
+	Bytes     []byte
+}
+
+// AppendAll writes ms as consecutive mbox entries with one write and one
+// sync, and returns the offset of each one's "From " line. Mails
+// submitted together cost one sync, not one each; a crash leaves a whole
+// prefix of them at most, which Read ends at the last complete entry.
+func (j *Journal) AppendAll(ms []Mail) ([]int64, error) {
+	var b bytes.Buffer
+	rel := make([]int64, len(ms))
+	for i, m := range ms {
+		rel[i] = int64(b.Len())
+		encode(&b, m.From, m.Time, m.Bytes)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	off := j.size
+	if _, err := j.f.WriteAt(b.Bytes(), off); err != nil {
+		return nil, fmt.Errorf("journal: write: %w", err)
+	}
+	if err := j.f.Sync(); err != nil {
+		return nil, fmt.Errorf("journal: sync: %w", err)
+	}
+	j.size += int64(b.Len())
+	for i := range rel {
+		rel[i] += off
+	}
+	return rel, nil
+}
+
+// encode appends msg to b as one mboxrd entry.
+func encode(b *bytes.Buffer, from string, t time.Time, msg []byte) {
 	if from == "" {
 		from = "MAILER-DAEMON"
 	}
-	var b bytes.Buffer
 	b.Grow(len(msg) + 128)
-	fmt.Fprintf(&b, "From %s %s\n", from, t.UTC().Format(time.ANSIC))
+	start := b.Len()
+	fmt.Fprintf(b, "From %s %s\n", from, t.UTC().Format(time.ANSIC))
 	for len(msg) > 0 {
 		line := msg
 		if i := bytes.IndexByte(msg, '\n'); i >= 0 {
@@ -70,24 +115,12 @@ func (j *Journal) Append(from string, t time.Time, msg []byte) (int64, error) {
 		}
 		b.Write(line)
 	}
-	if b.Len() > 0 && b.Bytes()[b.Len()-1] != '\n' {
+	if b.Len() > start && b.Bytes()[b.Len()-1] != '\n' {
 		// A mail without a final line end gets one, marked so that Read
 		// can leave it out again.
 		b.WriteString(noFinalNewline + "\n")
 	}
 	b.WriteByte('\n')
-
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	off := j.size
-	if _, err := j.f.WriteAt(b.Bytes(), off); err != nil {
-		return 0, fmt.Errorf("journal: write: %w", err)
-	}
-	if err := j.f.Sync(); err != nil {
-		return 0, fmt.Errorf("journal: sync: %w", err)
-	}
-	j.size += int64(b.Len())
-	return off, nil
 }
 
 // noFinalNewline follows a mail that did not end in a line end.

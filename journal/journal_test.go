@@ -120,3 +120,34 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+// TestAppendAll: a group appended with one sync reads back as the same
+// entries, each at the offset returned, after what was there.
+func TestAppendAll(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "outgoing.mbox")
+	j, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	at := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	first, _ := j.Append("edi@hospital.test", at, []byte("Subject: before\r\n\r\nx\r\n"))
+	group := []Mail{
+		{From: "edi@hospital.test", Time: at, Bytes: []byte("Subject: one\r\n\r\nFrom the lab\r\n")},
+		{From: "edi@hospital.test", Time: at, Bytes: []byte("Subject: two\r\n\r\nno final newline")},
+		{From: "", Time: at, Bytes: []byte("Subject: three\r\n\r\n")},
+	}
+	offs, err := j.AppendAll(group)
+	if err != nil || len(offs) != 3 {
+		t.Fatalf("AppendAll: %v, %v", offs, err)
+	}
+	entries, err := Read(path)
+	if err != nil || len(entries) != 4 || entries[0].Offset != first {
+		t.Fatalf("Read: %d entries, %v", len(entries), err)
+	}
+	for i, e := range entries[1:] {
+		if !bytes.Equal(e.Mail, group[i].Bytes) || e.Offset != offs[i] {
+			t.Errorf("entry %d = %q at %d, want %q at %d", i, e.Mail, e.Offset, group[i].Bytes, offs[i])
+		}
+	}
+}

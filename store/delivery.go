@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -159,24 +160,99 @@ func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now
 	return s.Get(ctx, id)
 }
 
+// QueuedAfter returns, in the order they were accepted, up to limit queued
+// messages of partner in direction d with an id above after, payload
+// included, that follow one another without a message waiting for a retry
+// between them: the run a sender may work on ahead of the one it submits.
+// It stops at the first message not due at now.
+func (s *Store) QueuedAfter(ctx context.Context, partner string, d Direction, now time.Time, after int64,
+	limit int) ([]Message, error) {
+	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
+		WHERE partner = ? AND state = 'queued' AND direction = ? AND id > ? ORDER BY id LIMIT ?`, partner, d, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: queued: %w", err)
+	}
+	defer rows.Close()
+	var out []Message
+	for rows.Next() {
+		var payload []byte
+		var next int64
+		m, err := scanMessage(func(dest ...any) error { return rows.Scan(append(dest, &payload, &next)...) })
+		if err != nil {
+			return nil, err
+		}
+		if next > now.UnixMicro() {
+			break
+		}
+		m.Payload = payload
+		out = append(out, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: queued: %w", err)
+	}
+	return out, nil
+}
+
 // Prepare records, before the first attempt, the Message-ID every attempt
 // of the message uses and, when a receipt is expected (p not nil), the
 // receipt it awaits (state waiting). Calling it again for a later attempt
 // changes nothing.
 func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pending) error {
-	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		if err := expectOne(id)(tx.ExecContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`,
-			messageID, now, id)); err != nil {
-			return err
-		}
-		if p == nil {
-			return nil
-		}
-		_, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO pending (message_id, id, partner, control_id, mic, sent, due,
-			state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, messageID, id, p.Partner, p.ControlID, p.MIC,
-			p.Sent.UnixMicro(), p.Due.UnixMicro(), PendingWaiting, now)
+	return s.PrepareAll(ctx, []Preparation{{ID: id, MessageID: messageID, Pending: p}})
+}
+
+// Preparation is what Prepare records of one message, and, when
+// JournalFile is set, where its mail was journalled (as RecordJournal).
+type Preparation struct {
+	ID        int64
+	MessageID string
+	Pending   *Pending
+	// JournalFile ("outgoing.mbox"), JournalOffset and Sum (SHA-256) place
+	// the journalled mail.
+	JournalFile   string
+	JournalOffset int64
+	Sum           []byte
+}
+
+// PrepareAll records the preparations of mails submitted together in one
+// synced transaction: one sync for the group, not one a mail.
+func (s *Store) PrepareAll(ctx context.Context, ps []Preparation) error {
+	if len(ps) == 0 {
+		return nil
+	}
+	return s.update(ctx, ps[len(ps)-1].ID, func(tx *sql.Tx, now int64) error {
+		// Each statement is parsed once for the group.
+		setID, err := tx.PrepareContext(ctx, `UPDATE messages SET message_id = ?, updated = ? WHERE id = ?`)
 		if err != nil {
-			return fmt.Errorf("store: pending: %w", err)
+			return fmt.Errorf("store: prepare: %w", err)
+		}
+		defer setID.Close()
+		index, err := tx.PrepareContext(ctx, insertJournalEntry)
+		if err != nil {
+			return fmt.Errorf("store: prepare: %w", err)
+		}
+		defer index.Close()
+		await, err := tx.PrepareContext(ctx, `INSERT OR IGNORE INTO pending (message_id, id, partner, control_id, mic, sent,
+			due, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+		if err != nil {
+			return fmt.Errorf("store: prepare: %w", err)
+		}
+		defer await.Close()
+		for _, pr := range ps {
+			if err := expectOne(pr.ID)(setID.ExecContext(ctx, pr.MessageID, now, pr.ID)); err != nil {
+				return err
+			}
+			if pr.JournalFile != "" {
+				if _, err := index.ExecContext(ctx, pr.JournalFile, pr.JournalOffset, pr.MessageID, pr.Sum); err != nil {
+					return fmt.Errorf("store: record journal entry: %w", err)
+				}
+			}
+			if p := pr.Pending; p != nil {
+				if _, err := await.ExecContext(ctx, pr.MessageID, pr.ID, p.Partner, p.ControlID, p.MIC, p.Sent.UnixMicro(),
+					p.Due.UnixMicro(), PendingWaiting, now); err != nil {
+					return fmt.Errorf("store: pending: %w", err)
+				}
+			}
 		}
 		return nil
 	})
@@ -186,15 +262,50 @@ func (s *Store) Prepare(ctx context.Context, id int64, messageID string, p *Pend
 // receipt it awaits is due from now on: the time of an outage before this
 // submission is not counted against the partner.
 func (s *Store) MarkSent(ctx context.Context, id int64) error {
-	return s.update(ctx, id, func(tx *sql.Tx, now int64) error {
-		if err := inState(ctx, tx, id, Queued)(tx.ExecContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1,
-			last_error = '', updated = ? WHERE id = ? AND state = 'queued'`, now, id)); err != nil {
-			return err
+	return s.MarkSentAll(ctx, []int64{id})
+}
+
+// MarkSentAll records, in one synced transaction, that the SMTP server
+// took the queued messages ids. A message no longer queued is left as it
+// is (ErrStateChanged, joined for each); the others are marked.
+func (s *Store) MarkSentAll(ctx context.Context, ids []int64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	var changed []error
+	err := s.update(ctx, slices.Max(ids), func(tx *sql.Tx, now int64) error {
+		changed = changed[:0]
+		mark, err := tx.PrepareContext(ctx, `UPDATE messages SET state = 'sent', attempts = attempts + 1, last_error = '',
+			updated = ? WHERE id = ? AND state = 'queued'`)
+		if err != nil {
+			return fmt.Errorf("store: prepare: %w", err)
 		}
-		_, err := tx.ExecContext(ctx, `UPDATE pending SET due = ? + (due - sent), sent = ?, updated = ?
-			WHERE id = ? AND state = 'waiting'`, now, now, now, id)
-		return err
+		defer mark.Close()
+		due, err := tx.PrepareContext(ctx, `UPDATE pending SET due = ? + (due - sent), sent = ?, updated = ?
+			WHERE id = ? AND state = 'waiting'`)
+		if err != nil {
+			return fmt.Errorf("store: prepare: %w", err)
+		}
+		defer due.Close()
+		for _, id := range ids {
+			err := inState(ctx, tx, id, Queued)(mark.ExecContext(ctx, now, id))
+			if errors.Is(err, ErrStateChanged) || errors.Is(err, ErrNotFound) {
+				changed = append(changed, err)
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if _, err := due.ExecContext(ctx, now, now, now, id); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
+	if err != nil {
+		return err
+	}
+	return errors.Join(changed...)
 }
 
 // MarkRetry records a failed attempt of a queued message and when to try

@@ -351,13 +351,18 @@ func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
 // (synced before it returns).
 func (s *Store) RecordJournal(ctx context.Context, file string, offset int64, messageID string, sum []byte) error {
 	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
-		_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO journal_entries (file, offset, message_id, sha256)
-			VALUES (?, ?, ?, ?)`, file, offset, messageID, sum)
-		if err != nil {
-			return fmt.Errorf("store: record journal entry: %w", err)
-		}
-		return nil
+		return recordJournal(ctx, tx, file, offset, messageID, sum)
 	})
+}
+
+const insertJournalEntry = `INSERT OR REPLACE INTO journal_entries (file, offset, message_id, sha256) VALUES (?, ?, ?, ?)`
+
+func recordJournal(ctx context.Context, tx *sql.Tx, file string, offset int64, messageID string, sum []byte) error {
+	_, err := tx.ExecContext(ctx, insertJournalEntry, file, offset, messageID, sum)
+	if err != nil {
+		return fmt.Errorf("store: record journal entry: %w", err)
+	}
+	return nil
 }
 
 // JournalDigests returns the digests recorded for journal file, by offset.

@@ -148,6 +148,10 @@ var schema = []string{
 			CAST(strftime('%s', 'now') AS INTEGER) * 1000000, 'upgrade'
 		FROM state WHERE key LIKE 'alerted-stuck:%';
 	DELETE FROM state WHERE key LIKE 'alerted-stuck:%';`,
+	// The awaited receipt of a message, found by the message: marking it
+	// sent, failed or bounced updates it, and without this index each
+	// such change read the whole table.
+	`CREATE INDEX pending_message ON pending(id);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
