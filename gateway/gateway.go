@@ -340,6 +340,10 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 // Store returns the instance's store.
 func (g *Gateway) Store() *store.Store { return g.store }
 
+// SMTPSessions returns how many SMTP sessions were opened for partner's
+// mails since the start (or the last reload).
+func (g *Gateway) SMTPSessions(partner string) int { return g.side().sender.Sessions(partner) }
+
 // surrogate returns partner's surrogate, nil when it has none.
 func (g *Gateway) surrogate(partner string) *partnerListener {
 	g.mu.Lock()

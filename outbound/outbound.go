@@ -10,12 +10,14 @@ package outbound
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -75,6 +77,17 @@ type SenderOptions struct {
 	// the second phase of a shutdown whose bound ran out. The message
 	// stays queued, with its Message-ID, for the next start.
 	Abort context.Context
+	// Window is how many of a partner's messages are sealed ahead of the
+	// one submitted (default 64); Group, how many sealed ones at most are
+	// journalled, prepared and marked sent with one sync each (default
+	// 32); Sealers, how many messages are sealed at once, for every
+	// partner together (default GOMAXPROCS).
+	Window, Group, Sealers int
+	// SessionMails is how many mails one SMTP session carries before it is
+	// closed and another opened (default 100); SessionIdle, how long an
+	// unused session stays open (default 5s).
+	SessionMails int
+	SessionIdle  time.Duration
 }
 
 // Sender takes stored outbound messages to their partners, one goroutine
@@ -84,6 +97,10 @@ type Sender struct {
 	log  *slog.Logger
 	q    *partnerq.Queue
 	open keySet // conditions with an alert open: cleared when they end
+	seal *sealQueue
+	// sessions counts the SMTP sessions opened, by partner.
+	mu       sync.Mutex
+	partners map[string]*partnerSender
 }
 
 // NewSender returns a Sender; Run starts it.
@@ -106,7 +123,13 @@ func NewSender(o SenderOptions) (*Sender, error) {
 	if o.Abort == nil {
 		o.Abort = context.Background() // never ends: nothing is cut short
 	}
-	return &Sender{o: o, log: o.Logger, q: partnerq.New(o.Config, o.Store, store.Outbound, o.Poll, o.Now, o.Logger)}, nil
+	o.Window = cmp.Or(o.Window, 64)
+	o.Group = cmp.Or(o.Group, 32)
+	o.Sealers = cmp.Or(o.Sealers, runtime.NumCPU())
+	o.SessionMails = cmp.Or(o.SessionMails, 100)
+	o.SessionIdle = cmp.Or(o.SessionIdle, 5*time.Second)
+	return &Sender{o: o, log: o.Logger, q: partnerq.New(o.Config, o.Store, store.Outbound, o.Poll, o.Now, o.Logger),
+		seal: newSealQueue()}, nil
 }
 
 // Notify tells the sender that partner has a new message.
@@ -124,57 +147,32 @@ func (s *Sender) Run(ctx context.Context) {
 			s.open.add(k)
 		}
 	}
+	sealersDone := make(chan struct{})
+	go func() { s.sealers(s.o.Sealers); close(sealersDone) }()
 	s.q.Run(ctx, func(p *config.Partner) partnerq.Worker {
-		return partnerq.Worker{Step: func(ctx context.Context, m store.Message) bool { return s.deliver(ctx, p, m) }}
+		w := &partnerSender{s: s, p: p}
+		s.mu.Lock()
+		if s.partners == nil {
+			s.partners = map[string]*partnerSender{}
+		}
+		s.partners[p.Name] = w
+		s.mu.Unlock()
+		return partnerq.Worker{Step: w.step, Stop: w.sess.close}
 	})
+	// The workers are done: nothing waits on a seal any more.
+	s.seal.close()
+	<-sealersDone
 }
 
-// deliver makes one attempt at m; it reports whether the partner's queue
-// may go on at once.
-func (s *Sender) deliver(ctx context.Context, p *config.Partner, m store.Message) bool {
-	// What happened is recorded even when shutdown begins meanwhile: a mail
-	// the server took but the store does not know of would be sent twice.
-	ctx = context.WithoutCancel(ctx)
-	now := s.o.Now()
-	log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
-	if s.expired(ctx, p, m, now, log) {
-		return true
+// Sessions returns how many SMTP sessions were opened for partner's mails.
+func (s *Sender) Sessions(partner string) int {
+	s.mu.Lock()
+	w := s.partners[partner]
+	s.mu.Unlock()
+	if w == nil {
+		return 0
 	}
-	sealed, mic, err := Seal(s.o.Keys, p, m.Payload, m.Kind, now)
-	if err != nil {
-		return s.sealFailed(ctx, p, m, err, log)
-	}
-	from := s.o.Config.FromFor(p) // the local address this partner talks to
-	msgID := m.MessageID
-	if msgID == "" {
-		msgID = newMessageID(m.ID, from)
-	}
-	mailBytes, ok := s.prepare(ctx, p, m, from, msgID, now, sealed, mic, log)
-	if !ok {
-		return false
-	}
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer context.AfterFunc(s.o.Abort, cancel)()
-	err = s.o.Submitter.Submit(sctx, from, []string{p.Email}, mailBytes, SubmitOptions{RequireTLS: p.RequireTLS,
-		EnvelopeID: strings.Trim(msgID, "<>")})
-	switch {
-	case err != nil && s.o.Abort.Err() != nil:
-		// Cut short by the shutdown: nothing is known of this attempt. The
-		// message stays queued and goes at the next start under the same
-		// Message-ID.
-		log.Warn("submission cut short by the shutdown; the message is sent at the next start", "message_id", msgID)
-		return false
-	case err != nil:
-		return s.submitFailed(ctx, p, m, msgID, err, log)
-	}
-	if err := s.o.Store.MarkSent(ctx, m.ID); err != nil {
-		log.Error("store", "err", err)
-		return false
-	}
-	log.Info("mail submitted", "message_id", msgID, "mic", mic.String())
-	s.submitted(ctx, p)
-	return true
+	return w.sess.sessions()
 }
 
 // expired ends m as expired, with an alert, when it has waited longer than
@@ -213,31 +211,6 @@ func (s *Sender) sealFailed(ctx context.Context, p *config.Partner, m store.Mess
 	notify.Raise(ctx, s.o.Store, log, store.Alert{Kind: store.AlertFailed, Partner: p.Name, ControlID: m.ControlID,
 		Text: "message failed: cannot seal"}, "err", err)
 	return true
-}
-
-// prepare composes the mail, records its Message-ID and the receipt it
-// awaits, and journals it: nothing is submitted that is not journalled.
-func (s *Sender) prepare(ctx context.Context, p *config.Partner, m store.Message, from, msgID string, now time.Time,
-	sealed []byte, mic security.MIC, log *slog.Logger) ([]byte, bool) {
-	mailBytes, err := s.compose(p, from, m, msgID, now, sealed)
-	if err != nil {
-		log.Error("compose", "err", err)
-		return nil, false
-	}
-	var pending *store.Pending
-	if p.MDN != config.ReceiptNone && m.Kind != store.KindBundle {
-		pending = &store.Pending{Partner: p.Name, ControlID: m.ControlID, MIC: mic.String(), Sent: now,
-			Due: now.Add(p.MDNTimeout.D())}
-	}
-	if err := s.o.Store.Prepare(ctx, m.ID, msgID, pending); err != nil {
-		log.Error("store", "err", err)
-		return nil, false
-	}
-	if err := journal.AppendIndexed(ctx, s.o.Journal, s.o.Store, from, now, msgID, mailBytes); err != nil {
-		log.Error("outgoing journal not written; not sending", "err", err)
-		return nil, false
-	}
-	return mailBytes, true
 }
 
 // submitFailed records a submission that failed, by its fault class

@@ -18,12 +18,13 @@ type Offer struct {
 // without sending anything (hl7mail check). It logs in with nobody's
 // password: that is for the real submission to find out.
 func (s *SMTPSubmitter) Probe(ctx context.Context, timeout time.Duration) (Offer, error) {
-	c, encrypted, stage, release, err := s.open(ctx, timeout)
+	c, _, stage, release, err := s.open(ctx, timeout)
 	if err != nil {
 		return Offer{}, fmt.Errorf("smtp %s: %s: %w", s.Addr, stage, err)
 	}
 	defer release()
 	defer c.Close()
+	_, encrypted := c.TLSConnectionState()
 	o := Offer{TLS: encrypted}
 	o.Auth, _ = c.Extension("AUTH")
 	o.RequireTLS, _ = c.Extension("REQUIRETLS")

@@ -16,8 +16,9 @@ type Store interface {
 	partnerq.Source
 	journal.Index
 	notify.Alerts
-	Prepare(ctx context.Context, id int64, messageID string, p *store.Pending) error
-	MarkSent(ctx context.Context, id int64) error
+	QueuedAfter(ctx context.Context, partner string, d store.Direction, now time.Time, after int64, limit int) ([]store.Message, error)
+	PrepareAll(ctx context.Context, ps []store.Preparation) error
+	MarkSentAll(ctx context.Context, ids []int64) error
 	MarkRetry(ctx context.Context, id int64, reason string, next time.Time) error
 	MarkFinal(ctx context.Context, id int64, state store.State, reason string) error
 	Delivery(ctx context.Context, id int64) (attempts int, next time.Time, lastError string, err error)

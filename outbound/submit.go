@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-sasl"
@@ -60,30 +61,82 @@ type SMTPSubmitter struct {
 	Timeout   time.Duration // for each command and the data (default 2m)
 }
 
-// Submit sends one mail. Errors before RCPT TO are *SessionError; an
-// *smtp.SMTPError carries the server's reply.
+// Submit sends one mail on a session of its own. Errors before RCPT TO are
+// *SessionError; an *smtp.SMTPError carries the server's reply.
 func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
-	if opts.RequireTLS && s.TLS == config.NoTLS {
-		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
+	sess, err := s.Open(ctx)
+	if err != nil {
+		return err
 	}
+	if err := sess.Submit(ctx, from, to, m, opts); err != nil {
+		sess.Abandon()
+		return err
+	}
+	return sess.Close()
+}
+
+// A SessionOpener opens SMTP sessions that carry many mails, one
+// transaction after another (SMTPSubmitter is one). The Sender keeps one
+// open per partner; a Submitter that is not one submits each mail alone.
+type SessionOpener interface {
+	Open(ctx context.Context) (Session, error)
+}
+
+// Session is an open SMTP session, greeted and logged in.
+type Session interface {
+	// Submit sends one mail in a transaction of its own. After an error
+	// the session is not used again.
+	Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error
+	// Close ends the session with QUIT; Abandon just drops the connection.
+	Close() error
+	Abandon()
+}
+
+// Open connects, says EHLO (over TLS as s.TLS says) and logs in. ctx bounds
+// the opening only. Errors are *SessionError.
+func (s *SMTPSubmitter) Open(ctx context.Context) (Session, error) {
 	session := func(stage string, err error) error {
 		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: stage, Err: err})
 	}
-	timeout := s.Timeout
-	if timeout == 0 {
-		timeout = 2 * time.Minute
-	}
-	c, _, stage, release, err := s.open(ctx, timeout)
+	timeout := s.timeout()
+	c, conn, stage, release, err := s.open(ctx, timeout)
 	if err != nil {
-		return session(stage, err)
+		return nil, session(stage, err)
 	}
 	defer release()
-	defer c.Close()
 	if s.Username != "" {
 		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
-			return session("auth", err)
+			c.Close()
+			return nil, session("auth", err)
 		}
 	}
+	return &smtpSession{s: s, c: c, conn: conn}, nil
+}
+
+func (s *SMTPSubmitter) timeout() time.Duration {
+	if s.Timeout == 0 {
+		return 2 * time.Minute
+	}
+	return s.Timeout
+}
+
+// smtpSession is an SMTPSubmitter's open session.
+type smtpSession struct {
+	s    *SMTPSubmitter
+	c    *smtp.Client
+	conn net.Conn
+}
+
+// Submit sends one mail. When ctx ends the connection is closed, whatever
+// command waits on it: a shutdown cuts a session short within its bound
+// (the mail is sent again at start, and the partner's replay check absorbs
+// a copy that arrived).
+func (x *smtpSession) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
+	s, c := x.s, x.c
+	if opts.RequireTLS && s.TLS == config.NoTLS {
+		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
+	}
+	defer context.AfterFunc(ctx, func() { x.conn.Close() })()
 	mailOpts := &smtp.MailOptions{RequireTLS: opts.RequireTLS}
 	var rcptOpts *smtp.RcptOptions
 	if opts.EnvelopeID != "" {
@@ -96,7 +149,7 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 			// go-smtp refuses before sending when REQUIRETLS is not offered.
 			return fmt.Errorf("smtp %s: %w: %v", s.Addr, ErrTLSRequired, err)
 		}
-		return session("mail", err)
+		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: "mail", Err: err})
 	}
 	for _, rcpt := range to {
 		if err := c.Rcpt(rcpt, rcptOpts); err != nil {
@@ -114,23 +167,33 @@ func (s *SMTPSubmitter) Submit(ctx context.Context, from string, to []string, m 
 	if err := w.Close(); err != nil {
 		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
 	}
-	return c.Quit()
+	return nil
 }
 
+// Close says QUIT, waiting at most 10 seconds for the answer, and closes
+// the connection.
+func (x *smtpSession) Close() error {
+	x.c.CommandTimeout = min(x.c.CommandTimeout, 10*time.Second)
+	if err := x.c.Quit(); err != nil {
+		x.c.Close()
+		return err
+	}
+	return nil
+}
+
+// Abandon closes the connection without a word.
+func (x *smtpSession) Abandon() { x.c.Close() }
+
 // open connects to the server and says EHLO, over TLS as s.TLS says; each
-// step is bounded by timeout. It returns the client, whether the session is
-// encrypted, and on error the stage that failed (connect, starttls, hello).
-//
-// When ctx ends the connection is closed, whatever command waits on it: a
-// shutdown cuts a session short within its bound (the mail is sent again
-// at start, and the partner's replay check absorbs a copy that arrived).
-// The caller calls release when done with the client.
-func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, encrypted bool, stage string,
+// step is bounded by timeout. It returns the client, the connection under
+// it, and on error the stage that failed (connect, starttls, hello). When
+// ctx ends before release is called, the connection is closed.
+func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, conn net.Conn, stage string,
 	release func(), err error) {
 	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
-	conn, err := d.DialContext(ctx, "tcp", s.Addr)
+	conn, err = d.DialContext(ctx, "tcp", s.Addr)
 	if err != nil {
-		return nil, false, "connect", nil, err
+		return nil, nil, "connect", nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	release = func() { stop() }
@@ -149,22 +212,132 @@ func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smt
 	conn.SetDeadline(time.Now().Add(timeout))
 	switch s.TLS {
 	case config.ImplicitTLS:
-		c, encrypted = smtp.NewClient(tls.Client(conn, tlsConfig)), true
+		c = smtp.NewClient(tls.Client(conn, tlsConfig))
 	case config.NoTLS:
 		c = smtp.NewClient(conn)
 	default:
 		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
 			conn.Close()
-			return nil, false, "starttls", nil, err
+			return nil, nil, "starttls", nil, err
 		}
-		encrypted = true
 	}
 	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
 	if err = c.Hello("localhost"); err != nil {
 		c.Close()
-		return nil, false, "hello", nil, err
+		return nil, nil, "hello", nil, err
 	}
-	return c, encrypted, "", release, nil
+	return c, conn, "", release, nil
+}
+
+// sessionHolder keeps a partner's session open from one mail to the next:
+// at most mails mails on one session, none on a session idle for longer
+// than idle (servers close idle sessions: Postfix after 300 s). A failed
+// transaction ends its session, and the next mail starts on a new one in a
+// clean state. (RSET would do, but go-smtp's Reset greets again with EHLO,
+// which some servers take as the end of the login.)
+type sessionHolder struct {
+	mu    sync.Mutex
+	sess  Session
+	mails int
+	last  time.Time
+	timer *time.Timer
+	// Opened counts the sessions opened (for tests and the bench).
+	opened int
+}
+
+// submit sends one mail through sub: on the held session when sub opens
+// sessions, else on its own.
+func (h *sessionHolder) submit(ctx context.Context, sub Submitter, mails int, idle time.Duration, from string, to []string,
+	m []byte, opts SubmitOptions) error {
+	opener, ok := sub.(SessionOpener)
+	if !ok {
+		return sub.Submit(ctx, from, to, m, opts)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sess != nil && (h.mails >= mails || time.Since(h.last) > idle) {
+		h.sess.Close()
+		h.sess = nil
+	}
+	reused := h.sess != nil
+	err := h.send(ctx, opener, from, to, m, opts)
+	var se *SessionError
+	if err != nil && reused && errors.As(err, &se) && ctx.Err() == nil {
+		// The server may have ended a session kept open (its timeout, a
+		// restart) before the mail was named: one try on a new session.
+		err = h.send(ctx, opener, from, to, m, opts)
+	}
+	return err
+}
+
+func (h *sessionHolder) send(ctx context.Context, opener SessionOpener, from string, to []string, m []byte,
+	opts SubmitOptions) error {
+	if h.sess == nil {
+		sess, err := opener.Open(ctx)
+		if err != nil {
+			return err
+		}
+		h.sess, h.mails = sess, 0
+		h.opened++
+	}
+	err := h.sess.Submit(ctx, from, to, m, opts)
+	h.last = time.Now()
+	if err != nil {
+		h.sess.Abandon()
+		h.sess = nil
+		return err
+	}
+	h.mails++
+	return nil
+}
+
+// busy stops the idle timer: mails are on their way.
+func (h *sessionHolder) busy() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+}
+
+// idle closes the session after d unless it is used again meanwhile.
+func (h *sessionHolder) idle(d time.Duration) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sess == nil {
+		return
+	}
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	h.timer = time.AfterFunc(d, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.sess != nil && time.Since(h.last) >= d {
+			h.sess.Close()
+			h.sess = nil
+		}
+	})
+}
+
+// close ends the session, if one is open.
+func (h *sessionHolder) close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	if h.sess != nil {
+		h.sess.Close()
+		h.sess = nil
+	}
+}
+
+// sessions returns how many sessions were opened.
+func (h *sessionHolder) sessions() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.opened
 }
 
 func isSMTPError(err error) bool {

@@ -1,0 +1,375 @@
+package outbound
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
+)
+
+// A partner's queue drains through a pipeline:
+//
+//   - ahead: the messages after the one being submitted, up to the window,
+//     are read in accepted order and sealed by the Sender's sealers, one
+//     per core, shared by every partner;
+//   - in order: the sealed ones are taken in groups of those ready, each
+//     group composed, journalled with one sync, prepared (Message-ID,
+//     awaited receipt, journal index) in one commit, submitted one after
+//     another on the partner's SMTP session, and marked sent in one commit.
+//
+// Nothing sealed ahead is kept: a mail not submitted when the pipeline
+// stops (a failure, a retry, a shutdown) is sealed again at its next
+// attempt, under the Message-ID its preparation recorded. A crash between
+// a group's submission and its commit sends that group's accepted mails
+// again at the next start (same Message-IDs, absorbed by the partner's
+// replay check): that is the window, at most Group mails.
+
+// sealJob is one message sealed ahead.
+type sealJob struct {
+	p      *config.Partner
+	m      store.Message
+	now    time.Time
+	sealed []byte
+	mic    security.MIC
+	err    error
+	done   chan struct{}
+}
+
+// sealQueue hands sealing jobs to the sealers fairly: the next job is
+// from the partner that has had the least sealing time, so that a partner
+// whose suite is slow (RSA signing for S/MIME) does not hold back one
+// whose suite is fast, and each gets its share of the cores.
+type sealQueue struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	jobs   map[string][]*sealJob
+	used   map[string]time.Duration
+	closed bool
+}
+
+func newSealQueue() *sealQueue {
+	q := &sealQueue{jobs: map[string][]*sealJob{}, used: map[string]time.Duration{}}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+// put queues j for sealing.
+func (q *sealQueue) put(j *sealJob) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	name := j.p.Name
+	if len(q.jobs[name]) == 0 {
+		// A partner that was idle starts level with the busy ones, not
+		// ahead of them by the time it did not use.
+		if least, ok := q.least(); ok {
+			q.used[name] = max(q.used[name], q.used[least])
+		}
+	}
+	q.jobs[name] = append(q.jobs[name], j)
+	q.cond.Signal()
+}
+
+// least is the partner with jobs waiting that has had the least time.
+func (q *sealQueue) least() (string, bool) {
+	best, found := "", false
+	for name, js := range q.jobs {
+		if len(js) > 0 && (!found || q.used[name] < q.used[best]) {
+			best, found = name, true
+		}
+	}
+	return best, found
+}
+
+// take waits for the next job; false once the queue is closed.
+func (q *sealQueue) take() (*sealJob, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for {
+		if q.closed {
+			return nil, false
+		}
+		if name, ok := q.least(); ok {
+			j := q.jobs[name][0]
+			q.jobs[name] = q.jobs[name][1:]
+			return j, true
+		}
+		q.cond.Wait()
+	}
+}
+
+// spent adds d to partner's sealing time.
+func (q *sealQueue) spent(partner string, d time.Duration) {
+	q.mu.Lock()
+	q.used[partner] += d
+	q.mu.Unlock()
+}
+
+// close ends take for every sealer.
+func (q *sealQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}
+
+// sealers seals jobs on n goroutines until the queue is closed.
+func (s *Sender) sealers(n int) {
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				j, ok := s.seal.take()
+				if !ok {
+					return
+				}
+				start := time.Now()
+				j.sealed, j.mic, j.err = Seal(s.o.Keys, j.p, j.m.Payload, j.m.Kind, j.now)
+				s.seal.spent(j.p.Name, time.Since(start))
+				close(j.done)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// partnerSender drains one partner's queue and holds its SMTP session.
+type partnerSender struct {
+	s    *Sender
+	p    *config.Partner
+	sess sessionHolder
+}
+
+// step drains p's queue from head on, as far as it goes without a wait; it
+// reports whether the queue may go on at once.
+func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
+	w.sess.busy()
+	defer w.sess.idle(w.s.o.SessionIdle)
+	ahead, stop := context.WithCancel(ctx)
+	defer stop()
+	jobs := make(chan *sealJob, w.s.o.Window)
+	go w.readAhead(ahead, head, jobs)
+	// What happened is recorded even when shutdown begins meanwhile: a mail
+	// the server took but the store does not know of would be sent twice.
+	rctx := context.WithoutCancel(ctx)
+	var carry *sealJob
+	for {
+		group, more := w.ready(jobs, &carry)
+		if len(group) == 0 {
+			return true
+		}
+		if !w.group(rctx, group) {
+			return false
+		}
+		if !more || ctx.Err() != nil {
+			return ctx.Err() == nil
+		}
+	}
+}
+
+// readAhead hands jobs, in accepted order, the queued messages from head
+// on, each also given to the sealers, until the queue has no more due
+// messages or ctx ends; then it closes jobs.
+func (w *partnerSender) readAhead(ctx context.Context, head store.Message, jobs chan<- *sealJob) {
+	defer close(jobs)
+	after := head.ID - 1
+	for ctx.Err() == nil {
+		ms, err := w.s.o.Store.QueuedAfter(ctx, w.p.Name, store.Outbound, w.s.o.Now(), after, w.s.o.Window)
+		if err != nil {
+			if ctx.Err() == nil {
+				w.s.log.Error("queue not readable", "partner", w.p.Name, "err", err)
+			}
+			return
+		}
+		if len(ms) == 0 {
+			return
+		}
+		for _, m := range ms {
+			// To the sealers first: a job handed on is always sealed.
+			j := &sealJob{p: w.p, m: m, now: w.s.o.Now(), done: make(chan struct{})}
+			w.s.seal.put(j)
+			select {
+			case jobs <- j:
+			case <-ctx.Done():
+				return
+			}
+			after = m.ID
+		}
+	}
+}
+
+// ready returns the next group: the first job, once sealed, and those
+// after it that are sealed already, up to Group. A job read but not yet
+// sealed is kept in carry for the next group. more is false once jobs is
+// closed and drained.
+func (w *partnerSender) ready(jobs <-chan *sealJob, carry **sealJob) (group []*sealJob, more bool) {
+	first := *carry
+	*carry = nil
+	if first == nil {
+		var ok bool
+		if first, ok = <-jobs; !ok {
+			return nil, false
+		}
+	}
+	<-first.done
+	group = append(group, first)
+collect:
+	for len(group) < w.s.o.Group {
+		select {
+		case j, ok := <-jobs:
+			if !ok {
+				return group, false
+			}
+			select {
+			case <-j.done:
+				group = append(group, j)
+			default:
+				*carry = j
+				break collect
+			}
+		default:
+			break collect
+		}
+	}
+	return group, true
+}
+
+// outgoing is a sealed message composed as the mail to submit.
+type outgoing struct {
+	m     store.Message
+	msgID string
+	mail  []byte
+	mic   security.MIC
+	log   *slog.Logger
+}
+
+// group takes a group of sealed messages through, in order; it reports
+// whether the queue may go on.
+func (w *partnerSender) group(ctx context.Context, group []*sealJob) bool {
+	s, p := w.s, w.p
+	from := s.o.Config.FromFor(p) // the local address this partner talks to
+	now := s.o.Now()
+	var out []outgoing
+	goOn := true
+	for _, j := range group {
+		m := j.m
+		log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
+		if s.expired(ctx, p, m, now, log) {
+			continue
+		}
+		if j.err != nil {
+			if goOn = s.sealFailed(ctx, p, m, j.err, log); !goOn {
+				break
+			}
+			continue
+		}
+		msgID := m.MessageID
+		if msgID == "" {
+			msgID = newMessageID(m.ID, from)
+		}
+		mail, err := s.compose(p, from, m, msgID, now, j.sealed)
+		if err != nil {
+			log.Error("compose", "err", err)
+			goOn = false
+			break
+		}
+		out = append(out, outgoing{m: m, msgID: msgID, mail: mail, mic: j.mic, log: log})
+	}
+	if len(out) == 0 {
+		return goOn
+	}
+	if !w.prepare(ctx, from, now, out) {
+		return false
+	}
+	var sent []int64
+	var took []outgoing
+	for _, o := range out {
+		ok, goOnAfter := w.submit(ctx, from, o)
+		if ok {
+			sent, took = append(sent, o.m.ID), append(took, o)
+			continue
+		}
+		if !goOnAfter {
+			goOn = false
+			break
+		}
+	}
+	if len(sent) == 0 {
+		return goOn
+	}
+	if err := s.o.Store.MarkSentAll(ctx, sent); err != nil {
+		s.log.Error("store: mails submitted but not all recorded as sent", "partner", p.Name, "err", err)
+		if !errors.Is(err, store.ErrStateChanged) && !errors.Is(err, store.ErrNotFound) {
+			return false
+		}
+	}
+	for _, o := range took {
+		o.log.Info("mail submitted", "message_id", o.msgID, "mic", o.mic.String())
+	}
+	s.submitted(ctx, p)
+	return goOn
+}
+
+// prepare journals the group's mails with one sync and records their
+// Message-IDs, awaited receipts and journal places in one commit: nothing
+// is submitted that is not journalled and indexed.
+func (w *partnerSender) prepare(ctx context.Context, from string, now time.Time, out []outgoing) bool {
+	s, p := w.s, w.p
+	ms := make([]journal.Mail, len(out))
+	for i, o := range out {
+		ms[i] = journal.Mail{From: from, Time: now, MessageID: o.msgID, Bytes: o.mail}
+	}
+	offs, err := s.o.Journal.AppendAll(ms)
+	if err != nil {
+		s.log.Error("outgoing journal not written; not sending", "partner", p.Name, "err", err)
+		return false
+	}
+	file := filepath.Base(s.o.Journal.Path())
+	preps := make([]store.Preparation, len(out))
+	for i, o := range out {
+		sum := sha256.Sum256(o.mail)
+		preps[i] = store.Preparation{ID: o.m.ID, MessageID: o.msgID, JournalFile: file, JournalOffset: offs[i], Sum: sum[:]}
+		if p.MDN != config.ReceiptNone && o.m.Kind != store.KindBundle {
+			preps[i].Pending = &store.Pending{Partner: p.Name, ControlID: o.m.ControlID, MIC: o.mic.String(), Sent: now,
+				Due: now.Add(p.MDNTimeout.D())}
+		}
+	}
+	if err := s.o.Store.PrepareAll(ctx, preps); err != nil {
+		s.log.Error("store", "partner", p.Name, "err", err)
+		return false
+	}
+	return true
+}
+
+// submit sends one mail on the partner's session: ok when the server took
+// it; else the failure is recorded (submitFailed) and goOn says whether
+// the mails after it may still go.
+func (w *partnerSender) submit(ctx context.Context, from string, o outgoing) (ok, goOn bool) {
+	s, p := w.s, w.p
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.o.Abort, cancel)()
+	opts := SubmitOptions{RequireTLS: p.RequireTLS, EnvelopeID: strings.Trim(o.msgID, "<>")}
+	err := w.sess.submit(sctx, s.o.Submitter, s.o.SessionMails, s.o.SessionIdle, from, []string{p.Email}, o.mail, opts)
+	switch {
+	case err == nil:
+		return true, true
+	case s.o.Abort.Err() != nil:
+		// Cut short by the shutdown: nothing is known of this attempt. The
+		// message stays queued and goes at the next start under the same
+		// Message-ID.
+		o.log.Warn("submission cut short by the shutdown; the message is sent at the next start", "message_id", o.msgID)
+		return false, false
+	}
+	return false, s.submitFailed(ctx, p, o.m, o.msgID, err, o.log)
+}
