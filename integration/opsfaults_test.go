@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -153,8 +154,9 @@ func mllpSendAll(t *testing.T, mllpSend, dir, addr string, batch [][]byte) []str
 // submission with SASL AUTH through Dovecot over STARTTLS, as sites run it.
 //   - A wrong password: 50 messages all get CA, none fails, one alert is
 //     open; the password file is mended and SIGHUP sent: all 50 reach the
-//     lab's Maildir in order, the alert clears, and the ops address gets
-//     the alert and a "cleared" notice.
+//     lab's Maildir, submitted in order on few sessions (Postfix's log),
+//     the alert clears, and the ops address gets the alert and a
+//     "cleared" notice.
 //   - The same with a server that offers no AUTH (Postfix's port without
 //     SASL) while smtp.username is set.
 //   - An overdue receipt: one notice mail (read from Dovecot) and one
@@ -235,18 +237,20 @@ partners:
 			}
 		}
 	}
-	// delivered waits until the lab's Maildir holds want, in that order.
+	// delivered waits until the lab's Maildir holds want, submitted to
+	// Postfix in that order. (Postfix delivers mails of one session in
+	// parallel, so the Maildir's own order is Postfix's, not ours.)
 	delivered := func(want []string) {
 		t.Helper()
 		wait(fmt.Sprintf("%d mails in the lab's Maildir", len(want)), 60*time.Second, func() bool {
 			return len(maildir(t, servers, "lab@partner.test")) >= len(want)
 		})
-		var got []string
+		control := map[string]string{} // Message-ID → control ID
 		for _, m := range maildir(t, servers, "lab@partner.test") {
-			got = append(got, subjectControlID(m))
+			control[messageID([]byte(m))] = subjectControlID(m)
 		}
-		if strings.Join(got, " ") != strings.Join(want, " ") {
-			t.Fatalf("the lab's Maildir holds\n%v\nwant, in order,\n%v", got, want)
+		if got := submittedOrder(t, servers, control); strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Fatalf("the lab's mails were submitted to Postfix in this order\n%v\nwant\n%v", got, want)
 		}
 	}
 	cleared := func() {
@@ -261,6 +265,15 @@ partners:
 	in.reload()
 	delivered(ids)
 	cleared()
+	// The 50 waiting mails went on few sessions, many transactions each:
+	// Postfix's own count of each logged-in session's MAIL commands, once
+	// the sender closed its idle session (after 5 s).
+	wait("the sessions' ends in Postfix's log", 30*time.Second, func() bool { return sum(submissionSessions(t, servers)) >= 50 })
+	per := submissionSessions(t, servers)
+	t.Logf("mails on each logged-in submission session, by Postfix's count: %v", per)
+	if slices.Max(per) < 10 {
+		t.Errorf("Postfix counted %v mails on each logged-in submission session; want the 50 on few sessions", per)
+	}
 	notices := func() []string { return maildir(t, servers, "ops@hospital.test") }
 	wait("the alert and the cleared notice at the ops address", 60*time.Second, func() bool {
 		raised, clearedNotice := false, false
@@ -401,4 +414,64 @@ partners:
 	if in != 2 {
 		t.Errorf("the hospital stored %d inbound messages, want 2", in)
 	}
+}
+
+// submissionSessions reads Postfix's log in servers: for each session on
+// the submission port that logged in, how many mails it carried (the
+// mail=N of its "disconnect from" line).
+func submissionSessions(t *testing.T, servers string) []int {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(servers, "postfix", "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var per []int
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.Contains(line, "postfix/submission/smtpd") || !strings.Contains(line, "disconnect from") {
+			continue
+		}
+		fields := strings.Fields(line)
+		if !slices.Contains(fields, "auth=1") {
+			continue
+		}
+		for _, f := range fields {
+			if v, ok := strings.CutPrefix(f, "mail="); ok {
+				n, _ := strconv.Atoi(strings.Split(v, "/")[0])
+				per = append(per, n)
+			}
+		}
+	}
+	return per
+}
+
+func sum(xs []int) int {
+	n := 0
+	for _, x := range xs {
+		n += x
+	}
+	return n
+}
+
+// submittedOrder reads Postfix's log in servers: the control IDs of the
+// mails it took, by their Message-IDs in control, in the order its
+// cleanup service took them, each once.
+func submittedOrder(t *testing.T, servers string, control map[string]string) []string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(servers, "postfix", "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, line := range strings.Split(string(data), "\n") {
+		_, id, ok := strings.Cut(line, ": message-id=")
+		if !ok || !strings.Contains(line, "/cleanup[") {
+			continue
+		}
+		if c, ok := control[strings.TrimSpace(id)]; ok && !seen[c] {
+			seen[c] = true
+			out = append(out, c)
+		}
+	}
+	return out
 }

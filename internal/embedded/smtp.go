@@ -17,6 +17,8 @@ type Mail struct {
 	Data []byte
 	// RequireTLS is set when the client asked for REQUIRETLS (RFC 8689).
 	RequireTLS bool
+	// Session numbers the SMTP session that carried the mail, from 1.
+	Session int
 }
 
 // SMTP is the server's state. Its fields other than the mutex-guarded ones
@@ -34,6 +36,8 @@ type SMTP struct {
 	tempFail int    // reply 451 to this many DATA commands
 	permFail bool   // reply 550 to every DATA command
 	refuse   string // "greeting" or "mail": refuse every session there (RefuseSessions)
+	sessions int    // sessions begun
+	open     int    // sessions not ended
 	srv      *smtp.Server
 }
 
@@ -111,11 +115,31 @@ func (s *SMTP) NewSession(*smtp.Conn) (smtp.Session, error) {
 	if s.refusing("greeting") {
 		return nil, &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 3, 2}, Message: "Service not available"}
 	}
-	return &session{s: s}, nil
+	s.mu.Lock()
+	s.sessions++
+	s.open++
+	n := s.sessions
+	s.mu.Unlock()
+	return &session{s: s, n: n}, nil
+}
+
+// Open returns how many SMTP sessions are under way.
+func (s *SMTP) Open() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open
+}
+
+// Sessions returns how many SMTP sessions began.
+func (s *SMTP) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sessions
 }
 
 type session struct {
 	s     *SMTP
+	n     int
 	cur   Mail
 	authd bool
 }
@@ -144,7 +168,12 @@ func (x *session) Auth(mech string) (sasl.Server, error) {
 }
 
 func (x *session) Reset()        { x.cur = Mail{} }
-func (x *session) Logout() error { return nil }
+func (x *session) Logout() error {
+	x.s.mu.Lock()
+	x.s.open--
+	x.s.mu.Unlock()
+	return nil
+}
 func (x *session) Mail(from string, opts *smtp.MailOptions) error {
 	if x.s.Users != nil && !x.authd {
 		return smtp.ErrAuthRequired
@@ -175,6 +204,7 @@ func (x *session) Data(r io.Reader) error {
 		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try again later"}
 	}
 	x.cur.Data = data
+	x.cur.Session = x.n
 	x.s.mails = append(x.s.mails, x.cur)
 	return nil
 }

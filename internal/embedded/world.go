@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/mail"
 	"strings"
 	"sync"
 
@@ -26,7 +27,14 @@ type World struct {
 	smtp  *smtp.Server
 	imap  *imapserver.Server
 	count int
+	ids   map[string]int // mails taken, by Message-ID
+	again int            // mails taken whose Message-ID was taken before
+	taken []Taken
 }
+
+// Taken is one mail the SMTP server took: its first recipient and its
+// Message-ID.
+type Taken struct{ To, MessageID string }
 
 // NewWorld starts both servers on loopback with an account (password
 // "secret") for each address.
@@ -145,10 +153,40 @@ func (s *worldSession) Data(r io.Reader) error {
 			return fmt.Errorf("deliver to %s: %w", to, err)
 		}
 	}
+	id := ""
+	if m, err := mail.ReadMessage(bytes.NewReader(data)); err == nil {
+		id = m.Header.Get("Message-Id")
+	}
 	s.w.mu.Lock()
 	s.w.count++
+	if len(s.to) > 0 {
+		s.w.taken = append(s.w.taken, Taken{To: s.to[0], MessageID: id})
+	}
+	if id != "" {
+		if s.w.ids == nil {
+			s.w.ids = map[string]int{}
+		}
+		if s.w.ids[id]++; s.w.ids[id] > 1 {
+			s.w.again++
+		}
+	}
 	s.w.mu.Unlock()
 	return nil
+}
+
+// Taken returns the mails the SMTP server took, in the order it took them.
+func (w *World) Taken() []Taken {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]Taken(nil), w.taken...)
+}
+
+// Resubmitted returns how many mails the SMTP server took under a
+// Message-ID it had taken before: mails submitted again.
+func (w *World) Resubmitted() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.again
 }
 
 // literal is an imap.LiteralReader over bytes.
