@@ -167,7 +167,7 @@ func (x *session) Auth(mech string) (sasl.Server, error) {
 	}), nil
 }
 
-func (x *session) Reset()        { x.cur = Mail{} }
+func (x *session) Reset() { x.cur = Mail{} }
 func (x *session) Logout() error {
 	x.s.mu.Lock()
 	x.s.open--
