@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 )
@@ -61,6 +62,48 @@ func TestQueuedAfter(t *testing.T) {
 	for i, want := range []State{Sent, Failed, Sent} {
 		if st, _ := s.StateOf(ctx, ids[i]); st != want {
 			t.Errorf("message %d: %s, want %s", i, st, want)
+		}
+	}
+}
+
+// TestUpdateGroupCommit: state changes made at once share commits; one that
+// fails (its message is not queued) undoes only itself.
+func TestUpdateGroupCommit(t *testing.T) {
+	s := open(t, t.TempDir())
+	ctx := context.Background()
+	var ids []int64
+	for i := range 40 {
+		m, err := s.Accept(ctx, NewMessage{Direction: Outbound, Partner: "lab", ControlID: fmt.Sprint("g", i),
+			MessageType: "ORU^R01", Payload: []byte(fmt.Sprint("MSH|^~\\&|A|B|C|D|||ORU^R01|g", i, "|P|2.3\r"))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	if err := s.MarkFinal(ctx, ids[7], Failed, "before"); err != nil {
+		t.Fatal(err)
+	}
+	errs := make([]error, len(ids))
+	commits := s.commits.Load()
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.MarkSent(ctx, id)
+		}()
+	}
+	wg.Wait()
+	if n := s.commits.Load() - commits; n >= int64(len(ids)) {
+		t.Errorf("%d changes made at once took %d commits: none shared", len(ids), n)
+	}
+	for i, id := range ids {
+		st, _ := s.StateOf(ctx, id)
+		switch {
+		case i == 7 && (!errors.Is(errs[i], ErrStateChanged) || st != Failed):
+			t.Errorf("the failed message: %v, %s", errs[i], st)
+		case i != 7 && (errs[i] != nil || st != Sent):
+			t.Errorf("message %d: %v, %s; want sent", i, errs[i], st)
 		}
 	}
 }

@@ -66,9 +66,14 @@ const (
 	PendingError = "error"
 )
 
-// update runs f in one synced transaction on the updater connection. id is
+// update runs f in a synced transaction on the updater connection. id is
 // the message the change is about (0 for none): accepted a moment ago, it
 // may still be on its way into the database, and is waited for.
+//
+// Changes made at the same time share a transaction and its sync (group
+// commit): whoever gets the connection commits every change waiting, each
+// in a savepoint of its own, so that one change's failure undoes only it.
+// update returns once its change is synced.
 func (s *Store) update(ctx context.Context, id int64, f func(tx *sql.Tx, now int64) error) error {
 	if s.readOnly {
 		return ErrReadOnly
@@ -76,20 +81,88 @@ func (s *Store) update(ctx context.Context, id int64, f func(tx *sql.Tx, now int
 	if err := s.waitID(ctx, id); err != nil {
 		return err
 	}
+	req := &change{ctx: ctx, f: f, done: make(chan error, 1)}
+	s.waitMu.Lock()
+	s.waiting = append(s.waiting, req)
+	s.waitMu.Unlock()
 	s.updMu.Lock()
-	defer s.updMu.Unlock()
-	tx, err := s.updater.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("store: begin: %w", err)
+	s.waitMu.Lock()
+	batch := s.waiting
+	s.waiting = nil
+	s.waitMu.Unlock()
+	if len(batch) > 0 {
+		s.commit(batch)
 	}
-	if err := f(tx, s.now().UnixMicro()); err != nil {
-		tx.Rollback()
-		return err
+	s.updMu.Unlock()
+	return <-req.done // answered by this commit or by the one before it
+}
+
+// change is one caller's state change waiting for its commit.
+type change struct {
+	ctx  context.Context
+	f    func(tx *sql.Tx, now int64) error
+	done chan error
+}
+
+// commit runs batch in one transaction and answers each change.
+func (s *Store) commit(batch []*change) {
+	s.commits.Add(1)
+	answer := func(err error) {
+		for _, c := range batch {
+			c.done <- err
+		}
+	}
+	// Not the callers' contexts: one caller's end must not undo the others.
+	tx, err := s.updater.BeginTx(context.Background(), nil)
+	if err != nil {
+		answer(fmt.Errorf("store: begin: %w", err))
+		return
+	}
+	now := s.now().UnixMicro()
+	if len(batch) == 1 {
+		if err := batch[0].f(tx, now); err != nil {
+			tx.Rollback()
+			answer(err)
+			return
+		}
+		if err := tx.Commit(); err != nil {
+			answer(fmt.Errorf("store: commit: %w", err))
+			return
+		}
+		answer(nil)
+		return
+	}
+	errs := make([]error, len(batch))
+	for i, c := range batch {
+		if err := c.ctx.Err(); err != nil {
+			errs[i] = err
+			continue
+		}
+		if _, err := tx.Exec("SAVEPOINT change"); err != nil {
+			tx.Rollback()
+			answer(fmt.Errorf("store: savepoint: %w", err))
+			return
+		}
+		if errs[i] = c.f(tx, now); errs[i] != nil {
+			if _, err := tx.Exec("ROLLBACK TO change"); err != nil {
+				tx.Rollback()
+				answer(fmt.Errorf("store: rollback to savepoint: %w", err))
+				return
+			}
+		}
+		if _, err := tx.Exec("RELEASE change"); err != nil {
+			tx.Rollback()
+			answer(fmt.Errorf("store: release savepoint: %w", err))
+			return
+		}
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("store: commit: %w", err)
+		answer(fmt.Errorf("store: commit: %w", err))
+		return
 	}
-	return nil
+	for i, c := range batch {
+		c.done <- errs[i]
+	}
 }
 
 // ErrStateChanged is returned by a state change whose message is no longer

@@ -384,17 +384,17 @@ func (s *Store) JournalDigests(ctx context.Context, file string) (map[int64][]by
 	return out, rows.Err()
 }
 
-// QueuedMessage is a queued message with its payload and when it may be tried.
+// QueuedMessage is a queued message and when it may be tried.
 type QueuedMessage struct {
 	Message
 	Next time.Time
 }
 
-// QueuedList returns up to limit queued messages of partner in direction
-// d, oldest first, payloads included: what the deliverer orders. Like
+// QueuedHeads returns up to limit queued messages of partner in direction
+// d, oldest first, without their payloads: what the deliverer orders. Like
 // NextQueued, it reads the database as it is.
-func (s *Store) QueuedList(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
-	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
+func (s *Store) QueuedHeads(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
+	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, next_attempt FROM messages
 		WHERE partner = ? AND direction = ? AND state = 'queued' ORDER BY id LIMIT ?`, partner, d, limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: queued list: %w", err)
@@ -403,13 +403,12 @@ func (s *Store) QueuedList(ctx context.Context, partner string, d Direction, lim
 	var out []QueuedMessage
 	for rows.Next() {
 		var q QueuedMessage
-		var payload []byte
 		var next int64
-		q.Message, err = scanMessage(func(dest ...any) error { return rows.Scan(append(dest, &payload, &next)...) })
+		q.Message, err = scanMessage(func(dest ...any) error { return rows.Scan(append(dest, &next)...) })
 		if err != nil {
 			return nil, err
 		}
-		q.Payload, q.Next = payload, time.UnixMicro(next)
+		q.Next = time.UnixMicro(next)
 		out = append(out, q)
 	}
 	return out, rows.Err()

@@ -150,8 +150,10 @@ var schema = []string{
 	DELETE FROM state WHERE key LIKE 'alerted-stuck:%';`,
 	// The awaited receipt of a message, found by the message: marking it
 	// sent, failed or bounced updates it, and without this index each
-	// such change read the whole table.
-	`CREATE INDEX pending_message ON pending(id);`,
+	// such change read the whole table. Likewise a message by Message-ID
+	// in either direction (ByMessageID: what a reply answers).
+	`CREATE INDEX pending_message ON pending(id);
+	CREATE INDEX messages_message_id ON messages(message_id);`,
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {

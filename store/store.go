@@ -10,7 +10,7 @@
 // Open replays what the database lacks after a crash. The ingester copies
 // each message at once while the store is quiet and paces itself when busy;
 // queries that must see every accepted message wait for it, the queues
-// (NextQueued, QueuedList) read the database as it is and learn of new
+// (NextQueued, QueuedHeads) read the database as it is and learn of new
 // messages from OnIngest.
 //
 // It imports, of this module, only internal/safefile and spool.
@@ -62,9 +62,13 @@ type Store struct {
 	stmts  writerStmts
 
 	// updater makes the state changes of delivery, each synced
-	// (synchronous=FULL) before it returns; updMu serializes its use.
+	// (synchronous=FULL) before it returns; updMu serializes its use, and
+	// waiting holds the changes the next commit takes (update).
 	updMu   sync.Mutex
 	updater *sql.Conn
+	waitMu  sync.Mutex
+	waiting []*change
+	commits atomic.Int64 // update transactions committed
 }
 
 // writerStmts are prepared once on the database writer connection. The
