@@ -47,26 +47,45 @@ func (d *Deliverer) lastSequence(ctx context.Context, p *config.Partner) int64 {
 	return n
 }
 
-// nextInOrder picks partner p's next message for the router.
+// nextInOrder picks partner p's next message for the router. It looks at
+// the oldest few queued messages first; only when they hold a numbered
+// message, or none of them may go, does it look at up to 500, as the
+// order rules need.
 func (d *Deliverer) nextInOrder(ctx context.Context, p *config.Partner, now time.Time) (store.Message, error) {
-	list, err := d.o.Store.QueuedList(ctx, p.Name, store.Inbound, 500)
+	for _, limit := range []int{32, 500} {
+		m, sure, err := d.pick(ctx, p, now, limit)
+		if err != nil || sure {
+			return m, err
+		}
+	}
+	return store.Message{}, store.ErrNotFound
+}
+
+// pick chooses among up to limit of p's oldest queued messages; sure is
+// false when a longer look might choose otherwise.
+func (d *Deliverer) pick(ctx context.Context, p *config.Partner, now time.Time, limit int) (m store.Message, sure bool, err error) {
+	list, seqs, err := d.queued(ctx, p, limit)
 	if err != nil {
-		return store.Message{}, err
+		return store.Message{}, true, err
 	}
 	if len(list) == 0 {
-		return store.Message{}, store.ErrNotFound
+		return store.Message{}, true, store.ErrNotFound
 	}
+	whole := len(list) < limit // the whole queue was read
 	wait := p.OrderWait.D()
 	// A message waiting for the router's retry holds back the others.
 	if list[0].Next.After(now) {
-		return store.Message{}, store.ErrNotFound
+		return store.Message{}, true, store.ErrNotFound
 	}
 	// Numbered messages go in their order; seqNext is the one that may go.
 	var seqNext *store.QueuedMessage
 	for i := range list {
-		if sequenceOf(list[i].Payload) > 0 {
-			if seqNext, err = d.bySequence(ctx, p, list, now, wait); err != nil && !errors.Is(err, store.ErrNotFound) {
-				return store.Message{}, err
+		if seqs[i] > 0 {
+			if !whole {
+				return store.Message{}, false, nil // their order needs every one of them
+			}
+			if seqNext, err = d.bySequence(ctx, p, list, seqs, now, wait); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return store.Message{}, true, err
 			}
 			break
 		}
@@ -74,7 +93,7 @@ func (d *Deliverer) nextInOrder(ctx context.Context, p *config.Partner, now time
 	var chosen *store.QueuedMessage
 	for i := range list {
 		q := &list[i]
-		if q.Next.After(now) || sequenceOf(q.Payload) > 0 && q != seqNext || d.o.Held != nil && d.o.Held(q.Message) ||
+		if q.Next.After(now) || seqs[i] > 0 && q != seqNext || d.o.Held != nil && d.o.Held(q.Message) ||
 			!d.replyReady(ctx, p, q, now, wait) {
 			continue
 		}
@@ -82,21 +101,63 @@ func (d *Deliverer) nextInOrder(ctx context.Context, p *config.Partner, now time
 		break
 	}
 	if chosen == nil {
-		return store.Message{}, store.ErrNotFound
+		return store.Message{}, whole || limit >= 500, store.ErrNotFound
 	}
-	return chosen.Message, nil
+	m, err = d.o.Store.Get(ctx, chosen.ID) // with its payload
+	return m, true, err
+}
+
+// queued returns up to limit of p's queued inbound messages, oldest
+// first, without their payloads, and the sequence number of each. A
+// message's payload is read once, the first time it is seen here, for its
+// number: not every queued payload at every pick.
+func (d *Deliverer) queued(ctx context.Context, p *config.Partner, limit int) ([]store.QueuedMessage, []int64, error) {
+	list, err := d.o.Store.QueuedHeads(ctx, p.Name, store.Inbound, limit)
+	if err != nil || len(list) == 0 {
+		return nil, nil, err
+	}
+	seqs := make([]int64, len(list))
+	d.seqMu.Lock()
+	defer d.seqMu.Unlock()
+	if d.seqs == nil {
+		d.seqs = map[string]map[int64]int64{}
+	}
+	known := d.seqs[p.Name]
+	if known == nil {
+		known = map[int64]int64{}
+		d.seqs[p.Name] = known
+	}
+	for id := range known {
+		if id < list[0].ID { // older than the oldest queued: gone from the queue
+			delete(known, id)
+		}
+	}
+	for i, q := range list {
+		n, ok := known[q.ID]
+		if !ok {
+			m, err := d.o.Store.Get(ctx, q.ID)
+			if err != nil {
+				return nil, nil, err
+			}
+			n = sequenceOf(m.Payload)
+			known[q.ID] = n
+		}
+		seqs[i] = n
+	}
+	return list, seqs, nil
 }
 
 // bySequence picks, among the numbered messages, the next number; it
 // returns nil and ErrNotFound while a gap is waited for.
-func (d *Deliverer) bySequence(ctx context.Context, p *config.Partner, list []store.QueuedMessage, now time.Time, wait time.Duration) (*store.QueuedMessage, error) {
+func (d *Deliverer) bySequence(ctx context.Context, p *config.Partner, list []store.QueuedMessage, seqs []int64, now time.Time,
+	wait time.Duration) (*store.QueuedMessage, error) {
 	var lowest *store.QueuedMessage
 	var lowestSeq int64
 	oldest := now
 	bySeq := map[int64]*store.QueuedMessage{}
 	for i := range list {
 		q := &list[i]
-		n := sequenceOf(q.Payload)
+		n := seqs[i]
 		if n == 0 {
 			continue
 		}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -55,6 +56,10 @@ type Deliverer struct {
 	o   DelivererOptions
 	log *slog.Logger
 	q   *partnerq.Queue
+	// seqs holds, by partner, the sequence number (MSH-13) of each queued
+	// message seen, so that its payload is read once for it.
+	seqMu sync.Mutex
+	seqs  map[string]map[int64]int64
 }
 
 // NewDeliverer returns a Deliverer; Run starts it.

@@ -17,7 +17,8 @@ type Store interface {
 	notify.Alerts
 	Stuck
 	Accept(ctx context.Context, m store.NewMessage) (store.Accepted, error)
-	QueuedList(ctx context.Context, partner string, d store.Direction, limit int) ([]store.QueuedMessage, error)
+	QueuedHeads(ctx context.Context, partner string, d store.Direction, limit int) ([]store.QueuedMessage, error)
+	Get(ctx context.Context, id int64) (store.Message, error)
 	ByMessageID(ctx context.Context, id string) (store.Message, error)
 	Unanswered(ctx context.Context) ([]store.Message, error)
 	MarkDelivered(ctx context.Context, id int64, ack []byte) error
