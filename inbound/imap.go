@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-imap/v2"
@@ -157,8 +159,14 @@ func (w *Watcher) session(ctx context.Context) error {
 	w.o.Link.Set(link.Up, nil)
 	w.log.Info("IMAP watching", "uidvalidity", sel.UIDValidity, "last_uid", last, "idle", c.Caps().Has(imap.CapIdle))
 	for {
+		before := last
 		if last, err = w.handleNew(ctx, c, sel.UIDValidity, last, processed, quarantine); err != nil {
 			return err
+		}
+		if last != before {
+			// Mail that came while these were handled may have been told
+			// of before IDLE began: search again first.
+			continue
 		}
 		if err := w.wait(ctx, c, newMail); err != nil {
 			return err
@@ -227,61 +235,166 @@ func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity 
 	if err != nil {
 		return last, fmt.Errorf("search: %w", err)
 	}
+	var uids []imap.UID
 	for _, uid := range found.AllUIDs() {
-		if uid <= last {
-			continue // "n:*" always matches the highest UID
+		if uid > last { // "n:*" always matches the highest UID
+			uids = append(uids, uid)
 		}
-		if err := w.handleOne(ctx, c, uid, processed, quarantine); err != nil {
+	}
+	for len(uids) > 0 && ctx.Err() == nil {
+		done, err := w.handleChunk(ctx, c, uids[:min(len(uids), fetchChunk)], processed, quarantine)
+		if done > 0 {
+			last = uids[done-1]
+			if err := w.o.Store.SetValue(ctx, w.key(), fmt.Sprintf("%d:%d", validity, last)); err != nil {
+				return last, err
+			}
+		}
+		if err != nil {
 			return last, err
 		}
-		last = uid
-		if err := w.o.Store.SetValue(ctx, w.key(), fmt.Sprintf("%d:%d", validity, uid)); err != nil {
-			return last, err
-		}
+		uids = uids[done:]
 	}
 	return last, nil
 }
 
-func (w *Watcher) handleOne(ctx context.Context, c *imapclient.Client, uid imap.UID, processed, quarantine string) error {
-	uidSet := imap.UIDSetNum(uid)
-	sizes, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, RFC822Size: true}).Collect()
-	if err != nil || len(sizes) != 1 {
-		return fmt.Errorf("fetch size of %d: %v", uid, err)
+// fetchChunk is how many mails are fetched with one command and opened at
+// once; fetchBytes bounds the bytes of one chunk's mails.
+const (
+	fetchChunk = 16
+	fetchBytes = 64 << 20
+)
+
+// fetched is one mail of a chunk.
+type fetched struct {
+	uid      imap.UID
+	size     int64
+	raw      []byte // the whole mail, or only its header when oversize
+	oversize bool
+	opened   *Opened
+	res      Result
+}
+
+// handleChunk fetches the mails uids with one command (their sizes first:
+// an oversize mail's header only), opens them on every core, then hands
+// them to the receiver one after another in UID order, and moves them with
+// one command per folder. It returns how many of uids, from the first,
+// were handled and moved.
+func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []imap.UID, processed, quarantine string) (int, error) {
+	all := imap.UIDSetNum(uids...)
+	sizes, err := c.Fetch(all, &imap.FetchOptions{UID: true, RFC822Size: true}).Collect()
+	if err != nil {
+		return 0, fmt.Errorf("fetch sizes: %v", err)
 	}
-	var res Result
-	if sizes[0].RFC822Size > w.o.MaxSize {
-		// Only the header is fetched: who sent it, and whether a receipt
-		// (denied) is asked for.
-		section := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, Peek: true}
-		msgs, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{section}}).Collect()
-		if err != nil || len(msgs) != 1 {
-			return fmt.Errorf("fetch header of %d: %v", uid, err)
+	size := map[imap.UID]int64{}
+	for _, m := range sizes {
+		size[m.UID] = m.RFC822Size
+	}
+	var mails []*fetched
+	var whole, headers imap.UIDSet
+	var total int64
+	for _, uid := range uids {
+		sz, ok := size[uid]
+		if !ok {
+			return 0, fmt.Errorf("fetch size of %d: not in the answer", uid)
 		}
-		if res, err = w.o.Receiver.HandleOversize(ctx, msgs[0].FindBodySection(section), sizes[0].RFC822Size); err != nil {
-			return fmt.Errorf("handle %d: %w", uid, err)
+		f := &fetched{uid: uid, size: sz, oversize: sz > w.o.MaxSize}
+		if !f.oversize && total+sz > fetchBytes && len(mails) > 0 {
+			break // the rest comes in the next chunk
 		}
-	} else {
-		section := &imap.FetchItemBodySection{Peek: true}
-		msgs, err := c.Fetch(uidSet, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{section}}).Collect()
-		if err != nil || len(msgs) != 1 {
-			return fmt.Errorf("fetch %d: %v", uid, err)
+		if f.oversize {
+			headers.AddNum(uid)
+		} else {
+			whole.AddNum(uid)
+			total += sz
 		}
-		raw := msgs[0].FindBodySection(section)
-		if res, err = w.o.Receiver.HandleTo(ctx, raw, w.o.Recipient); err != nil {
-			return fmt.Errorf("handle %d: %w", uid, err)
+		mails = append(mails, f)
+	}
+	byUID := map[imap.UID]*fetched{}
+	for _, f := range mails {
+		byUID[f.uid] = f
+	}
+	for _, part := range []struct {
+		set     imap.UIDSet
+		section *imap.FetchItemBodySection
+	}{
+		{whole, &imap.FetchItemBodySection{Peek: true}},
+		// Of an oversize mail only the header: who sent it, and whether a
+		// receipt (denied) is asked for.
+		{headers, &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, Peek: true}},
+	} {
+		if len(part.set) == 0 {
+			continue
+		}
+		msgs, err := c.Fetch(part.set, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{part.section}}).Collect()
+		if err != nil {
+			return 0, fmt.Errorf("fetch: %v", err)
+		}
+		for _, m := range msgs {
+			if f := byUID[m.UID]; f != nil {
+				f.raw = m.FindBodySection(part.section)
+			}
 		}
 	}
-	folder := processed
-	if res.Quarantine != nil {
-		folder = quarantine
+	// Decrypting and verifying is most of the work, and touches nothing
+	// but the keys: done for the whole chunk at once.
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+	for _, f := range mails {
+		if f.oversize || f.raw == nil {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			f.opened = w.o.Receiver.Open(f.raw, w.o.Recipient)
+		}()
 	}
-	if _, err := c.Move(uidSet, folder).Wait(); err != nil {
-		return fmt.Errorf("move %d to %s: %w", uid, folder, err)
+	wg.Wait()
+	// The store and the journal take them in the order they came.
+	var toProcessed, toQuarantine imap.UIDSet
+	handled := 0
+	var herr error
+	for _, f := range mails {
+		switch {
+		case f.raw == nil:
+			herr = fmt.Errorf("fetch %d: not in the answer", f.uid)
+		case f.oversize:
+			f.res, herr = w.o.Receiver.HandleOversize(ctx, f.raw, f.size)
+		default:
+			f.res, herr = w.o.Receiver.Take(ctx, f.opened)
+		}
+		if herr != nil {
+			herr = fmt.Errorf("handle %d: %w", f.uid, herr)
+			break
+		}
+		if f.res.Quarantine != nil {
+			toQuarantine.AddNum(f.uid)
+		} else {
+			toProcessed.AddNum(f.uid)
+		}
+		handled++
+	}
+	for _, mv := range []struct {
+		set    imap.UIDSet
+		folder string
+	}{{toProcessed, processed}, {toQuarantine, quarantine}} {
+		if len(mv.set) == 0 {
+			continue
+		}
+		if _, err := c.Move(mv.set, mv.folder).Wait(); err != nil {
+			// Handled but not moved: fetched again at the next session,
+			// where the replay check knows each.
+			return 0, fmt.Errorf("move to %s: %w", mv.folder, err)
+		}
 	}
 	if w.o.Handled != nil {
-		w.o.Handled(res)
+		for _, f := range mails[:handled] {
+			w.o.Handled(f.res)
+		}
 	}
-	return nil
+	return handled, herr
 }
 
 // wait returns when new mail may have arrived: on the server's word while

@@ -3,6 +3,7 @@ package inbound
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -263,5 +264,64 @@ func TestWatcherOversize(t *testing.T) {
 	m, _ := st.Get(ctx, out[0].ID)
 	if mdn, err := security.ParseMDN(m.Payload); err != nil || mdn.Disposition.Type != security.Denied || mdn.OriginalMessageID != "<big@x.test>" {
 		t.Errorf("receipt %+v, %v; want denied for <big@x.test>", mdn, err)
+	}
+}
+
+// TestWatcherChunks: 40 mails wait in the mailbox, one too large and one
+// signed by another partner among them. They are fetched and opened in
+// chunks, and taken in the order they came: each stored message in UID
+// order, the refused two quarantined, every mail moved once.
+func TestWatcherChunks(t *testing.T) {
+	l := newLabSide(t)
+	is := startIMAP(t, nil, "127.0.0.1:0")
+	r, _ := l.receiver(t)
+	st := r.Store.(*store.Store)
+	var want []string
+	for i := range 40 {
+		id := fmt.Sprintf("c%02d", i)
+		var mail []byte
+		switch i {
+		case 17:
+			mail = []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nMessage-ID: <big@x.test>\r\nSubject: HL7\r\n" +
+				"MIME-Version: 1.0\r\nContent-Type: application/edi-hl7\r\n\r\n" + strings.Repeat("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n", 4000))
+		default:
+			signer := l.hospital
+			if i == 29 {
+				signer = l.clinic // not the hospital's key: refused
+			} else {
+				want = append(want, id)
+			}
+			edi, _ := security.EncodeEDI([]byte(strings.Replace(orm, "|q1|", "|"+id+"|", 1)), security.EDIOptions{})
+			mail, _ = l.mailFrom(t, "edi@hospital.test", signer, edi, false)
+			mail = []byte(strings.Replace(string(mail), "<m1@x.test>", "<"+id+"@x.test>", 1))
+		}
+		is.deliver(t, mail)
+	}
+	var mu sync.Mutex
+	handled := 0
+	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "none", Username: "lab@partner.test", Password: "secret",
+		Mailbox: "INBOX", Processed: "HL7/Processed", Quarantine: "HL7/Quarantine", Poll: 30 * time.Second, MaxSize: 64 << 10,
+		Receiver: r, Store: st, Logger: testlog.New(t, slog.LevelWarn),
+		Handled: func(Result) { mu.Lock(); handled++; mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	mailtest.WaitFor(t, "40 mails handled", func() bool { mu.Lock(); defer mu.Unlock(); return handled == 40 })
+	cancel()
+	<-done
+	if is.count(t, "INBOX") != 0 || is.count(t, "HL7/Processed") != 38 || is.count(t, "HL7/Quarantine") != 2 {
+		t.Errorf("folders: INBOX %d, processed %d, quarantine %d; want 0, 38, 2", is.count(t, "INBOX"),
+			is.count(t, "HL7/Processed"), is.count(t, "HL7/Quarantine"))
+	}
+	list, _ := st.List(context.Background(), store.Filter{Direction: store.Inbound})
+	var got []string
+	for i := len(list) - 1; i >= 0; i-- { // List is newest first
+		got = append(got, list[i].ControlID)
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("stored in this order:\n%v\nwant\n%v", got, want)
 	}
 }

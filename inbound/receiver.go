@@ -63,34 +63,65 @@ func (r *Receiver) Handle(ctx context.Context, raw []byte) (Result, error) {
 // recipient); with "", the first of our addresses in To or Cc, else
 // self.email. Its messages go to that address's router.
 func (r *Receiver) HandleTo(ctx context.Context, raw []byte, recipient string) (Result, error) {
+	return r.Take(ctx, r.Open(raw, recipient))
+}
+
+// Opened is a mail decrypted and verified ahead of its turn (Open), for
+// Take to handle.
+type Opened struct {
+	raw           []byte
+	h             textproto.Header
+	sender, msgID string
+	dsn           bool
+	in            *Incoming
+	err           error
+}
+
+// Open does what handling a mail needs of the keys alone: decrypting and
+// verifying it. It reads nothing of the store and writes nothing, so many
+// mails may be opened at once, on every core; Take then handles them one
+// after another, in the order they came.
+func (r *Receiver) Open(raw []byte, recipient string) *Opened {
+	o := &Opened{raw: raw, sender: "MAILER-DAEMON"}
+	o.h, _ = headerOf(raw) // unreadable: empty, and Open quarantines the mail
+	if a, err := mail.ParseAddress(o.h.Get("From")); err == nil {
+		o.sender = a.Address
+	}
+	o.msgID = strings.TrimSpace(o.h.Get("Message-Id"))
+	if o.dsn = security.IsDSN(raw); o.dsn {
+		return o
+	}
+	o.in, o.err = r.Opener.Open(raw)
+	if o.err == nil {
+		if o.in.Recipient = recipient; recipient == "" {
+			o.in.Recipient = r.recipientIn(o.h)
+		}
+	}
+	return o
+}
+
+// Take handles a mail Open opened: it journals it, then stores it, records
+// its receipt or bounce, or quarantines it with a reason. An error means
+// nothing was decided, as for Handle.
+func (r *Receiver) Take(ctx context.Context, o *Opened) (Result, error) {
 	log := r.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	h, _ := headerOf(raw) // unreadable: empty, and Open quarantines the mail
-	sender := "MAILER-DAEMON"
-	if a, err := mail.ParseAddress(h.Get("From")); err == nil {
-		sender = a.Address
-	}
-	msgID := strings.TrimSpace(h.Get("Message-Id"))
-	if err := journal.AppendIndexed(ctx, r.Journal, r.Store, sender, time.Now(), msgID, raw); err != nil {
+	if err := journal.AppendIndexed(ctx, r.Journal, r.Store, o.sender, time.Now(), o.msgID, o.raw); err != nil {
 		return Result{}, fmt.Errorf("incoming journal: %w", err)
 	}
-	if security.IsDSN(raw) {
-		return r.bounce(ctx, log, sender, msgID, raw)
+	if o.dsn {
+		return r.bounce(ctx, log, o.sender, o.msgID, o.raw)
 	}
-	in, err := r.Opener.Open(raw)
 	var q *QuarantineError
-	if errors.As(err, &q) {
-		return r.quarantine(ctx, log, sender, raw, q, false)
+	if errors.As(o.err, &q) {
+		return r.quarantine(ctx, log, o.sender, o.raw, q, false)
 	}
-	if err != nil {
-		return Result{}, err
+	if o.err != nil {
+		return Result{}, o.err
 	}
-	if in.Recipient = recipient; recipient == "" {
-		in.Recipient = r.recipientIn(h)
-	}
-	return r.take(ctx, log, sender, raw, in)
+	return r.take(ctx, log, o.sender, o.raw, o.in)
 }
 
 // HandleOversize takes in a mail larger than the limit of which only the
