@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 	"syscall"
@@ -172,8 +173,8 @@ func PrintE2E(w io.Writer, r E2EResult) {
 	fmt.Fprintf(w, "throughput: %d messages sent at once, all round trips done in %s: %.0f msgs/s sustained\n",
 		r.BurstMessages, r.BurstElapsed.Round(time.Millisecond), r.PerSecond)
 	if r.BurstElapsed > 0 && r.BurstMessages > 0 {
-		fmt.Fprintf(w, "  processor time during the burst: %s, %.0f%% of one core, %.1f ms a round trip (the three sites in one process)\n",
-			r.BurstCPU.Round(10*time.Millisecond), 100*r.BurstCPU.Seconds()/r.BurstElapsed.Seconds(),
+		fmt.Fprintf(w, "  processor time during the burst: %s, %.2f of the %d cores busy, %.1f ms a round trip (the three sites in one process)\n",
+			r.BurstCPU.Round(10*time.Millisecond), r.BurstCPU.Seconds()/r.BurstElapsed.Seconds(), runtime.NumCPU(),
 			r.BurstCPU.Seconds()*1000/float64(r.BurstMessages))
 	}
 }
