@@ -3,8 +3,10 @@ package integration
 import (
 	"context"
 	"fmt"
+	"os/exec"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,5 +110,27 @@ func TestKillMidDrain(t *testing.T) {
 	}
 	if fmt.Sprint(order) != fmt.Sprint(want) {
 		t.Errorf("the lab's router got %d messages in this order:\n%v\nwant the %d in the order accepted", len(order), order, n)
+	}
+}
+
+// TestBenchRealMail: "hl7mail bench -what e2e -real" runs the loop over
+// the embedded mail servers and then over a real Postfix and Dovecot it
+// starts on loopback, and prints both tables; every round trip is made in
+// both.
+func TestBenchRealMail(t *testing.T) {
+	requireMailServers(t)
+	cmd := exec.Command(binary, "bench", "-what", "e2e", "-real", "-burst", "40", "-latency", "6")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("bench -real: %v\n%s", err, out)
+	}
+	text := string(out)
+	t.Log("\n" + text)
+	if !strings.Contains(text, "real Postfix and Dovecot") ||
+		len(regexp.MustCompile(`(?m)^throughput: 40 messages sent at once, all round trips done in \S+: \d+ msgs/s`).FindAllString(text, -1)) != 2 {
+		t.Errorf("want a burst of 40 over each mail system in:\n%s", text)
+	}
+	if strings.Count(text, "target: median under 1s: met") != 2 {
+		t.Errorf("a median leg over 1s:\n%s", text)
 	}
 }

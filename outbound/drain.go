@@ -155,13 +155,25 @@ type partnerSender struct {
 func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 	w.sess.busy()
 	defer w.sess.idle(w.s.o.SessionIdle)
-	ahead, stop := context.WithCancel(ctx)
-	defer stop()
-	jobs := make(chan *sealJob, w.s.o.Window)
-	go w.readAhead(ahead, head, jobs)
 	// What happened is recorded even when shutdown begins meanwhile: a mail
 	// the server took but the store does not know of would be sent twice.
 	rctx := context.WithoutCancel(ctx)
+	after := head.ID - 1
+	if attempts, _, _, err := w.s.o.Store.Delivery(ctx, head.ID); err == nil && attempts > 0 {
+		// Its last attempt failed (an outage, a hold): it is tried alone
+		// before anything after it is sealed and journalled, so that a
+		// queue waiting out an outage costs one mail an attempt.
+		j := &sealJob{p: w.p, m: head, now: w.s.o.Now()}
+		j.sealed, j.mic, j.err = Seal(w.s.o.Keys, w.p, head.Payload, head.Kind, j.now)
+		if !w.group(rctx, []*sealJob{j}) || ctx.Err() != nil {
+			return false
+		}
+		after = head.ID
+	}
+	ahead, stop := context.WithCancel(ctx)
+	defer stop()
+	jobs := make(chan *sealJob, w.s.o.Window)
+	go w.readAhead(ahead, after, jobs)
 	var carry *sealJob
 	for {
 		group, more := w.ready(jobs, &carry)
@@ -177,12 +189,11 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 	}
 }
 
-// readAhead hands jobs, in accepted order, the queued messages from head
-// on, each also given to the sealers, until the queue has no more due
-// messages or ctx ends; then it closes jobs.
-func (w *partnerSender) readAhead(ctx context.Context, head store.Message, jobs chan<- *sealJob) {
+// readAhead hands jobs, in accepted order, the queued messages after the
+// id after, each also given to the sealers, until the queue has no more
+// due messages or ctx ends; then it closes jobs.
+func (w *partnerSender) readAhead(ctx context.Context, after int64, jobs chan<- *sealJob) {
 	defer close(jobs)
-	after := head.ID - 1
 	for ctx.Err() == nil {
 		ms, err := w.s.o.Store.QueuedAfter(ctx, w.p.Name, store.Outbound, w.s.o.Now(), after, w.s.o.Window)
 		if err != nil {

@@ -3,6 +3,7 @@ package outbound
 import (
 	"context"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -193,4 +194,33 @@ func TestSessionIdleClose(t *testing.T) {
 	defer stop()
 	mailtest.WaitFor(t, "the mail", func() bool { return srv.Count() == 1 })
 	mailtest.WaitFor(t, "the session's QUIT", func() bool { return srv.Open() == 0 })
+}
+
+// TestOutageTriesOneAlone: with the SMTP server gone, a queue of 50 waits
+// with backoff; after the first attempt, each attempt seals and journals
+// the first message alone, not a group ahead of it.
+func TestOutageTriesOneAlone(t *testing.T) {
+	f := newFixture(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there
+	for i := range 50 {
+		f.accept(t, "lab", fmt.Sprintf("d%02d", i))
+	}
+	_, stop := f.start(t, SenderOptions{Submitter: &SMTPSubmitter{Addr: addr, TLS: "none", Timeout: time.Second},
+		RetryBase: 5 * time.Millisecond, RetryMax: 20 * time.Millisecond})
+	defer stop()
+	ctx := context.Background()
+	list, _ := f.st.List(ctx, store.Filter{})
+	first := list[len(list)-1].ID // List is newest first
+	attempts := func() int { n, _, _, _ := f.st.Delivery(ctx, first); return n }
+	mailtest.WaitFor(t, "five attempts", func() bool { return attempts() >= 5 })
+	stop()
+	entries, _ := journal.Read(f.journal)
+	if n := attempts(); len(entries) > 32+n {
+		t.Errorf("%d attempts journalled %d mails; want at most one group, then one an attempt", n, len(entries))
+	}
 }

@@ -44,7 +44,21 @@ func processCPU() time.Duration {
 // (IMAP with IDLE), alternating between the lab (PGP) and the clinic
 // (S/MIME): first latency messages one at a time, then msgs all at once.
 func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout time.Duration) (E2EResult, error) {
-	env, err := demo.Start(ctx, dir, nil)
+	return E2EOn(ctx, dir, msgs, latency, len(msgs), timeout, nil)
+}
+
+// E2EOn is E2E with burst messages in the burst, over the mail system ms
+// when it is not nil (a real Postfix and Dovecot) instead of the embedded
+// one.
+func E2EOn(ctx context.Context, dir string, msgs [][]byte, latency, burst int, timeout time.Duration,
+	ms *demo.MailSystem) (E2EResult, error) {
+	var env *demo.Env
+	var err error
+	if ms != nil {
+		env, err = demo.StartOn(ctx, dir, nil, *ms)
+	} else {
+		env, err = demo.Start(ctx, dir, nil)
+	}
 	if err != nil {
 		return E2EResult{}, err
 	}
@@ -98,7 +112,7 @@ func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout ti
 	res.Back50, res.Back95 = percentile(back, 50), percentile(back, 95)
 
 	// Throughput: everything at once, one connection per partner.
-	burst := Unique(msgs, len(msgs), fmt.Sprintf("B%x", time.Now().UnixNano()))
+	batch := Unique(msgs, burst, fmt.Sprintf("B%x", time.Now().UnixNano()))
 	before := len(env.Hospital.Router.Messages())
 	start := time.Now()
 	cpu0 := processCPU()
@@ -108,8 +122,8 @@ func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout ti
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := pi; i < len(burst); i += 2 {
-				if err := send(partner, burst[i]); err != nil {
+			for i := pi; i < len(batch); i += 2 {
+				if err := send(partner, batch[i]); err != nil {
 					errs <- err
 					return
 				}
@@ -121,12 +135,12 @@ func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout ti
 	if err := <-errs; err != nil {
 		return res, err
 	}
-	if err := waitResponses(before + len(burst)); err != nil {
+	if err := waitResponses(before + len(batch)); err != nil {
 		return res, err
 	}
-	res.BurstMessages, res.BurstElapsed = len(burst), time.Since(start)
+	res.BurstMessages, res.BurstElapsed = len(batch), time.Since(start)
 	res.BurstCPU = processCPU() - cpu0
-	res.PerSecond = float64(len(burst)) / res.BurstElapsed.Seconds()
+	res.PerSecond = float64(len(batch)) / res.BurstElapsed.Seconds()
 	return res, nil
 }
 

@@ -82,13 +82,33 @@ type Site struct {
 // Start sets up the mail system and the three sites in dir; logs go to
 // trace (nil: dropped). Close stops everything.
 func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
-	env := &Env{Surrogate: map[string]string{}}
-	world, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test", "edi@clinic.test")
+	world, err := embedded.NewWorld(Addresses...)
 	if err != nil {
 		return nil, err
 	}
+	env, err := StartOn(ctx, dir, trace, MailSystem{SMTP: world.SMTPAddr, IMAP: world.IMAPAddr})
+	if err != nil {
+		world.Close()
+		return nil, err
+	}
 	env.World = world
-	env.closers = append(env.closers, world.Close)
+	env.closers = append([]func(){world.Close}, env.closers...)
+	return env, nil
+}
+
+// Addresses are the three sites' mail addresses: a mail system for
+// StartOn has an account for each (password "secret").
+var Addresses = []string{"edi@hospital.test", "lab@partner.test", "edi@clinic.test"}
+
+// MailSystem is where the sites submit mail (SMTP, no AUTH, no TLS: a
+// loopback server) and fetch it (IMAP, an account per address).
+type MailSystem struct{ SMTP, IMAP string }
+
+// StartOn is Start over the mail system ms (a real Postfix and Dovecot,
+// say) instead of the embedded one; Env.World is nil.
+func StartOn(ctx context.Context, dir string, trace io.Writer, ms MailSystem) (*Env, error) {
+	env := &Env{Surrogate: map[string]string{}}
+	var err error
 	sites := []*Site{
 		{name: "hospital", email: "edi@hospital.test"},
 		{name: "lab", email: "lab@partner.test"},
@@ -121,7 +141,7 @@ func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
 		trace = io.Discard
 	}
 	for _, s := range sites {
-		if err := s.start(ctx, world, partners[s.name], port.Free(), trace); err != nil {
+		if err := s.start(ctx, ms, partners[s.name], port.Free(), trace); err != nil {
 			env.Close()
 			return nil, err
 		}
@@ -267,7 +287,7 @@ func send(ctx context.Context, addr string, msg []byte) (hl7.AckCode, error) {
 	return a.Code, err
 }
 
-func (s *Site) start(ctx context.Context, w *embedded.World, partners, dashAddr string, out io.Writer) error {
+func (s *Site) start(ctx context.Context, ms MailSystem, partners, dashAddr string, out io.Writer) error {
 	if err := os.WriteFile(filepath.Join(s.dir, "imap-password"), []byte("secret\n"), 0o600); err != nil {
 		return err
 	}
@@ -279,7 +299,7 @@ smtp: {addr: %s, tls: none}
 imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 2s}
 dashboard: {addr: %s}
 partners:
-%s`, s.name, s.name, s.email, s.Router.Addr, w.SMTPAddr, w.IMAPAddr, s.email, dashAddr, partners)
+%s`, s.name, s.name, s.email, s.Router.Addr, ms.SMTP, ms.IMAP, s.email, dashAddr, partners)
 	path := filepath.Join(s.dir, "partners.yaml")
 	if err := os.WriteFile(path, []byte(cfgText), 0o600); err != nil {
 		return err
