@@ -195,7 +195,7 @@ func (s *Store) StateOf(ctx context.Context, id int64) (State, error) {
 		return "", err
 	}
 	var st State
-	err := s.db.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&st)
+	err := s.q.QueryRowContext(ctx, `SELECT state FROM messages WHERE id = ?`, id).Scan(&st)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", fmt.Errorf("%w: %d", ErrNotFound, id)
 	}
@@ -222,7 +222,7 @@ func expectOne(id int64) func(sql.Result, error) error {
 // moment ago appears once ingested, which OnIngest announces.
 func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now time.Time) (Message, error) {
 	var id, next int64
-	err := s.db.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
+	err := s.q.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
 		AND direction = ? ORDER BY id LIMIT 1`, partner, d).Scan(&id, &next)
 	if errors.Is(err, sql.ErrNoRows) || err == nil && next > now.UnixMicro() {
 		return Message{}, ErrNotFound
@@ -240,7 +240,7 @@ func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now
 // It stops at the first message not due at now.
 func (s *Store) QueuedAfter(ctx context.Context, partner string, d Direction, now time.Time, after int64,
 	limit int) ([]Message, error) {
-	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
+	rows, err := s.q.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
 		WHERE partner = ? AND state = 'queued' AND direction = ? AND id > ? ORDER BY id LIMIT ?`, partner, d, after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: queued: %w", err)
@@ -435,7 +435,7 @@ func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time
 		return 0, time.Time{}, "", err
 	}
 	var n int64
-	err = s.db.QueryRowContext(ctx, `SELECT attempts, next_attempt, last_error FROM messages WHERE id = ?`, id).
+	err = s.q.QueryRowContext(ctx, `SELECT attempts, next_attempt, last_error FROM messages WHERE id = ?`, id).
 		Scan(&attempts, &n, &lastError)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, time.Time{}, "", fmt.Errorf("%w: %d", ErrNotFound, id)
@@ -445,7 +445,7 @@ func (s *Store) Delivery(ctx context.Context, id int64) (attempts int, next time
 
 // PendingByMessageID returns the pending receipt for a Message-ID.
 func (s *Store) PendingByMessageID(ctx context.Context, messageID string) (Pending, error) {
-	p, err := scanPending(s.db.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
+	p, err := scanPending(s.q.QueryRowContext(ctx, `SELECT `+pendingColumns+` FROM pending WHERE message_id = ?`, messageID).Scan)
 	if errors.Is(err, sql.ErrNoRows) {
 		return p, fmt.Errorf("%w: Message-ID %s", ErrNotFound, messageID)
 	}
@@ -530,7 +530,7 @@ func (s *Store) Response(ctx context.Context, id int64) ([]byte, error) {
 // Value returns the named value, or "" when it was never set.
 func (s *Store) Value(ctx context.Context, key string) (string, error) {
 	var v string
-	err := s.db.QueryRowContext(ctx, `SELECT value FROM state WHERE key = ?`, key).Scan(&v)
+	err := s.q.QueryRowContext(ctx, `SELECT value FROM state WHERE key = ?`, key).Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", nil
 	}

@@ -394,7 +394,7 @@ type QueuedMessage struct {
 // d, oldest first, without their payloads: what the deliverer orders. Like
 // NextQueued, it reads the database as it is.
 func (s *Store) QueuedHeads(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
-	rows, err := s.db.QueryContext(ctx, "SELECT "+messageColumns+`, next_attempt FROM messages
+	rows, err := s.q.QueryContext(ctx, "SELECT "+messageColumns+`, next_attempt FROM messages
 		WHERE partner = ? AND direction = ? AND state = 'queued' ORDER BY id LIMIT ?`, partner, d, limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: queued list: %w", err)

@@ -54,7 +54,7 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 
 // queryMessages runs a query selecting messageColumns and scans the rows.
 func (s *Store) queryMessages(ctx context.Context, what, q string, args ...any) ([]Message, error) {
-	return queryAll(ctx, s.db, what, scanMessage, q, args...)
+	return queryAll(ctx, s.q, what, scanMessage, q, args...)
 }
 
 // querier is a database or a transaction.
@@ -91,7 +91,7 @@ func (s *Store) Get(ctx context.Context, id int64) (Message, error) {
 	}
 	var payload []byte
 	m, err := scanMessage(func(dest ...any) error {
-		return s.db.QueryRowContext(ctx, "SELECT "+messageColumns+", payload FROM messages WHERE id = ?", id).
+		return s.q.QueryRowContext(ctx, "SELECT "+messageColumns+", payload FROM messages WHERE id = ?", id).
 			Scan(append(dest, &payload)...)
 	})
 	if errors.Is(err, sql.ErrNoRows) {
@@ -140,7 +140,7 @@ func (s *Store) FindInbound(ctx context.Context, partner, messageID string) (Mes
 		return Message{}, err
 	}
 	var id int64
-	err := s.db.QueryRowContext(ctx, `SELECT id FROM messages WHERE partner = ? AND message_id = ? AND direction = 'in'
+	err := s.q.QueryRowContext(ctx, `SELECT id FROM messages WHERE partner = ? AND message_id = ? AND direction = 'in'
 		ORDER BY id LIMIT 1`, partner, messageID).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Message{}, fmt.Errorf("%w: inbound %s", ErrNotFound, messageID)
@@ -154,7 +154,7 @@ func (s *Store) FindInbound(ctx context.Context, partner, messageID string) (Mes
 // FindOutbound returns the outbound message mailed with messageID.
 func (s *Store) FindOutbound(ctx context.Context, messageID string) (Message, error) {
 	var id int64
-	err := s.db.QueryRowContext(ctx, `SELECT id FROM messages WHERE message_id = ? AND direction = 'out'
+	err := s.q.QueryRowContext(ctx, `SELECT id FROM messages WHERE message_id = ? AND direction = 'out'
 		ORDER BY id LIMIT 1`, messageID).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Message{}, fmt.Errorf("%w: outbound %s", ErrNotFound, messageID)

@@ -41,6 +41,7 @@ type Store struct {
 	dir      string
 	readOnly bool
 	db       *sql.DB
+	q        *cachedDB // db, with the frequent queries prepared once
 	log      *slog.Logger
 	now      func() time.Time
 	sp       *spool.Spool
@@ -152,7 +153,7 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
 	s := &Store{
-		dir: opts.Dir, db: db, log: opts.Logger, now: opts.Now, sp: sp, quit: make(chan struct{}),
+		dir: opts.Dir, db: db, q: newCachedDB(db), log: opts.Logger, now: opts.Now, sp: sp, quit: make(chan struct{}),
 		ingestDone: make(chan struct{}), kick: make(chan struct{}, 1), ingestedCh: make(chan struct{}),
 		ckDone: make(chan struct{}),
 	}
@@ -259,7 +260,7 @@ func OpenReadOnly(dir string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
-	return &Store{dir: dir, db: db, readOnly: true}, nil
+	return &Store{dir: dir, db: db, q: newCachedDB(db), readOnly: true}, nil
 }
 
 func kindOr(k string) string {
@@ -273,6 +274,7 @@ func kindOr(k string) string {
 // the background work and closes the files. Close must not be called twice.
 func (s *Store) Close() error {
 	if s.readOnly {
+		s.q.close()
 		return s.db.Close()
 	}
 	s.sp.Stop()
@@ -280,6 +282,7 @@ func (s *Store) Close() error {
 	<-s.ingestDone
 	<-s.ckDone
 	s.stmts.close()
+	s.q.close()
 	s.writer.Close()
 	s.updater.Close()
 	// A last full checkpoint syncs everything ingested and leaves a small

@@ -30,9 +30,13 @@ type SMTP struct {
 	Users     map[string]string
 	// RequireTLS offers the REQUIRETLS extension (RFC 8689) over TLS.
 	RequireTLS bool
+	// Discard keeps no mail, only the count (a sink for benchmarks, whose
+	// memory and collector the mails would burden).
+	Discard bool
 
 	mu       sync.Mutex
 	mails    []Mail
+	taken    int
 	tempFail int    // reply 451 to this many DATA commands
 	permFail bool   // reply 550 to every DATA command
 	refuse   string // "greeting" or "mail": refuse every session there (RefuseSessions)
@@ -107,7 +111,7 @@ func (s *SMTP) Mails() []Mail {
 func (s *SMTP) Count() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.mails)
+	return s.taken
 }
 
 // NewSession implements smtp.Backend.
@@ -190,7 +194,13 @@ func (x *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	return nil
 }
 func (x *session) Data(r io.Reader) error {
-	data, err := io.ReadAll(r)
+	var data []byte
+	var err error
+	if x.s.Discard {
+		_, err = io.Copy(io.Discard, r)
+	} else {
+		data, err = io.ReadAll(r)
+	}
 	if err != nil {
 		return err
 	}
@@ -202,6 +212,10 @@ func (x *session) Data(r io.Reader) error {
 	if x.s.tempFail > 0 {
 		x.s.tempFail--
 		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try again later"}
+	}
+	x.s.taken++
+	if x.s.Discard {
+		return nil
 	}
 	x.cur.Data = data
 	x.cur.Session = x.n
