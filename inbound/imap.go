@@ -3,6 +3,7 @@ package inbound
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -156,6 +157,9 @@ func (w *Watcher) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := w.moveLeftovers(ctx, c, sel.UIDValidity); err != nil {
+		return err
+	}
 	w.o.Link.Set(link.Up, nil)
 	w.log.Info("IMAP watching", "uidvalidity", sel.UIDValidity, "last_uid", last, "idle", c.Caps().Has(imap.CapIdle))
 	for {
@@ -242,7 +246,14 @@ func (w *Watcher) handleNew(ctx context.Context, c *imapclient.Client, validity 
 		}
 	}
 	for len(uids) > 0 && ctx.Err() == nil {
-		done, err := w.handleChunk(ctx, c, uids[:min(len(uids), fetchChunk)], processed, quarantine)
+		done, unmoved, err := w.handleChunk(ctx, c, uids[:min(len(uids), fetchChunk)], processed, quarantine)
+		if len(unmoved) > 0 {
+			// Handled, but the connection broke before they moved: moved at
+			// the next session's start, never handled again.
+			if err := w.recordLeftovers(ctx, validity, unmoved); err != nil {
+				return last, err
+			}
+		}
 		if done > 0 {
 			last = uids[done-1]
 			if err := w.o.Store.SetValue(ctx, w.key(), fmt.Sprintf("%d:%d", validity, last)); err != nil {
@@ -278,12 +289,13 @@ type fetched struct {
 // an oversize mail's header only), opens them on every core, then hands
 // them to the receiver one after another in UID order, and moves them with
 // one command per folder. It returns how many of uids, from the first,
-// were handled and moved.
-func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []imap.UID, processed, quarantine string) (int, error) {
+// were handled, and those handled that could not be moved, by folder.
+func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []imap.UID, processed,
+	quarantine string) (int, map[string][]imap.UID, error) {
 	all := imap.UIDSetNum(uids...)
 	sizes, err := c.Fetch(all, &imap.FetchOptions{UID: true, RFC822Size: true}).Collect()
 	if err != nil {
-		return 0, fmt.Errorf("fetch sizes: %v", err)
+		return 0, nil, fmt.Errorf("fetch sizes: %v", err)
 	}
 	size := map[imap.UID]int64{}
 	for _, m := range sizes {
@@ -295,7 +307,7 @@ func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []
 	for _, uid := range uids {
 		sz, ok := size[uid]
 		if !ok {
-			return 0, fmt.Errorf("fetch size of %d: not in the answer", uid)
+			return 0, nil, fmt.Errorf("fetch size of %d: not in the answer", uid)
 		}
 		f := &fetched{uid: uid, size: sz, oversize: sz > w.o.MaxSize}
 		if !f.oversize && total+sz > fetchBytes && len(mails) > 0 {
@@ -327,7 +339,7 @@ func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []
 		}
 		msgs, err := c.Fetch(part.set, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{part.section}}).Collect()
 		if err != nil {
-			return 0, fmt.Errorf("fetch: %v", err)
+			return 0, nil, fmt.Errorf("fetch: %v", err)
 		}
 		for _, m := range msgs {
 			if f := byUID[m.UID]; f != nil {
@@ -354,6 +366,7 @@ func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []
 	wg.Wait()
 	// The store and the journal take them in the order they came.
 	var toProcessed, toQuarantine imap.UIDSet
+	var processedUIDs, quarantineUIDs []imap.UID
 	handled := 0
 	var herr error
 	for _, f := range mails {
@@ -371,22 +384,30 @@ func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []
 		}
 		if f.res.Quarantine != nil {
 			toQuarantine.AddNum(f.uid)
+			quarantineUIDs = append(quarantineUIDs, f.uid)
 		} else {
 			toProcessed.AddNum(f.uid)
+			processedUIDs = append(processedUIDs, f.uid)
 		}
 		handled++
 	}
+	var unmoved map[string][]imap.UID
 	for _, mv := range []struct {
 		set    imap.UIDSet
+		uids   []imap.UID
 		folder string
-	}{{toProcessed, processed}, {toQuarantine, quarantine}} {
+	}{{toProcessed, processedUIDs, processed}, {toQuarantine, quarantineUIDs, quarantine}} {
 		if len(mv.set) == 0 {
 			continue
 		}
 		if _, err := c.Move(mv.set, mv.folder).Wait(); err != nil {
-			// Handled but not moved: fetched again at the next session,
-			// where the replay check knows each.
-			return 0, fmt.Errorf("move to %s: %w", mv.folder, err)
+			if unmoved == nil {
+				unmoved = map[string][]imap.UID{}
+			}
+			unmoved[mv.folder] = mv.uids
+			if herr == nil {
+				herr = fmt.Errorf("move to %s: %w", mv.folder, err)
+			}
 		}
 	}
 	if w.o.Handled != nil {
@@ -394,7 +415,56 @@ func (w *Watcher) handleChunk(ctx context.Context, c *imapclient.Client, uids []
 			w.o.Handled(f.res)
 		}
 	}
-	return handled, herr
+	return handled, unmoved, herr
+}
+
+// leftovers are mails handled but not moved, by folder, in a mailbox of
+// UIDVALIDITY Validity; kept in the store under leftoverKey.
+type leftovers struct {
+	Validity uint32                `json:"validity"`
+	Moves    map[string][]imap.UID `json:"moves"` // folder → UIDs
+}
+
+func (w *Watcher) leftoverKey() string { return w.key() + ":unmoved" }
+
+// recordLeftovers adds unmoved to the mails moved at the next session's
+// start.
+func (w *Watcher) recordLeftovers(ctx context.Context, validity uint32, unmoved map[string][]imap.UID) error {
+	l := leftovers{Validity: validity, Moves: map[string][]imap.UID{}}
+	if v, err := w.o.Store.Value(ctx, w.leftoverKey()); err == nil && v != "" {
+		var old leftovers
+		if json.Unmarshal([]byte(v), &old) == nil && old.Validity == validity {
+			l.Moves = old.Moves
+		}
+	}
+	for folder, uids := range unmoved {
+		l.Moves[folder] = append(l.Moves[folder], uids...)
+	}
+	b, _ := json.Marshal(l)
+	return w.o.Store.SetValue(ctx, w.leftoverKey(), string(b))
+}
+
+// moveLeftovers moves the mails a broken session handled but did not move
+// (recordLeftovers), so that they are not fetched and handled again.
+func (w *Watcher) moveLeftovers(ctx context.Context, c *imapclient.Client, validity uint32) error {
+	v, err := w.o.Store.Value(ctx, w.leftoverKey())
+	if err != nil || v == "" {
+		return err
+	}
+	var l leftovers
+	if err := json.Unmarshal([]byte(v), &l); err == nil && l.Validity == validity {
+		for folder, uids := range l.Moves {
+			if len(uids) == 0 {
+				continue
+			}
+			// UIDs no longer in the mailbox are passed over by the server.
+			if _, err := c.Move(imap.UIDSetNum(uids...), folder).Wait(); err != nil {
+				return fmt.Errorf("move handled mail to %s: %w", folder, err)
+			}
+			w.log.Info("IMAP mail handled before a broken connection moved", "folder", folder, "mails", len(uids))
+		}
+	}
+	return w.o.Store.SetValue(ctx, w.leftoverKey(), "")
 }
 
 // wait returns when new mail may have arrived: on the server's word while

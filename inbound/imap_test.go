@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -323,5 +324,78 @@ func TestWatcherChunks(t *testing.T) {
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("stored in this order:\n%v\nwant\n%v", got, want)
+	}
+}
+
+// failingMove is the in-memory server's session whose first MOVE fails.
+type failingMove struct {
+	imapserver.SessionIMAP4rev2
+	failed *atomic.Bool
+}
+
+func (s failingMove) Move(w *imapserver.MoveWriter, numSet imap.NumSet, dest string) error {
+	if s.failed.CompareAndSwap(false, true) {
+		return &imap.Error{Type: imap.StatusResponseTypeNo, Text: "try again"}
+	}
+	return s.SessionIMAP4rev2.Move(w, numSet, dest)
+}
+
+// TestWatcherMoveFails: a chunk is taken and its MOVE fails (the server
+// says NO, as when the connection breaks). The next session moves those
+// mails before anything else: none is handled twice, no replay is
+// quarantined and no response is sent again.
+func TestWatcherMoveFails(t *testing.T) {
+	l := newLabSide(t)
+	mem := imapmemserver.New()
+	u := imapmemserver.NewUser("lab@partner.test", "secret")
+	u.Create("INBOX", nil)
+	mem.AddUser(u)
+	var failed atomic.Bool
+	srv := imapserver.New(&imapserver.Options{
+		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
+			return failingMove{SessionIMAP4rev2: mem.NewSession().(imapserver.SessionIMAP4rev2), failed: &failed}, nil, nil
+		},
+		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
+		InsecureAuth: true,
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	is := &imapServer{mem: mem, srv: srv, addr: ln.Addr().String()}
+	for i := range 5 {
+		id := fmt.Sprintf("mv%d", i)
+		edi, _ := security.EncodeEDI([]byte(strings.Replace(orm, "|q1|", "|"+id+"|", 1)), security.EDIOptions{})
+		mail, _ := l.mailFrom(t, "edi@hospital.test", l.hospital, edi, false)
+		is.deliver(t, []byte(strings.Replace(string(mail), "<m1@x.test>", "<"+id+"@x.test>", 1)))
+	}
+	r, _ := l.receiver(t)
+	st := r.Store.(*store.Store)
+	var mu sync.Mutex
+	handled := 0
+	w, err := NewWatcher(WatcherOptions{Addr: is.addr, TLS: "none", Username: "lab@partner.test", Password: "secret",
+		Mailbox: "INBOX", Processed: "HL7/Processed", Quarantine: "HL7/Quarantine", Poll: 30 * time.Second,
+		Receiver: r, Store: st, Logger: testlog.New(t, slog.LevelWarn),
+		Handled: func(Result) { mu.Lock(); handled++; mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	mailtest.WaitFor(t, "the five mails moved", func() bool { return is.count(t, "HL7/Processed") == 5 })
+	time.Sleep(200 * time.Millisecond)
+	cancel()
+	<-done
+	if !failed.Load() {
+		t.Fatal("the MOVE never failed")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	q, _ := st.QuarantineList(context.Background(), 10)
+	if handled != 5 || len(q) != 0 || is.count(t, "INBOX") != 0 {
+		t.Errorf("%d mails handled, %d quarantined, %d left in INBOX; want 5, none, none", handled, len(q), is.count(t, "INBOX"))
 	}
 }
