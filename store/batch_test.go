@@ -107,3 +107,47 @@ func TestUpdateGroupCommit(t *testing.T) {
 		}
 	}
 }
+
+// TestReadThenWriteWhileIngesting: a change that reads before it writes
+// (SetReceipt) while the ingester writes a flood of messages is never
+// refused as "database is locked": the updater's transactions take the
+// write lock when they begin, waiting for it.
+func TestReadThenWriteWhileIngesting(t *testing.T) {
+	s := open(t, t.TempDir())
+	ctx := context.Background()
+	m, err := s.Accept(ctx, NewMessage{Direction: Outbound, Partner: "lab", ControlID: "r0", MessageType: "ORU^R01",
+		Payload: []byte("MSH|^~\\&|A|B|C|D|||ORU^R01|r0|P|2.3\r")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	if err := s.Prepare(ctx, m.ID, "<r0@h>", &Pending{Partner: "lab", ControlID: "r0", MIC: "x", Sent: now, Due: now.Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				s.Accept(ctx, NewMessage{Direction: Inbound, Partner: "lab", ControlID: fmt.Sprint("f", w, "-", i),
+					MessageType: "ORU^R01", Payload: []byte(fmt.Sprint("MSH|^~\\&|A|B|C|D|||ORU^R01|f", w, "-", i, "|P|2.3\r"))})
+			}
+		}()
+	}
+	for i := range 300 {
+		if _, err := s.SetReceipt(ctx, "<r0@h>", PendingMismatch, "mic", false); err != nil {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("SetReceipt %d while ingesting: %v", i, err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+}

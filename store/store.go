@@ -146,6 +146,11 @@ func Open(opts Options) (*Store, error) {
 		"wal_autocheckpoint(0)", "journal_size_limit(67108864)"} {
 		q.Add("_pragma", p)
 	}
+	// Transactions (the updater's, the migrations') take the write lock at
+	// BEGIN, waiting for it up to busy_timeout: a deferred one that reads
+	// before it writes is refused at once, without waiting (SQLITE_BUSY,
+	// SQLITE_BUSY_SNAPSHOT), whenever the ingester writes meanwhile.
+	q.Set("_txlock", "immediate")
 	dsn := "file:" + filepath.Join(opts.Dir, FileName) + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
