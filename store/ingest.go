@@ -241,6 +241,12 @@ const (
 func (s *Store) insert(recs []spool.Record) (err error) {
 	ctx := context.Background()
 	st := &s.stmts
+	// One writer at a time, in turn with the updater (update): SQLite's own
+	// lock would let the ingester, committing batch after batch, starve
+	// the updater's wait for it (its busy handler polls, and rarely finds
+	// the lock free).
+	s.updMu.Lock()
+	defer s.updMu.Unlock()
 	if _, err := st.begin.ExecContext(ctx); err != nil {
 		return fmt.Errorf("store: begin: %w", err)
 	}

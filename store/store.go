@@ -63,8 +63,9 @@ type Store struct {
 	stmts  writerStmts
 
 	// updater makes the state changes of delivery, each synced
-	// (synchronous=FULL) before it returns; updMu serializes its use, and
-	// waiting holds the changes the next commit takes (update).
+	// (synchronous=FULL) before it returns; updMu serializes its use and
+	// the ingester's writes, and waiting holds the changes the next commit
+	// takes (update).
 	updMu   sync.Mutex
 	updater *sql.Conn
 	waitMu  sync.Mutex
