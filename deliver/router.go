@@ -171,7 +171,10 @@ func (d *Deliverer) deliver(ctx context.Context, p *config.Partner, m store.Mess
 			"next", next.Format(time.RFC3339))
 		return conn, false
 	}
-	if err := d.o.Store.MarkDelivered(rctx, m.ID, ack); err != nil {
+	// The router has it: a store that cannot record that now is waited
+	// for, so that the router does not get it again.
+	if err := partnerq.Record(ctx.Done(), log, "delivered to the router, not yet recorded",
+		func() error { return d.o.Store.MarkDelivered(rctx, m.ID, ack) }); err != nil {
 		log.Error("store", "err", err)
 		return conn, false
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/internal/partnerq"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
@@ -165,7 +166,7 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 		// queue waiting out an outage costs one mail an attempt.
 		j := &sealJob{p: w.p, m: head, now: w.s.o.Now()}
 		j.sealed, j.mic, j.err = Seal(w.s.o.Keys, w.p, head.Payload, head.Kind, j.now)
-		if !w.group(rctx, []*sealJob{j}) || ctx.Err() != nil {
+		if !w.group(rctx, ctx.Done(), []*sealJob{j}) || ctx.Err() != nil {
 			return false
 		}
 		after = head.ID
@@ -180,7 +181,7 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 		if len(group) == 0 {
 			return true
 		}
-		if !w.group(rctx, group) {
+		if !w.group(rctx, ctx.Done(), group) {
 			return false
 		}
 		if !more || ctx.Err() != nil {
@@ -266,7 +267,7 @@ type outgoing struct {
 
 // group takes a group of sealed messages through, in order; it reports
 // whether the queue may go on.
-func (w *partnerSender) group(ctx context.Context, group []*sealJob) bool {
+func (w *partnerSender) group(ctx context.Context, stop <-chan struct{}, group []*sealJob) bool {
 	s, p := w.s, w.p
 	from := s.o.Config.FromFor(p) // the local address this partner talks to
 	now := s.o.Now()
@@ -318,7 +319,8 @@ func (w *partnerSender) group(ctx context.Context, group []*sealJob) bool {
 	if len(sent) == 0 {
 		return goOn
 	}
-	if err := s.o.Store.MarkSentAll(ctx, sent); err != nil {
+	if err := partnerq.Record(stop, s.log.With("partner", p.Name), "mails submitted, not yet recorded as sent",
+		func() error { return s.o.Store.MarkSentAll(ctx, sent) }); err != nil {
 		s.log.Error("store: mails submitted but not all recorded as sent", "partner", p.Name, "err", err)
 		if !errors.Is(err, store.ErrStateChanged) && !errors.Is(err, store.ErrNotFound) {
 			return false

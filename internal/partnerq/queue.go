@@ -1,7 +1,8 @@
 // Package partnerq drains stored messages partner by partner: one worker
 // per partner, in the order the messages were accepted, woken at once by
 // Notify or every poll interval. The outbound Sender and the Deliverer to
-// the router run on it.
+// the router run on it; Record keeps their record of work done waiting
+// for a store that cannot write, rather than having the work done twice.
 //
 // It imports, of this module, only config and store.
 package partnerq
@@ -128,4 +129,29 @@ func Backoff(base, max time.Duration, attempts int) time.Duration {
 		d *= 2
 	}
 	return min(d, max)
+}
+
+// Record runs record, a store write of what happened already (the SMTP
+// server took the mails, the router the message), until it succeeds,
+// fails for good (store.ErrStateChanged, store.ErrNotFound: the message
+// changed meanwhile) or stop ends. A store that cannot write for a while
+// (a full disk) is waited for, rather than the work done again; only a
+// stop gives up, and the next start does it again (at least once).
+func Record(stop <-chan struct{}, log *slog.Logger, what string, record func() error) error {
+	wait := 50 * time.Millisecond
+	for told := false; ; told = true {
+		err := record()
+		if err == nil || errors.Is(err, store.ErrStateChanged) || errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		if !told {
+			log.Error("store: "+what+"; trying again until the store writes", "err", err)
+		}
+		select {
+		case <-stop:
+			return err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
 }
