@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 
+	"github.com/hl7mail/hl7mail/internal/corpus"
 	"github.com/hl7mail/hl7mail/internal/demo"
 )
 
@@ -27,9 +28,9 @@ func RealMail() (ms demo.MailSystem, stop func(), err error) {
 	if os.Geteuid() != 0 {
 		return ms, nil, errors.New("-real needs root: Postfix and Dovecot drop to their own users")
 	}
-	script, err := sourceFile(filepath.Join("integration", "mailservers.sh"))
+	script, err := corpus.SourceFile(filepath.Join("integration", "mailservers.sh"))
 	if err != nil {
-		return ms, nil, err
+		return ms, nil, fmt.Errorf("-real runs from hl7mail's source tree: %w", err)
 	}
 	ports := demo.Ports{}
 	port := func() string { _, p, _ := net.SplitHostPort(ports.Free()); return p }
@@ -55,27 +56,4 @@ func RealMail() (ms demo.MailSystem, stop func(), err error) {
 		return ms, nil, fmt.Errorf("mailservers.sh start: %v\n%s", err, out)
 	}
 	return demo.MailSystem{SMTP: "127.0.0.1:" + smtp, IMAP: "127.0.0.1:" + imap}, stop, nil
-}
-
-// sourceFile finds rel in the source tree: the folder with go.mod above
-// the working directory.
-func sourceFile(rel string) (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			p := filepath.Join(dir, rel)
-			if _, err := os.Stat(p); err != nil {
-				return "", fmt.Errorf("-real runs from hl7mail's source tree: %w", err)
-			}
-			return p, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("-real runs from hl7mail's source tree: no go.mod above the working directory for %s", rel)
-		}
-		dir = parent
-	}
 }

@@ -26,6 +26,16 @@ func Path() (string, error) {
 	if p := os.Getenv(EnvPath); p != "" {
 		return p, nil
 	}
+	p, err := SourceFile(rel)
+	if err != nil {
+		return "", fmt.Errorf("corpus: %w (set %s)", err, EnvPath)
+	}
+	return p, nil
+}
+
+// SourceFile returns the file rel names from the source tree: the first
+// folder at or above the working directory that holds go.mod.
+func SourceFile(rel string) (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err
@@ -34,13 +44,13 @@ func Path() (string, error) {
 		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
 			p := filepath.Join(dir, rel)
 			if _, err := os.Stat(p); err != nil {
-				return "", fmt.Errorf("corpus: %w (set %s)", err, EnvPath)
+				return "", err
 			}
 			return p, nil
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
-			return "", errors.New("corpus: no go.mod above the working directory (set " + EnvPath + ")")
+			return "", errors.New("no go.mod above the working directory")
 		}
 		dir = parent
 	}
