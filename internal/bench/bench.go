@@ -6,8 +6,8 @@
 // It also times how fast a queue of mail drains into an SMTP sink
 // (Outbound), beside sealing alone on every core.
 //
-// It imports, of this module, only config, gateway, hl7, internal/demo,
-// internal/embedded, mllp, security, store, surrogate.
+// It imports, of this module, only config, gateway, hl7, internal/corpus,
+// internal/demo, internal/embedded, mllp, security, store, surrogate.
 package bench
 
 import (
