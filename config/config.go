@@ -47,6 +47,11 @@ type Config struct {
 	ReturnRoutes []ReturnRoute `yaml:"return_routes"`
 	// Partners are the remote parties; at least one is required.
 	Partners []Partner `yaml:"partners"`
+	// TrustAnchors (PEM or .p7b) are trust anchors for every S/MIME
+	// partner, as smime_trust is for one.
+	TrustAnchors Files `yaml:"trust_anchors"`
+	// Revocation is how S/MIME certificates are checked for revocation.
+	Revocation Revocation `yaml:"revocation"`
 
 	// File is the path the configuration was read from.
 	File string `yaml:"-"`
@@ -60,13 +65,16 @@ type Self struct {
 	Name string `yaml:"name"`
 	// Email is the address mail is sent from and received at; required.
 	Email string `yaml:"email"`
-	// PGPKey is our armored OpenPGP private key; required when any partner
-	// uses security: pgp.
-	PGPKey string `yaml:"pgp_key"`
-	// SMIMECert and SMIMEKey are our PEM certificate and private key;
-	// required when any partner uses security: smime.
-	SMIMECert string `yaml:"smime_cert"`
-	SMIMEKey  string `yaml:"smime_key"`
+	// PGPKey is our armored OpenPGP private key, or a list of them over
+	// time: all decrypt, the newest valid one signs. Required when any
+	// partner uses security: pgp.
+	PGPKey Files `yaml:"pgp_key"`
+	// SMIMECert and SMIMEKey are our PEM certificate and private key, or
+	// lists of them paired by position; required when any partner uses
+	// security: smime. A certificate file may hold the chain (leaf first,
+	// then intermediates): our signatures carry all of it.
+	SMIMECert Files `yaml:"smime_cert"`
+	SMIMEKey  Files `yaml:"smime_key"`
 	// PassphraseFile or PassphraseEnv hold the passphrase of the private
 	// keys, if they are protected. Never inline.
 	PassphraseFile string `yaml:"passphrase_file"`
@@ -206,10 +214,17 @@ type Partner struct {
 	// AllowUnencrypted must be true for security: none, so that mail never
 	// leaves unencrypted by accident.
 	AllowUnencrypted bool `yaml:"allow_unencrypted"`
-	// PGPKey is the partner's armored public key (security: pgp).
-	PGPKey string `yaml:"pgp_key"`
-	// SMIMECert is the partner's PEM certificate (security: smime).
-	SMIMECert string `yaml:"smime_cert"`
+	// PGPKey is the partner's armored public key, or a list of them over
+	// time (security: pgp). A file holding only a revocation signature
+	// (GnuPG's .rev) revokes the key it names.
+	PGPKey Files `yaml:"pgp_key"`
+	// SMIMECert is the partner's PEM certificate, or a list of them
+	// (security: smime): pinned, only these are accepted.
+	SMIMECert Files `yaml:"smime_cert"`
+	// SMIMETrust, instead of pinning, are trust anchors (PEM or .p7b):
+	// any valid certificate for the partner's address that chains to one
+	// of them is accepted.
+	SMIMETrust Files `yaml:"smime_trust"`
 	// MDN is the receipt asked for: signed (default), unsigned or none.
 	MDN Receipt `yaml:"mdn"`
 	// MDNTimeout is when a missing receipt raises an alert (default 1h).
@@ -422,6 +437,9 @@ func (c *Config) applyDefaults() {
 	if c.Alerts.Digest == 0 {
 		c.Alerts.Digest = Duration(time.Minute)
 	}
+	if c.Revocation.Fail == "" {
+		c.Revocation.Fail = FailClosed
+	}
 	for i := range c.Partners {
 		p := &c.Partners[i]
 		if p.MDN == "" {
@@ -470,4 +488,62 @@ func (c *Config) applyDefaults() {
 			p.OrderWait = Duration(DefaultOrderWait)
 		}
 	}
+}
+
+// Files is one file or a list of them, as partners.yaml writes either:
+// `pgp_key: keys/lab.asc` or `pgp_key: [keys/lab-2026.asc, keys/lab-2027.asc]`.
+// A key or certificate given as a list is one party's keys over time: all
+// of them are known, the newest valid one is used (see security.Keyring).
+type Files []string
+
+// UnmarshalYAML reads a scalar as a list of one.
+func (f *Files) UnmarshalYAML(n *yaml.Node) error {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		if n.Value == "" {
+			*f = nil
+			return nil
+		}
+		*f = Files{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		var list []string
+		if err := n.Decode(&list); err != nil {
+			return err
+		}
+		*f = list
+		return nil
+	}
+	return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: a file name or a list of file names is required", n.Line)}}
+}
+
+// MarshalYAML writes one file as a scalar, several as a list.
+func (f Files) MarshalYAML() (any, error) {
+	if len(f) == 1 {
+		return f[0], nil
+	}
+	return []string(f), nil
+}
+
+// Field names the i-th file of the field named field: the field itself
+// when it holds one file, field[i] in a list.
+func (f Files) Field(field string, i int) string {
+	if len(f) <= 1 {
+		return field
+	}
+	return fmt.Sprintf("%s[%d]", field, i)
+}
+
+// Revocation says how certificate revocation is checked for S/MIME
+// partners (RFC 5280 CRLs, RFC 6960 OCSP).
+type Revocation struct {
+	// CRLFiles are CRLs (PEM or DER) read at start and at every reload.
+	CRLFiles Files `yaml:"crl_files"`
+	// Fetch, when true, fetches CRLs from a certificate's distribution
+	// points and asks its OCSP responder (HTTP), caching each answer until
+	// its next update.
+	Fetch bool `yaml:"fetch"`
+	// Fail is what "cannot tell" means once no cached answer is current:
+	// closed (default) refuses the certificate, open logs and accepts it.
+	Fail FailMode `yaml:"fail"`
 }

@@ -41,7 +41,7 @@ func TestAddRemovePartner(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := c.Partner("eastside-clinic")
-	if p == nil || p.Email != np.Email || p.Listen != np.Listen || p.Security != SMIME || p.SMIMECert != np.Key {
+	if p == nil || p.Email != np.Email || p.Listen != np.Listen || p.Security != SMIME || len(p.SMIMECert) != 1 || p.SMIMECert[0] != np.Key {
 		t.Fatalf("added partner = %+v", p)
 	}
 	if len(c.Partners) != 3 || c.Partners[2].Name != "eastside-clinic" {

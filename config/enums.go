@@ -99,3 +99,14 @@ type enum interface {
 
 // valid reports whether e is one of its type's words.
 func valid[E enum](e E) bool { return slices.Contains(e.words(), string(e)) }
+
+// FailMode is what an unanswered revocation check means: closed or open.
+type FailMode string
+
+// Fail modes.
+const (
+	FailClosed FailMode = "closed" // "cannot tell" refuses (the default)
+	FailOpen   FailMode = "open"   // "cannot tell" is logged and accepted
+)
+
+func (FailMode) words() []string { return []string{"closed", "open"} }

@@ -53,9 +53,16 @@ func (c *Config) CheckFiles() error {
 			v.addf(path, "", "", "environment variable %s is not set", name)
 		}
 	}
-	file("self.pgp_key", "", c.Self.PGPKey)
-	file("self.smime_cert", "", c.Self.SMIMECert)
-	file("self.smime_key", "", c.Self.SMIMEKey)
+	files := func(field, who string, fs Files) {
+		for i, f := range fs {
+			file(fs.Field(field, i), who, f)
+		}
+	}
+	files("self.pgp_key", "", c.Self.PGPKey)
+	files("self.smime_cert", "", c.Self.SMIMECert)
+	files("self.smime_key", "", c.Self.SMIMEKey)
+	files("trust_anchors", "", c.TrustAnchors)
+	files("revocation.crl_files", "", c.Revocation.CRLFiles)
 	file("self.passphrase_file", "", c.Self.PassphraseFile)
 	env("self.passphrase_env", c.Self.PassphraseEnv)
 	file("smtp.password_file", "", c.SMTP.PasswordFile)
@@ -81,8 +88,9 @@ func (c *Config) CheckFiles() error {
 		}
 	}
 	for i, p := range c.Partners {
-		file(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
-		file(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
+		files(fmt.Sprintf("partners[%d].pgp_key", i), p.Name, p.PGPKey)
+		files(fmt.Sprintf("partners[%d].smime_cert", i), p.Name, p.SMIMECert)
+		files(fmt.Sprintf("partners[%d].smime_trust", i), p.Name, p.SMIMETrust)
 		if t := p.ListenTLS; t != nil {
 			file(fmt.Sprintf("partners[%d].listen_tls.cert_file", i), p.Name, t.CertFile)
 			file(fmt.Sprintf("partners[%d].listen_tls.key_file", i), p.Name, t.KeyFile)

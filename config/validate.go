@@ -147,11 +147,17 @@ func (v *validator) partners() {
 	for i := range c.Partners {
 		v.partner(i, &c.Partners[i], seen)
 	}
-	if seen.pgp && c.Self.PGPKey == "" {
+	if seen.pgp && len(c.Self.PGPKey) == 0 {
 		v.addf("self.pgp_key", "", "hl7mail keygen -kind pgp writes one", "required because a partner uses security: pgp")
 	}
-	if seen.smime && (c.Self.SMIMECert == "" || c.Self.SMIMEKey == "") {
+	if seen.smime && (len(c.Self.SMIMECert) == 0 || len(c.Self.SMIMEKey) == 0) {
 		v.addf("self.smime_cert", "", "hl7mail keygen -kind smime writes both", "self.smime_cert and self.smime_key are required because a partner uses security: smime")
+	} else if len(c.Self.SMIMECert) != len(c.Self.SMIMEKey) {
+		v.addf("self.smime_key", "", "list one key for each certificate, in the same order",
+			"self.smime_cert names %d certificates and self.smime_key %d keys", len(c.Self.SMIMECert), len(c.Self.SMIMEKey))
+	}
+	if !valid(c.Revocation.Fail) {
+		v.addf("revocation.fail", "", "closed or open", "unknown value %q", c.Revocation.Fail)
 	}
 }
 
@@ -217,13 +223,14 @@ func (v *validator) partnerSettings(f func(string) string, who string, p *Partne
 	switch p.Security {
 	case PGP:
 		seen.pgp = true
-		if p.PGPKey == "" {
+		if len(p.PGPKey) == 0 {
 			v.addfAt(f("security"), f("pgp_key"), who, "the partner's armored public key", "required with security: pgp")
 		}
 	case SMIME:
 		seen.smime = true
-		if p.SMIMECert == "" {
-			v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate", "required with security: smime")
+		if len(p.SMIMECert) == 0 && len(p.SMIMETrust) == 0 && len(c.TrustAnchors) == 0 {
+			v.addfAt(f("security"), f("smime_cert"), who, "the partner's PEM certificate, or smime_trust: its CA",
+				"required with security: smime")
 		}
 	case NoSecurity:
 		if !p.AllowUnencrypted {

@@ -34,7 +34,7 @@ func (w *world) receive(t *testing.T, mic security.MIC, ackFor string) {
 		}
 		entity = security.BuildBundle(ack, entity)
 	}
-	lab := &security.Keyring{PGPSelf: w.lab, PGPPartners: map[string]*openpgp.Entity{"hospital": w.o.Keys.PGPSelf}}
+	lab := &security.Keyring{PGPSelf: []*openpgp.Entity{w.lab}, PGPPartners: map[string][]*openpgp.Entity{"hospital": w.o.Keys.PGPSelf}}
 	sealed, _, err := lab.Suite(security.SuitePGP, "hospital", "").Seal(entity, time.Now())
 	if err != nil {
 		t.Fatal(err)

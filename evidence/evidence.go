@@ -212,21 +212,33 @@ func (r *Report) Export(dir string, keys *security.Keyring) error {
 	files := append([]exportFile(nil), r.files...)
 	switch r.Partner.Security {
 	case config.PGP:
-		our, err := security.ArmorPGPPublic(keys.PGPSelf)
+		our, err := security.ArmorPGPPublic(keys.PGPSelf...)
 		if err != nil {
 			return err
 		}
-		theirs, err := security.ArmorPGPPublic(keys.PGPPartners[r.Partner.Name])
+		theirs, err := security.ArmorPGPPublic(keys.PGPPartners[r.Partner.Name]...)
 		if err != nil {
 			return err
 		}
-		files = append(files, exportFile{name: "our-key.asc", data: our, note: "our public key"},
-			exportFile{name: "partner-key.asc", data: theirs, note: "the partner's public key"})
+		files = append(files, exportFile{name: "our-key.asc", data: our, note: "our public keys"},
+			exportFile{name: "partner-key.asc", data: theirs, note: "the partner's public keys"})
 	case config.SMIME:
+		var ours, theirs []byte
+		for _, id := range keys.SMIMESelf {
+			ours = append(ours, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: id.Cert.Raw})...)
+		}
+		partner := keys.SMIMEPartners[r.Partner.Name]
+		if keys.Seen != nil {
+			if c := keys.Seen.Newest(r.Partner.Name); c != nil {
+				partner = append(partner, c)
+			}
+		}
+		for _, c := range partner {
+			theirs = append(theirs, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+		}
 		files = append(files,
-			exportFile{name: "our-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: keys.SMIMECert.Raw}), note: "our certificate"},
-			exportFile{name: "partner-cert.pem", data: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE",
-				Bytes: keys.SMIMEPartners[r.Partner.Name].Raw}), note: "the partner's certificate"})
+			exportFile{name: "our-cert.pem", data: ours, note: "our certificates"},
+			exportFile{name: "partner-cert.pem", data: theirs, note: "the partner's certificates"})
 	}
 	var rep bytes.Buffer
 	r.Write(&rep)

@@ -49,7 +49,7 @@ partners:
 	}
 	self, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "H", Email: "edi@hospital.test"})
 	lab, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Lab", Email: "lab@partner.test"})
-	keys := &security.Keyring{PGPSelf: self, PGPPartners: map[string]*openpgp.Entity{"lab": lab}}
+	keys := &security.Keyring{PGPSelf: []*openpgp.Entity{self}, PGPPartners: map[string][]*openpgp.Entity{"lab": {lab}}}
 	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: testlog.New(t, slog.LevelWarn)})
 	if err != nil {
 		t.Fatal(err)

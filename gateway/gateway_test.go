@@ -104,7 +104,7 @@ partners:
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	keysLab := security.PGPKeys{Self: lab, Partners: openpgp.EntityList{self}}
+	keysLab := security.PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{self}}
 	for _, m := range smtpSrv.Mails() {
 		o, err := security.PGPOpen(m.Data, keysLab, self, time.Now())
 		if err != nil {

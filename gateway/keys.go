@@ -5,18 +5,23 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/ProtonMail/go-crypto/openpgp/packet"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/security"
 )
 
-// ExpiryWarning is how long before a key or certificate expires that it is
-// reported.
-const ExpiryWarning = 30 * 24 * time.Hour
+// ExpiryWarning and ExpiryUrgent are how long before a party's last valid
+// key or certificate expires that it is reported: an alert at each.
+const (
+	ExpiryWarning = 30 * 24 * time.Hour
+	ExpiryUrgent  = 7 * 24 * time.Hour
+)
 
 // Keys are the keys and certificates a configuration names, loaded: the
 // Keyring the mail side seals and opens with, and what expires soon.
@@ -36,20 +41,37 @@ type Keys struct {
 type expiry struct {
 	who, field, what string
 	party            string // "self" or the partner's name
-	at               time.Time
+	kind             string // the list it is in: "pgp", "smime"
+	from, at         time.Time
 }
 
-// Expiring returns a warning for each loaded key or certificate that
-// expires within ExpiryWarning of now, or has expired: what a running
-// instance looks at again every day.
+// Expiring returns a warning for each party (and kind of key) whose last
+// valid key or certificate expires within ExpiryWarning of now, another
+// when within ExpiryUrgent, or has expired: what a running instance looks
+// at again twice a day. A key with a successor listed beside it is not
+// reported: the successor takes over.
 func (k *Keys) Expiring(now time.Time) []string {
-	var out []string
+	last := map[string]expiry{}
+	var order []string
 	for _, x := range k.expiries {
-		switch {
-		case now.After(x.at):
+		id := x.party + "\x00" + x.kind
+		if l, ok := last[id]; !ok {
+			order = append(order, id)
+			last[id] = x
+		} else if x.at.After(l.at) {
+			last[id] = x
+		}
+	}
+	var out []string
+	for _, id := range order {
+		x := last[id]
+		switch left := x.at.Sub(now); {
+		case left < 0:
 			out = append(out, fmt.Sprintf("%s: %s: %s expired on %s", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
-		case x.at.Sub(now) < ExpiryWarning:
-			out = append(out, fmt.Sprintf("%s: %s: %s expires on %s", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
+		case left < ExpiryUrgent:
+			out = append(out, fmt.Sprintf("%s: %s: %s expires on %s, within 7 days, and nothing replaces it", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
+		case left < ExpiryWarning:
+			out = append(out, fmt.Sprintf("%s: %s: %s expires on %s, within 30 days, and nothing replaces it", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
 		}
 	}
 	return out
@@ -59,43 +81,58 @@ func (k *Keys) Expiring(now time.Time) []string {
 // reports all problems at once as a *config.Error (unreadable, wrong kind,
 // protected without passphrase, expired, no address matching the partner).
 //
+// A party's keys may be a list (rollover): an expired or not yet valid key
+// in a list is a problem only when no key of the list is valid.
+//
 // Only our own keys stop the start: a partner's key problem is kept in
 // Problems, and when the key cannot be used at all (unreadable, another
 // address), in Keyring.Unusable. When ours have problems, the error lists
 // the partners' too, so that check names everything at once.
 func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
-	k := &Keys{Keyring: security.Keyring{PGPPartners: map[string]*openpgp.Entity{}, SMIMEPartners: map[string]*x509.Certificate{},
-		Unusable: map[string]string{}}}
+	k := &Keys{Keyring: security.Keyring{PGPPartners: map[string][]*openpgp.Entity{}, SMIMEPartners: map[string][]*x509.Certificate{},
+		Anchors: map[string]*security.Anchors{}, Unusable: map[string]string{}}}
 	e := cfg.Problems()
 	pass, err := passphrase(cfg)
 	if err != nil {
 		e.Addf("self.passphrase_file", "", "", "%v", err)
 	}
-	if cfg.Self.PGPKey != "" {
-		if k.PGPSelf, err = security.LoadPGPKey(cfg.Path(cfg.Self.PGPKey), pass); err != nil {
-			e.Addf("self.pgp_key", "", "", "%v", err)
-		} else if k.PGPSelf.PrivateKey == nil {
-			e.Addf("self.pgp_key", "", "our own key must include the private key", "%s holds a public key only", cfg.Self.PGPKey)
-			k.PGPSelf = nil
-		} else {
-			k.checkPGP("self.pgp_key", "", k.PGPSelf, now, e)
+	var dated []datedKey
+	for i, f := range cfg.Self.PGPKey {
+		field := cfg.Self.PGPKey.Field("self.pgp_key", i)
+		ent, err := security.LoadPGPKey(cfg.Path(f), pass)
+		switch {
+		case err != nil:
+			e.Addf(field, "", "", "%v", err)
+		case ent.PrivateKey == nil:
+			e.Addf(field, "", "our own key must include the private key", "%s holds a public key only", f)
+		default:
+			k.PGPSelf = append(k.PGPSelf, ent)
+			dated = append(dated, pgpDated(field, ent, now, false))
 		}
 	}
-	if cfg.Self.SMIMECert != "" && cfg.Self.SMIMEKey != "" {
-		cert, cerr := security.LoadCert(cfg.Path(cfg.Self.SMIMECert))
-		key, kerr := security.LoadKey(cfg.Path(cfg.Self.SMIMEKey))
+	k.checkList("", "pgp", dated, now, e)
+	dated = nil
+	for i, f := range cfg.Self.SMIMECert {
+		field := cfg.Self.SMIMECert.Field("self.smime_cert", i)
+		if i >= len(cfg.Self.SMIMEKey) {
+			break // validation names the mismatch
+		}
+		keyField := cfg.Self.SMIMEKey.Field("self.smime_key", i)
+		certs, cerr := security.LoadCerts(cfg.Path(f))
+		key, kerr := security.LoadKey(cfg.Path(cfg.Self.SMIMEKey[i]))
 		switch {
 		case cerr != nil:
-			e.Addf("self.smime_cert", "", "", "%v", cerr)
+			e.Addf(field, "", "", "%v", cerr)
 		case kerr != nil:
-			e.Addf("self.smime_key", "", "", "%v", kerr)
-		case !samePublicKey(cert, key):
-			e.Addf("self.smime_key", "", "", "the key does not belong to the certificate %s", cfg.Self.SMIMECert)
+			e.Addf(keyField, "", "", "%v", kerr)
+		case !samePublicKey(certs[0], key):
+			e.Addf(keyField, "", "", "the key does not belong to the certificate %s", f)
 		default:
-			k.SMIMECert, k.SMIMEKey = cert, key
-			k.checkCert("self.smime_cert", "", cert, now, e)
+			k.SMIMESelf = append(k.SMIMESelf, security.SMIMEIdentity{Cert: certs[0], Key: key, Chain: certs[1:]})
+			dated = append(dated, certDated(field, certs[0]))
 		}
 	}
+	k.checkList("", "smime", dated, now, e)
 	pe := cfg.Problems()
 	for i, p := range cfg.Partners {
 		k.loadPartner(cfg, i, &p, now, pe)
@@ -110,43 +147,150 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 	return k, nil
 }
 
-// loadPartner loads the key or certificate of partner p (partners[i]),
+// datedKey is one key of a list, with when it serves and what it is.
+type datedKey struct {
+	field, what string
+	from, to    time.Time // to is zero for never
+	why         string    // why it cannot serve now, or ""
+}
+
+func pgpDated(field string, ent *openpgp.Entity, now time.Time, encrypt bool) datedKey {
+	d := datedKey{field: field, what: "OpenPGP key " + security.Fingerprint(ent), from: ent.PrimaryKey.CreationTime,
+		to: security.PGPExpiry(ent)}
+	if encrypt {
+		d.why = security.PGPUnusable(ent, now)
+	} else {
+		d.why = security.PGPUnusableToSign(ent, now)
+	}
+	return d
+}
+
+func certDated(field string, c *x509.Certificate) datedKey {
+	return datedKey{field: field, what: "certificate " + c.Subject.String(), from: c.NotBefore, to: c.NotAfter}
+}
+
+// checkList records the expiries of one party's list of keys and reports
+// it when none of them serves now: the reason of the newest, or, when
+// the list is one key, its own.
+func (k *Keys) checkList(partner, kind string, list []datedKey, now time.Time, e *config.Error) {
+	who, party := "self", "self"
+	if partner != "" {
+		who, party = "partner "+partner, partner
+	}
+	serves := false
+	var newest *datedKey
+	for i := range list {
+		d := &list[i]
+		if d.why == "" && (now.Before(d.from) || !d.to.IsZero() && now.After(d.to)) {
+			d.why = "not valid now"
+		}
+		if d.why == "" {
+			serves = true
+		}
+		if newest == nil || d.from.After(newest.from) {
+			newest = d
+		}
+		if !d.to.IsZero() {
+			k.expiries = append(k.expiries, expiry{who: who, field: d.field, what: d.what, party: party, kind: kind, from: d.from, at: d.to})
+		}
+	}
+	if serves || newest == nil {
+		for _, w := range k.Expiring(now) {
+			if strings.HasPrefix(w, who+": ") && !slices.Contains(k.Warnings, w) {
+				k.Warnings = append(k.Warnings, w)
+			}
+		}
+		return
+	}
+	switch d := newest; {
+	case now.Before(d.from):
+		e.Addf(d.field, partner, "list the current key beside it until then", "%s is not valid before %s", d.what, d.from.Format(time.DateOnly))
+	case !d.to.IsZero() && now.After(d.to):
+		e.Addf(d.field, partner, "renew it and exchange the new one", "%s expired on %s", d.what, d.to.Format(time.DateOnly))
+	default:
+		e.Addf(d.field, partner, "", "%s: %s", d.what, d.why)
+	}
+}
+
+// loadPartner loads the keys or certificates of partner p (partners[i]),
 // adding its problems to e. One that cannot serve p at all is Unusable.
 func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now time.Time, e *config.Error) {
 	field := func(f string) string { return fmt.Sprintf("partners[%d].%s", i, f) }
 	unusable := func(f, hint, format string, args ...any) {
 		e.Addf(field(f), p.Name, hint, format, args...)
-		k.Unusable[p.Name] = fmt.Sprintf("partner %s: %s: ", p.Name, field(f)) + fmt.Sprintf(format, args...)
+		if _, ok := k.Unusable[p.Name]; !ok {
+			k.Unusable[p.Name] = fmt.Sprintf("partner %s: %s: ", p.Name, field(f)) + fmt.Sprintf(format, args...)
+		}
 	}
 	switch p.Security {
 	case config.PGP:
-		ent, err := security.LoadPGPKey(cfg.Path(p.PGPKey), nil)
-		if err != nil {
-			unusable("pgp_key", "", "%v", err)
-			return
+		var keys []*openpgp.Entity
+		var revs []*packet.Signature
+		var revFields []string
+		for j, f := range p.PGPKey {
+			ent, rev, err := security.LoadPGPKeyFile(cfg.Path(f), nil)
+			switch {
+			case err != nil:
+				unusable(p.PGPKey.Field("pgp_key", j), "", "%v", err)
+				return
+			case rev != nil:
+				revs, revFields = append(revs, rev), append(revFields, field(p.PGPKey.Field("pgp_key", j)))
+				continue
+			}
+			if !pgpHasEmail(ent, p.Email) {
+				unusable(p.PGPKey.Field("pgp_key", j), "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
+			}
+			keys = append(keys, ent)
 		}
-		if !pgpHasEmail(ent, p.Email) {
-			unusable("pgp_key", "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
-		}
-		k.PGPPartners[p.Name] = ent
-		// An expired encryption subkey is an expired key too (checkPGP
-		// reports the primary key's own expiry).
-		if expired := k.checkPGP(field("pgp_key"), p.Name, ent, now, e); !expired {
-			if why := security.PGPUnusable(ent, now); why != "" {
-				e.Addf(field("pgp_key"), p.Name, "ask the partner for its renewed key", "%s", why)
+		for j, rev := range revs {
+			if security.ApplyRevocation(keys, rev) == nil {
+				e.Addf(revFields[j], p.Name, "", "the revocation is of none of the partner's listed keys")
 			}
 		}
+		k.PGPPartners[p.Name] = keys
+		var dated []datedKey
+		for j, ent := range keys {
+			dated = append(dated, pgpDated(field(p.PGPKey.Field("pgp_key", j)), ent, now, true))
+		}
+		k.checkList(p.Name, "pgp", dated, now, e)
 	case config.SMIME:
-		cert, err := security.LoadCert(cfg.Path(p.SMIMECert))
-		if err != nil {
-			unusable("smime_cert", "", "%v", err)
-			return
+		var dated []datedKey
+		for j, f := range p.SMIMECert {
+			certs, err := security.LoadCerts(cfg.Path(f))
+			if err != nil {
+				unusable(p.SMIMECert.Field("smime_cert", j), "", "%v", err)
+				return
+			}
+			if !certHasEmail(certs[0], p.Email) {
+				unusable(p.SMIMECert.Field("smime_cert", j), "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
+			}
+			k.SMIMEPartners[p.Name] = append(k.SMIMEPartners[p.Name], certs[0])
+			k.AddIssuers(certs[1:]...)
+			dated = append(dated, certDated(field(p.SMIMECert.Field("smime_cert", j)), certs[0]))
 		}
-		if !certHasEmail(cert, p.Email) {
-			unusable("smime_cert", "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
+		if len(dated) > 0 {
+			k.checkList(p.Name, "smime", dated, now, e)
 		}
-		k.SMIMEPartners[p.Name] = cert
-		k.checkCert(field("smime_cert"), p.Name, cert, now, e)
+		trust, tfield := p.SMIMETrust, "smime_trust"
+		if len(trust) == 0 {
+			trust, tfield = cfg.TrustAnchors, ""
+		}
+		var anchors []*x509.Certificate
+		for j, f := range trust {
+			certs, err := security.LoadCerts(cfg.Path(f))
+			if err != nil {
+				if tfield == "" {
+					e.Addf(cfg.TrustAnchors.Field("trust_anchors", j), "", "", "%v", err)
+					continue
+				}
+				unusable(trust.Field(tfield, j), "", "%v", err)
+				return
+			}
+			anchors = append(anchors, certs...)
+		}
+		if len(anchors) > 0 {
+			k.Anchors[p.Name] = security.NewAnchors(p.Email, anchors)
+		}
 	}
 }
 
@@ -156,43 +300,6 @@ func passphrase(cfg *config.Config) ([]byte, error) {
 		return nil, err
 	}
 	return []byte(p), err
-}
-
-// checkPGP checks the primary key's expiry; it reports whether the key has
-// expired (and was reported so).
-func (k *Keys) checkPGP(field, partner string, ent *openpgp.Entity, now time.Time, e *config.Error) bool {
-	sig, _ := ent.PrimarySelfSignature()
-	if sig == nil || sig.KeyLifetimeSecs == nil || *sig.KeyLifetimeSecs == 0 {
-		return false
-	}
-	expires := ent.PrimaryKey.CreationTime.Add(time.Duration(*sig.KeyLifetimeSecs) * time.Second)
-	return k.checkExpiry(field, partner, "OpenPGP key "+security.Fingerprint(ent), expires, now, e)
-}
-
-func (k *Keys) checkCert(field, partner string, c *x509.Certificate, now time.Time, e *config.Error) {
-	if now.Before(c.NotBefore) {
-		e.Addf(field, partner, "", "certificate %s is not valid before %s", c.Subject, c.NotBefore.Format(time.DateOnly))
-		return
-	}
-	k.checkExpiry(field, partner, "certificate "+c.Subject.String(), c.NotAfter, now, e)
-}
-
-// checkExpiry records when what expires, reports it expired or expiring,
-// and reports whether it has expired.
-func (k *Keys) checkExpiry(field, partner, what string, expires, now time.Time, e *config.Error) bool {
-	who, party := "self", "self"
-	if partner != "" {
-		who, party = "partner "+partner, partner
-	}
-	k.expiries = append(k.expiries, expiry{who: who, field: field, what: what, party: party, at: expires})
-	switch {
-	case now.After(expires):
-		e.Addf(field, partner, "renew it and exchange the new one", "%s expired on %s", what, expires.Format(time.DateOnly))
-		return true
-	case expires.Sub(now) < ExpiryWarning:
-		k.Warnings = append(k.Warnings, fmt.Sprintf("%s: %s: %s expires on %s", who, field, what, expires.Format(time.DateOnly)))
-	}
-	return false
 }
 
 func pgpHasEmail(ent *openpgp.Entity, email string) bool {
@@ -232,7 +339,8 @@ func Load(path string, now time.Time) (*config.Config, *Keys, error) {
 	if err := cfg.CheckFiles(); errors.As(err, &ce) {
 		kept := ce.Problems[:0]
 		for _, p := range ce.Problems {
-			if p.Partner == "" || !strings.HasSuffix(p.Field, ".pgp_key") && !strings.HasSuffix(p.Field, ".smime_cert") {
+			if p.Partner == "" || !strings.Contains(p.Field, ".pgp_key") && !strings.Contains(p.Field, ".smime_cert") &&
+				!strings.Contains(p.Field, ".smime_trust") {
 				kept = append(kept, p)
 			}
 		}

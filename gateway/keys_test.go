@@ -70,7 +70,7 @@ func TestLoadKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.PGPSelf == nil || k.PGPSelf.PrivateKey == nil || k.PGPSelf.PrivateKey.Encrypted || k.SMIMECert == nil ||
+	if len(k.PGPSelf) != 1 || k.PGPSelf[0].PrivateKey == nil || k.PGPSelf[0].PrivateKey.Encrypted || len(k.SMIMESelf) != 1 ||
 		k.PGPPartners["lab"] == nil || k.SMIMEPartners["clinic"] == nil || len(k.Warnings) != 0 {
 		t.Errorf("LoadKeys = %+v", k)
 	}

@@ -34,7 +34,7 @@ func TestUnsignedReceiptEvidence(t *testing.T) {
 	sendAll(t, g.SurrogateAddr("lab"), "U1")
 	waitUntil(t, "the mail", 20*time.Second, func() bool { return s.smtp.Count() == 1 })
 	sent := s.smtp.Mails()[0].Data
-	opened, err := security.PGPOpen(sent, security.PGPKeys{Self: lab, Partners: openpgp.EntityList{s.self}}, s.self, time.Now())
+	opened, err := security.PGPOpen(sent, security.PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{s.self}}, s.self, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,8 +46,8 @@ partners:
 		return e
 	}
 	l := &labSide{hospital: gen("edi@hospital.test"), clinic: gen("edi@clinic.test"), lab: gen("lab@partner.test")}
-	l.opener = &Opener{Config: cfg, Keys: &security.Keyring{PGPSelf: l.lab,
-		PGPPartners: map[string]*openpgp.Entity{"hospital": l.hospital, "clinic": l.clinic}}}
+	l.opener = &Opener{Config: cfg, Keys: &security.Keyring{PGPSelf: []*openpgp.Entity{l.lab},
+		PGPPartners: map[string][]*openpgp.Entity{"hospital": {l.hospital}, "clinic": {l.clinic}}}}
 	return l
 }
 
@@ -246,8 +246,8 @@ partners:
 	clinicKey, clinicCert, _ := security.GenerateCert(security.CertOptions{Name: "Clinic", Email: "edi@clinic.test", RSABits: 2048})
 	labPGP, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Lab", Email: "lab@partner.test"})
 	clinicPGP, _ := security.GeneratePGPKey(security.PGPKeyOptions{Name: "Clinic", Email: "edi@clinic.test"})
-	o := &Opener{Config: cfg, Keys: &security.Keyring{PGPSelf: labPGP, SMIMECert: labCert, SMIMEKey: labKey,
-		SMIMEPartners: map[string]*x509.Certificate{"clinic": clinicCert}}}
+	o := &Opener{Config: cfg, Keys: &security.Keyring{PGPSelf: []*openpgp.Entity{labPGP}, SMIMESelf: []security.SMIMEIdentity{{Cert: labCert, Key: labKey}},
+		SMIMEPartners: map[string][]*x509.Certificate{"clinic": {clinicCert}}}}
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})
 	head := "From: edi@clinic.test\r\nTo: lab@partner.test\r\nMessage-ID: <m2@clinic.test>\r\nSubject: HL7\r\n"
 	now := time.Now()

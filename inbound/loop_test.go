@@ -52,7 +52,7 @@ partners:
 	}
 	out, _ := journal.Open(filepath.Join(dir, "outgoing.mbox"))
 	in, _ := journal.Open(filepath.Join(dir, "incoming.mbox"))
-	keys := &security.Keyring{PGPSelf: own, PGPPartners: map[string]*openpgp.Entity{partner: theirs}}
+	keys := &security.Keyring{PGPSelf: []*openpgp.Entity{own}, PGPPartners: map[string][]*openpgp.Entity{partner: {theirs}}}
 	log := testlog.New(t, slog.LevelInfo).With("site", name)
 	sender, _ := outbound.NewSender(outbound.SenderOptions{Config: cfg, Store: st, Keys: keys, Journal: out, Logger: log,
 		Submitter: &outbound.SMTPSubmitter{Addr: smtpAddr, TLS: "none"}, Poll: 10 * time.Millisecond})

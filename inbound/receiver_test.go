@@ -178,7 +178,7 @@ func TestRelease(t *testing.T) {
 		t.Fatalf("a refused release stored %d messages", len(list))
 	}
 
-	l.opener.Keys.PGPPartners["hospital"] = newKey // the operator configures the partner's new key
+	l.opener.Keys.PGPPartners["hospital"] = []*openpgp.Entity{newKey} // the operator configures the partner's new key
 	res, err = r.Release(ctx, qid, "j.smith", "new key confirmed by phone")
 	if err != nil || res.ID == 0 {
 		t.Fatalf("Release = %+v, %v", res, err)

@@ -84,9 +84,9 @@ partners:
 		t.Fatal(err)
 	}
 	f.hospCert = hcert
-	f.clinic = security.SMIMEKeys{Cert: ccert, Key: ckey, Partners: []*x509.Certificate{hcert}}
-	f.sealer = &security.Keyring{PGPSelf: f.hospital, SMIMECert: hcert, SMIMEKey: hkey,
-		PGPPartners: map[string]*openpgp.Entity{"lab": f.labKey}, SMIMEPartners: map[string]*x509.Certificate{"clinic": ccert}}
+	f.clinic = security.SMIMEKeys{Self: []security.SMIMEIdentity{{Cert: ccert, Key: ckey}}, Partners: []*x509.Certificate{hcert}}
+	f.sealer = &security.Keyring{PGPSelf: []*openpgp.Entity{f.hospital}, SMIMESelf: []security.SMIMEIdentity{{Cert: hcert, Key: hkey}},
+		PGPPartners: map[string][]*openpgp.Entity{"lab": {f.labKey}}, SMIMEPartners: map[string][]*x509.Certificate{"clinic": {ccert}}}
 	dir := t.TempDir()
 	f.st, err = store.Open(store.Options{Dir: dir, Logger: testlog.New(t, slog.LevelWarn), Now: now})
 	if err != nil {
@@ -189,7 +189,7 @@ func TestSendBothSuites(t *testing.T) {
 		var o *security.Opened
 		switch m.To[0] {
 		case "lab@partner.test":
-			o, err = security.PGPOpen(m.Data, security.PGPKeys{Self: f.labKey, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
+			o, err = security.PGPOpen(m.Data, security.PGPKeys{Self: openpgp.EntityList{f.labKey}, Partners: openpgp.EntityList{f.hospital}}, f.hospital, time.Now())
 			if req := security.ParseMDNRequest(h); req == nil || req.To != "edi@hospital.test" || req.Protocol != "pgp-signature" {
 				t.Errorf("mail %d: MDN request %+v, %v", i, req, err)
 			}

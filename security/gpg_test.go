@@ -215,7 +215,7 @@ func TestGnuPGSHA1Refused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = PGPOpen(mail(enc), PGPKeys{Self: lab, Partners: openpgp.EntityList{legacy}}, legacy, time.Now())
+	_, err = PGPOpen(mail(enc), PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{legacy}}, legacy, time.Now())
 	if !errors.Is(err, ErrWeakAlgorithm) {
 		t.Errorf("PGPOpen(SHA-1 signature by gpg) = %v, want ErrWeakAlgorithm", err)
 	}

@@ -51,15 +51,18 @@ func GeneratePGPKey(opts PGPKeyOptions) (*openpgp.Entity, error) {
 	return e, nil
 }
 
-// ArmorPGPPublic returns the armored public key, to hand to partners.
-func ArmorPGPPublic(e *openpgp.Entity) ([]byte, error) {
+// ArmorPGPPublic returns the armored public key (or keys, one block),
+// to hand to partners.
+func ArmorPGPPublic(es ...*openpgp.Entity) ([]byte, error) {
 	var b bytes.Buffer
 	w, err := armor.Encode(&b, openpgp.PublicKeyType, nil)
 	if err != nil {
 		return nil, err
 	}
-	if err := e.Serialize(w); err != nil {
-		return nil, err
+	for _, e := range es {
+		if err := e.Serialize(w); err != nil {
+			return nil, err
+		}
 	}
 	if err := w.Close(); err != nil {
 		return nil, err

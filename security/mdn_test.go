@@ -238,11 +238,11 @@ func TestGoldenDraftExample(t *testing.T) {
 	// The lab signs the bundle as a whole and encrypts it to the hospital.
 	signed, _, _ := PGPSign(bundle, lab, now)
 	enc, _ := PGPEncrypt(signed, []*openpgp.Entity{hospital}, now)
-	o, err := PGPOpen(mail(enc), PGPKeys{Self: hospital, Partners: openpgp.EntityList{lab}}, lab, now)
+	o, err := PGPOpen(mail(enc), PGPKeys{Self: openpgp.EntityList{hospital}, Partners: openpgp.EntityList{lab}}, lab, now)
 	check("pgp", o, err)
 	ssigned, _, _ := SMIMESign(bundle, sLab.cert, sLab.key)
 	senc, _ := SMIMEEncrypt(ssigned, []*x509.Certificate{sHospital.cert}, OAEPSHA256)
-	o, err = SMIMEOpen(mail(senc), SMIMEKeys{Cert: sHospital.cert, Key: sHospital.key, Partners: []*x509.Certificate{sLab.cert}}, sLab.cert, now)
+	o, err = SMIMEOpen(mail(senc), SMIMEKeys{Self: []SMIMEIdentity{{Cert: sHospital.cert, Key: sHospital.key}}, Partners: []*x509.Certificate{sLab.cert}}, sLab.cert, now)
 	check("smime", o, err)
 }
 

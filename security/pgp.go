@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -176,11 +177,11 @@ func assembleEncrypted(armored []byte) []byte {
 	return b.Bytes()
 }
 
-// PGPKeys are the keys that open mail: ours, to decrypt, and the public keys
-// of every partner, so that a signature by a known partner other than the
-// expected one is told apart from one by a stranger.
+// PGPKeys are the keys that open mail: ours, to decrypt (any of them), and
+// the public keys of every partner, so that a signature by a known partner
+// other than the expected one is told apart from one by a stranger.
 type PGPKeys struct {
-	Self     *openpgp.Entity
+	Self     openpgp.EntityList
 	Partners openpgp.EntityList
 }
 
@@ -192,9 +193,12 @@ type Opened struct {
 	// MIC is the digest of Entity with the signature's hash algorithm, for
 	// the receipt.
 	MIC MIC
-	// Signer is the signer's key fingerprint (PGP) or certificate subject.
-	Signer    string
-	Encrypted bool
+	// Signer is the signer's key fingerprint (PGP) or certificate subject
+	// and fingerprint (CertName): which of a partner's keys signed.
+	Signer string
+	// SignerCert is the S/MIME signer's certificate.
+	SignerCert *x509.Certificate
+	Encrypted  bool
 	// Combined is true when signature and encryption came as one OpenPGP
 	// message rather than two MIME layers.
 	Combined bool
@@ -210,6 +214,16 @@ type Opened struct {
 // multipart/encrypted) and the combined form (one signed and encrypted
 // OpenPGP message inside multipart/encrypted).
 func PGPOpen(mail []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time) (*Opened, error) {
+	var list openpgp.EntityList
+	if expected != nil {
+		list = append(list, expected)
+	}
+	return PGPOpenFrom(mail, keys, list, now)
+}
+
+// PGPOpenFrom is PGPOpen for a partner with several keys: a signature by
+// any of expected is the partner's.
+func PGPOpenFrom(mail []byte, keys PGPKeys, expected openpgp.EntityList, now time.Time) (*Opened, error) {
 	e, err := parseEntity(mail)
 	if err != nil {
 		return nil, err
@@ -299,13 +313,13 @@ func SplitSigned(entity []byte) (content, signature []byte, err error) {
 // openKeyring decrypts with our own key only and verifies signatures with
 // the partners' keys only, whatever else those entities hold.
 type openKeyring struct {
-	self    *openpgp.Entity
+	self    openpgp.EntityList
 	signers openpgp.EntityList
 }
 
 // KeysById serves decryption: only our keys.
 func (k openKeyring) KeysById(id uint64) []openpgp.Key {
-	return openpgp.EntityList{k.self}.KeysById(id)
+	return k.self.KeysById(id)
 }
 
 // KeysByIdUsage serves signature checks: only the partners' keys.
@@ -315,12 +329,12 @@ func (k openKeyring) KeysByIdUsage(id uint64, usage byte) []openpgp.Key {
 
 // DecryptionKeys serves anonymous recipients: only our keys.
 func (k openKeyring) DecryptionKeys() []openpgp.Key {
-	return openpgp.EntityList{k.self}.DecryptionKeys()
+	return k.self.DecryptionKeys()
 }
 
 // combinedResult checks the signature of a signed-and-encrypted OpenPGP
 // message, read to its end.
-func combinedResult(md *openpgp.MessageDetails, plain []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time) (*Opened, error) {
+func combinedResult(md *openpgp.MessageDetails, plain []byte, keys PGPKeys, expected openpgp.EntityList, now time.Time) (*Opened, error) {
 	if md.SignedBy == nil {
 		return nil, fmt.Errorf("%w: key id %X", ErrUnknownSigner, md.SignedByKeyId)
 	}
@@ -339,7 +353,7 @@ func combinedResult(md *openpgp.MessageDetails, plain []byte, keys PGPKeys, expe
 }
 
 // pgpVerify verifies a multipart/signed entity (RFC 3156 §5).
-func pgpVerify(entity []byte, keys PGPKeys, expected *openpgp.Entity, now time.Time) (*Opened, error) {
+func pgpVerify(entity []byte, keys PGPKeys, expected openpgp.EntityList, now time.Time) (*Opened, error) {
 	e, err := parseEntity(entity)
 	if err != nil {
 		return nil, err
@@ -393,17 +407,19 @@ func pgpVerify(entity []byte, keys PGPKeys, expected *openpgp.Entity, now time.T
 }
 
 // checkSigner refuses weak signatures and signers other than expected.
-func checkSigner(signer *openpgp.Entity, hash crypto.Hash, keys PGPKeys, expected *openpgp.Entity) error {
+func checkSigner(signer *openpgp.Entity, hash crypto.Hash, keys PGPKeys, expected openpgp.EntityList) error {
 	if hash == crypto.SHA1 || hash == crypto.MD5 {
 		return fmt.Errorf("%w: %s signature", ErrWeakAlgorithm, hash)
 	}
 	if bits, err := signer.PrimaryKey.BitLength(); err == nil && isRSA(signer.PrimaryKey.PubKeyAlgo) && bits < 2048 {
 		return fmt.Errorf("%w: RSA key of %d bits", ErrWeakAlgorithm, bits)
 	}
-	if expected == nil || !bytes.Equal(signer.PrimaryKey.Fingerprint, expected.PrimaryKey.Fingerprint) {
-		return fmt.Errorf("%w: signed by %s", ErrWrongSigner, Fingerprint(signer))
+	for _, e := range expected {
+		if bytes.Equal(signer.PrimaryKey.Fingerprint, e.PrimaryKey.Fingerprint) {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("%w: signed by %s", ErrWrongSigner, Fingerprint(signer))
 }
 
 func isRSA(a packet.PublicKeyAlgorithm) bool {
@@ -424,7 +440,7 @@ func classifyPGPError(err error) error {
 	case isExpiry(err):
 		return fmt.Errorf("%w: %v", ErrExpired, err)
 	case errors.Is(err, pgperrors.ErrKeyRevoked):
-		return fmt.Errorf("%w: key revoked", ErrUnknownSigner)
+		return fmt.Errorf("%w: the OpenPGP key is revoked", ErrRevoked)
 	case errors.As(err, &weak):
 		return fmt.Errorf("%w: %v", ErrWeakAlgorithm, err)
 	case errors.As(err, &sigErr):

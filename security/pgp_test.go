@@ -46,7 +46,7 @@ func pgpKeys(t testing.TB) {
 // labKeys are the keys the lab opens mail with: its own, and the public
 // keys of its partners (the hospital and the stranger).
 func labKeys() PGPKeys {
-	return PGPKeys{Self: lab, Partners: openpgp.EntityList{hospital, stranger}}
+	return PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{hospital, stranger}}
 }
 
 func loadCorpus(t testing.TB) [][]byte {
@@ -179,14 +179,14 @@ func TestPGPOpenRejects(t *testing.T) {
 		want     error
 	}{
 		{"tampered payload", encryptTo(tamper(), lab), hospital, labKeys(), ErrBadSignature},
-		{"signed by a stranger", encryptTo(signedBy(stranger), lab), hospital, PGPKeys{Self: lab, Partners: openpgp.EntityList{hospital}}, ErrUnknownSigner},
+		{"signed by a stranger", encryptTo(signedBy(stranger), lab), hospital, PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{hospital}}, ErrUnknownSigner},
 		{"signed by another partner", encryptTo(signedBy(stranger), lab), hospital, labKeys(), ErrWrongSigner},
 		{"unsigned", encryptTo(edi, lab), hospital, labKeys(), ErrUnsigned},
 		{"encrypted to someone else", encryptTo(signedBy(hospital), stranger), hospital, labKeys(), ErrNotForUs},
 		{"signed, not encrypted", mail(signedBy(hospital)), hospital, labKeys(), ErrNotEncrypted},
 		{"plain MIME-EDI", mail(edi), hospital, labKeys(), ErrNotEncrypted},
 		{"micalg differs from signature", encryptTo(micalgMismatch(), lab), hospital, labKeys(), ErrMICAlgorithm},
-		{"expired signer key", encryptTo(signedAt(t, edi, expiring, now.Add(-90*time.Minute)), lab), expiring, PGPKeys{Self: lab, Partners: openpgp.EntityList{expiring}}, ErrExpired},
+		{"expired signer key", encryptTo(signedAt(t, edi, expiring, now.Add(-90*time.Minute)), lab), expiring, PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{expiring}}, ErrExpired},
 		{"garbage", []byte("Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"; boundary=x\r\n\r\n--x\r\n\r\nVersion: 1\r\n--x\r\n\r\nnot armor\r\n--x--\r\n"), hospital, labKeys(), ErrMalformed},
 		{"no closing delimiter", []byte("Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"; boundary=x\r\n\r\n--x\r\n\r\nVersion: 1\r\n"), hospital, labKeys(), ErrMalformed},
 	}
@@ -217,7 +217,7 @@ func TestPGPVerifyLineEnds(t *testing.T) {
 		t.Fatal(err)
 	}
 	lf := bytes.ReplaceAll(signed, []byte("\r\n"), []byte("\n"))
-	o, err := pgpVerify(lf, labKeys(), hospital, now)
+	o, err := pgpVerify(lf, labKeys(), openpgp.EntityList{hospital}, now)
 	if err != nil || !o.MIC.Equal(mic) {
 		t.Errorf("pgpVerify(LF line ends) = %+v, %v; want MIC %s", o, err, mic)
 	}

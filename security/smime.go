@@ -3,8 +3,6 @@ package security
 import (
 	"bytes"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -26,13 +24,17 @@ const (
 	typeXPKCS7MIME      = "application/x-pkcs7-mime"
 )
 
-// SMIMEKeys are the certificates and key that open S/MIME mail: ours, and
-// every partner's certificate, so that a signature by a known partner other
-// than the expected one is told apart from one by a stranger.
+// SMIMEKeys are the certificates and keys that open S/MIME mail: ours (any
+// of them decrypts), and every partner's certificate, so that a signature
+// by a known partner other than the expected one is told apart from one by
+// a stranger.
 type SMIMEKeys struct {
-	Cert     *x509.Certificate
-	Key      crypto.Signer // an *rsa.PrivateKey decrypts as well
+	Self     []SMIMEIdentity
 	Partners []*x509.Certificate
+	// Check, when set, decides whether the signer (with the certificates
+	// the message carried) is the expected partner, in place of pinning
+	// to the expected certificate: Keyring.CheckSMIMESigner.
+	Check func(signer *x509.Certificate, carried []*x509.Certificate, now time.Time) error
 }
 
 // LoadCert reads the first certificate of a PEM file.
@@ -122,13 +124,19 @@ func base64Part(contentType string, params map[string]string, filename string, d
 // SignedData (SHA-256, carrying the signer's certificate) and returns the
 // multipart/signed entity (RFC 8551 §3.5.3) and the MIC of what was signed.
 func SMIMESign(entity []byte, cert *x509.Certificate, key crypto.Signer) ([]byte, MIC, error) {
+	return SMIMESignChain(entity, cert, key, nil)
+}
+
+// SMIMESignChain is SMIMESign with the intermediates that issued cert
+// carried in the signature too, for partners that hold only the root.
+func SMIMESignChain(entity []byte, cert *x509.Certificate, key crypto.Signer, chain []*x509.Certificate) ([]byte, MIC, error) {
 	canon := Canonical(entity)
 	sd, err := pkcs7.NewSignedData(canon)
 	if err != nil {
 		return nil, MIC{}, fmt.Errorf("security: sign: %w", err)
 	}
 	sd.SetDigestAlgorithm(pkcs7.OIDDigestAlgorithmSHA256)
-	if err := sd.AddSigner(cert, key, pkcs7.SignerInfoConfig{}); err != nil {
+	if err := sd.AddSignerChain(cert, key, chain, pkcs7.SignerInfoConfig{}); err != nil {
 		return nil, MIC{}, fmt.Errorf("security: sign: %w", err)
 	}
 	sd.Detach()
@@ -179,9 +187,10 @@ func decodedBody(entity []byte) ([]byte, error) {
 	return b, nil
 }
 
-// SMIMEOpen decrypts mail (a whole message, headers included) and verifies
-// that expected signed what is inside. Encryption is required. Inside the
-// enveloped data it accepts multipart/signed (what hl7mail writes) and
+// SMIMEOpen decrypts mail (a whole message, headers included) with any of
+// our identities and verifies that expected signed what is inside (or that
+// keys.Check accepts the signer, when set). Encryption is required. Inside
+// the enveloped data it accepts multipart/signed (what hl7mail writes) and
 // opaque signed-data.
 func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time.Time) (*Opened, error) {
 	e, err := parseEntity(mail)
@@ -202,11 +211,7 @@ func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time
 	if err != nil {
 		return nil, err
 	}
-	dec, ok := keys.Key.(crypto.Decrypter)
-	if !ok {
-		return nil, errors.New("security: our S/MIME key cannot decrypt")
-	}
-	plain, err := cmsDecrypt(der, keys.Cert, dec)
+	plain, err := smimeDecrypt(der, keys.Self)
 	if err != nil {
 		return nil, err
 	}
@@ -221,6 +226,22 @@ func SMIMEOpen(mail []byte, keys SMIMEKeys, expected *x509.Certificate, now time
 	}
 	o.Encrypted, o.Signed = true, plain
 	return o, nil
+}
+
+// smimeDecrypt decrypts with the first of ours the enveloped data names.
+func smimeDecrypt(der []byte, self []SMIMEIdentity) ([]byte, error) {
+	err := fmt.Errorf("%w: no S/MIME certificate of ours is loaded", ErrNotForUs)
+	for _, id := range self {
+		dec, ok := id.Key.(crypto.Decrypter)
+		if !ok {
+			return nil, errors.New("security: our S/MIME key cannot decrypt")
+		}
+		var plain []byte
+		if plain, err = cmsDecrypt(der, id.Cert, dec); !errors.Is(err, ErrNotForUs) {
+			return plain, err
+		}
+	}
+	return nil, err
 }
 
 // smimeVerify verifies a multipart/signed entity with a CMS signature, or
@@ -301,33 +322,18 @@ func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now 
 		}
 		return nil, fmt.Errorf("%w: %v", ErrBadSignature, err)
 	}
-	if err := checkCertSigner(signer, keys, expected, now); err != nil {
+	check := keys.Check
+	if check == nil {
+		check = func(signer *x509.Certificate, _ []*x509.Certificate, now time.Time) error {
+			var pins []*x509.Certificate
+			if expected != nil {
+				pins = append(pins, expected)
+			}
+			return checkPinned(signer, pins, keys.Partners, now)
+		}
+	}
+	if err := check(signer, p7.Certificates, now); err != nil {
 		return nil, err
 	}
-	return &Opened{Entity: signed, MIC: computeMICWith(signed, digest), Signer: signer.Subject.String()}, nil
-}
-
-// checkCertSigner pins the signer to the expected partner's certificate and
-// checks its validity and key size.
-func checkCertSigner(signer *x509.Certificate, keys SMIMEKeys, expected *x509.Certificate, now time.Time) error {
-	switch k := signer.PublicKey.(type) {
-	case *rsa.PublicKey:
-		if k.N.BitLen() < 2048 {
-			return fmt.Errorf("%w: RSA key of %d bits", ErrWeakAlgorithm, k.N.BitLen())
-		}
-	case *ecdsa.PublicKey:
-	}
-	if expected == nil || !bytes.Equal(signer.Raw, expected.Raw) {
-		for _, p := range keys.Partners {
-			if bytes.Equal(signer.Raw, p.Raw) {
-				return fmt.Errorf("%w: signed by %s", ErrWrongSigner, signer.Subject)
-			}
-		}
-		return fmt.Errorf("%w: %s", ErrUnknownSigner, signer.Subject)
-	}
-	if now.Before(signer.NotBefore) || now.After(signer.NotAfter) {
-		return fmt.Errorf("%w: certificate valid %s to %s", ErrExpired,
-			signer.NotBefore.Format(time.DateOnly), signer.NotAfter.Format(time.DateOnly))
-	}
-	return nil
+	return &Opened{Entity: signed, MIC: computeMICWith(signed, digest), Signer: CertName(signer), SignerCert: signer}, nil
 }

@@ -1,7 +1,6 @@
 package security
 
 import (
-	"crypto"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -52,17 +51,30 @@ type KeyError struct {
 func (e *KeyError) Error() string { return "cannot seal: " + e.Reason }
 func (e *KeyError) Unwrap() error { return ErrNoKey }
 
-// Keyring holds our keys and every partner's, by partner name. Build it
-// with the one key loader (gateway.LoadKeys); the zero Keyring has no keys.
+// Keyring holds our keys and every partner's, by partner name, each as a
+// list over time: a party rolls over by listing its next key beside the
+// current one (see keys.go for which one does what). Build it with the one
+// key loader (gateway.LoadKeys); the zero Keyring has no keys.
 type Keyring struct {
-	PGPSelf       *openpgp.Entity
-	SMIMECert     *x509.Certificate
-	SMIMEKey      crypto.Signer
-	PGPPartners   map[string]*openpgp.Entity   // by partner name
-	SMIMEPartners map[string]*x509.Certificate // by partner name
+	PGPSelf       []*openpgp.Entity
+	SMIMESelf     []SMIMEIdentity
+	PGPPartners   map[string][]*openpgp.Entity   // by partner name
+	SMIMEPartners map[string][]*x509.Certificate // pinned, by partner name
+	// Anchors, by partner name, accept a partner's certificate that chains
+	// to one of them (smime_trust, trust_anchors) besides the pinned ones.
+	Anchors map[string]*Anchors
+	// Revocation checks S/MIME certificates whose issuer is known; nil
+	// checks none.
+	Revocation RevocationChecker
+	// Seen remembers the newest certificate each partner signed with that
+	// its anchors accepted: what mail to it is encrypted to when none is
+	// pinned. nil remembers nothing.
+	Seen CertMemory
 	// Unusable says, by partner name, why a partner's key could not be
 	// loaded: its mail waits with that reason.
 	Unusable map[string]string
+
+	issuers []*x509.Certificate // AddIssuers
 }
 
 // Suite returns the suite named name (SuitePGP, SuiteSMIME, SuiteNone) for
@@ -100,31 +112,42 @@ type pgpSuite struct {
 func (s pgpSuite) Name() string { return SuitePGP }
 
 func (s pgpSuite) Usable(now time.Time) error {
+	_, _, err := s.keys(now)
+	return err
+}
+
+// keys are the key we sign with and the keys we encrypt to: every valid
+// encryption key of the partner's, and our signing key, so that the
+// outgoing journal stays readable to us.
+func (s pgpSuite) keys(now time.Time) (*openpgp.Entity, []*openpgp.Entity, error) {
 	if err := s.k.unusable(s.partner); err != nil {
-		return err
+		return nil, nil, err
 	}
-	to := s.k.PGPPartners[s.partner]
-	if s.k.PGPSelf == nil || to == nil {
-		return &KeyError{Reason: "no OpenPGP key loaded for partner " + s.partner}
+	theirs := s.k.PGPPartners[s.partner]
+	if len(s.k.PGPSelf) == 0 || len(theirs) == 0 {
+		return nil, nil, &KeyError{Reason: "no OpenPGP key loaded for partner " + s.partner}
 	}
-	if why := PGPUnusable(to, now); why != "" {
-		return &KeyError{Reason: "partner " + s.partner + ": " + why}
+	to := PGPEncryptTo(theirs, now)
+	if len(to) == 0 {
+		return nil, nil, &KeyError{Reason: "partner " + s.partner + ": " + pgpWhyNone(theirs, now, true)}
 	}
-	if why := PGPUnusableToSign(s.k.PGPSelf, now); why != "" {
-		return &KeyError{Reason: "our OpenPGP key: " + why}
+	self := NewestPGP(s.k.PGPSelf, now, false)
+	if self == nil {
+		return nil, nil, &KeyError{Reason: "our OpenPGP key: " + pgpWhyNone(s.k.PGPSelf, now, false)}
 	}
-	return nil
+	return self, append(to, self), nil
 }
 
 func (s pgpSuite) Seal(entity []byte, now time.Time) ([]byte, MIC, error) {
-	if err := s.Usable(now); err != nil {
+	self, to, err := s.keys(now)
+	if err != nil {
 		return nil, MIC{}, err
 	}
-	signed, mic, err := PGPSign(entity, s.k.PGPSelf, now)
+	signed, mic, err := PGPSign(entity, self, now)
 	if err != nil {
 		return nil, mic, err
 	}
-	enc, err := PGPEncrypt(signed, []*openpgp.Entity{s.k.PGPPartners[s.partner], s.k.PGPSelf}, now)
+	enc, err := PGPEncrypt(signed, to, now)
 	return enc, mic, err
 }
 
@@ -133,15 +156,15 @@ func (s pgpSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 		return nil, err
 	}
 	var list openpgp.EntityList
-	for _, e := range s.k.PGPPartners {
-		list = append(list, e)
+	for _, es := range s.k.PGPPartners {
+		list = append(list, es...)
 	}
-	return PGPOpen(mail, PGPKeys{Self: s.k.PGPSelf, Partners: list}, s.k.PGPPartners[s.partner], now)
+	return PGPOpenFrom(mail, PGPKeys{Self: s.k.PGPSelf, Partners: list}, s.k.PGPPartners[s.partner], now)
 }
 
 func (s pgpSuite) OpenOwn(mail []byte, now time.Time) (*Opened, error) {
 	self := s.k.PGPSelf
-	return PGPOpen(mail, PGPKeys{Self: self, Partners: openpgp.EntityList{self}}, self, now)
+	return PGPOpenFrom(mail, PGPKeys{Self: self, Partners: self}, self, now)
 }
 
 type smimeSuite struct {
@@ -153,31 +176,40 @@ type smimeSuite struct {
 func (s smimeSuite) Name() string { return SuiteSMIME }
 
 func (s smimeSuite) Usable(now time.Time) error {
+	_, _, err := s.keys(now)
+	return err
+}
+
+// keys are our newest valid identity and the partner's certificate mail
+// is encrypted to (SMIMEEncryptTo).
+func (s smimeSuite) keys(now time.Time) (*SMIMEIdentity, *x509.Certificate, error) {
 	if err := s.k.unusable(s.partner); err != nil {
-		return err
+		return nil, nil, err
 	}
-	to := s.k.SMIMEPartners[s.partner]
-	if s.k.SMIMECert == nil || to == nil {
-		return &KeyError{Reason: "no S/MIME certificate loaded for partner " + s.partner}
+	if len(s.k.SMIMESelf) == 0 {
+		return nil, nil, &KeyError{Reason: "no S/MIME certificate of ours is loaded"}
 	}
-	if why := CertUnusable(to, now); why != "" {
-		return &KeyError{Reason: "partner " + s.partner + ": " + why}
+	self := NewestIdentity(s.k.SMIMESelf, now)
+	if self == nil {
+		return nil, nil, &KeyError{Reason: "our S/MIME certificate: " + certWhyNone(certsOf(s.k.SMIMESelf), now)}
 	}
-	if why := CertUnusable(s.k.SMIMECert, now); why != "" {
-		return &KeyError{Reason: "our S/MIME certificate: " + why}
+	to, err := s.k.SMIMEEncryptTo(s.partner, now)
+	if err != nil {
+		return nil, nil, err
 	}
-	return nil
+	return self, to, nil
 }
 
 func (s smimeSuite) Seal(entity []byte, now time.Time) ([]byte, MIC, error) {
-	if err := s.Usable(now); err != nil {
+	self, to, err := s.keys(now)
+	if err != nil {
 		return nil, MIC{}, err
 	}
-	signed, mic, err := SMIMESign(entity, s.k.SMIMECert, s.k.SMIMEKey)
+	signed, mic, err := SMIMESignChain(entity, self.Cert, self.Key, self.Chain)
 	if err != nil {
 		return nil, mic, err
 	}
-	enc, err := SMIMEEncrypt(signed, []*x509.Certificate{s.k.SMIMEPartners[s.partner], s.k.SMIMECert}, s.kt)
+	enc, err := SMIMEEncrypt(signed, []*x509.Certificate{to, self.Cert}, s.kt)
 	return enc, mic, err
 }
 
@@ -185,16 +217,25 @@ func (s smimeSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 	if err := wrongSuite(mail, SuiteSMIME, s.partner); err != nil {
 		return nil, err
 	}
-	keys := SMIMEKeys{Cert: s.k.SMIMECert, Key: s.k.SMIMEKey}
-	for _, c := range s.k.SMIMEPartners {
-		keys.Partners = append(keys.Partners, c)
+	keys := SMIMEKeys{Self: s.k.SMIMESelf, Check: func(signer *x509.Certificate, carried []*x509.Certificate, now time.Time) error {
+		return s.k.CheckSMIMESigner(s.partner, signer, carried, now)
+	}}
+	o, err := SMIMEOpen(mail, keys, nil, now)
+	if err == nil && s.k.Seen != nil && o.SignerCert != nil && !pinned(s.k.SMIMEPartners[s.partner], o.SignerCert) {
+		s.k.Seen.Saw(s.partner, o.SignerCert)
 	}
-	return SMIMEOpen(mail, keys, s.k.SMIMEPartners[s.partner], now)
+	return o, err
 }
 
 func (s smimeSuite) OpenOwn(mail []byte, now time.Time) (*Opened, error) {
-	c := s.k.SMIMECert
-	return SMIMEOpen(mail, SMIMEKeys{Cert: c, Key: s.k.SMIMEKey, Partners: []*x509.Certificate{c}}, c, now)
+	own := certsOf(s.k.SMIMESelf)
+	var first *x509.Certificate
+	if len(own) > 0 {
+		first = own[0]
+	}
+	return SMIMEOpen(mail, SMIMEKeys{Self: s.k.SMIMESelf, Partners: own, Check: func(signer *x509.Certificate, _ []*x509.Certificate, now time.Time) error {
+		return checkPinned(signer, own, nil, now)
+	}}, first, now)
 }
 
 // noneSuite sends and takes mail as it is. Configuration allows it only

@@ -23,10 +23,10 @@ func TestSuites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hospital := &Keyring{PGPSelf: ours, SMIMECert: cert, SMIMEKey: key,
-		PGPPartners: map[string]*openpgp.Entity{"lab": theirs}, SMIMEPartners: map[string]*x509.Certificate{"lab": pcert}}
-	lab := &Keyring{PGPSelf: theirs, SMIMECert: pcert, SMIMEKey: pkey,
-		PGPPartners: map[string]*openpgp.Entity{"hospital": ours}, SMIMEPartners: map[string]*x509.Certificate{"hospital": cert}}
+	hospital := &Keyring{PGPSelf: []*openpgp.Entity{ours}, SMIMESelf: []SMIMEIdentity{{Cert: cert, Key: key}},
+		PGPPartners: map[string][]*openpgp.Entity{"lab": {theirs}}, SMIMEPartners: map[string][]*x509.Certificate{"lab": {pcert}}}
+	lab := &Keyring{PGPSelf: []*openpgp.Entity{theirs}, SMIMESelf: []SMIMEIdentity{{Cert: pcert, Key: pkey}},
+		PGPPartners: map[string][]*openpgp.Entity{"hospital": {ours}}, SMIMEPartners: map[string][]*x509.Certificate{"hospital": {cert}}}
 	edi, err := EncodeEDI([]byte("MSH|^~\\&|A|B|C|D|20261201||ORU^R01|1|P|2.5\r"), EDIOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -77,3 +77,12 @@ func CertUnusable(c *x509.Certificate, now time.Time) string {
 	}
 	return ""
 }
+
+// PGPExpiry is when key e's primary key expires, the zero time for never.
+func PGPExpiry(e *openpgp.Entity) time.Time {
+	sig, _ := e.PrimarySelfSignature()
+	if sig == nil {
+		return time.Time{}
+	}
+	return keyExpiry(e.PrimaryKey, sig)
+}

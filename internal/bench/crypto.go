@@ -99,7 +99,7 @@ func Crypto(msgs [][]byte) ([]CryptoResult, error) {
 	}
 	out = append(out, CryptoResult{"pgp", "sign+encrypt", seal, rawSeal, "openpgp.DetachSign + Encrypt"})
 
-	keys := security.PGPKeys{Self: receiver, Partners: openpgp.EntityList{sender}}
+	keys := security.PGPKeys{Self: openpgp.EntityList{receiver}, Partners: openpgp.EntityList{sender}}
 	open, err := rate(sealed, func(i int, m []byte) error {
 		o, err := security.PGPOpen(append([]byte("From: s@bench.test\r\n"), m...), keys, sender, now)
 		if err != nil {
@@ -177,7 +177,7 @@ func Crypto(msgs [][]byte) ([]CryptoResult, error) {
 	}
 	out = append(out, CryptoResult{"smime", "sign+encrypt", seal, rawSeal, "rsa.SignPKCS1v15 + AES-CBC + rsa.EncryptOAEP"})
 
-	skeys := security.SMIMEKeys{Cert: rCert, Key: rKey, Partners: []*x509.Certificate{sCert}}
+	skeys := security.SMIMEKeys{Self: []security.SMIMEIdentity{{Cert: rCert, Key: rKey}}, Partners: []*x509.Certificate{sCert}}
 	open, err = rate(sealed, func(i int, m []byte) error {
 		o, err := security.SMIMEOpen(append([]byte("From: s@bench.test\r\n"), m...), skeys, sCert, now)
 		if err != nil {
