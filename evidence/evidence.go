@@ -229,7 +229,7 @@ func (r *Report) Export(dir string, keys *security.Keyring) error {
 		}
 		partner := keys.SMIMEPartners[r.Partner.Name]
 		if keys.Seen != nil {
-			if c := keys.Seen.Newest(r.Partner.Name); c != nil {
+			if c, _ := keys.Seen.Newest(r.Partner.Name); c != nil {
 				partner = append(partner, c)
 			}
 		}

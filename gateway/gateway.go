@@ -7,8 +7,8 @@
 // nothing, and stops in reverse.
 //
 // It imports, of this module, only config, dashboard, deliver, hl7, inbound,
-// internal/safefile, journal, link, notify, outbound, security, store,
-// surrogate.
+// internal/safefile, journal, link, notify, outbound, revocation, security,
+// store, surrogate.
 package gateway
 
 import (

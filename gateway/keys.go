@@ -13,6 +13,7 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp/packet"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/revocation"
 	"github.com/hl7mail/hl7mail/security"
 )
 
@@ -34,6 +35,10 @@ type Keys struct {
 	// do not stop the gateway: that partner's queue waits with an alert
 	// (Suite.Usable) while every other partner works.
 	Problems *config.Error
+
+	// Revocations is the revocation checker (Keyring.Revocation), nil
+	// when the configuration has no revocation section.
+	Revocations *revocation.Checker
 
 	expiries []expiry // every loaded key or certificate that expires
 }
@@ -133,6 +138,19 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 		}
 	}
 	k.checkList("", "smime", dated, now, e)
+	if r := cfg.Revocation; len(r.CRLFiles) > 0 || r.Fetch {
+		o := revocation.Options{Fetch: r.Fetch, FailOpen: r.Fail == config.FailOpen}
+		for i, f := range r.CRLFiles {
+			crl, err := revocation.LoadCRL(cfg.Path(f))
+			if err != nil {
+				e.Addf(r.CRLFiles.Field("revocation.crl_files", i), "", "", "%v", err)
+				continue
+			}
+			o.CRLs = append(o.CRLs, crl)
+		}
+		k.Revocations = revocation.New(o)
+		k.Revocation = k.Revocations
+	}
 	pe := cfg.Problems()
 	for i, p := range cfg.Partners {
 		k.loadPartner(cfg, i, &p, now, pe)

@@ -33,6 +33,9 @@ const (
 	ReasonWrongSigner   Reason = "wrong-signer"   // signed by someone else than the From partner
 	ReasonUnknownSigner Reason = "unknown-signer" // signed by a key we do not know
 	ReasonExpired       Reason = "expired-key"
+	ReasonRevoked       Reason = "revoked"            // the signer's key or certificate is revoked
+	ReasonRevocation    Reason = "revocation-unknown" // revocation cannot be told, and fails closed
+	ReasonUntrusted     Reason = "untrusted"          // the certificate does not chain to the partner's anchors
 	ReasonWeak          Reason = "weak-algorithm"
 	ReasonNotHL7        Reason = "not-hl7" // opened, but carries no HL7, MDN or bundle
 	ReasonReplay        Reason = "replay"  // a Message-ID already seen from the partner
@@ -76,6 +79,12 @@ func reasonFor(err error) Reason {
 		return ReasonUnsigned
 	case errors.Is(err, security.ErrBadSignature):
 		return ReasonBadSignature
+	case errors.Is(err, security.ErrRevoked):
+		return ReasonRevoked
+	case errors.Is(err, security.ErrRevocationUnknown):
+		return ReasonRevocation
+	case errors.Is(err, security.ErrUntrusted):
+		return ReasonUntrusted
 	case errors.Is(err, security.ErrWrongSigner):
 		return ReasonWrongSigner
 	case errors.Is(err, security.ErrUnknownSigner):
@@ -100,7 +109,8 @@ func (r Reason) Disposition() (security.Disposition, string, bool) {
 		return errored, "decryption-failed", true
 	case ReasonBadSignature, ReasonIntegrity:
 		return errored, "integrity-check-failed", true
-	case ReasonUnsigned, ReasonWrongSigner, ReasonUnknownSigner, ReasonExpired, ReasonWeak:
+	case ReasonUnsigned, ReasonWrongSigner, ReasonUnknownSigner, ReasonExpired, ReasonWeak,
+		ReasonRevoked, ReasonRevocation, ReasonUntrusted:
 		return errored, "authentication-failed", true
 	case ReasonNotHL7, ReasonMalformed:
 		return errored, "unexpected-processing-error", true

@@ -16,7 +16,7 @@ import (
 // same layer, none).
 var layers = [][]string{
 	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog"},
-	{"journal", "spool", "internal/embedded"},
+	{"journal", "spool", "internal/embedded", "revocation"},
 	{"store", "surrogate"},
 	{"notify", "internal/partnerq"},
 	{"outbound", "deliver", "inbound", "internal/mailtest"},

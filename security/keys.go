@@ -91,10 +91,11 @@ type RevocationChecker interface {
 }
 
 // A CertMemory remembers the newest certificate a partner signed with
-// (that its anchors accepted), for mail to it.
+// (that its anchors accepted), with the certificates that came with it
+// (intermediates), for mail to it.
 type CertMemory interface {
-	Newest(partner string) *x509.Certificate
-	Saw(partner string, c *x509.Certificate)
+	Newest(partner string) (*x509.Certificate, []*x509.Certificate)
+	Saw(partner string, c *x509.Certificate, carried []*x509.Certificate)
 }
 
 // CertName names a certificate in evidence and logs: its subject and the
@@ -376,7 +377,10 @@ func (k *Keyring) SMIMEEncryptTo(partner string, now time.Time) (*x509.Certifica
 	pins := k.SMIMEPartners[partner]
 	c := NewestCert(pins, now)
 	if c == nil && k.Seen != nil && k.Anchors[partner] != nil {
-		if s := k.Seen.Newest(partner); s != nil && k.CheckSMIMESigner(partner, s, nil, now) == nil {
+		if s, carried := k.Seen.Newest(partner); s != nil {
+			if err := k.CheckSMIMESigner(partner, s, carried, now); err != nil {
+				return nil, &KeyError{Reason: "partner " + partner + ": the certificate it last signed with: " + err.Error()}
+			}
 			return s, nil
 		}
 	}
@@ -390,4 +394,46 @@ func (k *Keyring) SMIMEEncryptTo(partner string, now time.Time) (*x509.Certifica
 		return nil, &KeyError{Reason: "partner " + partner + ": " + err.Error()}
 	}
 	return c, nil
+}
+
+// KeyState is what a key or certificate of a party's list is doing now.
+type KeyState string
+
+// Key states.
+const (
+	StateActive   KeyState = "active"   // the newest valid: signs, or is encrypted to
+	StateNext     KeyState = "next"     // not valid yet: takes over on its date
+	StateRetiring KeyState = "retiring" // valid, but a newer one is active: still accepted
+	StateExpired  KeyState = "expired"
+	StateRevoked  KeyState = "revoked"
+)
+
+// KeyStateOfPGP is the state of e among its party's keys at now, for
+// signing (our keys, encrypt false) or encryption (a partner's).
+func KeyStateOfPGP(e *openpgp.Entity, list []*openpgp.Entity, now time.Time, encrypt bool) KeyState {
+	switch {
+	case e.Revoked(now):
+		return StateRevoked
+	case now.Before(e.PrimaryKey.CreationTime):
+		return StateNext
+	case pgpUnusable(e, now, encrypt) != "":
+		return StateExpired
+	case NewestPGP(list, now, encrypt) == e:
+		return StateActive
+	}
+	return StateRetiring
+}
+
+// KeyStateOfCert is the state of c among its party's certificates at now;
+// revocation is the caller's to ask.
+func KeyStateOfCert(c *x509.Certificate, list []*x509.Certificate, now time.Time) KeyState {
+	switch {
+	case now.Before(c.NotBefore):
+		return StateNext
+	case now.After(c.NotAfter):
+		return StateExpired
+	case NewestCert(list, now) == c:
+		return StateActive
+	}
+	return StateRetiring
 }

@@ -198,6 +198,7 @@ type Opened struct {
 	Signer string
 	// SignerCert is the S/MIME signer's certificate.
 	SignerCert *x509.Certificate
+	carried    []*x509.Certificate // the other certificates of the CMS signature
 	Encrypted  bool
 	// Combined is true when signature and encryption came as one OpenPGP
 	// message rather than two MIME layers.

@@ -335,5 +335,6 @@ func smimeVerify(entity []byte, keys SMIMEKeys, expected *x509.Certificate, now 
 	if err := check(signer, p7.Certificates, now); err != nil {
 		return nil, err
 	}
-	return &Opened{Entity: signed, MIC: computeMICWith(signed, digest), Signer: CertName(signer), SignerCert: signer}, nil
+	return &Opened{Entity: signed, MIC: computeMICWith(signed, digest), Signer: CertName(signer), SignerCert: signer,
+		carried: p7.Certificates}, nil
 }

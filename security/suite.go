@@ -222,7 +222,7 @@ func (s smimeSuite) Open(mail []byte, now time.Time) (*Opened, error) {
 	}}
 	o, err := SMIMEOpen(mail, keys, nil, now)
 	if err == nil && s.k.Seen != nil && o.SignerCert != nil && !pinned(s.k.SMIMEPartners[s.partner], o.SignerCert) {
-		s.k.Seen.Saw(s.partner, o.SignerCert)
+		s.k.Seen.Saw(s.partner, o.SignerCert, o.carried)
 	}
 	return o, err
 }
