@@ -45,6 +45,12 @@ func (s *Server) alerts(w http.ResponseWriter, r *http.Request) {
 	writeList(w, list, err)
 }
 
+// keys is GET /api/keys: every key and certificate, ours and the
+// partners', with its state (KeyRow).
+func (s *Server) keys(w http.ResponseWriter, r *http.Request) {
+	writeList(w, s.o.Instance.Keys(), nil)
+}
+
 // Who and why, sent with an acknowledgement or a release.
 type actBody struct {
 	By   string `json:"by"`

@@ -158,10 +158,13 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 	// of them to expire is what the field's key expires by.
 	type pf struct{ party, field string }
 	expires := map[pf]time.Time{}
-	for _, x := range c.inst.KeyExpiries() {
+	for _, x := range c.inst.Keys() {
+		if x.To.IsZero() || x.Kind == "anchor" {
+			continue
+		}
 		k := pf{x.Party, x.Field}
-		if at, ok := expires[k]; !ok || x.At.Before(at) {
-			expires[k] = x.At
+		if at, ok := expires[k]; !ok || x.To.Before(at) {
+			expires[k] = x.To
 		}
 	}
 	for k, at := range expires {

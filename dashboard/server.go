@@ -43,19 +43,32 @@ import (
 
 type linkStatus = link.Status
 
-// KeyExpiry is when one loaded key or certificate expires.
-type KeyExpiry struct {
-	Party string // "self" or a partner's name
-	Field string // where partners.yaml names it: self.pgp_key, partners[0].smime_cert, …
-	At    time.Time
+// KeyRow is one key or certificate of ours or of a partner's, as
+// "hl7mail keys" and the dashboard's key table show it.
+type KeyRow struct {
+	Party string `json:"party"` // "self" or a partner's name
+	// Field is where partners.yaml names it: self.pgp_key,
+	// partners[0].smime_cert[1], …; "store" for a certificate a partner
+	// signed with that its anchors accepted.
+	Field       string    `json:"field"`
+	Kind        string    `json:"kind"` // pgp, smime, anchor
+	Fingerprint string    `json:"fingerprint"`
+	Subject     string    `json:"subject,omitempty"` // a certificate's
+	From        time.Time `json:"valid_from"`
+	To          time.Time `json:"valid_to,omitzero"` // zero: never expires
+	// Roles: sign, decrypt (ours); encrypt-to, verify (a partner's); trust
+	// (an anchor). None for one that serves no more, or not yet.
+	Roles    []string `json:"roles"`
+	Status   string   `json:"status"`              // active, next, retiring, expired, revoked
+	DaysLeft *int     `json:"days_left,omitempty"` // until To
+	Note     string   `json:"note,omitempty"`      // why revoked, or what cannot be told
 }
 
 // Instance is the running gateway the dashboard shows and acts on.
 type Instance interface {
 	Config() *config.Config
-	// KeyExpiries are the loaded keys and certificates that expire, ours
-	// and the partners'.
-	KeyExpiries() []KeyExpiry
+	// Keys are the loaded keys and certificates, ours and the partners'.
+	Keys() []KeyRow
 	Store() *store.Store
 	// Connections is the number of open router connections to partner's
 	// surrogate.
@@ -228,6 +241,7 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /api/overview", s.overview)
 	s.mux.HandleFunc("GET /api/partners", s.partners)
 	s.mux.HandleFunc("GET /api/alerts", s.alerts)
+	s.mux.HandleFunc("GET /api/keys", s.keys)
 	s.mux.HandleFunc("POST /api/alerts/{id}/ack", s.ackAlert)
 	s.mux.HandleFunc("GET /api/messages", s.messages)
 	s.mux.HandleFunc("POST /api/messages/{id}/retry", s.retry)

@@ -38,8 +38,9 @@ type fakeInstance struct {
 
 func (f *fakeInstance) Config() *config.Config { return f.cfg }
 func (f *fakeInstance) Store() *store.Store    { return f.st }
-func (f *fakeInstance) KeyExpiries() []KeyExpiry {
-	return []KeyExpiry{{Party: "self", Field: "self.pgp_key", At: time.Date(2028, 1, 2, 0, 0, 0, 0, time.UTC)}}
+func (f *fakeInstance) Keys() []KeyRow {
+	return []KeyRow{{Party: "self", Field: "self.pgp_key", Kind: "pgp", Status: "active", Roles: []string{"sign", "decrypt"},
+		To: time.Date(2028, 1, 2, 0, 0, 0, 0, time.UTC)}}
 }
 func (f *fakeInstance) Connections(string) int  { return 2 }
 func (f *fakeInstance) SMTPStatus() link.Status { return link.Status{State: "up"} }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
@@ -40,13 +41,10 @@ func (g *Gateway) Connections(partner string) int {
 // SMTPStatus returns the state of mail submission.
 func (g *Gateway) SMTPStatus() link.Status { return g.smtpLink.Status() }
 
-// KeyExpiries are the loaded keys and certificates that expire.
-func (g *Gateway) KeyExpiries() []dashboard.KeyExpiry {
-	var out []dashboard.KeyExpiry
-	for _, x := range g.side().keys.expiries {
-		out = append(out, dashboard.KeyExpiry{Party: x.party, Field: x.field, At: x.at})
-	}
-	return out
+// Keys are the loaded keys and certificates, with their state now.
+func (g *Gateway) Keys() []dashboard.KeyRow {
+	sd := g.side()
+	return KeyReport(sd.cfg, sd.keys, time.Now())
 }
 
 // IMAPStatus returns the state of the IMAP watcher's connection.

@@ -40,7 +40,8 @@ type Keys struct {
 	// when the configuration has no revocation section.
 	Revocations *revocation.Checker
 
-	expiries []expiry // every loaded key or certificate that expires
+	expiries []expiry       // every loaded key or certificate that expires
+	fields   map[any]string // where partners.yaml names each loaded key (named)
 }
 
 type expiry struct {
@@ -112,6 +113,7 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 			e.Addf(field, "", "our own key must include the private key", "%s holds a public key only", f)
 		default:
 			k.PGPSelf = append(k.PGPSelf, ent)
+			k.named(ent, field)
 			dated = append(dated, pgpDated(field, ent, now, false))
 		}
 	}
@@ -134,6 +136,7 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 			e.Addf(keyField, "", "", "the key does not belong to the certificate %s", f)
 		default:
 			k.SMIMESelf = append(k.SMIMESelf, security.SMIMEIdentity{Cert: certs[0], Key: key, Chain: certs[1:]})
+			k.named(certs[0], field)
 			dated = append(dated, certDated(field, certs[0]))
 		}
 	}
@@ -259,6 +262,7 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 				unusable(p.PGPKey.Field("pgp_key", j), "ask the partner for the key of "+p.Email, "no user ID of the key names %s", p.Email)
 			}
 			keys = append(keys, ent)
+			k.named(ent, field(p.PGPKey.Field("pgp_key", j)))
 		}
 		for j, rev := range revs {
 			if security.ApplyRevocation(keys, rev) == nil {
@@ -283,6 +287,7 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 				unusable(p.SMIMECert.Field("smime_cert", j), "ask the partner for the certificate of "+p.Email, "the certificate does not name %s", p.Email)
 			}
 			k.SMIMEPartners[p.Name] = append(k.SMIMEPartners[p.Name], certs[0])
+			k.named(certs[0], field(p.SMIMECert.Field("smime_cert", j)))
 			k.AddIssuers(certs[1:]...)
 			dated = append(dated, certDated(field(p.SMIMECert.Field("smime_cert", j)), certs[0]))
 		}
@@ -305,6 +310,13 @@ func (k *Keys) loadPartner(cfg *config.Config, i int, p *config.Partner, now tim
 				return
 			}
 			anchors = append(anchors, certs...)
+			for _, c := range certs {
+				if tfield == "" {
+					k.named(c, cfg.TrustAnchors.Field("trust_anchors", j))
+				} else {
+					k.named(c, field(trust.Field(tfield, j)))
+				}
+			}
 		}
 		if len(anchors) > 0 {
 			k.Anchors[p.Name] = security.NewAnchors(p.Email, anchors)

@@ -82,9 +82,9 @@ func (s *seenCerts) Saw(partner string, c *x509.Certificate, carried []*x509.Cer
 	}
 }
 
-// attach gives keys what only a running store has: the memory of the
+// Attach gives keys what only a running store has: the memory of the
 // certificates partners signed with, and the log of revocation checks.
-func (k *Keys) attach(st *store.Store, log *slog.Logger) {
+func (k *Keys) Attach(st *store.Store, log *slog.Logger) {
 	if st != nil && k.Seen == nil {
 		k.Seen = &seenCerts{st: st, log: log, m: map[string][]*x509.Certificate{}}
 	}

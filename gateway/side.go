@@ -49,7 +49,7 @@ type side struct {
 // so that a reload reads them again.
 func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*link.Link{}}
-	keys.attach(g.store, g.log)
+	keys.Attach(g.store, g.log)
 	s.abortCtx, s.abort = context.WithCancel(context.Background())
 	log := g.log
 	submitter := g.opts.Submitter
@@ -185,7 +185,7 @@ func newNotifier(cfg *config.Config, st *store.Store, sub outbound.Submitter, lo
 // for a command that only releases.
 func NewReceiver(cfg *config.Config, keys *Keys, st *store.Store, incoming *journal.Journal, log *slog.Logger,
 	notify func(partner string)) *inbound.Receiver {
-	keys.attach(st, log)
+	keys.Attach(st, log)
 	return &inbound.Receiver{Opener: &inbound.Opener{Config: cfg, Keys: &keys.Keyring, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: incoming, Logger: log, Notify: notify}
 }

@@ -39,6 +39,7 @@ func commands() []command {
 			return runReceive(args, os.Stdin, stdout, stderr)
 		}},
 		{"keygen", "make a PGP key or S/MIME certificate for this site", runKeygen},
+		{"keys", "every key and certificate, ours and the partners': role, state, days left", runKeys},
 		{"bench", "measure ACK latency and throughput against a baseline", runBench},
 		{"version", "print the version of this build", runVersion},
 	}
