@@ -64,13 +64,16 @@ func (k *Keys) Expiring(now time.Time) []string {
 		if l, ok := last[id]; !ok {
 			order = append(order, id)
 			last[id] = x
-		} else if x.at.After(l.at) {
+		} else if !l.at.IsZero() && (x.at.IsZero() || x.at.After(l.at)) {
 			last[id] = x
 		}
 	}
 	var out []string
 	for _, id := range order {
 		x := last[id]
+		if x.at.IsZero() {
+			continue
+		}
 		switch left := x.at.Sub(now); {
 		case left < 0:
 			out = append(out, fmt.Sprintf("%s: %s: %s expired on %s", x.who, x.field, x.what, x.at.Format(time.DateOnly)))
@@ -211,7 +214,10 @@ func (k *Keys) checkList(partner, kind string, list []datedKey, now time.Time, e
 		if newest == nil || d.from.After(newest.from) {
 			newest = d
 		}
-		if !d.to.IsZero() {
+		// What serves, or will, or did until it expired; not what is
+		// revoked or otherwise unusable. A zero end is a key that never
+		// expires: its party has nothing to renew.
+		if d.why == "" || d.why == "not valid now" {
 			k.expiries = append(k.expiries, expiry{who: who, field: d.field, what: d.what, party: party, kind: kind, from: d.from, at: d.to})
 		}
 	}

@@ -1,11 +1,17 @@
 package gateway
 
 import (
+	"bytes"
+
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/ProtonMail/go-crypto/openpgp/armor"
+	"github.com/ProtonMail/go-crypto/openpgp/packet"
 
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/security"
@@ -107,5 +113,102 @@ func TestLoadKeysProblems(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("LoadKeys error lacks %q:\n%v", want, err)
 		}
+	}
+}
+
+// TestKeyRollover: lists of keys load, each key gets its state and role in
+// the report, a revocation file revokes the key it names, and expiry is
+// reported only for a party's last valid key: at 30 days and again at 7.
+func TestKeyRollover(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Now()
+	write := func(name string, data []byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	day := 24 * time.Hour
+	pgp := func(name, email string, created time.Time, life time.Duration, private bool) *openpgp.Entity {
+		e, err := security.GeneratePGPKey(security.PGPKeyOptions{Name: email, Email: email, Now: created, Lifetime: life})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b []byte
+		if private {
+			b, _ = security.ArmorPGPPrivate(e, nil)
+		} else {
+			b, _ = security.ArmorPGPPublic(e)
+		}
+		write(name, b)
+		return e
+	}
+	pgp("self-old.asc", "edi@h.test", now.Add(-400*day), 0, true)
+	pgp("self-new.asc", "edi@h.test", now.Add(-time.Hour), 0, true)
+	pgp("self-next.asc", "edi@h.test", now.Add(10*day), 0, true)
+	pgp("lab-a.asc", "lab@p.test", now.Add(-300*day), 320*day, false)
+	pgp("lab-b.asc", "lab@p.test", now.Add(-time.Hour), 0, false)
+	pgp("lab-c.asc", "lab@p.test", now.Add(-800*day), 100*day, false)
+	d := pgp("lab-d.asc", "lab@p.test", now.Add(-2*time.Hour), 0, false)
+	if err := d.RevokeKey(packet.KeySuperseded, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	var rev bytes.Buffer
+	aw, _ := armor.Encode(&rev, openpgp.PublicKeyType, nil)
+	d.Revocations[0].Serialize(aw)
+	aw.Close()
+	write("lab-d.rev", append([]byte(":"), rev.Bytes()...)) // as GnuPG guards it in openpgp-revocs.d
+	key, cert, _ := security.GenerateCert(security.CertOptions{Name: "H", Email: "edi@h.test", RSABits: 2048,
+		NotBefore: now.Add(-time.Hour), Lifetime: 20 * day})
+	keyPEM, _ := security.PEMKey(key)
+	write("self.key", keyPEM)
+	write("self.crt", security.PEMCert(cert))
+	_, ccert, _ := security.GenerateCert(security.CertOptions{Name: "C", Email: "edi@clinic.test", RSABits: 2048})
+	write("clinic.crt", security.PEMCert(ccert))
+	write("partners.yaml", []byte(`self: {name: h, email: edi@h.test, pgp_key: [self-old.asc, self-new.asc, self-next.asc], smime_cert: [self.crt], smime_key: [self.key]}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@p.test, security: pgp, pgp_key: [lab-a.asc, lab-b.asc, lab-c.asc, lab-d.asc, lab-d.rev]}
+  - {name: clinic, listen: 127.0.0.1:9013, email: edi@clinic.test, security: smime, smime_cert: clinic.crt}
+`))
+	cfg, k, err := Load(filepath.Join(dir, "partners.yaml"), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := KeyReport(cfg, k, now)
+	want := map[string]string{ // field → state and roles
+		"self.pgp_key[0]":        "retiring decrypt",
+		"self.pgp_key[1]":        "active sign,decrypt",
+		"self.pgp_key[2]":        "next decrypt",
+		"self.smime_cert":        "active sign,decrypt",
+		"partners[0].pgp_key[0]": "retiring encrypt-to,verify",
+		"partners[0].pgp_key[1]": "active encrypt-to,verify",
+		"partners[0].pgp_key[2]": "expired ",
+		"partners[0].pgp_key[3]": "revoked ",
+		"partners[1].smime_cert": "active encrypt-to,verify",
+	}
+	for _, r := range rows {
+		got := r.Status + " " + strings.Join(r.Roles, ",")
+		if w, ok := want[r.Field]; !ok || w != got {
+			t.Errorf("%s (%s): %q, want %q", r.Field, r.Party, got, w)
+		}
+		delete(want, r.Field)
+	}
+	for f := range want {
+		t.Errorf("%s: no row", f)
+	}
+	// Mail to the lab goes to A and B, not to C (expired) or D (revoked).
+	if to := security.PGPEncryptTo(k.PGPPartners["lab"], now); len(to) != 2 {
+		t.Errorf("encrypted to %d keys, want 2", len(to))
+	}
+	// The lab's A expires in 20 days, but B replaces it: no warning. Our
+	// certificate has nothing beside it: warned at 30 days, again at 7.
+	w30, w7 := k.Expiring(now), k.Expiring(now.Add(15*day))
+	if len(w30) != 1 || !strings.Contains(w30[0], "self.smime_cert") || !strings.Contains(w30[0], "within 30 days") {
+		t.Errorf("Expiring(now) = %q", w30)
+	}
+	if len(w7) != 1 || !strings.Contains(w7[0], "within 7 days") {
+		t.Errorf("Expiring(in 15 days) = %q", w7)
 	}
 }
