@@ -42,14 +42,27 @@ func KeyReport(cfg *config.Config, keys *Keys, now time.Time) []dashboard.KeyRow
 	for _, p := range cfg.Partners {
 		switch p.Security {
 		case config.PGP:
+			// A partner's key verifies while its signing key is valid, and
+			// is encrypted to while its encryption key is too (PGP mail
+			// goes to every valid one).
 			list := keys.PGPPartners[p.Name]
 			for _, e := range list {
-				st := security.KeyStateOfPGP(e, list, now, true)
+				st := security.KeyStateOfPGP(e, list, now, false)
 				var roles []string
+				note := ""
 				if st == security.StateActive || st == security.StateRetiring {
-					roles = []string{"encrypt-to", "verify"}
+					roles = []string{"verify"}
+					if why := security.PGPUnusable(e, now); why == "" {
+						roles = []string{"encrypt-to", "verify"}
+					} else {
+						note = why
+					}
 				}
-				rows = append(rows, pgpRow(p.Name, keys.fieldOf(e), e, st, roles, now))
+				r := pgpRow(p.Name, keys.fieldOf(e), e, st, roles, now)
+				if note != "" {
+					r.Note = note
+				}
+				rows = append(rows, r)
 			}
 		case config.SMIME:
 			list := keys.SMIMEPartners[p.Name]

@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"math/big"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -301,6 +302,16 @@ func (c *Checker) askOCSP(cert, issuer *x509.Certificate) (*ocsp.Response, error
 	}
 	r, err := ocsp.ParseResponseForCert(body, cert, issuer)
 	if err != nil {
+		// The CA may sign its answers itself and send its own certificate
+		// with them (RFC 6960 §4.2.2.2; "openssl ocsp -rsigner" with the
+		// CA's). x/crypto/ocsp takes a certificate sent along for a
+		// delegated responder's and wants the CA's signature on it: the
+		// answer is verified here with the certificate sent, accepted
+		// when that certificate is the issuer itself.
+		if r2, err2 := ocsp.ParseResponseForCert(body, cert, nil); err2 == nil && r2.Certificate != nil &&
+			bytes.Equal(r2.Certificate.Raw, issuer.Raw) {
+			return r2, nil
+		}
 		return nil, fmt.Errorf("OCSP responder %s: its answer is not valid: %v", url, err)
 	}
 	return r, nil
@@ -309,10 +320,10 @@ func (c *Checker) askOCSP(cert, issuer *x509.Certificate) (*ocsp.Response, error
 // maxAnswer bounds an OCSP answer or a fetched CRL.
 const maxAnswer = 16 << 20
 
-func (c *Checker) post(url string, req []byte) ([]byte, error) {
+func (c *Checker) post(to string, req []byte) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.o.Client.Timeout+time.Second)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(req))
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, to, bytes.NewReader(req))
 	if err != nil {
 		return nil, err
 	}
@@ -323,9 +334,9 @@ func (c *Checker) post(url string, req []byte) ([]byte, error) {
 func (c *Checker) do(hr *http.Request) ([]byte, error) {
 	resp, err := c.o.Client.Do(hr)
 	if err != nil {
-		var ue interface{ Unwrap() error }
+		var ue *url.Error
 		if errors.As(err, &ue) {
-			return nil, errors.New("not reachable")
+			return nil, ue.Err // the URL is named by the caller
 		}
 		return nil, err
 	}

@@ -110,6 +110,7 @@ type responder struct {
 	down    atomic.Bool
 	asked   atomic.Int32
 	ahead   atomic.Int64 // the responder's clock ahead of the real one, as the test's is
+	embed   bool         // send the CA's own certificate with each answer, as openssl ocsp does
 }
 
 func (r *responder) ServeHTTP(w http.ResponseWriter, req *http.Request) {
@@ -127,6 +128,9 @@ func (r *responder) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	now := time.Now().Add(time.Duration(r.ahead.Load()))
 	tmpl := ocsp.Response{Status: ocsp.Good, SerialNumber: q.SerialNumber, ThisUpdate: now.Add(-time.Minute),
 		NextUpdate: now.Add(r.life)}
+	if r.embed {
+		tmpl.Certificate = r.a.cert
+	}
 	if r.revoked[q.SerialNumber.Int64()] {
 		tmpl.Status, tmpl.RevokedAt = ocsp.Revoked, time.Now().Add(-time.Minute)
 	}
@@ -171,6 +175,28 @@ func TestOCSP(t *testing.T) {
 	r.ahead.Store(int64(2*time.Hour + time.Minute))
 	if err := c.Check(good, a.cert, now.Add(2*time.Hour+time.Minute)); err != nil {
 		t.Errorf("responder back: %v", err)
+	}
+}
+
+// TestOCSPSignedByTheCA: answers the CA signed itself, its certificate
+// sent along, are believed; those of another CA's key are not.
+func TestOCSPSignedByTheCA(t *testing.T) {
+	a := newCA(t)
+	r := &responder{a: a, revoked: map[int64]bool{41: true}, life: time.Hour, embed: true}
+	srv := httptest.NewServer(r)
+	defer srv.Close()
+	c := New(Options{Fetch: true})
+	if err := c.Check(a.issue(t, 40, srv.URL, ""), a.cert, time.Now()); err != nil {
+		t.Errorf("good: %v", err)
+	}
+	if err := c.Check(a.issue(t, 41, srv.URL, ""), a.cert, time.Now()); !errors.Is(err, security.ErrRevoked) {
+		t.Errorf("revoked: %v", err)
+	}
+	// Another CA answers, sending its own certificate: not the issuer.
+	srv2 := httptest.NewServer(&responder{a: newCA(t), life: time.Hour, embed: true})
+	defer srv2.Close()
+	if err := New(Options{Fetch: true}).Check(a.issue(t, 42, srv2.URL, ""), a.cert, time.Now()); !errors.Is(err, security.ErrRevocationUnknown) {
+		t.Errorf("answered by another CA: %v, want unknown", err)
 	}
 }
 

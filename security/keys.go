@@ -106,16 +106,17 @@ func CertName(c *x509.Certificate) string {
 	return c.Subject.String() + " [" + strings.ToUpper(hex.EncodeToString(sum[:8])) + "]"
 }
 
-// NewestPGP returns the newest of keys (latest creation time) that can
-// sign at now (or encrypt, with encrypt set), or nil.
+// NewestPGP returns the newest of keys (latest creation time; of equal
+// ones, the last listed) that can sign at now (or encrypt, with encrypt
+// set), or nil.
 func NewestPGP(keys []*openpgp.Entity, now time.Time, encrypt bool) *openpgp.Entity {
 	var best *openpgp.Entity
 	for _, e := range keys {
 		if pgpUnusable(e, now, encrypt) != "" {
 			continue
 		}
-		if best == nil || e.PrimaryKey.CreationTime.After(best.PrimaryKey.CreationTime) {
-			best = e
+		if best == nil || !e.PrimaryKey.CreationTime.Before(best.PrimaryKey.CreationTime) {
+			best = e // of two made in one second, the one listed later
 		}
 	}
 	return best
@@ -150,16 +151,16 @@ func pgpWhyNone(keys []*openpgp.Entity, now time.Time, encrypt bool) string {
 	return why
 }
 
-// NewestCert returns the newest of certs (latest notBefore) valid at now,
-// or nil.
+// NewestCert returns the newest of certs (latest notBefore; of equal ones,
+// the last listed) valid at now, or nil.
 func NewestCert(certs []*x509.Certificate, now time.Time) *x509.Certificate {
 	var best *x509.Certificate
 	for _, c := range certs {
 		if CertUnusable(c, now) != "" {
 			continue
 		}
-		if best == nil || c.NotBefore.After(best.NotBefore) {
-			best = c
+		if best == nil || !c.NotBefore.Before(best.NotBefore) {
+			best = c // of two valid from one moment, the one listed later
 		}
 	}
 	return best
