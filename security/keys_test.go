@@ -281,7 +281,9 @@ func TestSMIMERollover(t *testing.T) {
 }
 
 // memory is a CertMemory in a map.
-type memory struct{ m map[string][]*x509.Certificate }
+type memory struct {
+	m map[string][]*x509.Certificate
+}
 
 func (m *memory) Newest(p string) (*x509.Certificate, []*x509.Certificate) {
 	if l := m.m[p]; len(l) > 0 {
