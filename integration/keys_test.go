@@ -406,7 +406,8 @@ type keyRow struct {
 // partner's gpg still encrypts to our old one opens. The partner's gpg
 // revokes B (the certificate GnuPG made with the key), listed beside it
 // and SIGHUP sent: B's mail is refused as revoked. "hl7mail keys" shows
-// each key's state on the way.
+// each key's state on the way, and the dashboard's key table (headless
+// Chromium) at the end.
 func TestGnuPGRollover(t *testing.T) {
 	dir := t.TempDir()
 	siteKeys(t, dir, "hospital", "edi@hospital.test", "pgp")
@@ -508,4 +509,13 @@ partners:
 	if k := keys(); k[b].Status != "revoked" || len(k[b].Roles) != 0 {
 		t.Errorf("B after its revocation: %+v", k[b])
 	}
+
+	// The dashboard's key table shows the same, in headless Chromium.
+	br := startBrowser(t)
+	in.waitReady("")
+	br.open("http://" + in.dash + "/")
+	br.waitFor("the key table", fmt.Sprintf(`
+		const state = (f) => document.querySelector('#keys tbody tr[data-fingerprint="' + f + '"]')?.dataset.state;
+		return state(%q) === 'revoked' && document.querySelectorAll('#keys tbody tr[data-state="active"]').length === 1 &&
+			document.querySelectorAll('#keys tbody tr[data-state="retiring"]').length === 1;`, b), 10*time.Second)
 }

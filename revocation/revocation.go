@@ -61,6 +61,7 @@ type Checker struct {
 	crls  map[string]*x509.RevocationList // fetched, by URL
 	locks map[string]*sync.Mutex          // one fetch per key at a time
 	fails map[string]time.Time            // last failed fetch, by key
+	told  map[string]time.Time            // last fail-open warning, by certificate
 }
 
 var _ security.RevocationChecker = (*Checker)(nil)
@@ -71,7 +72,7 @@ func New(o Options) *Checker {
 		o.Client = &http.Client{Timeout: 10 * time.Second}
 	}
 	return &Checker{o: o, ocsp: map[string]*ocsp.Response{}, crls: map[string]*x509.RevocationList{},
-		locks: map[string]*sync.Mutex{}, fails: map[string]time.Time{}}
+		locks: map[string]*sync.Mutex{}, fails: map[string]time.Time{}, told: map[string]time.Time{}}
 }
 
 // SetLog sets the log told of answers that could not be had; call it
@@ -162,7 +163,7 @@ func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
 	}
 	reason := strings.Join(why, "; ")
 	if c.o.FailOpen {
-		if c.o.Log != nil {
+		if c.o.Log != nil && c.firstIn(name, 10*time.Minute, now) {
 			c.o.Log.Warn("revocation cannot be told; accepted (revocation.fail: open)", "certificate", name, "why", reason)
 		}
 		return nil
@@ -200,6 +201,18 @@ func listed(crl *x509.RevocationList, serial *big.Int) (time.Time, bool) {
 		}
 	}
 	return time.Time{}, false
+}
+
+// firstIn reports whether name was not told of within the last d: a
+// fail-open warning once in a while, not at every mail and every look.
+func (c *Checker) firstIn(name string, d time.Duration, now time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if at, ok := c.told[name]; ok && now.Sub(at) < d && now.Sub(at) >= 0 {
+		return false
+	}
+	c.told[name] = now
+	return true
 }
 
 // lock serializes fetches for key.

@@ -9,7 +9,9 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"fmt"
 	"math/big"
+	"strings"
 	"testing"
 	"time"
 
@@ -297,4 +299,48 @@ func (m *memory) Saw(p string, c *x509.Certificate, carried []*x509.Certificate)
 		m.m = map[string][]*x509.Certificate{}
 	}
 	m.m[p] = append([]*x509.Certificate{c}, carried...)
+}
+
+// revokedAll is a RevocationChecker that says every certificate is revoked.
+type revokedAll struct{}
+
+func (revokedAll) Check(c, _ *x509.Certificate, _ time.Time) error {
+	return fmt.Errorf("%w: %s", ErrRevoked, CertName(c))
+}
+
+// TestSMIMEChainsAndRevocation: our certificate file's intermediate goes
+// with our signature, so a partner holding only the root accepts it; a
+// revoked signer is refused as revoked, and a revoked certificate to
+// encrypt to holds the partner's mail (a KeyError).
+func TestSMIMEChainsAndRevocation(t *testing.T) {
+	now := time.Now()
+	root := newCA(t, "Our Root", nil)
+	inter := newCA(t, "Our Issuing CA", root)
+	cert, key := inter.issue(t, "edi@h.test", now.Add(-time.Hour), now.Add(time.Hour), x509.ExtKeyUsageEmailProtection)
+	labKey, labCert, _ := GenerateCert(CertOptions{Name: "Lab", Email: "lab@l.test", RSABits: 2048})
+	us := &Keyring{SMIMESelf: []SMIMEIdentity{{Cert: cert, Key: key, Chain: []*x509.Certificate{inter.cert}}},
+		SMIMEPartners: map[string][]*x509.Certificate{"lab": {labCert}}}
+	sealed, _, err := us.Suite(SuiteSMIME, "lab", "").Seal(entity, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab := &Keyring{SMIMESelf: []SMIMEIdentity{{Cert: labCert, Key: labKey}},
+		Anchors: map[string]*Anchors{"hospital": NewAnchors("edi@h.test", []*x509.Certificate{root.cert})}}
+	if _, err := lab.Suite(SuiteSMIME, "hospital", "").Open(sealed, now); err != nil {
+		t.Errorf("the partner with only our root: %v", err)
+	}
+	lab.Revocation = revokedAll{}
+	if _, err := lab.Suite(SuiteSMIME, "hospital", "").Open(sealed, now); !errors.Is(err, ErrRevoked) {
+		t.Errorf("revoked signer: %v, want revoked", err)
+	}
+	// Mail to a partner whose certificate is revoked waits.
+	labCA := newCA(t, "Lab CA", nil)
+	labIssued, _ := labCA.issue(t, "lab@l.test", now.Add(-time.Hour), now.Add(time.Hour))
+	us.SMIMEPartners["lab"] = []*x509.Certificate{labIssued}
+	us.AddIssuers(labCA.cert)
+	us.Revocation = revokedAll{}
+	var ke *KeyError
+	if err := us.Suite(SuiteSMIME, "lab", "").Usable(now); !errors.As(err, &ke) || !strings.Contains(ke.Reason, "revoked") {
+		t.Errorf("sealing to a revoked certificate: %v, want a KeyError naming the revocation", err)
+	}
 }

@@ -210,6 +210,31 @@ async function loadMessages() {
   }
 }
 
+// loadKeys fills the key table (GET /api/keys): a row per key or
+// certificate, its state as a class (active, next, retiring, expired,
+// revoked) so that the ones that serve no more stand out.
+async function loadKeys() {
+  const rows = await api("api/keys");
+  const tb = $("keys").tBodies[0];
+  tb.replaceChildren();
+  for (const k of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.fingerprint = k.fingerprint;
+    tr.dataset.state = k.status;
+    cell(tr, k.party);
+    cell(tr, k.kind);
+    cell(tr, k.fingerprint.slice(-16)).title = k.fingerprint + (k.subject ? " " + k.subject : "");
+    cell(tr, fmtTime(k.valid_from));
+    cell(tr, k.valid_to ? fmtTime(k.valid_to) : "never");
+    cell(tr, (k.roles || []).join(", ") || "-");
+    const st = cell(tr, k.status, "state " + k.status);
+    if (k.note) st.title = k.note;
+    cell(tr, k.days_left === undefined ? "-" : k.days_left, "num" + (k.days_left !== undefined && k.days_left < 30 ? " hot" : ""));
+    cell(tr, k.field);
+    tb.appendChild(tr);
+  }
+}
+
 async function refresh() {
   try {
     await Promise.all([loadOverview(), loadAlerts(), loadQuarantine(), loadReports(), loadMessages()]);
@@ -281,4 +306,7 @@ $("search").oninput = () => {
 
 refresh();
 setInterval(refresh, 5000);
+// Keys change at a reload, or with the date: once a minute is enough.
+loadKeys().catch((e) => { $("updated").textContent = "update failed: " + e.message; });
+setInterval(() => loadKeys().catch(() => {}), 60000);
 connect(true);
