@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -279,5 +280,48 @@ func TestEnums(t *testing.T) {
 	check("tls", valid(StartTLS) && valid(ImplicitTLS) && valid(NoTLS), valid(TLSMode("ssl")))
 	if !PGP.Signs() || !SMIME.Signs() || NoSecurity.Signs() {
 		t.Error("Signs")
+	}
+}
+
+// TestKeyLists: a key field takes a file or a list; certificates and keys
+// of ours pair by position; an S/MIME partner needs a pinned certificate or
+// anchors; revocation.fail takes its words.
+func TestKeyLists(t *testing.T) {
+	base := `self: {name: h, email: edi@h.test, pgp_key: %s, smime_cert: %s, smime_key: %s}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+%s
+partners:
+  - {name: lab, listen: 127.0.0.1:9012, email: lab@p.test, security: pgp, pgp_key: [a.asc, b.asc, b.rev]}
+  - {name: clinic, listen: 127.0.0.1:9013, email: c@c.test, security: smime, %s}
+`
+	c, err := Parse("x.yaml", []byte(fmt.Sprintf(base, "s.asc", "[a.crt, b.crt]", "[a.key, b.key]", "", "smime_trust: [ca.pem]")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Self.PGPKey) != 1 || len(c.Self.SMIMECert) != 2 || len(c.Partners[0].PGPKey) != 3 ||
+		len(c.Partners[1].SMIMETrust) != 1 || c.Revocation.Fail != FailClosed {
+		t.Errorf("lists: %+v %+v, revocation %+v", c.Self, c.Partners, c.Revocation)
+	}
+	if f := c.Partners[0].PGPKey.Field("pgp_key", 2); f != "pgp_key[2]" {
+		t.Errorf("Field of a list: %s", f)
+	}
+	if f := c.Self.PGPKey.Field("self.pgp_key", 0); f != "self.pgp_key" {
+		t.Errorf("Field of one file: %s", f)
+	}
+	for _, bad := range []struct{ cfg, want string }{
+		{fmt.Sprintf(base, "s.asc", "[a.crt, b.crt]", "[a.key]", "", "smime_cert: c.crt"), "2 certificates and self.smime_key 1 keys"},
+		{fmt.Sprintf(base, "s.asc", "a.crt", "a.key", "", "listen_tls: null"), "required with security: smime"},
+		{fmt.Sprintf(base, "s.asc", "a.crt", "a.key", "revocation: {fail: maybe}", "smime_cert: c.crt"), "revocation.fail"},
+		{fmt.Sprintf(base, "{x: 1}", "a.crt", "a.key", "", "smime_cert: c.crt"), "a file name or a list"},
+	} {
+		if _, err := Parse("x.yaml", []byte(bad.cfg)); err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("%v, want %q", err, bad.want)
+		}
+	}
+	// Anchors for every partner stand in for a pinned certificate.
+	if _, err := Parse("x.yaml", []byte(fmt.Sprintf(base, "s.asc", "a.crt", "a.key", "trust_anchors: [ca.pem]", "listen_tls: null"))); err != nil {
+		t.Errorf("trust_anchors without a pinned certificate: %v", err)
 	}
 }
