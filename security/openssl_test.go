@@ -121,3 +121,27 @@ func TestOpenSSLSHA1Refused(t *testing.T) {
 		t.Errorf("SMIMEOpen(SHA-1 signature) = %v, want ErrWeakAlgorithm", err)
 	}
 }
+
+// TestLoadCertsP7B: trust bundles as CAs publish them, .p7b made by
+// "openssl crl2pkcs7" in DER and in PEM, and a PEM chain, all read whole.
+func TestLoadCertsP7B(t *testing.T) {
+	dir, bin := opensslDir(t)
+	chain := append(PEMCert(sHospital.cert), PEMCert(sLab.cert)...)
+	os.WriteFile(filepath.Join(dir, "chain.pem"), chain, 0o600)
+	openssl(t, bin, dir, "crl2pkcs7", "-nocrl", "-certfile", "chain.pem", "-outform", "DER", "-out", "bundle.p7b")
+	openssl(t, bin, dir, "crl2pkcs7", "-nocrl", "-certfile", "chain.pem", "-out", "bundle.pem.p7b")
+	for _, f := range []string{"chain.pem", "bundle.p7b", "bundle.pem.p7b", "lab.crt"} {
+		certs, err := LoadCerts(filepath.Join(dir, f))
+		want := 2
+		if f == "lab.crt" {
+			want = 1
+		}
+		if err != nil || len(certs) != want {
+			t.Errorf("%s: %d certificates, %v; want %d", f, len(certs), err, want)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "junk.p7b"), []byte("not a bundle"), 0o600)
+	if _, err := LoadCerts(filepath.Join(dir, "junk.p7b")); err == nil {
+		t.Error("junk read as certificates")
+	}
+}
