@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -47,8 +48,23 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 	rounds := fs.Int("rounds", 5, "baseline/hl7mail pairs at each connection count (the targets use the median)")
 	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
 	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to `file` (go tool pprof reads it)")
 	if code := parse(fs, args); code >= 0 {
 		return code
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench: -cpuprofile:", err)
+			return 1
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			f.Close()
+		}()
 	}
 	var conns []int
 	for _, c := range strings.Split(*connsFlag, ",") {
