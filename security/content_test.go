@@ -55,3 +55,34 @@ func TestRead(t *testing.T) {
 		t.Errorf("edi-consent accepted: %v", err)
 	}
 }
+
+// canonicalByByte is the plain reading of RFC 2049 §4 that Canonical must
+// agree with: each bare CR, bare LF and CRLF becomes CRLF.
+func canonicalByByte(entity []byte) []byte {
+	var b bytes.Buffer
+	for i := 0; i < len(entity); i++ {
+		switch c := entity[i]; c {
+		case '\r':
+			b.WriteString("\r\n")
+			if i+1 < len(entity) && entity[i+1] == '\n' {
+				i++
+			}
+		case '\n':
+			b.WriteString("\r\n")
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.Bytes()
+}
+
+func FuzzCanonical(f *testing.F) {
+	for _, s := range []string{"", "a", "\r", "\n", "\r\n", "\n\r", "\r\r\n", "a\rb\nc\r\nd", "MSH|^~\\&|A\rPID|1\r", "x\r\n\r\n\r"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		if got, want := Canonical(in), canonicalByByte(in); !bytes.Equal(got, want) {
+			t.Fatalf("Canonical(%q) = %q, want %q", in, got, want)
+		}
+	})
+}

@@ -97,23 +97,38 @@ func DecodeEDI(entity []byte, accept Accept) ([]byte, string, error) {
 // draft-ietf-ediint-hl7-02 §4.1.1): the form that is signed and digested.
 // Bare CR and bare LF both become CRLF. The payload inside a base64 body is
 // not affected.
+//
+// It copies line by line (bytes.IndexByte finds each LF, and any bare CR
+// within a line) rather than byte by byte: every seal and every open
+// canonicalizes the whole mail, so this loop is on the hot path.
 func Canonical(entity []byte) []byte {
-	var b bytes.Buffer
-	b.Grow(len(entity) + len(entity)/40)
-	for i := 0; i < len(entity); i++ {
-		switch c := entity[i]; c {
-		case '\r':
-			b.WriteString("\r\n")
-			if i+1 < len(entity) && entity[i+1] == '\n' {
-				i++
+	out := make([]byte, 0, len(entity)+len(entity)/40+2)
+	for len(entity) > 0 {
+		j := bytes.IndexByte(entity, '\n')
+		line := entity
+		if j >= 0 {
+			line = entity[:j]
+			if n := len(line); n > 0 && line[n-1] == '\r' {
+				line = line[:n-1] // the CR of this CRLF
 			}
-		case '\n':
-			b.WriteString("\r\n")
-		default:
-			b.WriteByte(c)
 		}
+		for {
+			k := bytes.IndexByte(line, '\r')
+			if k < 0 {
+				out = append(out, line...)
+				break
+			}
+			out = append(out, line[:k]...)
+			out = append(out, '\r', '\n') // a bare CR
+			line = line[k+1:]
+		}
+		if j < 0 {
+			break
+		}
+		out = append(out, '\r', '\n')
+		entity = entity[j+1:]
 	}
-	return b.Bytes()
+	return out
 }
 
 // splitEntity returns the header and body of a MIME entity.
