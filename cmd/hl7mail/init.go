@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"time"
 
 	"github.com/hl7mail/hl7mail/security"
 )
@@ -82,7 +83,7 @@ partners.yaml is made readable to its group. Then: "hl7mail partner add".`, stde
 	}
 	if *smime {
 		k, err := keepOrMake(keys, "self.key", "self.crt", func() (madeKey, error) {
-			return makeSMIME(keys, "self.key", "self.crt", *name, *email)
+			return makeSMIME(keys, "self.key", "self.crt", *name, *email, time.Time{})
 		}, func(k madeKey) (string, error) {
 			c, err := security.LoadCert(k.public)
 			if err != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/hl7mail/hl7mail/security"
 )
@@ -18,15 +19,26 @@ Makes a key pair for this site or for a test partner. The private key is
 written with mode 0600; the public part is what you hand to partners.
   pgp:   DIR/private.asc and DIR/public.asc (Ed25519 + Cv25519, or RSA-3072 with -rsa)
   smime: DIR/key.pem and DIR/cert.pem (self-signed, emailProtection, RSA-3072)
-Existing files are never overwritten.`, stderr)
+Existing files are never overwritten. For a rollover, -not-before makes an
+S/MIME certificate that starts on the agreed switch date: listed beside the
+current one, it is "next" until then and takes over by itself.`, stderr)
 	kind := fs.String("kind", "", "pgp or smime (required)")
 	name := fs.String("name", "", "name in the key or certificate (required)")
 	email := fs.String("email", "", "mail address (required); for pgp, several comma-separated: one user ID each (local addresses)")
 	out := fs.String("out", "", "output `folder` (required)")
 	rsa := fs.Bool("rsa", false, "pgp: RSA-3072 instead of Ed25519/Cv25519")
 	passFile := fs.String("passphrase-file", "", "pgp: protect the private key with the passphrase in this `file`")
+	notBefore := fs.String("not-before", "", "smime: the certificate's first day, `YYYY-MM-DD` (UTC; default: now)")
 	if code := parse(fs, args); code >= 0 {
 		return code
+	}
+	var start time.Time
+	if *notBefore != "" {
+		var err error
+		if start, err = time.Parse(time.DateOnly, *notBefore); err != nil || *kind != "smime" {
+			fmt.Fprintf(stderr, "hl7mail keygen: -not-before %q: want a date, YYYY-MM-DD, with -kind smime\n", *notBefore)
+			return 2
+		}
 	}
 	if *kind == "" || *name == "" || *email == "" || *out == "" {
 		fs.Usage()
@@ -60,11 +72,12 @@ Existing files are never overwritten.`, stderr)
 		if len(pass) > 0 {
 			return fail(fmt.Errorf("-passphrase-file applies to pgp keys only"))
 		}
-		k, err := makeSMIME(*out, "key.pem", "cert.pem", *name, *email)
+		k, err := makeSMIME(*out, "key.pem", "cert.pem", *name, *email, start)
 		if err != nil {
 			return fail(err)
 		}
-		fmt.Fprintf(stdout, "private key: %s\ncertificate: %s (hand this to partners)\nvalid until: %s\n", k.private, k.public, k.until)
+		fmt.Fprintf(stdout, "private key: %s\ncertificate: %s (hand this to partners)\nvalid: %s to %s\nfingerprint: %s\n",
+			k.private, k.public, k.from, k.until, k.fingerprint)
 	default:
 		return fail(fmt.Errorf("-kind %q: want pgp or smime", *kind))
 	}
@@ -75,7 +88,7 @@ Existing files are never overwritten.`, stderr)
 type madeKey struct {
 	private, public string // the files
 	fingerprint     string // to read to partners over the phone
-	until           string // the certificate's last day (S/MIME)
+	from, until     string // the certificate's first and last day (S/MIME)
 }
 
 // makePGP writes a new OpenPGP key pair for emails (the first the primary
@@ -107,8 +120,10 @@ func makePGP(dir, priv, pub, name string, emails []string, rsa bool, pass []byte
 // makeSMIME writes a new self-signed S/MIME certificate for email and its
 // private key (mode 0600) to dir, as cert and key. Existing files are never
 // overwritten.
-func makeSMIME(dir, key, cert, name, email string) (madeKey, error) {
-	sk, c, err := security.GenerateCert(security.CertOptions{Name: name, Email: email})
+// makeSMIME writes a key and a self-signed certificate valid from
+// notBefore (the zero time: from now).
+func makeSMIME(dir, key, cert, name, email string, notBefore time.Time) (madeKey, error) {
+	sk, c, err := security.GenerateCert(security.CertOptions{Name: name, Email: email, NotBefore: notBefore})
 	if err != nil {
 		return madeKey{}, err
 	}
@@ -116,7 +131,7 @@ func makeSMIME(dir, key, cert, name, email string) (madeKey, error) {
 	if err != nil {
 		return madeKey{}, err
 	}
-	k := madeKey{fingerprint: certFingerprint(c), until: c.NotAfter.Format("2006-01-02")}
+	k := madeKey{fingerprint: certFingerprint(c), from: c.NotBefore.Format(time.DateOnly), until: c.NotAfter.Format(time.DateOnly)}
 	if k.private, err = security.WriteKeyFile(dir, key, keyPEM, true); err != nil {
 		return madeKey{}, err
 	}

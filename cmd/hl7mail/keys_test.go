@@ -64,3 +64,37 @@ func TestKeysCommand(t *testing.T) {
 		t.Errorf("keys with only an expired key = %d\n%s", code, out)
 	}
 }
+
+// TestKeygenNotBefore: an S/MIME certificate made to start on a switch
+// date, listed after the current one, is "next" until then; a bad date is
+// refused.
+func TestKeygenNotBefore(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "site")
+	hl7mail := func(args ...string) (int, string) {
+		var out bytes.Buffer
+		code := run(args, &out, &out)
+		return code, out.String()
+	}
+	if code, out := hl7mail("init", "-dir", dir, "-name", "general-hospital", "-email", "edi@hospital.test", "-smime"); code != 0 {
+		t.Fatalf("init = %d\n%s", code, out)
+	}
+	day := time.Now().UTC().AddDate(0, 0, 30).Format(time.DateOnly)
+	code, out := hl7mail("keygen", "-kind", "smime", "-name", "General Hospital", "-email", "edi@hospital.test",
+		"-not-before", day, "-out", filepath.Join(dir, "keys", "next"))
+	if code != 0 || !strings.Contains(out, "valid: "+day+" to ") {
+		t.Fatalf("keygen -not-before = %d\n%s", code, out)
+	}
+	if code, _ := hl7mail("keygen", "-kind", "pgp", "-name", "x", "-email", "x@x.test", "-not-before", day, "-out", t.TempDir()); code != 2 {
+		t.Errorf("-not-before with pgp = %d, want 2", code)
+	}
+	path := filepath.Join(dir, "partners.yaml")
+	cfg, _ := os.ReadFile(path)
+	cfg = bytes.Replace(cfg, []byte("smime_cert: keys/self.crt"), []byte("smime_cert: [keys/self.crt, keys/next/cert.pem]"), 1)
+	cfg = bytes.Replace(cfg, []byte("smime_key: keys/self.key"), []byte("smime_key: [keys/self.key, keys/next/key.pem]"), 1)
+	os.WriteFile(path, cfg, 0o640)
+	code, out = hl7mail("keys", "-config", path)
+	if code != 0 || !regexp.MustCompile(`(?m)^self +smime .* sign,decrypt +active .*self.smime_cert\[0\]$`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^self +smime +[0-9A-F]{16} +`+day+` .* decrypt +next .*self.smime_cert\[1\]$`).MatchString(out) {
+		t.Errorf("keys = %d\n%s", code, out)
+	}
+}
