@@ -168,7 +168,27 @@ func LoadKeys(cfg *config.Config, now time.Time) (*Keys, error) {
 	if pe.Err() != nil {
 		k.Problems = pe
 	}
+	k.warnUnaskable(cfg)
 	return k, nil
+}
+
+// warnUnaskable warns of each pinned partner certificate whose issuer is
+// known but whose revocation nothing can tell (no CRL file of its issuer,
+// and no responder or distribution point to fetch): with fail closed its
+// mail will be refused as revocation-unknown.
+func (k *Keys) warnUnaskable(cfg *config.Config) {
+	if k.Revocations == nil || cfg.Revocation.Fail != config.FailClosed {
+		return
+	}
+	for _, p := range cfg.Partners {
+		for _, c := range k.SMIMEPartners[p.Name] {
+			if issuer := k.IssuerOf(c); issuer != nil && !k.Revocations.CanAsk(c, issuer) {
+				k.Warnings = append(k.Warnings, fmt.Sprintf("partner %s: %s: nothing can tell whether certificate %s is revoked "+
+					"(add its CA's CRL to revocation.crl_files, or set fetch: true): with fail: closed its mail is refused",
+					p.Name, k.fieldOf(c), c.Subject))
+			}
+		}
+	}
 }
 
 // datedKey is one key of a list, with when it serves and what it is.

@@ -2,6 +2,13 @@ package gateway
 
 import (
 	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
 
 	"os"
 	"path/filepath"
@@ -210,5 +217,68 @@ partners:
 	}
 	if len(w7) != 1 || !strings.Contains(w7[0], "within 7 days") {
 		t.Errorf("Expiring(in 15 days) = %q", w7)
+	}
+}
+
+// TestRevocationWarnings: with revocation configured and failing closed, a
+// pinned partner certificate from a CA no CRL file is of, and that names
+// nothing to fetch, is warned of; one whose CA's CRL is there is not.
+func TestRevocationWarnings(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, data []byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca := func(name string) (*x509.Certificate, crypto.Signer) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, IsCA: true,
+			BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(400 * 24 * time.Hour)}
+		der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+		c, _ := x509.ParseCertificate(der)
+		return c, key
+	}
+	leaf := func(file, email string, caCert *x509.Certificate, caKey crypto.Signer) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: email},
+			EmailAddresses: []string{email}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(365 * 24 * time.Hour)}
+		der, _ := x509.CreateCertificate(rand.Reader, tmpl, caCert, key.Public(), caKey)
+		c, _ := x509.ParseCertificate(der)
+		write(file, append(security.PEMCert(c), security.PEMCert(caCert)...)) // the chain, leaf first
+	}
+	aCert, aKey := ca("A CA")
+	bCert, bKey := ca("B CA")
+	leaf("a.crt", "a@a.test", aCert, aKey)
+	leaf("b.crt", "b@b.test", bCert, bKey)
+	crl, _ := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(1),
+		ThisUpdate: time.Now().Add(-time.Minute), NextUpdate: time.Now().Add(time.Hour)}, aCert, aKey)
+	write("a.crl", crl)
+	key, cert, _ := security.GenerateCert(security.CertOptions{Name: "H", Email: "edi@h.test", RSABits: 2048})
+	keyPEM, _ := security.PEMKey(key)
+	write("self.key", keyPEM)
+	write("self.crt", security.PEMCert(cert))
+	write("partners.yaml", []byte(`self: {name: h, email: edi@h.test, smime_cert: self.crt, smime_key: self.key}
+router: {addr: 127.0.0.1:6661}
+smtp: {addr: 127.0.0.1:2525, tls: none}
+imap: {addr: 127.0.0.1:1143, tls: none}
+revocation: {crl_files: [a.crl]}
+partners:
+  - {name: a, listen: 127.0.0.1:9012, email: a@a.test, security: smime, smime_cert: a.crt}
+  - {name: b, listen: 127.0.0.1:9013, email: b@b.test, security: smime, smime_cert: b.crt}
+`))
+	_, k, err := Load(filepath.Join(dir, "partners.yaml"), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(k.Warnings) != 1 || !strings.Contains(k.Warnings[0], "partner b: partners[1].smime_cert: nothing can tell") {
+		t.Errorf("warnings %q, want one for partner b", k.Warnings)
+	}
+	// The answer itself: a's certificate is not revoked, b's cannot be told.
+	if err := k.Suite(security.SuiteSMIME, "a", "").Usable(time.Now()); err != nil {
+		t.Errorf("partner a: %v", err)
+	}
+	if err := k.Suite(security.SuiteSMIME, "b", "").Usable(time.Now()); err == nil || !strings.Contains(err.Error(), "revocation status unknown") {
+		t.Errorf("partner b: %v, want its mail held: revocation unknown", err)
 	}
 }

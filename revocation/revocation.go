@@ -171,6 +171,27 @@ func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
 	return fmt.Errorf("%w: %s: %s", security.ErrRevocationUnknown, name, reason)
 }
 
+// CanAsk reports whether anything can answer for cert, issued by issuer:
+// a CRL file of the issuer's, or, with fetching on, an HTTP OCSP responder
+// or CRL distribution point named in the certificate. With fail closed, a
+// certificate nothing can answer for is refused: check warns of it.
+func (c *Checker) CanAsk(cert, issuer *x509.Certificate) bool {
+	for _, crl := range c.o.CRLs {
+		if issuedBy(crl, issuer) {
+			return true
+		}
+	}
+	if !c.o.Fetch {
+		return false
+	}
+	for _, u := range append(append([]string{}, cert.OCSPServer...), cert.CRLDistributionPoints...) {
+		if strings.HasPrefix(u, "http://") || strings.HasPrefix(u, "https://") {
+			return true
+		}
+	}
+	return false
+}
+
 // issuedBy reports whether crl is issuer's, by name and signature.
 func issuedBy(crl *x509.RevocationList, issuer *x509.Certificate) bool {
 	return bytes.Equal(crl.RawIssuer, issuer.RawSubject) && crl.CheckSignatureFrom(issuer) == nil

@@ -355,6 +355,11 @@ func (k *Keyring) issuerOf(c *x509.Certificate, carried []*x509.Certificate) *x5
 	return try(k.Issuers())
 }
 
+// IssuerOf finds the certificate that issued c among those the keyring
+// knows (anchors, and the chains of the partners' certificate files), or
+// nil: a self-signed certificate, or an issuer not configured.
+func (k *Keyring) IssuerOf(c *x509.Certificate) *x509.Certificate { return k.issuerOf(c, nil) }
+
 // Issuers are the CA certificates the keyring knows beside the anchors:
 // those that came in the partners' certificate files after the leaf.
 func (k *Keyring) Issuers() []*x509.Certificate { return k.issuers }
