@@ -4,8 +4,9 @@
 # server), GnuPG, OpenSSL, Postfix with Dovecot (IMAP and LMTP), which
 # integration/mailservers.sh starts in a folder of their own, and Chromium
 # with ChromeDriver for the dashboard's browser test, Prometheus for
-# promtool, which checks the alerting rules, and systemd for
-# systemd-analyze, which checks the units the package installs. Needs root (or sudo) when anything is missing;
+# promtool, which checks the alerting rules, systemd for
+# systemd-analyze, which checks the units the package installs, and
+# PostgreSQL, of which internal/pgtest starts throwaway clusters. Needs root (or sudo) when anything is missing;
 # exits non-zero when a package cannot be installed, so that the tests fail
 # rather than skip.
 set -euo pipefail
@@ -26,6 +27,9 @@ missing=()
 for path in "${!need[@]}"; do
   [ -x "$path" ] || missing+=("${need[$path]}")
 done
+# PostgreSQL's programs live under their version's folder.
+pg_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+pg_initdb || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "integration/deps.sh: installing ${missing[*]}"
@@ -51,3 +55,4 @@ $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 for path in "${!need[@]}"; do
   [ -x "$path" ] || { echo "integration/deps.sh: $path still missing after install" >&2; exit 1; }
 done
+pg_initdb || { echo "integration/deps.sh: /usr/lib/postgresql/*/bin/initdb still missing after install" >&2; exit 1; }

@@ -15,9 +15,9 @@ import (
 // it: a package may import only packages of lower layers (and, in the
 // same layer, none).
 var layers = [][]string{
-	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog"},
+	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog", "internal/pgtest"},
 	{"journal", "spool", "internal/embedded", "revocation"},
-	{"store", "surrogate"},
+	{"store", "surrogate", "pgstore"},
 	{"notify", "internal/partnerq"},
 	{"outbound", "deliver", "inbound", "internal/mailtest"},
 	{"evidence", "dashboard"},
