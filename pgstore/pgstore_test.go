@@ -163,3 +163,27 @@ func TestRefusesAsyncCommit(t *testing.T) {
 		t.Errorf("Open with synchronous_commit off: %v", err)
 	}
 }
+
+// TestBatchIsOneTransaction checks what commit relies on: the statements
+// of one pgx batch run as one implicit transaction, so that a failure
+// stores none of them.
+func TestBatchIsOneTransaction(t *testing.T) {
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, server.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	c.Exec(ctx, "CREATE TABLE IF NOT EXISTS batch_t (n INT)")
+	b := &pgx.Batch{}
+	b.Queue("INSERT INTO batch_t VALUES (1)")
+	b.Queue("SELECT 1/0")
+	b.Queue("INSERT INTO batch_t VALUES (2)")
+	if err := c.SendBatch(ctx, b).Close(); err == nil {
+		t.Fatal("a batch with a failing statement succeeded")
+	}
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM batch_t").Scan(&n); err != nil || n != 0 {
+		t.Errorf("%d rows stored by a failed batch (%v), want 0", n, err)
+	}
+}

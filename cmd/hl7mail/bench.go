@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"runtime"
 	"runtime/pprof"
@@ -15,6 +16,7 @@ import (
 	"github.com/hl7mail/hl7mail/internal/bench"
 	"github.com/hl7mail/hl7mail/internal/corpus"
 	"github.com/hl7mail/hl7mail/internal/demo"
+	"github.com/hl7mail/hl7mail/internal/pgtest"
 )
 
 func runBench(args []string, stdout, stderr io.Writer) int {
@@ -48,6 +50,7 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 	rounds := fs.Int("rounds", 5, "baseline/hl7mail pairs at each connection count (the targets use the median)")
 	dir := fs.String("dir", "", "scratch `folder` (default: a new temporary folder)")
 	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
+	cluster := fs.String("cluster", "", "ack: also the CA path of a cluster on the PostgreSQL at this `DSN` (\"local\": a throwaway one started here)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to `file` (go tool pprof reads it)")
 	if code := parse(fs, args); code >= 0 {
 		return code
@@ -186,6 +189,46 @@ Measures, on the HL7 sample corpus, beside baselines measured in the same run:
 				fmt.Fprintf(stdout, "  rate at 16 connections: %.0f msgs/s (%.2fx the baseline): %s\n", rate,
 					bench.MedianRatio(results, 16, func(r bench.Result) float64 { return r.PerSecond }), verdict(rate >= 5000))
 			}
+		}
+	}
+	if *cluster != "" {
+		return benchCluster(*cluster, conns, *n, *rounds, msgs, stdout, stderr)
+	}
+	return 0
+}
+
+// benchCluster measures the CA path on PostgreSQL (bench.RunCluster).
+func benchCluster(dsn string, conns []int, n, rounds int, msgs [][]byte, stdout, stderr io.Writer) int {
+	where := "a throwaway PostgreSQL on loopback (fsync and synchronous_commit on)"
+	if dsn == "local" {
+		pg, err := pgtest.Start()
+		if err != nil {
+			fmt.Fprintln(stderr, "hl7mail bench: -cluster local:", err)
+			return 1
+		}
+		defer pg.Stop()
+		dsn = pg.DSN
+	} else if u, err := url.Parse(dsn); err == nil {
+		where = "the PostgreSQL at " + u.Host // never the password
+	}
+	fmt.Fprintf(stdout, "\nCA on a cluster: %d messages per run, %s, %d CPUs\n\n", n, where, runtime.NumCPU())
+	results, err := bench.RunCluster(context.Background(), dsn, bench.Options{Conns: conns, Messages: n, Corpus: msgs, Rounds: rounds})
+	if err != nil {
+		fmt.Fprintln(stderr, "hl7mail bench: cluster:", err)
+		return 1
+	}
+	bench.Print(stdout, results)
+	fmt.Fprintf(stdout, "\ntargets: p99 at 1 connection within 1.5x the baseline; %d connections on each of %d nodes at least 3x\n",
+		16, bench.ClusterNodes)
+	fmt.Fprintln(stdout, "the baseline's rate with as many connections in all (the median over the rounds)")
+	for _, c := range conns {
+		switch c {
+		case 1:
+			r := bench.MedianRatio(results, 1, func(r bench.Result) float64 { return float64(r.P99) })
+			fmt.Fprintf(stdout, "  p99 at 1 connection: %.2fx the baseline: %s\n", r, verdict(r <= 1.5))
+		case 16:
+			r := bench.MedianRatio(results, 16*bench.ClusterNodes, func(r bench.Result) float64 { return r.PerSecond })
+			fmt.Fprintf(stdout, "  rate, 16 connections on each of %d nodes: %.2fx the baseline: %s\n", bench.ClusterNodes, r, verdict(r >= 3))
 		}
 	}
 	return 0

@@ -7,7 +7,8 @@
 // (Outbound), beside sealing alone on every core.
 //
 // It imports, of this module, only config, gateway, hl7, internal/corpus,
-// internal/demo, internal/embedded, mllp, security, store, surrogate.
+// internal/demo, internal/embedded, mllp, pgstore, security, store,
+// surrogate.
 package bench
 
 import (
@@ -21,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -384,7 +386,7 @@ func Print(w io.Writer, results []Result) {
 	var base Result
 	for _, r := range results {
 		p99r, rater := "", ""
-		if r.Server == "hl7mail surrogate" && base.Conns == r.Conns {
+		if !strings.HasPrefix(r.Server, "baseline") && base.Conns == r.Conns {
 			p99r = fmt.Sprintf("%.2fx", float64(r.P99)/float64(base.P99))
 			rater = fmt.Sprintf("%.2fx", r.PerSecond/base.PerSecond)
 		} else {
