@@ -16,7 +16,7 @@ import (
 // same layer, none).
 var layers = [][]string{
 	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog", "internal/pgtest"},
-	{"journal", "spool", "internal/embedded", "revocation"},
+	{"journal", "spool", "internal/embedded", "revocation", "roles"},
 	{"store", "surrogate", "pgstore"},
 	{"notify", "internal/partnerq"},
 	{"outbound", "deliver", "inbound", "internal/mailtest"},

@@ -1,0 +1,300 @@
+// Package roles decides which node of a cluster runs which role (the IMAP
+// watcher of an account, the sender of a partner, the deliverer of a
+// router, the sweeper): each role is a PostgreSQL advisory lock held on the
+// node's own dedicated session, so that exactly one node holds it, and
+// PostgreSQL frees it when the session ends, however the node died.
+//
+// Fencing. A node acts on a role only while it knows its session lives: it
+// heartbeats on that session every Lease/8, each statement bounded by
+// Lease/4, and when the session breaks or a statement fails it stops every
+// role at once and acts on nothing until it has claimed again: at most
+// 3/8 of the lease after its session ended. A node that wins a lock waits
+// Lease/2 before it starts the role, by which time the node that had it
+// has stopped: never two nodes on one role, and a dead node's roles move
+// within the lease (a round to see the lock free, the wait, a round).
+//
+// Spread. Nodes record their heartbeats in a table; each role prefers one
+// of the live nodes (by its place in the sorted list of roles and nodes).
+// A node claims its preferred roles at once, others once it sees them
+// free (their node is gone), and hands back a role whose preferred node is
+// live again.
+//
+// It imports, of this module, nothing.
+package roles
+
+import (
+	"context"
+	"errors"
+	"hash/fnv"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Options configure Start.
+type Options struct {
+	DSN   string
+	Node  string        // this node's name, unique in the cluster
+	Lease time.Duration // default 10s
+	Roles []string      // every role there is, the same on every node
+	// Gain starts a role; Lose stops it and returns once it has stopped.
+	// Both are called from one goroutine, never at once.
+	Gain, Lose func(role string)
+	Logger     *slog.Logger
+}
+
+// Coordinator claims, holds and gives up roles for one node.
+type Coordinator struct {
+	o      Options
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu      sync.Mutex
+	held    map[string]bool      // started (Gain called)
+	locked  map[string]time.Time // lock won at, waiting out the fence
+	conn    *pgx.Conn
+	lastOK  time.Time
+}
+
+// Start connects (or keeps trying to) and runs the node's part until
+// Close.
+func Start(o Options) (*Coordinator, error) {
+	if o.DSN == "" || o.Node == "" {
+		return nil, errors.New("roles: a DSN and a node name are required")
+	}
+	if o.Lease <= 0 {
+		o.Lease = 10 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Coordinator{o: o, cancel: cancel, done: make(chan struct{}), held: map[string]bool{},
+		locked: map[string]time.Time{}}
+	go c.run(ctx)
+	return c, nil
+}
+
+// Held returns the roles this node runs now, sorted.
+func (c *Coordinator) Held() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for r := range c.held {
+		out = append(out, r)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Close stops every role, frees the locks and ends the session. It may be
+// called more than once.
+func (c *Coordinator) Close() {
+	c.cancel()
+	<-c.done
+}
+
+// ApplicationName is how node's role session is named in PostgreSQL
+// (pg_stat_activity.application_name).
+func ApplicationName(node string) string { return "hl7mail roles " + node }
+
+// key is a role's advisory lock.
+func key(role string) int64 {
+	h := fnv.New64a()
+	h.Write([]byte("hl7mail role " + role))
+	return int64(h.Sum64())
+}
+
+func (c *Coordinator) run(ctx context.Context) {
+	defer close(c.done)
+	tick := time.NewTicker(c.o.Lease / 8)
+	defer tick.Stop()
+	for {
+		c.round(ctx)
+		select {
+		case <-ctx.Done():
+			c.dropAll("closing")
+			if c.conn != nil {
+				cctx, cancel := context.WithTimeout(context.Background(), c.o.Lease/4)
+				c.conn.Close(cctx) // the locks go with the session
+				cancel()
+			}
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// round heartbeats, fences, claims and hands back, once.
+func (c *Coordinator) round(ctx context.Context) {
+	step := c.o.Lease / 4
+	if c.conn == nil {
+		cfg, err := pgx.ParseConfig(c.o.DSN)
+		if err != nil {
+			c.o.Logger.Error("roles: the DSN is not valid", "err", err)
+			return
+		}
+		// How the session shows in pg_stat_activity, for the operator.
+		cfg.RuntimeParams["application_name"] = ApplicationName(c.o.Node)
+		cctx, cancel := context.WithTimeout(ctx, step)
+		conn, err := pgx.ConnectConfig(cctx, cfg)
+		cancel()
+		if err != nil {
+			c.o.Logger.Warn("roles: no database session; holding no role", "err", err)
+			return
+		}
+		c.conn = conn
+		if err := c.exec(ctx, `CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL)`); err != nil {
+			c.lost(err)
+			return
+		}
+	}
+	if err := c.exec(ctx, `INSERT INTO nodes (name, seen) VALUES ($1, now()) ON CONFLICT (name) DO UPDATE SET seen = now()`, c.o.Node); err != nil {
+		c.lost(err)
+		return
+	}
+	c.lastOK = time.Now()
+	live, err := c.liveNodes(ctx)
+	if err != nil {
+		c.lost(err)
+		return
+	}
+	roles := slices.Sorted(slices.Values(c.o.Roles))
+	for i, r := range roles {
+		if ctx.Err() != nil {
+			return
+		}
+		preferred := live[i%len(live)] == c.o.Node
+		c.mu.Lock()
+		held, at, locked := c.held[r], c.locked[r], !c.locked[r].IsZero()
+		c.mu.Unlock()
+		switch {
+		case held && !preferred:
+			// Its preferred node is live (back, or new): hand it over.
+			c.release(ctx, r)
+		case held:
+		case locked:
+			if time.Since(at) >= c.o.Lease/2 && time.Since(c.lastOK) < c.o.Lease/2 {
+				c.mu.Lock()
+				delete(c.locked, r)
+				c.held[r] = true
+				c.mu.Unlock()
+				c.o.Logger.Info("role taken", "role", r, "node", c.o.Node)
+				c.o.Gain(r)
+			}
+		default:
+			c.claim(ctx, r, preferred)
+		}
+	}
+}
+
+// claim tries role r's lock: at once when r prefers this node, otherwise
+// when no node holds it.
+func (c *Coordinator) claim(ctx context.Context, r string, preferred bool) {
+	if !preferred {
+		var free bool
+		// A bigint advisory key shows in pg_locks as its high and low
+		// halves, with objsubid 1.
+		if err := c.queryRow(ctx, `SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+			AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1)`, []any{key(r)}, &free); err != nil {
+			c.lost(err)
+			return
+		}
+		if !free {
+			return
+		}
+	}
+	var got bool
+	if err := c.queryRow(ctx, `SELECT pg_try_advisory_lock($1)`, []any{key(r)}, &got); err != nil {
+		c.lost(err)
+		return
+	}
+	if got {
+		c.mu.Lock()
+		c.locked[r] = time.Now()
+		c.mu.Unlock()
+	}
+}
+
+// release stops role r and frees its lock.
+func (c *Coordinator) release(ctx context.Context, r string) {
+	c.mu.Lock()
+	delete(c.held, r)
+	c.mu.Unlock()
+	c.o.Lose(r)
+	var ok bool
+	if err := c.queryRow(ctx, `SELECT pg_advisory_unlock($1)`, []any{key(r)}, &ok); err != nil {
+		c.lost(err)
+		return
+	}
+	c.o.Logger.Info("role handed back to its preferred node", "role", r, "node", c.o.Node)
+}
+
+// liveNodes are the nodes heard from within the lease, sorted; this one
+// among them.
+func (c *Coordinator) liveNodes(ctx context.Context) ([]string, error) {
+	qctx, cancel := context.WithTimeout(ctx, c.o.Lease/4)
+	defer cancel()
+	rows, err := c.conn.Query(qctx, `SELECT name FROM nodes WHERE seen > now() - $1::interval ORDER BY name`,
+		c.o.Lease.String())
+	if err != nil {
+		return nil, err
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Contains(names, c.o.Node) {
+		names = append(names, c.o.Node)
+		slices.Sort(names)
+	}
+	return names, nil
+}
+
+func (c *Coordinator) exec(ctx context.Context, sql string, args ...any) error {
+	qctx, cancel := context.WithTimeout(ctx, c.o.Lease/4)
+	defer cancel()
+	_, err := c.conn.Exec(qctx, sql, args...)
+	return err
+}
+
+func (c *Coordinator) queryRow(ctx context.Context, sql string, args []any, dest ...any) error {
+	qctx, cancel := context.WithTimeout(ctx, c.o.Lease/4)
+	defer cancel()
+	return c.conn.QueryRow(qctx, sql, args...).Scan(dest...)
+}
+
+// lost ends the session after a failure on it: every role stops at once,
+// and the locks are PostgreSQL's to free.
+func (c *Coordinator) lost(err error) {
+	if errors.Is(err, context.Canceled) {
+		return // closing
+	}
+	c.o.Logger.Error("roles: database session lost; every role stops until claimed again", "node", c.o.Node, "err", err)
+	c.dropAll("session lost")
+	if c.conn != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c.conn.Close(ctx)
+		cancel()
+		c.conn = nil
+	}
+}
+
+// dropAll stops every role held and forgets locks won.
+func (c *Coordinator) dropAll(why string) {
+	c.mu.Lock()
+	var held []string
+	for r := range c.held {
+		held = append(held, r)
+	}
+	c.held, c.locked = map[string]bool{}, map[string]time.Time{}
+	c.mu.Unlock()
+	slices.Sort(held)
+	for _, r := range held {
+		c.o.Logger.Info("role stopped", "role", r, "node", c.o.Node, "why", why)
+		c.o.Lose(r)
+	}
+}
