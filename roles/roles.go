@@ -52,11 +52,11 @@ type Coordinator struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	mu      sync.Mutex
-	held    map[string]bool      // started (Gain called)
-	locked  map[string]time.Time // lock won at, waiting out the fence
-	conn    *pgx.Conn
-	lastOK  time.Time
+	mu     sync.Mutex
+	held   map[string]bool      // started (Gain called)
+	locked map[string]time.Time // lock won at, waiting out the fence
+	conn   *pgx.Conn
+	lastOK time.Time
 }
 
 // Start connects (or keeps trying to) and runs the node's part until
