@@ -199,17 +199,13 @@ func (s *Store) writer() {
 	}
 }
 
-// insert takes one message, or finds it taken before.
-const insert = `WITH ins AS (
-	INSERT INTO messages (direction, partner, control_id, message_type, sha256, payload, message_id, mic, kind,
+// insert takes one message; no row comes back when it was taken before,
+// and insertAll looks its id up.
+const insert = `INSERT INTO messages (direction, partner, control_id, message_type, sha256, payload, message_id, mic, kind,
 		in_reply_to, recipient, receipt_note, answer_to, node)
 	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 	ON CONFLICT (partner, direction, control_id, sha256) DO NOTHING
-	RETURNING id)
-SELECT id FROM ins
-UNION ALL
-SELECT id FROM messages WHERE partner = $2 AND direction = $1 AND control_id = $3 AND sha256 = $5
-LIMIT 1`
+	RETURNING id`
 
 // commit takes batch in one transaction and answers each request. The
 // statements go in one pipeline with one Sync: PostgreSQL runs them as one
@@ -243,7 +239,7 @@ func (s *Store) insertAll(ctx context.Context, batch []*acceptReq, ids []int64) 
 	br := s.pool.SendBatch(ctx, b)
 	for i := range batch {
 		if err := br.QueryRow().Scan(&ids[i]); errors.Is(err, pgx.ErrNoRows) {
-			ids[i] = 0 // the same message, committed by another node meanwhile: looked up below
+			ids[i] = 0 // the same message, taken before: looked up below
 		} else if err != nil {
 			br.Close()
 			return err
@@ -258,9 +254,9 @@ func (s *Store) insertAll(ctx context.Context, batch []*acceptReq, ids []int64) 
 		if ids[i] != 0 {
 			continue
 		}
-		// Another transaction inserted it while this statement ran: ON
-		// CONFLICT waited for it to commit, but the statement's snapshot
-		// predates it. A new statement sees it.
+		// Taken before, by this node or another (ON CONFLICT waited for
+		// a transaction taking it at the same moment to commit): a new
+		// statement, after the batch's commit, sees it.
 		m := r.m
 		if err := s.pool.QueryRow(ctx, `SELECT id FROM messages WHERE partner = $1 AND direction = $2 AND control_id = $3
 			AND sha256 = $4`, m.Partner, string(m.Direction), m.ControlID, r.hash[:]).Scan(&ids[i]); err != nil {
