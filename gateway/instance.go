@@ -44,7 +44,7 @@ func (g *Gateway) SMTPStatus() link.Status { return g.smtpLink.Status() }
 // Keys are the loaded keys and certificates, with their state now.
 func (g *Gateway) Keys() []dashboard.KeyRow {
 	sd := g.side()
-	return KeyReport(sd.cfg, sd.keys, time.Now())
+	return KeyReport(sd.cfg, sd.keys, time.Now(), false)
 }
 
 // IMAPStatus returns the state of the IMAP watcher's connection.

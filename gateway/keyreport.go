@@ -19,9 +19,17 @@ import (
 
 // KeyReport is every key and certificate of cfg's parties as keys loaded
 // them, with what each does at now and its state: what "hl7mail keys"
-// prints and the dashboard shows. Revocation is asked (and cached) for
-// S/MIME certificates whose issuer is known.
-func KeyReport(cfg *config.Config, keys *Keys, now time.Time) []dashboard.KeyRow {
+// prints and the dashboard shows. For S/MIME certificates whose issuer is
+// known, revocation is asked when ask is set ("hl7mail keys" on a stopped
+// instance); otherwise only the CRL files and the answers cached by the
+// running mail side are read, so that a slow responder never holds up the
+// dashboard or a metrics scrape.
+func KeyReport(cfg *config.Config, keys *Keys, now time.Time, ask bool) []dashboard.KeyRow {
+	if !ask && keys.Revocations != nil {
+		view := *keys
+		view.Revocation = keys.Revocations.Cached()
+		keys = &view
+	}
 	var rows []dashboard.KeyRow
 	for _, e := range keys.PGPSelf {
 		st := security.KeyStateOfPGP(e, keys.PGPSelf, now, false)

@@ -183,7 +183,7 @@ partners:
 	if err != nil {
 		t.Fatal(err)
 	}
-	rows := KeyReport(cfg, k, now)
+	rows := KeyReport(cfg, k, now, true)
 	want := map[string]string{ // field → state and roles
 		"self.pgp_key[0]":        "retiring decrypt",
 		"self.pgp_key[1]":        "active sign,decrypt",

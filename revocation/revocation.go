@@ -113,6 +113,22 @@ const retryFailed = 30 * time.Second
 // an error wrapping security.ErrRevoked when it is, and one wrapping
 // security.ErrRevocationUnknown when that cannot be told (fail closed).
 func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
+	return c.check(cert, issuer, now, true)
+}
+
+// Cached is the checker as a security.RevocationChecker that asks nobody:
+// CRL files and the answers cached by earlier checks only. What looks at
+// keys without a mail waiting on it (the key table, metrics) uses it, so
+// that a slow responder never holds up a page or a scrape.
+func (c *Checker) Cached() security.RevocationChecker { return cachedView{c} }
+
+type cachedView struct{ c *Checker }
+
+func (v cachedView) Check(cert, issuer *x509.Certificate, now time.Time) error {
+	return v.c.check(cert, issuer, now, false)
+}
+
+func (c *Checker) check(cert, issuer *x509.Certificate, now time.Time, fetch bool) error {
 	name := security.CertName(cert)
 	answered := false
 	// CRL files first: no network, and the operator put them there.
@@ -131,7 +147,7 @@ func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
 	var why []string
 	if c.o.Fetch {
 		if len(cert.OCSPServer) > 0 {
-			r, err := c.ocspAnswer(cert, issuer, now)
+			r, err := c.ocspAnswer(cert, issuer, now, fetch)
 			switch {
 			case err != nil:
 				why = append(why, err.Error())
@@ -144,7 +160,7 @@ func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
 			}
 		}
 		for _, url := range cert.CRLDistributionPoints {
-			crl, err := c.fetchedCRL(url, issuer, now)
+			crl, err := c.fetchedCRL(url, issuer, now, fetch)
 			if err != nil {
 				why = append(why, err.Error())
 				continue
@@ -163,7 +179,7 @@ func (c *Checker) Check(cert, issuer *x509.Certificate, now time.Time) error {
 	}
 	reason := strings.Join(why, "; ")
 	if c.o.FailOpen {
-		if c.o.Log != nil && c.firstIn(name, 10*time.Minute, now) {
+		if c.o.Log != nil && fetch && c.firstIn(name, 10*time.Minute, now) {
 			c.o.Log.Warn("revocation cannot be told; accepted (revocation.fail: open)", "certificate", name, "why", reason)
 		}
 		return nil
@@ -269,11 +285,13 @@ func cached[T any](c *Checker, m map[string]T, key string, times func(T) (time.T
 	return v, isCurrent, due
 }
 
-func (c *Checker) ocspAnswer(cert, issuer *x509.Certificate, now time.Time) (*ocsp.Response, error) {
+func (c *Checker) ocspAnswer(cert, issuer *x509.Certificate, now time.Time, fetch bool) (*ocsp.Response, error) {
 	key := "ocsp:" + string(issuer.RawSubjectPublicKeyInfo) + ":" + cert.SerialNumber.String()
 	times := func(r *ocsp.Response) (time.Time, time.Time) { return r.ThisUpdate, r.NextUpdate }
-	if r, isCurrent, due := cached(c, c.ocsp, key, times, now); !due && isCurrent {
+	if r, isCurrent, due := cached(c, c.ocsp, key, times, now); isCurrent && (!due || !fetch) {
 		return r, nil
+	} else if !fetch {
+		return nil, errors.New("no current OCSP answer asked for yet")
 	}
 	defer c.lock(key)()
 	r, isCurrent, due := cached(c, c.ocsp, key, times, now)
@@ -389,14 +407,16 @@ func (c *Checker) do(hr *http.Request) ([]byte, error) {
 }
 
 // fetchedCRL returns the current CRL at url, fetched or cached.
-func (c *Checker) fetchedCRL(url string, issuer *x509.Certificate, now time.Time) (*x509.RevocationList, error) {
+func (c *Checker) fetchedCRL(url string, issuer *x509.Certificate, now time.Time, fetch bool) (*x509.RevocationList, error) {
 	if !strings.HasPrefix(url, "http://") {
 		return nil, fmt.Errorf("CRL distribution point %s: only http:// is fetched (RFC 5280 §4.2.1.13)", url)
 	}
 	key := "crl:" + url
 	times := func(l *x509.RevocationList) (time.Time, time.Time) { return l.ThisUpdate, l.NextUpdate }
-	if l, isCurrent, due := cached(c, c.crls, key, times, now); !due && isCurrent {
+	if l, isCurrent, due := cached(c, c.crls, key, times, now); isCurrent && (!due || !fetch) {
 		return l, nil
+	} else if !fetch {
+		return nil, fmt.Errorf("CRL %s: not fetched yet", url)
 	}
 	defer c.lock(key)()
 	l, isCurrent, due := cached(c, c.crls, key, times, now)

@@ -200,6 +200,33 @@ func TestOCSPSignedByTheCA(t *testing.T) {
 	}
 }
 
+// TestCachedAsksNobody: the cached view answers from what Check fetched,
+// and says "unknown" for what nobody asked yet, without asking.
+func TestCachedAsksNobody(t *testing.T) {
+	a := newCA(t)
+	r := &responder{a: a, revoked: map[int64]bool{51: true}, life: time.Hour}
+	srv := httptest.NewServer(r)
+	defer srv.Close()
+	good, bad := a.issue(t, 50, srv.URL, ""), a.issue(t, 51, srv.URL, "")
+	c := New(Options{Fetch: true})
+	view := c.Cached()
+	if err := view.Check(good, a.cert, time.Now()); !errors.Is(err, security.ErrRevocationUnknown) || r.asked.Load() != 0 {
+		t.Errorf("before any check: %v, responder asked %d times", err, r.asked.Load())
+	}
+	c.Check(good, a.cert, time.Now())
+	c.Check(bad, a.cert, time.Now())
+	asked := r.asked.Load()
+	if err := view.Check(good, a.cert, time.Now()); err != nil {
+		t.Errorf("good, cached: %v", err)
+	}
+	if err := view.Check(bad, a.cert, time.Now()); !errors.Is(err, security.ErrRevoked) {
+		t.Errorf("revoked, cached: %v", err)
+	}
+	if r.asked.Load() != asked {
+		t.Errorf("the cached view asked the responder")
+	}
+}
+
 func TestCRLDistributionPoint(t *testing.T) {
 	a := newCA(t)
 	var crlDER atomic.Value

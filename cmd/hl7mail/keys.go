@@ -48,7 +48,7 @@ Exits 1 when a party has no key that serves now.`, stderr)
 			defer st.Close()
 			keys.Attach(st, nil)
 		}
-		rows = gateway.KeyReport(cfg, keys, time.Now())
+		rows = gateway.KeyReport(cfg, keys, time.Now(), true)
 		if keys.Problems != nil {
 			defer fmt.Fprintln(stderr, keys.Problems)
 		}
