@@ -9,11 +9,14 @@
 // the same partner, direction, control ID and payload digest give the id
 // it was accepted with before.
 //
-// The rest of what the single node's store does (delivery state, receipts,
-// journals, quarantine, alerts, roles) is to come; the embedded store
-// stays the default.
+// The evidence journals are kept in the database too (journal.go), and
+// export to the mbox files a single node writes.
 //
-// It imports, of this module, spool (the message it accepts).
+// The rest of what the single node's store does (delivery state, receipts,
+// quarantine, alerts) is to come; the embedded store stays the default.
+//
+// It imports, of this module, journal (the mbox format of an export) and
+// spool (the message it accepts).
 package pgstore
 
 import (
@@ -119,7 +122,7 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 		return nil, fmt.Errorf("pgstore: %w", err)
 	}
 	s := &Store{o: o, pool: pool, reqs: make(chan *acceptReq, 4*o.MaxBatch), quit: make(chan struct{})}
-	for _, stmt := range schema {
+	for _, stmt := range append(append([]string{}, schema...), journalSchema...) {
 		if _, err := pool.Exec(ctx, stmt); err != nil {
 			pool.Close()
 			return nil, fmt.Errorf("pgstore: schema: %w", err)
