@@ -46,9 +46,9 @@ type Keys struct {
 
 type expiry struct {
 	who, field, what string
-	party            string // "self" or the partner's name
-	kind             string // the list it is in: "pgp", "smime"
-	from, at         time.Time
+	party            string    // "self" or the partner's name
+	kind             string    // the list it is in: "pgp", "smime"
+	at               time.Time // zero: never expires
 }
 
 // Expiring returns a warning for each party (and kind of key) whose last
@@ -238,7 +238,7 @@ func (k *Keys) checkList(partner, kind string, list []datedKey, now time.Time, e
 		// revoked or otherwise unusable. A zero end is a key that never
 		// expires: its party has nothing to renew.
 		if d.why == "" || d.why == "not valid now" {
-			k.expiries = append(k.expiries, expiry{who: who, field: d.field, what: d.what, party: party, kind: kind, from: d.from, at: d.to})
+			k.expiries = append(k.expiries, expiry{who: who, field: d.field, what: d.what, party: party, kind: kind, at: d.to})
 		}
 	}
 	if serves || newest == nil {
