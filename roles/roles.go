@@ -238,8 +238,8 @@ func (c *Coordinator) release(ctx context.Context, r string) {
 func (c *Coordinator) liveNodes(ctx context.Context) ([]string, error) {
 	qctx, cancel := context.WithTimeout(ctx, c.o.Lease/4)
 	defer cancel()
-	rows, err := c.conn.Query(qctx, `SELECT name FROM nodes WHERE seen > now() - $1::interval ORDER BY name`,
-		c.o.Lease.String())
+	rows, err := c.conn.Query(qctx, `SELECT name FROM nodes WHERE seen > now() - make_interval(secs => $1) ORDER BY name`,
+		c.o.Lease.Seconds())
 	if err != nil {
 		return nil, err
 	}
