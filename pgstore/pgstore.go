@@ -67,18 +67,20 @@ type Options struct {
 	MaxBatch int
 	// Writers is how many transactions may be committing at once
 	// (default 4): while some wait for the WAL to be flushed, the next
-	// batch gathers and goes.
+	// batch gathers and goes. An Accept that finds one free commits
+	// itself; others queue for the writers.
 	Writers int
 	Logger  *slog.Logger
 }
 
 // Store is the shared store, as far as it goes.
 type Store struct {
-	o    Options
-	pool *pgxpool.Pool
-	reqs chan *acceptReq
-	quit chan struct{}
-	wg   sync.WaitGroup
+	o     Options
+	pool  *pgxpool.Pool
+	reqs  chan *acceptReq
+	slots chan struct{} // one per transaction that may be committing: Writers
+	quit  chan struct{}
+	wg    sync.WaitGroup
 
 	commits, messages atomic.Int64
 }
@@ -121,7 +123,8 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
 	}
-	s := &Store{o: o, pool: pool, reqs: make(chan *acceptReq, 4*o.MaxBatch), quit: make(chan struct{})}
+	s := &Store{o: o, pool: pool, reqs: make(chan *acceptReq, 4*o.MaxBatch), slots: make(chan struct{}, o.Writers),
+		quit: make(chan struct{})}
 	for _, stmt := range append(append([]string{}, schema...), journalSchema...) {
 		if _, err := pool.Exec(ctx, stmt); err != nil {
 			pool.Close()
@@ -153,6 +156,21 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 func (s *Store) Accept(ctx context.Context, m spool.Message) (spool.Accepted, error) {
 	req := &acceptReq{m: m, hash: sha256.Sum256(m.Payload), res: make(chan acceptRes, 1)}
 	select {
+	case <-s.quit:
+		return spool.Accepted{}, ErrClosed
+	default:
+	}
+	select {
+	case s.slots <- struct{}{}:
+		// A commit slot is free: commit here, with whatever waits, and
+		// spare the hand-over to a writer.
+		s.commit(s.fill([]*acceptReq{req}))
+		<-s.slots
+		r := <-req.res
+		return r.a, r.err
+	default:
+	}
+	select {
 	case s.reqs <- req:
 	case <-s.quit:
 		return spool.Accepted{}, ErrClosed
@@ -178,7 +196,8 @@ func (s *Store) Accept(ctx context.Context, m spool.Message) (spool.Accepted, er
 	}
 }
 
-// writer commits batches of waiting requests until Close.
+// writer commits batches of waiting requests, in a free commit slot,
+// until Close.
 func (s *Store) writer() {
 	defer s.wg.Done()
 	for {
@@ -188,18 +207,29 @@ func (s *Store) writer() {
 		case <-s.quit:
 			return
 		}
-		batch := []*acceptReq{first}
-	fill:
-		for len(batch) < s.o.MaxBatch {
-			select {
-			case r := <-s.reqs:
-				batch = append(batch, r)
-			default:
-				break fill
-			}
+		select {
+		case s.slots <- struct{}{}:
+		case <-s.quit:
+			first.res <- acceptRes{err: ErrClosed}
+			return
 		}
-		s.commit(batch)
+		s.commit(s.fill([]*acceptReq{first}))
+		<-s.slots
 	}
+}
+
+// fill adds the requests already waiting to batch, up to MaxBatch; it does
+// not wait.
+func (s *Store) fill(batch []*acceptReq) []*acceptReq {
+	for len(batch) < s.o.MaxBatch {
+		select {
+		case r := <-s.reqs:
+			batch = append(batch, r)
+		default:
+			return batch
+		}
+	}
+	return batch
 }
 
 // insert takes one message; no row comes back when it was taken before,
