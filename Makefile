@@ -47,7 +47,7 @@ fuzz:
 	$(GO) test -run=^$$ -fuzz=FuzzParseHeader -fuzztime=$(FUZZTIME) ./hl7
 	$(GO) test -run=^$$ -fuzz=FuzzReadFrame -fuzztime=$(FUZZTIME) ./mllp
 	$(GO) test -run=^$$ -fuzz=FuzzRoundTrip -fuzztime=$(FUZZTIME) ./mllp
-	for f in FuzzMultipartParts FuzzParseMDN FuzzParseBundle FuzzDecodeEDI FuzzPGPOpen FuzzSMIMEOpen; do \
+	for f in FuzzMultipartParts FuzzParseMDN FuzzParseBundle FuzzDecodeEDI FuzzPGPOpen FuzzSMIMEOpen FuzzCanonical FuzzLoadKeyFiles; do \
 		$(GO) test -run=^$$ -fuzz=^$$f\$$ -fuzztime=$(FUZZTIME) ./security || exit 1; done
 
 # Go benchmarks, then the CA latency/throughput table against the fsync baseline.

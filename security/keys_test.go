@@ -344,3 +344,19 @@ func TestSMIMEChainsAndRevocation(t *testing.T) {
 		t.Errorf("sealing to a revoked certificate: %v, want a KeyError naming the revocation", err)
 	}
 }
+
+// FuzzLoadKeyFiles: whatever a certificate or key file holds, reading it
+// returns certificates or an error, never a panic.
+func FuzzLoadKeyFiles(f *testing.F) {
+	_, cert, _ := GenerateCert(CertOptions{Name: "x", Email: "x@x.test", ECDSA: true})
+	f.Add(PEMCert(cert))
+	f.Add(cert.Raw)
+	f.Add([]byte(":-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nwsBzBCABCgAd\n-----END PGP PUBLIC KEY BLOCK-----\n"))
+	f.Add([]byte("-----BEGIN PKCS7-----\nMIIB\n-----END PKCS7-----\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if certs, err := parseCerts(data); err == nil && len(certs) == 0 {
+			t.Fatal("no error and no certificate")
+		}
+		readRevocation(data)
+	})
+}
