@@ -17,8 +17,8 @@ import (
 var layers = [][]string{
 	{"hl7", "mllp", "config", "internal/safefile", "security", "link", "internal/corpus", "internal/testlog", "internal/pgtest"},
 	{"journal", "spool", "internal/embedded", "revocation", "roles"},
-	{"store", "surrogate", "pgstore"},
-	{"notify", "internal/partnerq"},
+	{"store", "surrogate"},
+	{"notify", "internal/partnerq", "pgstore"},
 	{"outbound", "deliver", "inbound", "internal/mailtest"},
 	{"evidence", "dashboard"},
 	{"gateway"},

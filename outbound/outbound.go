@@ -55,6 +55,13 @@ func Seal(keys *security.Keyring, p *config.Partner, payload []byte, kind string
 	return keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)).Seal(edi, now)
 }
 
+// Journal is the outgoing journal as the sender writes to it: a group of
+// mails with one sync, each placed by an offset; *journal.Journal is one.
+type Journal interface {
+	AppendAll(ms []journal.Mail) ([]int64, error)
+	Path() string
+}
+
 // SenderOptions configure a Sender. Config, Store, Keys, Submitter and
 // Journal are required.
 type SenderOptions struct {
@@ -62,7 +69,7 @@ type SenderOptions struct {
 	Store     Store
 	Keys      *security.Keyring
 	Submitter Submitter
-	Journal   *journal.Journal // the outgoing journal
+	Journal   Journal          // the outgoing journal
 	Logger    *slog.Logger     // default slog.Default()
 	Now       func() time.Time // default time.Now
 	// RetryBase is the wait after the first failed attempt, doubling each

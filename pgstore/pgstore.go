@@ -10,13 +10,15 @@
 // it was accepted with before.
 //
 // The evidence journals are kept in the database too (journal.go), and
-// export to the mbox files a single node writes.
+// export to the mbox files a single node writes. What a partner's sender
+// needs (outbound.go: the queue, preparation, state changes, retries,
+// alerts) is there, so that the sender runs on it as on the embedded store.
 //
-// The rest of what the single node's store does (delivery state, receipts,
-// quarantine, alerts) is to come; the embedded store stays the default.
+// The rest of what the single node's store does (inbound delivery,
+// receipts, quarantine) is to come; the embedded store stays the default.
 //
-// It imports, of this module, journal (the mbox format of an export) and
-// spool (the message it accepts).
+// It imports, of this module, journal (the mbox format of an export),
+// spool (the message it accepts) and store (the types the services share).
 package pgstore
 
 import (
@@ -25,6 +27,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -125,7 +128,7 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	}
 	s := &Store{o: o, pool: pool, reqs: make(chan *acceptReq, 4*o.MaxBatch), slots: make(chan struct{}, o.Writers),
 		quit: make(chan struct{})}
-	for _, stmt := range append(append([]string{}, schema...), journalSchema...) {
+	for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema) {
 		if _, err := pool.Exec(ctx, stmt); err != nil {
 			pool.Close()
 			return nil, fmt.Errorf("pgstore: schema: %w", err)

@@ -1,10 +1,12 @@
 package pgstore
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -46,7 +48,7 @@ func fresh(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close(context.Background())
-	if _, err := c.Exec(context.Background(), "DROP TABLE IF EXISTS messages"); err != nil {
+	if _, err := c.Exec(context.Background(), "DROP TABLE IF EXISTS messages, pending, alerts, journal CASCADE"); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -203,7 +205,6 @@ func TestJournal(t *testing.T) {
 	ctx := context.Background()
 	c, _ := pgx.Connect(ctx, server.DSN)
 	defer c.Close(ctx)
-	c.Exec(ctx, "DROP TABLE IF EXISTS journal")
 	a, b := open(t, "gw-a"), open(t, "gw-b")
 	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
 	out := []journal.Mail{
@@ -250,3 +251,16 @@ func TestJournal(t *testing.T) {
 		t.Errorf("export of an altered journal: %v", err)
 	}
 }
+
+func pgxConnect(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, server.DSN) }
+
+func freeAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func bufioReader(b []byte) *bufio.Reader { return bufio.NewReader(bytes.NewReader(b)) }
