@@ -18,7 +18,8 @@
 // receipts, quarantine) is to come; the embedded store stays the default.
 //
 // It imports, of this module, journal (the mbox format of an export),
-// spool (the message it accepts) and store (the types the services share).
+// roles (the schema's lock), spool (the message it accepts) and store (the
+// types the services share).
 package pgstore
 
 import (
@@ -34,6 +35,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/hl7mail/hl7mail/roles"
 	"github.com/hl7mail/hl7mail/spool"
 )
 
@@ -128,11 +130,22 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	}
 	s := &Store{o: o, pool: pool, reqs: make(chan *acceptReq, 4*o.MaxBatch), slots: make(chan struct{}, o.Writers),
 		quit: make(chan struct{})}
-	for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema) {
-		if _, err := pool.Exec(ctx, stmt); err != nil {
-			pool.Close()
-			return nil, fmt.Errorf("pgstore: schema: %w", err)
+	// Nodes starting together would race on CREATE ... IF NOT EXISTS:
+	// one at a time, under the schema's advisory lock.
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roles.SchemaLock); err != nil {
+			return err
 		}
+		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema) {
+			if _, err := tx.Exec(ctx, stmt); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("pgstore: schema: %w", err)
 	}
 	// A message is acknowledged only once durable: refuse a database set
 	// to acknowledge commits before they are flushed.

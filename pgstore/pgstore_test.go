@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-message/textproto"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/hl7mail/hl7mail/internal/pgtest"
@@ -263,4 +264,7 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func bufioReader(b []byte) *bufio.Reader { return bufio.NewReader(bytes.NewReader(b)) }
+// textprotoHeader reads a mail's header.
+func textprotoHeader(mail []byte) (textproto.Header, error) {
+	return textproto.ReadHeader(bufio.NewReader(bytes.NewReader(mail)))
+}

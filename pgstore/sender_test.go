@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-message/textproto"
-
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/testlog"
@@ -102,7 +100,7 @@ partners:
 
 	var got []string
 	for _, m := range srv.Mails() {
-		h, err := textproto.ReadHeader(bufioReader(m.Data))
+		h, err := textprotoHeader(m.Data)
 		if err != nil {
 			t.Fatal(err)
 		}

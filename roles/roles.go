@@ -97,6 +97,10 @@ func (c *Coordinator) Close() {
 	<-c.done
 }
 
+// SchemaLock is the advisory lock under which nodes create what is
+// missing of the schema, one at a time.
+const SchemaLock int64 = 0x686c376d61696c // "hl7mail"
+
 // ApplicationName is how node's role session is named in PostgreSQL
 // (pg_stat_activity.application_name).
 func ApplicationName(node string) string { return "hl7mail roles " + node }
@@ -147,7 +151,16 @@ func (c *Coordinator) round(ctx context.Context) {
 			return
 		}
 		c.conn = conn
-		if err := c.exec(ctx, `CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL)`); err != nil {
+		// Nodes starting together would race on CREATE TABLE IF NOT
+		// EXISTS (a duplicate pg_type row): one at a time.
+		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, SchemaLock); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL)`)
+			return err
+		})
+		if err != nil {
 			c.lost(err)
 			return
 		}
