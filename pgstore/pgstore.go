@@ -12,10 +12,12 @@
 // The evidence journals are kept in the database too (journal.go), and
 // export to the mbox files a single node writes. What a partner's sender
 // needs (outbound.go: the queue, preparation, state changes, retries,
-// alerts) is there, so that the sender runs on it as on the embedded store.
+// alerts) and what a router's deliverer and the responder need
+// (inbound.go) are there, so that they run on it as on the embedded store.
 //
-// The rest of what the single node's store does (inbound delivery,
-// receipts, quarantine) is to come; the embedded store stays the default.
+// The rest of what the single node's store does (the IMAP receiver's
+// receipts, replays and quarantine; the operator's views) is to come; the
+// embedded store stays the default.
 //
 // It imports, of this module, journal (the mbox format of an export),
 // roles (the schema's lock), spool (the message it accepts) and store (the
@@ -136,7 +138,7 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roles.SchemaLock); err != nil {
 			return err
 		}
-		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema) {
+		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema, inboundSchema) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
