@@ -22,12 +22,11 @@ import (
 // for each partner whose role it holds, started on Gain and stopped (and
 // waited for) on Lose.
 type node struct {
-	t     *testing.T
-	name  string
-	st    *Store
-	cfg   *config.Config
-	smtp  string
-	roles *roles.Coordinator
+	t    *testing.T
+	name string
+	st   *Store
+	cfg  *config.Config
+	smtp string
 
 	mu      sync.Mutex
 	running map[string]func() // partner → stop and wait
@@ -105,7 +104,6 @@ partners:
 		want[partner+"@partner.test"] = append(want[partner+"@partner.test"], id)
 	}
 	lease := 2 * time.Second
-	var nodes []*node
 	for _, st := range []*Store{a, b} {
 		n := &node{t: t, name: st.o.Node, st: st, cfg: cfg, smtp: addr, running: map[string]func(){}}
 		co, err := roles.Start(roles.Options{DSN: server.DSN, Node: n.name, Lease: lease, Roles: []string{"sender:lab", "sender:clinic"},
@@ -113,9 +111,7 @@ partners:
 		if err != nil {
 			t.Fatal(err)
 		}
-		n.roles = co
 		t.Cleanup(co.Close)
-		nodes = append(nodes, n)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for srv.Count() < 150 {
