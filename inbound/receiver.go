@@ -24,7 +24,7 @@ import (
 type Receiver struct {
 	Opener  *Opener
 	Store   Store
-	Journal *journal.Journal
+	Journal journal.Appender
 	Logger  *slog.Logger
 	// Notify wakes the sender for a partner when a receipt is queued.
 	Notify func(partner string)

@@ -17,7 +17,7 @@ import (
 func TestReceiver(t *testing.T) {
 	l := newLabSide(t)
 	r, jpath := l.receiver(t)
-	st, j := r.Store.(*store.Store), r.Journal
+	st, j := r.Store.(*store.Store), r.Journal.(*journal.Journal)
 	ctx := context.Background()
 
 	edi, _ := security.EncodeEDI([]byte(orm), security.EDIOptions{})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -228,9 +229,16 @@ func (s *Store) Reschedule(ctx context.Context, d store.Direction, partner strin
 	return err
 }
 
-// RecordJournal records nothing: the journal's rows carry their digests
-// (OutgoingJournal).
-func (s *Store) RecordJournal(context.Context, string, int64, string, []byte) error { return nil }
+// RecordJournal names the Message-ID of a mail journalled in the database
+// one at a time (the receiver's; offset is its row): the rows carry their
+// digests already. Entries of journal files are not kept here.
+func (s *Store) RecordJournal(ctx context.Context, file string, offset int64, messageID string, _ []byte) error {
+	if !strings.HasPrefix(file, "db:") || messageID == "" {
+		return nil
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE journal SET message_id = $1 WHERE id = $2 AND message_id = ''`, messageID, offset)
+	return err
+}
 
 // RaiseAlert records a and returns its id.
 func (s *Store) RaiseAlert(ctx context.Context, a store.Alert) (int64, error) {
@@ -290,6 +298,19 @@ type DBJournal struct {
 func (j *DBJournal) AppendAll(ms []journal.Mail) ([]int64, error) {
 	return j.s.Journal(context.Background(), j.d, ms)
 }
+
+// Append journals one mail and returns its row id.
+func (j *DBJournal) Append(from string, t time.Time, mail []byte) (int64, error) {
+	ids, err := j.AppendAll([]journal.Mail{{From: from, Time: t, Bytes: mail}})
+	if err != nil {
+		return 0, err
+	}
+	return ids[0], nil
+}
+
+// IncomingJournal is the incoming journal in the database, as the
+// receiver writes to it.
+func (s *Store) IncomingJournal() *DBJournal { return &DBJournal{s: s, d: spool.Inbound} }
 
 // Path names the journal in records: "db:outgoing" or "db:incoming".
 func (j *DBJournal) Path() string {

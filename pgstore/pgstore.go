@@ -12,12 +12,14 @@
 // The evidence journals are kept in the database too (journal.go), and
 // export to the mbox files a single node writes. What a partner's sender
 // needs (outbound.go: the queue, preparation, state changes, retries,
-// alerts) and what a router's deliverer and the responder need
-// (inbound.go) are there, so that they run on it as on the embedded store.
+// alerts), what a router's deliverer and the responder need (inbound.go)
+// and what the receiver needs (receive.go: replays, receipts, reports,
+// bounces, quarantine) are there: the three services run on it as on the
+// embedded store.
 //
-// The rest of what the single node's store does (the IMAP receiver's
-// receipts, replays and quarantine; the operator's views) is to come; the
-// embedded store stays the default.
+// The operator's views (listings, the dashboard's figures) and the moving
+// in of an embedded store are to come; the embedded store stays the
+// default.
 //
 // It imports, of this module, journal (the mbox format of an export),
 // roles (the schema's lock), spool (the message it accepts) and store (the
@@ -138,7 +140,7 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roles.SchemaLock); err != nil {
 			return err
 		}
-		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema, inboundSchema) {
+		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema, inboundSchema, receiveSchema) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
