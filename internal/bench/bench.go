@@ -153,6 +153,20 @@ func (b *Baseline) Addr() string { return b.ln.Addr().String() }
 // serveConn answers each message CA once it is appended and synced, CE
 // when it could not be.
 func (b *Baseline) serveConn(_ context.Context, nc net.Conn) {
+	serveDurable(nc, b.ids, func(frame []byte) error {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.syncs++
+		if _, err := b.f.Write(frame); err != nil {
+			return err
+		}
+		return b.f.Sync()
+	})
+}
+
+// serveDurable is a baseline's connection: each message is made durable
+// by keep, then answered CA, or CE when keep failed.
+func serveDurable(nc net.Conn, ids *hl7.IDGen, keep func(frame []byte) error) {
 	rd := mllp.NewReader(nc, 0)
 	for {
 		frame, err := rd.ReadFrame()
@@ -160,18 +174,11 @@ func (b *Baseline) serveConn(_ context.Context, nc net.Conn) {
 			return
 		}
 		h, _ := hl7.ParseHeader(frame)
-		b.mu.Lock()
-		_, werr := b.f.Write(frame)
-		if werr == nil {
-			werr = b.f.Sync()
-		}
-		b.syncs++
-		b.mu.Unlock()
 		code := hl7.CommitAccept
-		if werr != nil {
+		if keep(frame) != nil {
 			code = hl7.CommitError
 		}
-		if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: b.ids.Next()})) != nil {
+		if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: ids.Next()})) != nil {
 			return
 		}
 	}

@@ -59,21 +59,10 @@ func StartPGBaseline(ctx context.Context, dsn string, conns int) (*PGBaseline, e
 func (b *PGBaseline) Addr() string { return b.ln.Addr().String() }
 
 func (b *PGBaseline) serveConn(ctx context.Context, nc net.Conn) {
-	rd := mllp.NewReader(nc, 0)
-	for {
-		frame, err := rd.ReadFrame()
-		if err != nil {
-			return
-		}
-		h, _ := hl7.ParseHeader(frame)
-		code := hl7.CommitAccept
-		if _, err := b.pool.Exec(ctx, `INSERT INTO bench_baseline (payload) VALUES ($1)`, frame); err != nil {
-			code = hl7.CommitError
-		}
-		if mllp.WriteFrame(nc, hl7.BuildAck(h, hl7.Ack{Code: code, ControlID: b.ids.Next()})) != nil {
-			return
-		}
-	}
+	serveDurable(nc, b.ids, func(frame []byte) error {
+		_, err := b.pool.Exec(ctx, `INSERT INTO bench_baseline (payload) VALUES ($1)`, frame)
+		return err
+	})
 }
 
 // Close stops the server.
