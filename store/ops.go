@@ -231,56 +231,21 @@ func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Sum
 	if err := s.waitIngested(ctx); err != nil {
 		return nil, err
 	}
-	out := map[string]*Summary{}
-	get := func(p string) *Summary {
-		if out[p] == nil {
-			out[p] = &Summary{Partner: p}
-		}
-		return out[p]
-	}
+	sums := Summaries{}
 	queries := []struct {
+		part SummaryPart
 		q    string
 		args []any
-		add  func(s *Summary, key string, n int64)
 	}{
-		{`SELECT partner, direction, count(*) FROM messages WHERE received >= ? AND kind != 'bundle'
-			GROUP BY partner, direction`, []any{since.UnixMicro()}, func(s *Summary, dir string, n int64) {
-			if Direction(dir) == Inbound {
-				s.InToday += int(n)
-			} else {
-				s.OutToday += int(n)
-			}
-		}},
-		{`SELECT partner, direction, count(*) FROM messages WHERE state = 'queued' GROUP BY partner, direction`, nil,
-			func(s *Summary, dir string, n int64) {
-				if Direction(dir) == Inbound {
-					s.QueuedIn += int(n)
-				} else {
-					s.QueuedOut += int(n)
-				}
-			}},
-		{`SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired', 'bounced') GROUP BY partner, state`, nil,
-			func(s *Summary, _ string, n int64) { s.Failed += int(n) }},
-		// A receipt is awaited once its mail went out (the row is made just
-		// before the submission).
-		{`SELECT p.partner, p.state, count(*) FROM pending p JOIN messages m ON m.id = p.id
-			WHERE p.state != 'waiting' OR m.state = 'sent' GROUP BY p.partner, p.state`, nil, func(s *Summary, st string, n int64) {
-			switch st {
-			case PendingWaiting:
-				s.AwaitingReceipt += int(n)
-			case PendingOverdue:
-				s.Overdue += int(n)
-			case PendingMatched, PendingError:
-				s.ReceiptsMatched += int(n)
-			case PendingMismatch:
-				s.ReceiptsMismatch += int(n)
-			}
-		}},
-		{`SELECT partner, '', count(*) FROM quarantine WHERE released = 0 GROUP BY partner`, nil,
-			func(s *Summary, _ string, n int64) { s.Quarantined += int(n) }},
-		{`SELECT partner, '', max(updated) FROM messages GROUP BY partner`, nil, func(s *Summary, _ string, n int64) {
-			s.LastActivity = time.UnixMicro(n)
-		}},
+		{SummaryToday, `SELECT partner, direction, count(*) FROM messages WHERE received >= ? AND kind != 'bundle'
+			GROUP BY partner, direction`, []any{since.UnixMicro()}},
+		{SummaryQueued, `SELECT partner, direction, count(*) FROM messages WHERE state = 'queued' GROUP BY partner, direction`, nil},
+		{SummaryFailed, `SELECT partner, state, count(*) FROM messages WHERE state IN ('failed', 'expired', 'bounced')
+			GROUP BY partner, state`, nil},
+		{SummaryReceipts, `SELECT p.partner, p.state, count(*) FROM pending p JOIN messages m ON m.id = p.id
+			WHERE p.state != 'waiting' OR m.state = 'sent' GROUP BY p.partner, p.state`, nil},
+		{SummaryQuarantined, `SELECT partner, '', count(*) FROM quarantine WHERE released = 0 GROUP BY partner`, nil},
+		{SummaryLast, `SELECT partner, '', max(updated) FROM messages GROUP BY partner`, nil},
 	}
 	for _, q := range queries {
 		rows, err := s.db.QueryContext(ctx, q.q, q.args...)
@@ -294,13 +259,70 @@ func (s *Store) Summaries(ctx context.Context, since time.Time) (map[string]*Sum
 				rows.Close()
 				return nil, fmt.Errorf("store: summary: %w", err)
 			}
-			q.add(get(partner), key, n)
+			sums.Add(q.part, partner, key, n)
 		}
 		if err := rows.Close(); err != nil {
 			return nil, err
 		}
 	}
-	return out, nil
+	return sums, nil
+}
+
+// Summaries are partners' counts being added up, by name; a store's query
+// for each SummaryPart gives rows of partner, key and number, and Add
+// counts each, so that every store counts alike.
+type Summaries map[string]*Summary
+
+// SummaryPart says what the rows given to Summaries.Add count.
+type SummaryPart int
+
+const (
+	SummaryToday       SummaryPart = iota // key: direction; n: messages received since the start of the day
+	SummaryQueued                         // key: direction; n: messages queued
+	SummaryFailed                         // key: state; n: messages failed, expired or bounced
+	SummaryReceipts                       // key: pending state; n: receipts awaited or come
+	SummaryQuarantined                    // n: mails quarantined and not released
+	SummaryLast                           // n: the last change, in Unix microseconds
+)
+
+// Add counts one row of part.
+func (sums Summaries) Add(part SummaryPart, partner, key string, n int64) {
+	s := sums[partner]
+	if s == nil {
+		s = &Summary{Partner: partner}
+		sums[partner] = s
+	}
+	switch part {
+	case SummaryToday:
+		if Direction(key) == Inbound {
+			s.InToday += int(n)
+		} else {
+			s.OutToday += int(n)
+		}
+	case SummaryQueued:
+		if Direction(key) == Inbound {
+			s.QueuedIn += int(n)
+		} else {
+			s.QueuedOut += int(n)
+		}
+	case SummaryFailed:
+		s.Failed += int(n)
+	case SummaryReceipts:
+		switch key {
+		case PendingWaiting:
+			s.AwaitingReceipt += int(n)
+		case PendingOverdue:
+			s.Overdue += int(n)
+		case PendingMatched, PendingError:
+			s.ReceiptsMatched += int(n)
+		case PendingMismatch:
+			s.ReceiptsMismatch += int(n)
+		}
+	case SummaryQuarantined:
+		s.Quarantined += int(n)
+	case SummaryLast:
+		s.LastActivity = time.UnixMicro(n)
+	}
 }
 
 // Count is how many messages of a partner, in a direction, are in a state.
