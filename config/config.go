@@ -11,6 +11,7 @@ package config
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"reflect"
@@ -52,6 +53,10 @@ type Config struct {
 	TrustAnchors Files `yaml:"trust_anchors"`
 	// Revocation is how S/MIME certificates are checked for revocation.
 	Revocation Revocation `yaml:"revocation"`
+	// Cluster, when set, makes this instance one node of a cluster on a
+	// shared PostgreSQL database; without it the instance runs alone on
+	// its embedded store.
+	Cluster *Cluster `yaml:"cluster"`
 
 	// File is the path the configuration was read from.
 	File string `yaml:"-"`
@@ -546,4 +551,34 @@ type Revocation struct {
 	// Fail is what "cannot tell" means once no cached answer is current:
 	// closed (default) refuses the certificate, open logs and accepts it.
 	Fail FailMode `yaml:"fail"`
+}
+
+// Cluster makes the instance one node of several sharing a PostgreSQL
+// database: every node's surrogates accept, and each role (a partner's
+// sender, an IMAP account's watcher, a router's deliverer, the sweeper,
+// the notices) runs on one node at a time.
+type Cluster struct {
+	// Node is this node's name, unique in the cluster.
+	Node string `yaml:"node"`
+	// Postgres is the shared database.
+	Postgres Postgres `yaml:"postgres"`
+}
+
+// Postgres is how a node reaches the cluster's database.
+type Postgres struct {
+	// DSNFile holds one line, the database's URL
+	// (postgres://user@host:5432/db?sslmode=verify-full); a password in
+	// it stays out of partners.yaml.
+	DSNFile string `yaml:"dsn_file"`
+	// Lease is how long a node may hold a role without renewing it
+	// (default 10s): the longest a dead node's roles wait for another.
+	Lease Duration `yaml:"lease"`
+}
+
+// DSN reads the cluster's database URL from its file.
+func (c *Config) DSN() (string, error) {
+	if c.Cluster == nil {
+		return "", errors.New("no cluster section")
+	}
+	return c.Secret(c.Cluster.Postgres.DSNFile, "")
 }

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 )
 
 type validator struct {
@@ -158,6 +159,17 @@ func (v *validator) partners() {
 	}
 	if !valid(c.Revocation.Fail) {
 		v.addf("revocation.fail", "", "closed or open", "unknown value %q", c.Revocation.Fail)
+	}
+	if cl := c.Cluster; cl != nil {
+		if !partnerName.MatchString(cl.Node) {
+			v.addf("cluster.node", "", "a name unique in the cluster, such as gw-a", "required: letters, digits, '.', '_' or '-'")
+		}
+		if cl.Postgres.DSNFile == "" {
+			v.addf("cluster.postgres.dsn_file", "", "a file with one line: postgres://user@host:5432/db?sslmode=verify-full", "required")
+		}
+		if l := cl.Postgres.Lease.D(); l != 0 && (l < time.Second || l > 10*time.Minute) {
+			v.addf("cluster.postgres.lease", "", "between 1s and 10m; 10s if unset", "%s is out of range", l)
+		}
 	}
 }
 

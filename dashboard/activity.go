@@ -27,7 +27,7 @@ type activityView struct {
 func (s *Server) activity(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 	since := now.Add(-ActivityWindow)
-	acts, err := s.o.Instance.Store().Activity(r.Context(), since, now, ActivityStep)
+	acts, err := s.o.Instance.Records().Activity(r.Context(), since, now, ActivityStep)
 	if err != nil {
 		fail(w, err)
 		return

@@ -16,12 +16,12 @@ import (
 // The JSON API: what the page and the operator commands read and change.
 
 func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
-	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Store(), s.o.Instance)
+	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Records(), s.o.Instance)
 	if err != nil {
 		fail(w, err)
 		return
 	}
-	n, err := s.o.Instance.Store().OpenAlerts(r.Context())
+	n, err := s.o.Instance.Records().OpenAlerts(r.Context())
 	if err != nil {
 		fail(w, err)
 		return
@@ -32,7 +32,7 @@ func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) partners(w http.ResponseWriter, r *http.Request) {
-	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Store(), s.o.Instance)
+	rows, err := Rows(r.Context(), s.o.Instance.Config(), s.o.Instance.Records(), s.o.Instance)
 	if err != nil {
 		fail(w, err)
 		return
@@ -41,7 +41,7 @@ func (s *Server) partners(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) alerts(w http.ResponseWriter, r *http.Request) {
-	list, err := s.o.Instance.Store().Alerts(r.Context(), r.URL.Query().Get("all") != "", limit(r, 500))
+	list, err := s.o.Instance.Records().Alerts(r.Context(), r.URL.Query().Get("all") != "", limit(r, 500))
 	writeList(w, list, err)
 }
 
@@ -89,7 +89,7 @@ func (s *Server) ackAlert(w http.ResponseWriter, r *http.Request) {
 		fail(w, err)
 		return
 	}
-	if err := s.o.Instance.Store().AckAlert(r.Context(), id, b.By); err != nil {
+	if err := s.o.Instance.Records().AckAlert(r.Context(), id, b.By); err != nil {
 		fail(w, err)
 		return
 	}
@@ -98,7 +98,7 @@ func (s *Server) ackAlert(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
-	list, err := s.o.Instance.Store().Search(r.Context(), r.URL.Query().Get("q"), limit(r, 200))
+	list, err := s.o.Instance.Records().Search(r.Context(), r.URL.Query().Get("q"), limit(r, 200))
 	writeList(w, list, err)
 }
 
@@ -114,7 +114,7 @@ func (s *Server) reports(w http.ResponseWriter, r *http.Request) {
 		}
 		f.Message = id
 	}
-	list, err := s.o.Instance.Store().Reports(r.Context(), f)
+	list, err := s.o.Instance.Records().Reports(r.Context(), f)
 	writeList(w, list, err)
 }
 

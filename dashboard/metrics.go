@@ -119,7 +119,7 @@ func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st := c.inst.Store()
+	st := c.inst.Records()
 	// Read before the queries below, which wait for the database.
 	ch <- prometheus.MustNewConstMetric(descBacklog, prometheus.GaugeValue, float64(st.Backlog()))
 	stats := st.Stats()

@@ -36,7 +36,7 @@ type Live interface {
 // Rows returns a row per configured partner, in the configuration's order,
 // with the counts of st ("today" since local midnight). live may be nil for
 // a stopped instance.
-func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) ([]PartnerRow, error) {
+func Rows(ctx context.Context, cfg *config.Config, st Store, live Live) ([]PartnerRow, error) {
 	now := time.Now()
 	midnight := time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, now.Location())
 	sums, err := st.Summaries(ctx, midnight)
@@ -58,4 +58,23 @@ func Rows(ctx context.Context, cfg *config.Config, st *store.Store, live Live) (
 		rows = append(rows, row)
 	}
 	return rows, nil
+}
+
+// Store is what the dashboard, the status and /metrics read: the embedded
+// store of a node, or a cluster's shared one.
+type Store interface {
+	Summaries(ctx context.Context, since time.Time) (map[string]*store.Summary, error)
+	Counts(ctx context.Context) ([]store.Count, error)
+	Activity(ctx context.Context, since, now time.Time, step time.Duration) (map[string]*store.Activity, error)
+	Alerts(ctx context.Context, all bool, limit int) ([]store.Alert, error)
+	AckAlert(ctx context.Context, id int64, who string) error
+	OpenAlerts(ctx context.Context) (int, error)
+	Search(ctx context.Context, q string, limit int) ([]store.Message, error)
+	Reports(ctx context.Context, f store.ReportFilter) ([]store.Report, error)
+	QuarantineList(ctx context.Context, limit int) ([]store.Quarantined, error)
+	QuarantineReasons(ctx context.Context) (map[string]int, error)
+	// Backlog is the number of messages accepted and not yet in the
+	// database; Stats the commits made and the messages in them.
+	Backlog() int64
+	Stats() store.CommitStats
 }

@@ -69,7 +69,8 @@ type Instance interface {
 	Config() *config.Config
 	// Keys are the loaded keys and certificates, ours and the partners'.
 	Keys() []KeyRow
-	Store() *store.Store
+	// Records is the store the figures and lists are read from.
+	Records() Store
 	// Connections is the number of open router connections to partner's
 	// surrogate.
 	Connections(partner string) int
@@ -386,7 +387,7 @@ func (s *Server) Token() string { return *s.token.Load() }
 func (s *Server) ServeControl(ln net.Listener) error { return s.ctl.Serve(ln) }
 
 func (s *Server) quarantine(w http.ResponseWriter, r *http.Request) {
-	list, err := s.o.Instance.Store().QuarantineList(r.Context(), limit(r, 200))
+	list, err := s.o.Instance.Records().QuarantineList(r.Context(), limit(r, 200))
 	writeList(w, list, err)
 }
 

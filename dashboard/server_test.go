@@ -37,7 +37,7 @@ type fakeInstance struct {
 }
 
 func (f *fakeInstance) Config() *config.Config { return f.cfg }
-func (f *fakeInstance) Store() *store.Store    { return f.st }
+func (f *fakeInstance) Records() Store         { return f.st }
 func (f *fakeInstance) Keys() []KeyRow {
 	return []KeyRow{{Party: "self", Field: "self.pgp_key", Kind: "pgp", Status: "active", Roles: []string{"sign", "decrypt"},
 		To: time.Date(2028, 1, 2, 0, 0, 0, 0, time.UTC)}}

@@ -69,9 +69,10 @@ const (
 type Gateway struct {
 	opts     Options
 	log      *slog.Logger
-	store    *store.Store
-	outgoing *journal.Journal
-	incoming *journal.Journal
+	store    Store
+	outgoing outbound.Journal
+	incoming journal.Appender
+	cluster  *clusterNode // nil: alone, on the embedded store
 	smtpLink link.Link
 	imapLink link.Link
 	dash     *dashboard.Server
@@ -122,20 +123,30 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		}
 		return nil, err
 	}
-	st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
-	if err != nil {
-		return nil, err
+	if cfg.Cluster != nil {
+		if err := g.openCluster(ctx, cfg); err != nil {
+			return nil, err
+		}
+		undo = append(undo, func() { g.store.Close(); g.cluster.close() })
+	} else {
+		st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
+		if err != nil {
+			return nil, err
+		}
+		g.store = st
+		undo = append(undo, func() { st.Close() })
+		out, err := journal.Open(filepath.Join(cfg.StoreDir(), OutgoingJournal))
+		if err != nil {
+			return failed(err)
+		}
+		undo = append(undo, func() { out.Close() })
+		in, err := journal.Open(filepath.Join(cfg.StoreDir(), IncomingJournal))
+		if err != nil {
+			return failed(err)
+		}
+		undo = append(undo, func() { in.Close() })
+		g.outgoing, g.incoming = out, in
 	}
-	g.store = st
-	undo = append(undo, func() { st.Close() })
-	if g.outgoing, err = journal.Open(filepath.Join(cfg.StoreDir(), OutgoingJournal)); err != nil {
-		return failed(err)
-	}
-	undo = append(undo, func() { g.outgoing.Close() })
-	if g.incoming, err = journal.Open(filepath.Join(cfg.StoreDir(), IncomingJournal)); err != nil {
-		return failed(err)
-	}
-	undo = append(undo, func() { g.incoming.Close() })
 	sd, err := g.buildSide(cfg, opts.Keys)
 	if err != nil {
 		return failed(err)
@@ -143,7 +154,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 	g.cur.Store(sd)
 	// The sender and the deliverer read their queues from the database:
 	// they are woken when new messages have entered it.
-	st.OnIngest(func(partner string, d store.Direction) {
+	g.store.OnIngest(func(partner string, d store.Direction) {
 		if d == store.Outbound {
 			g.side().sender.Notify(partner)
 		} else {
@@ -165,17 +176,30 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		undo = append(undo, func() { g.dashLn.Close(); g.ctlLn.Close() })
 	}
 	g.keyProblems(ctx, opts.Keys)
-	// Requests the router took before a crash cut off their response.
-	if err := sd.responder.Recover(ctx); err != nil {
-		return failed(fmt.Errorf("responses left unsent: %w", err))
+	if g.cluster == nil {
+		// Requests the router took before a crash cut off their
+		// response (in a cluster: the sweeper's, wherever it runs).
+		if err := sd.responder.Recover(ctx); err != nil {
+			return failed(fmt.Errorf("responses left unsent: %w", err))
+		}
+		sd.start(nil)
+	} else {
+		dsn, _ := cfg.DSN() // read at openCluster
+		if err := g.startRoles(dsn); err != nil {
+			return failed(err)
+		}
 	}
-	sd.start()
 	g.mu.Lock()
 	for _, pl := range g.surrogates {
 		g.serve(pl)
 	}
 	g.mu.Unlock()
-	g.log.Info("hl7mail ready", "partners", len(cfg.Partners), "store", cfg.StoreDir(), "dashboard", g.DashboardURL())
+	if g.cluster != nil {
+		g.log.Info("hl7mail ready, a node of a cluster", "node", g.cluster.name, "partners", len(cfg.Partners),
+			"dashboard", g.DashboardURL(), "lease", g.cluster.lease)
+	} else {
+		g.log.Info("hl7mail ready", "partners", len(cfg.Partners), "store", cfg.StoreDir(), "dashboard", g.DashboardURL())
+	}
 	return g, nil
 }
 
@@ -332,17 +356,31 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	if g.ctlLn != nil {
 		os.Remove(filepath.Join(g.Config().StoreDir(), ControlSocket))
 	}
-	errs = append(errs, g.outgoing.Close(), g.incoming.Close(), g.store.Close())
+	if g.cluster != nil {
+		// The roles stopped with the side; the locks go with the session.
+		g.cluster.close()
+	}
+	for _, j := range []any{g.outgoing, g.incoming} {
+		if c, ok := j.(interface{ Close() error }); ok {
+			errs = append(errs, c.Close())
+		}
+	}
+	errs = append(errs, g.store.Close())
 	g.log.Info("hl7mail stopped")
 	return errors.Join(errs...)
 }
 
 // Store returns the instance's store.
-func (g *Gateway) Store() *store.Store { return g.store }
+func (g *Gateway) Store() Store { return g.store }
 
 // SMTPSessions returns how many SMTP sessions were opened for partner's
 // mails since the start (or the last reload).
-func (g *Gateway) SMTPSessions(partner string) int { return g.side().sender.Sessions(partner) }
+func (g *Gateway) SMTPSessions(partner string) int {
+	if s := g.side().sender[partner]; s != nil {
+		return s.Sessions(partner)
+	}
+	return 0
+}
 
 // surrogate returns partner's surrogate, nil when it has none.
 func (g *Gateway) surrogate(partner string) *partnerListener {

@@ -82,10 +82,8 @@ func (g *Gateway) apply(ctx context.Context, cfg *config.Config, keys *Keys) err
 	}
 	// From here on the new configuration is applied. The old mail side
 	// stops before the new one starts: one sender per queue, ever.
-	old.stop(context.Background())
-	g.cur.Store(sd)
+	g.replaceSide(old, sd)
 	plan.commit(g)
-	sd.start()
 	for _, d := range []store.Direction{store.Outbound, store.Inbound} {
 		if err := g.store.Reschedule(ctx, d, ""); err != nil {
 			g.log.Error("store", "err", err)

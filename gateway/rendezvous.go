@@ -130,7 +130,7 @@ func (g *Gateway) held(m store.Message) bool {
 // deliverer read its queue (no longer queued). State changes compare and
 // set, and a written response is marked delivered before it leaves
 // inflight, so no time-bound hold is needed.
-func (r *rendezvous) leaveAlone(ctx context.Context, st *store.Store, m store.Message) bool {
+func (r *rendezvous) leaveAlone(ctx context.Context, st Store, m store.Message) bool {
 	if m.Kind != store.KindResponse || m.InReplyTo == "" {
 		return false
 	}

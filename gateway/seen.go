@@ -9,7 +9,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hl7mail/hl7mail/store"
+	"github.com/hl7mail/hl7mail/inbound"
 )
 
 // seenCerts remembers, in the store, the newest certificate each S/MIME
@@ -17,7 +17,7 @@ import (
 // intermediates that came with it: what mail to a partner without a
 // pinned certificate is encrypted to (security.CertMemory).
 type seenCerts struct {
-	st  *store.Store
+	st  inbound.Positions
 	log *slog.Logger
 
 	mu sync.Mutex
@@ -84,7 +84,7 @@ func (s *seenCerts) Saw(partner string, c *x509.Certificate, carried []*x509.Cer
 
 // Attach gives keys what only a running store has: the memory of the
 // certificates partners signed with, and the log of revocation checks.
-func (k *Keys) Attach(st *store.Store, log *slog.Logger) {
+func (k *Keys) Attach(st inbound.Positions, log *slog.Logger) {
 	if st != nil && k.Seen == nil {
 		k.Seen = &seenCerts{st: st, log: log, m: map[string][]*x509.Certificate{}}
 	}

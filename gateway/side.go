@@ -19,7 +19,6 @@ import (
 	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/notify"
 	"github.com/hl7mail/hl7mail/outbound"
-	"github.com/hl7mail/hl7mail/store"
 )
 
 // side is what one configuration builds and a reload replaces: the keys
@@ -29,14 +28,17 @@ import (
 type side struct {
 	cfg        *config.Config
 	keys       *Keys
-	sender     *outbound.Sender
-	deliverer  *deliver.Deliverer
+	sender     services[*outbound.Sender]
+	deliverer  services[*deliver.Deliverer]
 	receiver   *inbound.Receiver
 	responder  *deliver.Responder
 	localLinks map[string]*link.Link // local address (lower case) → its own IMAP account
-	runs       []func(context.Context)
+	roles      map[string]func(context.Context) // what runs, by role name (cluster.go)
 
-	cancel context.CancelFunc
+	mu      sync.Mutex
+	ctx     context.Context // what the roles run under; ended by stop
+	cancel  context.CancelFunc
+	running map[string]*running
 	// abort cuts short what is under way (a submission) once a shutdown's
 	// bound has run out; abortCtx is what it ends.
 	abortCtx context.Context
@@ -48,7 +50,9 @@ type side struct {
 // Secrets (the SMTP and IMAP passwords, the webhook token) are read here,
 // so that a reload reads them again.
 func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
-	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*link.Link{}}
+	s := &side{cfg: cfg, keys: keys, localLinks: map[string]*link.Link{}, roles: map[string]func(context.Context){},
+		running: map[string]*running{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	keys.Attach(g.store, g.log)
 	s.abortCtx, s.abort = context.WithCancel(context.Background())
 	log := g.log
@@ -59,26 +63,48 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 			return nil, err
 		}
 	}
-	var err error
-	s.sender, err = outbound.NewSender(outbound.SenderOptions{
-		Config: cfg, Store: g.store, Journal: g.outgoing, Submitter: submitter,
-		RetryBase: retryBase(g.opts.RetryBase, cfg.SMTP.Retry.D()),
-		Logger:    log.With("component", "sender"), Keys: &keys.Keyring, Link: &g.smtpLink, Abort: s.abortCtx,
-	})
-	if err != nil {
-		return nil, err
-	}
 	// The sender learns of the responses queued from the store (OnIngest).
 	s.responder = &deliver.Responder{Config: cfg, Store: g.store, Logger: log.With("component", "responder")}
 	routerTLS, err := routerTLSConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s.deliverer, err = deliver.NewDeliverer(deliver.DelivererOptions{Config: cfg, Store: g.store,
-		Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
-		Delivered: s.responder.Delivered, Expired: s.responder.Expired, Held: g.held, TLS: routerTLS})
-	if err != nil {
-		return nil, err
+	// Alone, one sender and one deliverer serve every partner. In a
+	// cluster each partner's are roles of their own, so that they spread
+	// over the nodes and move one by one.
+	groups := [][]config.Partner{cfg.Partners}
+	if g.cluster != nil {
+		groups = groups[:0]
+		for _, p := range cfg.Partners {
+			groups = append(groups, []config.Partner{p})
+		}
+	}
+	s.sender, s.deliverer = services[*outbound.Sender]{}, services[*deliver.Deliverer]{}
+	for _, ps := range groups {
+		gc := *cfg
+		gc.Partners = ps
+		sender, err := outbound.NewSender(outbound.SenderOptions{
+			Config: &gc, Store: g.store, Journal: g.outgoing, Submitter: submitter,
+			RetryBase: retryBase(g.opts.RetryBase, cfg.SMTP.Retry.D()),
+			Logger:    log.With("component", "sender"), Keys: &keys.Keyring, Link: &g.smtpLink, Abort: s.abortCtx,
+		})
+		if err != nil {
+			return nil, err
+		}
+		deliverer, err := deliver.NewDeliverer(deliver.DelivererOptions{Config: &gc, Store: g.store,
+			Logger: log.With("component", "deliverer"), RetryBase: routerRetryBase(g.opts.RetryBase),
+			Delivered: s.responder.Delivered, Expired: s.responder.Expired, Held: g.held, TLS: routerTLS})
+		if err != nil {
+			return nil, err
+		}
+		role := ""
+		if g.cluster != nil {
+			role = ":" + ps[0].Name
+		}
+		s.sender.add(ps, sender)
+		s.deliverer.add(ps, deliverer)
+		s.role("sender"+role, sender.Run)
+		s.role("deliverer"+role, deliverer.Run)
 	}
 	s.receiver = NewReceiver(cfg, keys, g.store, g.incoming, log.With("component", "receiver"), s.sender.Notify)
 	// Without imap.addr, mail comes in only through "hl7mail receive"
@@ -88,7 +114,7 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.runs = append(s.runs, run)
+		s.role("imap", run)
 	} else {
 		g.imapLink.Off()
 	}
@@ -106,18 +132,30 @@ func (g *Gateway) buildSide(cfg *config.Config, keys *Keys) (*side, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.runs = append(s.runs, run)
+		s.role("imap:"+strings.ToLower(l.Address), run)
 	}
 	notifier, err := newNotifier(cfg, g.store, submitter, log.With("component", "notify"), g.opts.NoticeGather)
 	if err != nil {
 		return nil, err
 	}
-	sweep := func(ctx context.Context) {
+	keyWatch := g.keyWatch(keys)
+	s.role("sweeper", func(ctx context.Context) {
+		if g.cluster != nil {
+			// Alone, Start does this before anything runs; in a cluster
+			// the node that sweeps does, each time it takes the role.
+			if err := s.responder.Recover(ctx); err != nil && ctx.Err() == nil {
+				log.Error("responses left unsent by a node that stopped are not all queued; tried again when the sweeper moves",
+					"err", err)
+			}
+		}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); keyWatch(ctx) }()
 		runSweeper(ctx, cfg, g.store, log.With("component", "sweeper"), sweepInterval(cfg))
-	}
-	s.runs = append(s.runs, s.sender.Run, s.deliverer.Run, sweep, g.keyWatch(keys))
+		wg.Wait()
+	})
 	if notifier != nil {
-		s.runs = append(s.runs, notifier.Run)
+		s.role("notices", notifier.Run)
 	}
 	return s, nil
 }
@@ -154,7 +192,7 @@ func SMTPTLSConfig(cfg *config.Config) (*tls.Config, error) {
 
 // newNotifier is the notices to personnel of cfg's alerts section, nil
 // when it names nobody.
-func newNotifier(cfg *config.Config, st *store.Store, sub outbound.Submitter, log *slog.Logger, gather time.Duration) (*notify.Notifier, error) {
+func newNotifier(cfg *config.Config, st notify.Store, sub outbound.Submitter, log *slog.Logger, gather time.Duration) (*notify.Notifier, error) {
 	a := cfg.Alerts
 	if len(a.Email) == 0 && a.Webhook.URL == "" {
 		return nil, nil
@@ -183,23 +221,21 @@ func newNotifier(cfg *config.Config, st *store.Store, sub outbound.Submitter, lo
 // instance's, and that of the commands that take mail with it stopped
 // (receive, release). incoming (the journal), log and notify may be nil
 // for a command that only releases.
-func NewReceiver(cfg *config.Config, keys *Keys, st *store.Store, incoming *journal.Journal, log *slog.Logger,
+func NewReceiver(cfg *config.Config, keys *Keys, st inbound.Store, incoming journal.Appender, log *slog.Logger,
 	notify func(partner string)) *inbound.Receiver {
 	keys.Attach(st, log)
 	return &inbound.Receiver{Opener: &inbound.Opener{Config: cfg, Keys: &keys.Keyring, MaxSize: cfg.IMAP.MaxMailSize},
 		Store: st, Journal: incoming, Logger: log, Notify: notify}
 }
 
-// start runs the side until stop.
-func (s *side) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	s.cancel = cancel
-	for _, run := range s.runs {
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			run(ctx)
-		}()
+// start runs every role of the side until stop: alone, the node runs
+// them all; in a cluster, those it holds (the rest start as it gains them).
+func (s *side) start(roles []string) {
+	if roles == nil {
+		roles = s.roleNames()
+	}
+	for _, r := range roles {
+		s.startRole(r)
 	}
 }
 
@@ -208,9 +244,9 @@ func (s *side) start() {
 // what is under way is cut short (the second phase of the shutdown) and
 // waited for a moment more; it reports whether everything ended.
 func (s *side) stop(ctx context.Context) bool {
-	if s.cancel != nil {
-		s.cancel()
-	}
+	s.mu.Lock()
+	s.cancel()
+	s.mu.Unlock()
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -292,7 +328,7 @@ func tlsConfig(addr, caFile string) (*tls.Config, error) {
 // runSweeper looks every interval, until ctx ends, for receipts that became
 // overdue (outbound.Sweep) and messages the router does not take
 // (deliver.SweepStuck), and alerts them.
-func runSweeper(ctx context.Context, cfg *config.Config, st *store.Store, log *slog.Logger, interval time.Duration) {
+func runSweeper(ctx context.Context, cfg *config.Config, st sweepStore, log *slog.Logger, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -308,4 +344,10 @@ func runSweeper(ctx context.Context, cfg *config.Config, st *store.Store, log *s
 		case <-t.C:
 		}
 	}
+}
+
+// sweepStore is what the sweeper needs of the store.
+type sweepStore interface {
+	outbound.Receipts
+	deliver.Stuck
 }

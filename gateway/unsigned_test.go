@@ -52,7 +52,7 @@ func TestUnsignedReceiptEvidence(t *testing.T) {
 	if p.State != store.PendingMatched || !p.Unsigned || m.State != store.Acknowledged {
 		t.Errorf("receipt %+v, message %s; want matched, unsigned, acknowledged", p, m.State)
 	}
-	audit, err := evidence.VerifyJournals(ctx, evidence.Options{Config: g.Config(), Keys: &g.side().keys.Keyring, Store: g.Store()})
+	audit, err := evidence.VerifyJournals(ctx, evidence.Options{Config: g.Config(), Keys: &g.side().keys.Keyring, Store: g.Store().(*store.Store)})
 	if err != nil {
 		t.Fatal(err)
 	}

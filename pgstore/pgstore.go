@@ -140,7 +140,7 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roles.SchemaLock); err != nil {
 			return err
 		}
-		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema, inboundSchema, receiveSchema) {
+		for _, stmt := range slices.Concat(schema, journalSchema, outboundSchema, inboundSchema, receiveSchema, opsSchema) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
@@ -289,11 +289,24 @@ func (s *Store) insertAll(ctx context.Context, batch []*acceptReq, ids []int64) 
 		b.Queue(insert, string(m.Direction), m.Partner, m.ControlID, m.MessageType, r.hash[:], m.Payload, m.MessageID,
 			m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote, m.AnswerTo, s.o.Node)
 	}
+	told := map[string]bool{}
+	for _, r := range batch {
+		if w := ingestPayload(r.m.Partner, r.m.Direction); !told[w] {
+			told[w] = true
+			b.Queue(notifyIngest, w)
+		}
+	}
 	br := s.pool.SendBatch(ctx, b)
 	for i := range batch {
 		if err := br.QueryRow().Scan(&ids[i]); errors.Is(err, pgx.ErrNoRows) {
 			ids[i] = 0 // the same message, taken before: looked up below
 		} else if err != nil {
+			br.Close()
+			return err
+		}
+	}
+	for range told {
+		if _, err := br.Exec(); err != nil {
 			br.Close()
 			return err
 		}
@@ -326,7 +339,7 @@ func (s *Store) Stats() spool.CommitStats {
 
 // Close stops the writers, after the batches they hold, and disconnects.
 // Requests still queued get ErrClosed.
-func (s *Store) Close() {
+func (s *Store) Close() error {
 	close(s.quit)
 	s.wg.Wait()
 	for {
@@ -335,7 +348,7 @@ func (s *Store) Close() {
 			r.res <- acceptRes{err: ErrClosed}
 		default:
 			s.pool.Close()
-			return
+			return nil
 		}
 	}
 }

@@ -90,6 +90,15 @@ func (c *Coordinator) Held() []string {
 	return out
 }
 
+// SetRoles replaces the roles there are (a reload that added or removed
+// partners): roles no more are stopped and their locks freed, new ones
+// claimed, from the next round.
+func (c *Coordinator) SetRoles(roles []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.o.Roles = slices.Clone(roles)
+}
+
 // Close stops every role, frees the locks and ends the session. It may be
 // called more than once.
 func (c *Coordinator) Close() {
@@ -175,7 +184,25 @@ func (c *Coordinator) round(ctx context.Context) {
 		c.lost(err)
 		return
 	}
+	c.mu.Lock()
 	roles := slices.Sorted(slices.Values(c.o.Roles))
+	var gone []string
+	for r := range c.held {
+		if !slices.Contains(roles, r) {
+			gone = append(gone, r)
+		}
+	}
+	for r := range c.locked {
+		if !slices.Contains(roles, r) {
+			gone = append(gone, r)
+		}
+	}
+	c.mu.Unlock()
+	for _, r := range gone {
+		// A role no more (a partner removed at a reload): stopped, and
+		// its lock freed.
+		c.release(ctx, r, "no such role any more")
+	}
 	for i, r := range roles {
 		if ctx.Err() != nil {
 			return
@@ -187,7 +214,7 @@ func (c *Coordinator) round(ctx context.Context) {
 		switch {
 		case held && !preferred:
 			// Its preferred node is live (back, or new): hand it over.
-			c.release(ctx, r)
+			c.release(ctx, r, "handed back to its preferred node")
 		case held:
 		case locked:
 			if time.Since(at) >= c.o.Lease/2 && time.Since(c.lastOK) < c.o.Lease/2 {
@@ -232,18 +259,22 @@ func (c *Coordinator) claim(ctx context.Context, r string, preferred bool) {
 	}
 }
 
-// release stops role r and frees its lock.
-func (c *Coordinator) release(ctx context.Context, r string) {
+// release stops role r (if started) and frees its lock.
+func (c *Coordinator) release(ctx context.Context, r, why string) {
 	c.mu.Lock()
+	held := c.held[r]
 	delete(c.held, r)
+	delete(c.locked, r)
 	c.mu.Unlock()
-	c.o.Lose(r)
+	if held {
+		c.o.Lose(r)
+	}
 	var ok bool
 	if err := c.queryRow(ctx, `SELECT pg_advisory_unlock($1)`, []any{key(r)}, &ok); err != nil {
 		c.lost(err)
 		return
 	}
-	c.o.Logger.Info("role handed back to its preferred node", "role", r, "node", c.o.Node)
+	c.o.Logger.Info("role given up", "role", r, "node", c.o.Node, "why", why)
 }
 
 // liveNodes are the nodes heard from within the lease, sorted; this one

@@ -118,7 +118,7 @@ func Open(o Options) (*Spool, []Record, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	lock, err := lockDir(o.Dir)
+	lock, err := LockDir(o.Dir)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -144,9 +144,9 @@ func (s *Spool) Start(last int64) {
 	go s.writeLoop()
 }
 
-// lockDir takes the spool's lock file, so that one process at a time
-// writes to it.
-func lockDir(dir string) (*os.File, error) {
+// LockDir takes the lock file of folder dir, so that one process at a
+// time writes to it: the spool's, and a cluster node's own folder.
+func LockDir(dir string) (*os.File, error) {
 	f, err := safefile.OpenPrivate(filepath.Join(dir, "hl7mail.lock"))
 	if err != nil {
 		return nil, fmt.Errorf("store: lock: %w", err)
