@@ -78,3 +78,27 @@ type Store interface {
 	Backlog() int64
 	Stats() store.CommitStats
 }
+
+// ClusterView is a cluster as any of its nodes shows it (GET /api/cluster,
+// the page, "hl7mail status", /metrics).
+type ClusterView struct {
+	Node  string        `json:"node"`  // the node answering
+	Lease string        `json:"lease"` // how long a role may go unrenewed
+	Nodes []ClusterNode `json:"nodes"`
+	Roles []ClusterRole `json:"roles"`
+}
+
+// ClusterNode is one node: its last heartbeat, whether that is within the
+// lease, and how many roles it holds.
+type ClusterNode struct {
+	Name  string    `json:"name"`
+	Seen  time.Time `json:"seen"`
+	Live  bool      `json:"live"`
+	Roles int       `json:"roles"`
+}
+
+// ClusterRole is a role and the node holding it ("" while none does).
+type ClusterRole struct {
+	Role string `json:"role"`
+	Node string `json:"node"`
+}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
+	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/pgstore"
 	"github.com/hl7mail/hl7mail/roles"
 	"github.com/hl7mail/hl7mail/spool"
@@ -27,8 +28,8 @@ type clusterNode struct {
 	name  string
 	lease time.Duration
 	co    *roles.Coordinator
-	lock  *os.File    // the node's own folder, one process at a time
-	mu    sync.Mutex  // a role started or stopped, or the side replaced: one at a time
+	lock  *os.File   // the node's own folder, one process at a time
+	mu    sync.Mutex // a role started or stopped, or the side replaced: one at a time
 	pg    *pgstore.Store
 	log   *slog.Logger
 }
@@ -209,3 +210,35 @@ func (s *side) stopRole(r string) {
 
 // errNotCluster is returned by what only a cluster's node has.
 var errNotCluster = errors.New("not a node of a cluster")
+
+// Roles returns the roles this node runs now, sorted; nil alone.
+func (g *Gateway) Roles() []string {
+	if g.cluster == nil || g.cluster.co == nil {
+		return nil
+	}
+	return g.cluster.co.Held()
+}
+
+// Cluster returns the cluster as the database knows it: the nodes, their
+// last heartbeat, and which node holds which role; nil alone.
+func (g *Gateway) Cluster(ctx context.Context) (*dashboard.ClusterView, error) {
+	c := g.cluster
+	if c == nil {
+		return nil, nil
+	}
+	names := g.side().roleNames()
+	nodes, holders, err := c.pg.Cluster(ctx, names, c.lease)
+	if err != nil {
+		return nil, err
+	}
+	v := &dashboard.ClusterView{Node: c.name, Lease: c.lease.String(), Roles: []dashboard.ClusterRole{}}
+	held := map[string]int{}
+	for _, h := range holders {
+		v.Roles = append(v.Roles, dashboard.ClusterRole{Role: h.Role, Node: h.Node})
+		held[h.Node]++
+	}
+	for _, n := range nodes {
+		v.Nodes = append(v.Nodes, dashboard.ClusterNode{Name: n.Name, Seen: n.Seen, Live: n.Live, Roles: held[n.Name]})
+	}
+	return v, nil
+}

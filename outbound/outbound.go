@@ -142,8 +142,11 @@ func NewSender(o SenderOptions) (*Sender, error) {
 // Notify tells the sender that partner has a new message.
 func (s *Sender) Notify(partner string) { s.q.Notify(partner) }
 
-// Run delivers until ctx ends.
+// Run delivers until ctx ends. It may run again once it has returned (a
+// cluster's node that gains the partner's role again), never twice at once.
 func (s *Sender) Run(ctx context.Context) {
+	// The sealers end with each run: each run has its own.
+	s.seal = newSealQueue()
 	// Conditions raised before a restart are cleared as those after it.
 	for _, prefix := range []string{LinkAlertSMTP, heldAlertPrefix} {
 		keys, err := s.o.Store.OpenAlertKeys(ctx, prefix)

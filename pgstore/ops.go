@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/hl7mail/hl7mail/roles"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -378,4 +379,9 @@ func (s *Store) StateOf(ctx context.Context, id int64) (store.State, error) {
 		return "", fmt.Errorf("%w: %d", store.ErrNotFound, id)
 	}
 	return store.State(st), err
+}
+
+// Cluster returns the nodes and who holds each of roles (roles.View).
+func (s *Store) Cluster(ctx context.Context, names []string, lease time.Duration) ([]roles.Node, []roles.Holder, error) {
+	return roles.View(ctx, s.pool, names, lease)
 }

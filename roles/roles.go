@@ -342,3 +342,61 @@ func (c *Coordinator) dropAll(why string) {
 		c.o.Lose(r)
 	}
 }
+
+// Querier is a database handle that reads (a pool, a connection).
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+// Node is a node of the cluster as the database last heard from it.
+type Node struct {
+	Name string    `json:"name"`
+	Seen time.Time `json:"seen"` // its last heartbeat
+	Live bool      `json:"live"` // heard from within the lease
+}
+
+// Holder is a role and the node that holds its lock ("" when none does).
+type Holder struct {
+	Role string `json:"role"`
+	Node string `json:"node"`
+}
+
+// View is the cluster as any node sees it: every node that ever
+// heartbeat, and which node holds each of roles, read from the database
+// (the nodes table, and the advisory locks of the nodes' role sessions).
+// lease tells a live node from a gone one.
+func View(ctx context.Context, q Querier, roles []string, lease time.Duration) ([]Node, []Holder, error) {
+	rows, err := q.Query(ctx, `SELECT name, seen, seen > now() - make_interval(secs => $1) FROM nodes ORDER BY name`,
+		lease.Seconds())
+	if err != nil {
+		return nil, nil, err
+	}
+	nodes, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Node, error) {
+		var n Node
+		return n, r.Scan(&n.Name, &n.Seen, &n.Live)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	rows, err = q.Query(ctx, `SELECT ((l.classid::bigint << 32) | l.objid::bigint), a.application_name
+		FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND starts_with(a.application_name, $1)`,
+		ApplicationName(""))
+	if err != nil {
+		return nil, nil, err
+	}
+	byKey := map[int64]string{}
+	var k int64
+	var app string
+	if _, err := pgx.ForEachRow(rows, []any{&k, &app}, func() error {
+		byKey[k] = app[len(ApplicationName("")):]
+		return nil
+	}); err != nil {
+		return nil, nil, err
+	}
+	holders := make([]Holder, 0, len(roles))
+	for _, r := range slices.Sorted(slices.Values(roles)) {
+		holders = append(holders, Holder{Role: r, Node: byKey[key(r)]})
+	}
+	return nodes, holders, nil
+}
