@@ -26,9 +26,28 @@ func (s *Server) overview(w http.ResponseWriter, r *http.Request) {
 		fail(w, err)
 		return
 	}
+	cv, err := s.o.Instance.Cluster(r.Context())
+	if err != nil {
+		fail(w, err)
+		return
+	}
 	cfg := s.o.Instance.Config()
 	writeJSON(w, Overview{Self: cfg.Self.Name, Email: cfg.Self.Email, Now: time.Now(), SMTP: s.o.Instance.SMTPStatus(),
-		IMAP: s.o.Instance.IMAPStatus(), OpenAlerts: n, Partners: rows})
+		IMAP: s.o.Instance.IMAPStatus(), OpenAlerts: n, Partners: rows, Cluster: cv})
+}
+
+// cluster is GET /api/cluster: the nodes, their last heartbeat and who
+// holds which role (ClusterView); 404 for an instance that runs alone.
+func (s *Server) cluster(w http.ResponseWriter, r *http.Request) {
+	cv, err := s.o.Instance.Cluster(r.Context())
+	switch {
+	case err != nil:
+		fail(w, err)
+	case cv == nil:
+		http.Error(w, "not a node of a cluster", http.StatusNotFound)
+	default:
+		writeJSON(w, cv)
+	}
 }
 
 func (s *Server) partners(w http.ResponseWriter, r *http.Request) {

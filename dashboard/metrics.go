@@ -104,6 +104,12 @@ var (
 	descKeyExpiry = prometheus.NewDesc("hl7mail_key_expiry_timestamp_seconds",
 		"When a loaded key or certificate expires (Unix time), by party (self or a partner) and the field naming it.",
 		[]string{"party", "field"}, nil)
+	descNodeSeen = prometheus.NewDesc("hl7mail_cluster_node_heartbeat_timestamp_seconds",
+		"When the cluster's database last heard from the node (Unix time).", []string{"node"}, nil)
+	descNodeLive = prometheus.NewDesc("hl7mail_cluster_node_live",
+		"1 when the node was heard from within the lease.", []string{"node"}, nil)
+	descRole = prometheus.NewDesc("hl7mail_cluster_role_held",
+		"1 for the node holding the role (node \"\" while none does).", []string{"role", "node"}, nil)
 )
 
 type instanceCollector struct{ inst Instance }
@@ -111,7 +117,7 @@ type instanceCollector struct{ inst Instance }
 func (c *instanceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descMessages, descTaken, descQueue, descPending, descOverdue, descMismatch,
 		descQuarantined, descQuarantinedTotal, descAlerts, descBacklog, descSyncs, descSynced, descConns, descLinkUp,
-		descLinkErrors, descQueueOldest, descKeyExpiry} {
+		descLinkErrors, descQueueOldest, descKeyExpiry, descNodeSeen, descNodeLive, descRole} {
 		ch <- d
 	}
 }
@@ -198,6 +204,21 @@ func (c *instanceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(descAlerts, err)
 	} else {
 		ch <- prometheus.MustNewConstMetric(descAlerts, prometheus.GaugeValue, float64(n))
+	}
+	if cv, err := c.inst.Cluster(ctx); err != nil {
+		ch <- prometheus.NewInvalidMetric(descNodeLive, err)
+	} else if cv != nil {
+		for _, n := range cv.Nodes {
+			live := 0.0
+			if n.Live {
+				live = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descNodeLive, prometheus.GaugeValue, live, n.Name)
+			ch <- prometheus.MustNewConstMetric(descNodeSeen, prometheus.GaugeValue, float64(n.Seen.UnixMilli())/1000, n.Name)
+		}
+		for _, r := range cv.Roles {
+			ch <- prometheus.MustNewConstMetric(descRole, prometheus.GaugeValue, 1, r.Role, r.Node)
+		}
 	}
 	for name, l := range map[string]func() linkStatus{"smtp": c.inst.SMTPStatus, "imap": c.inst.IMAPStatus} {
 		s := l()

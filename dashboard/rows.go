@@ -97,8 +97,11 @@ type ClusterNode struct {
 	Roles int       `json:"roles"`
 }
 
-// ClusterRole is a role and the node holding it ("" while none does).
+// ClusterRole is a role and the node holding it ("" while none does);
+// Running once that node runs it (after the fence wait), as of its last
+// heartbeat.
 type ClusterRole struct {
-	Role string `json:"role"`
-	Node string `json:"node"`
+	Role    string `json:"role"`
+	Node    string `json:"node"`
+	Running bool   `json:"running"`
 }

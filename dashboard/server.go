@@ -77,6 +77,8 @@ type Instance interface {
 	SMTPStatus() link.Status
 	IMAPStatus() link.Status
 	IMAPStatusFor(partner string) link.Status
+	// Cluster is the cluster the instance is a node of, nil alone.
+	Cluster(ctx context.Context) (*ClusterView, error)
 	// Retry puts a failed or expired outbound message back in its queue.
 	Retry(ctx context.Context, id int64) error
 	// RetryAll puts every failed or expired outbound message of partner
@@ -243,6 +245,7 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /api/partners", s.partners)
 	s.mux.HandleFunc("GET /api/alerts", s.alerts)
 	s.mux.HandleFunc("GET /api/keys", s.keys)
+	s.mux.HandleFunc("GET /api/cluster", s.cluster)
 	s.mux.HandleFunc("POST /api/alerts/{id}/ack", s.ackAlert)
 	s.mux.HandleFunc("GET /api/messages", s.messages)
 	s.mux.HandleFunc("POST /api/messages/{id}/retry", s.retry)
@@ -362,6 +365,8 @@ type Overview struct {
 	IMAP       linkStatus   `json:"imap"`
 	OpenAlerts int          `json:"open_alerts"`
 	Partners   []PartnerRow `json:"partners"`
+	// Cluster is the cluster this instance is a node of; absent alone.
+	Cluster *ClusterView `json:"cluster,omitempty"`
 }
 
 // SetToken changes the token required from now on (a reload read the

@@ -36,8 +36,10 @@ type fakeInstance struct {
 	reloads  int
 }
 
-func (f *fakeInstance) Config() *config.Config { return f.cfg }
-func (f *fakeInstance) Records() Store         { return f.st }
+func (f *fakeInstance) Config() *config.Config                        { return f.cfg }
+func (f *fakeInstance) Records() Store                                { return f.st }
+func (f *fakeInstance) Cluster(context.Context) (*ClusterView, error) { return nil, nil }
+
 func (f *fakeInstance) Keys() []KeyRow {
 	return []KeyRow{{Party: "self", Field: "self.pgp_key", Kind: "pgp", Status: "active", Roles: []string{"sign", "decrypt"},
 		To: time.Date(2028, 1, 2, 0, 0, 0, 0, time.UTC)}}

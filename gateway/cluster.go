@@ -234,7 +234,7 @@ func (g *Gateway) Cluster(ctx context.Context) (*dashboard.ClusterView, error) {
 	v := &dashboard.ClusterView{Node: c.name, Lease: c.lease.String(), Roles: []dashboard.ClusterRole{}}
 	held := map[string]int{}
 	for _, h := range holders {
-		v.Roles = append(v.Roles, dashboard.ClusterRole{Role: h.Role, Node: h.Node})
+		v.Roles = append(v.Roles, dashboard.ClusterRole{Role: h.Role, Node: h.Node, Running: h.Running})
 		held[h.Node]++
 	}
 	for _, n := range nodes {

@@ -82,7 +82,7 @@ func Start(o Options) (*Coordinator, error) {
 func (c *Coordinator) Held() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []string
+	out := []string{}
 	for r := range c.held {
 		out = append(out, r)
 	}
@@ -166,7 +166,12 @@ func (c *Coordinator) round(ctx context.Context) {
 			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, SchemaLock); err != nil {
 				return err
 			}
-			_, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL)`)
+			if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL)`); err != nil {
+				return err
+			}
+			// What each node runs, as of its last heartbeat: what the
+			// operators see (View).
+			_, err := tx.Exec(ctx, `ALTER TABLE nodes ADD COLUMN IF NOT EXISTS running TEXT[] NOT NULL DEFAULT '{}'`)
 			return err
 		})
 		if err != nil {
@@ -174,7 +179,8 @@ func (c *Coordinator) round(ctx context.Context) {
 			return
 		}
 	}
-	if err := c.exec(ctx, `INSERT INTO nodes (name, seen) VALUES ($1, now()) ON CONFLICT (name) DO UPDATE SET seen = now()`, c.o.Node); err != nil {
+	if err := c.exec(ctx, `INSERT INTO nodes (name, seen, running) VALUES ($1, now(), $2)
+		ON CONFLICT (name) DO UPDATE SET seen = now(), running = $2`, c.o.Node, c.Held()); err != nil {
 		c.lost(err)
 		return
 	}
@@ -355,10 +361,13 @@ type Node struct {
 	Live bool      `json:"live"` // heard from within the lease
 }
 
-// Holder is a role and the node that holds its lock ("" when none does).
+// Holder is a role, the node that holds its lock ("" when none does), and
+// whether that node runs it yet (a node that won the lock waits out the
+// fence first), as of the node's last heartbeat.
 type Holder struct {
-	Role string `json:"role"`
-	Node string `json:"node"`
+	Role    string `json:"role"`
+	Node    string `json:"node"`
+	Running bool   `json:"running"`
 }
 
 // View is the cluster as any node sees it: every node that ever
@@ -366,14 +375,18 @@ type Holder struct {
 // (the nodes table, and the advisory locks of the nodes' role sessions).
 // lease tells a live node from a gone one.
 func View(ctx context.Context, q Querier, roles []string, lease time.Duration) ([]Node, []Holder, error) {
-	rows, err := q.Query(ctx, `SELECT name, seen, seen > now() - make_interval(secs => $1) FROM nodes ORDER BY name`,
+	rows, err := q.Query(ctx, `SELECT name, seen, seen > now() - make_interval(secs => $1), running FROM nodes ORDER BY name`,
 		lease.Seconds())
 	if err != nil {
 		return nil, nil, err
 	}
+	runs := map[string][]string{}
 	nodes, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Node, error) {
 		var n Node
-		return n, r.Scan(&n.Name, &n.Seen, &n.Live)
+		var running []string
+		err := r.Scan(&n.Name, &n.Seen, &n.Live, &running)
+		runs[n.Name] = running
+		return n, err
 	})
 	if err != nil {
 		return nil, nil, err
@@ -396,7 +409,8 @@ func View(ctx context.Context, q Querier, roles []string, lease time.Duration) (
 	}
 	holders := make([]Holder, 0, len(roles))
 	for _, r := range slices.Sorted(slices.Values(roles)) {
-		holders = append(holders, Holder{Role: r, Node: byKey[key(r)]})
+		n := byKey[key(r)]
+		holders = append(holders, Holder{Role: r, Node: n, Running: n != "" && slices.Contains(runs[n], r)})
 	}
 	return nodes, holders, nil
 }

@@ -258,6 +258,7 @@ the fault tests compare with what reached the far router).`, stderr)
 	giveUp := fs.Duration("give-up", 2*time.Minute, "how long to keep trying one message")
 	rate := fs.Float64("rate", 0, "new messages per second in all (0: as fast as the answers come)")
 	corpusPath := fs.String("corpus", "", "HL7 messages `file` (default: the shared test corpus)")
+	failover := fs.Bool("failover", false, "a connection that breaks goes on at the next address (a router's failover list)")
 	if code := parse(fs, args); code >= 0 {
 		return code
 	}
@@ -273,7 +274,7 @@ the fault tests compare with what reached the far router).`, stderr)
 	if *prefix == "" {
 		*prefix = fmt.Sprintf("L%x", time.Now().UnixMilli())
 	}
-	o := bench.LoadOptions{Conns: *conns, Messages: bench.Unique(msgs, *n, *prefix), GiveUp: *giveUp, Rate: *rate}
+	o := bench.LoadOptions{Conns: *conns, Messages: bench.Unique(msgs, *n, *prefix), GiveUp: *giveUp, Rate: *rate, Failover: *failover}
 	for _, a := range strings.Split(*addrs, ",") {
 		o.Addrs = append(o.Addrs, strings.TrimSpace(a))
 	}

@@ -145,6 +145,11 @@ func openWritable(cfg *config.Config) (*store.Store, error) {
 // orStore runs local on the instance's store when err says the instance is
 // not running (its dashboard did not answer), and returns err otherwise.
 func orStore(err error, cfg *config.Config, write bool, local func(st *store.Store) error) error {
+	if err != nil && errors.Is(err, errNotRunning) && cfg.Cluster != nil {
+		// A node of a cluster has no store of its own: any running node
+		// answers for the whole cluster.
+		return fmt.Errorf("this node of the cluster is not running; ask a node that is (its partners.yaml, or its dashboard)")
+	}
 	if !errors.Is(err, errNotRunning) {
 		return err
 	}
@@ -241,6 +246,23 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 			p.QueuedOut, p.QueuedIn, p.AwaitingReceipt, p.Overdue, p.Failed, p.Quarantined, last)
 	}
 	tw.Flush()
+	if c := o.Cluster; c != nil {
+		fmt.Fprintf(stdout, "\nCluster (this node %s, lease %s)\n", c.Node, c.Lease)
+		tw = tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "NODE\tLIVE\tLAST-HEARTBEAT\tROLES")
+		for _, n := range c.Nodes {
+			fmt.Fprintf(tw, "%s\t%v\t%s\t%d\n", n.Name, n.Live, n.Seen.Format(time.DateTime+".000"), n.Roles)
+		}
+		fmt.Fprintln(tw, "\nROLE\tHELD BY\tRUNNING")
+		for _, r := range c.Roles {
+			node := r.Node
+			if node == "" {
+				node = "(none yet)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%v\n", r.Role, node, r.Running)
+		}
+		tw.Flush()
+	}
 	return 0
 }
 

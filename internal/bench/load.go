@@ -29,6 +29,10 @@ type LoadOptions struct {
 	// Rate paces the sending at this many new messages per second in all
 	// (0: as fast as the answers come).
 	Rate float64
+	// Failover makes a connection that breaks, or cannot be made, go on at
+	// the next address, as a router with a failover list does (the nodes
+	// of a cluster); without it, it waits for its own address.
+	Failover bool
 }
 
 // LoadResult is what a load run did.
@@ -71,12 +75,12 @@ func Load(ctx context.Context, o LoadOptions) (LoadResult, error) {
 	l := &loader{o: o, r: LoadResult{Messages: len(o.Messages)}, due: time.Now()}
 	start := time.Now()
 	var wg sync.WaitGroup
-	for i, addr := range o.Addrs {
+	for i := range o.Addrs {
 		for c := 0; c < o.Conns; c++ {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				l.conn(ctx, addr, queues[i])
+				l.conn(ctx, i, queues[i])
 			}()
 		}
 	}
@@ -120,22 +124,28 @@ func (l *loader) pace() {
 	}
 }
 
-// conn sends the messages of queue to addr over one connection, one after
-// the other.
-func (l *loader) conn(ctx context.Context, addr string, queue <-chan []byte) {
+// conn sends the messages of queue over one connection to address at,
+// one after the other.
+func (l *loader) conn(ctx context.Context, at int, queue <-chan []byte) {
 	var cl *mllp.Client
 	for m := range queue {
 		l.pace()
-		cl = l.send(ctx, addr, cl, m)
+		cl = l.send(ctx, &at, cl, m)
 	}
 	if cl != nil {
 		cl.Close()
 	}
 }
 
-// send sends m over cl (connecting when nil) until it is answered CA or
-// CR, or GiveUp passes; it returns the connection to go on with.
-func (l *loader) send(ctx context.Context, addr string, cl *mllp.Client, m []byte) *mllp.Client {
+// send sends m over cl (connecting to address *at when nil) until it is
+// answered CA or CR, or GiveUp passes; it returns the connection to go on
+// with.
+func (l *loader) send(ctx context.Context, at *int, cl *mllp.Client, m []byte) *mllp.Client {
+	next := func() {
+		if l.o.Failover {
+			*at = (*at + 1) % len(l.o.Addrs)
+		}
+	}
 	h, _ := hl7.ParseHeader(m)
 	deadline := time.Now().Add(l.o.GiveUp)
 	for tries := 0; ; tries++ {
@@ -148,9 +158,10 @@ func (l *loader) send(ctx context.Context, addr string, cl *mllp.Client, m []byt
 		}
 		if cl == nil {
 			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			c, err := mllp.Dial(dctx, addr)
+			c, err := mllp.Dial(dctx, l.o.Addrs[*at])
 			cancel()
 			if err != nil {
+				next()
 				time.Sleep(100 * time.Millisecond)
 				continue
 			}
@@ -167,6 +178,7 @@ func (l *loader) send(ctx context.Context, addr string, cl *mllp.Client, m []byt
 		if err != nil || perr != nil || a.ControlID != h.ControlID {
 			cl.Close()
 			cl = nil
+			next()
 			continue
 		}
 		if a.Code == hl7.CommitError || a.Code == hl7.ApplicationError {

@@ -29,6 +29,7 @@ type Server struct {
 	Port int
 	dir  string
 	bin  string
+	opts string // the server's options, to start it again
 	cred *syscall.Credential
 }
 
@@ -85,11 +86,10 @@ func Start() (*Server, error) {
 		return nil, err
 	}
 	s.Port = port
-	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=100", port, dir)
-	if out, err := s.run("pg_ctl", "-D", data, "-o", opts, "-l", filepath.Join(dir, "log"), "-w", "-t", "60", "start"); err != nil {
-		log, _ := os.ReadFile(filepath.Join(dir, "log"))
+	s.opts = fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=100", port, dir)
+	if err := s.Resume(); err != nil {
 		s.remove()
-		return nil, fmt.Errorf("pg_ctl start: %v\n%s\n%s", err, out, log)
+		return nil, err
 	}
 	if out, err := s.run("createdb", "-h", "127.0.0.1", "-p", strconv.Itoa(port), "-U", "hl7mail", "hl7mail"); err != nil {
 		s.Stop()
@@ -107,6 +107,28 @@ func (s *Server) run(prog string, args ...string) ([]byte, error) {
 	}
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	return cmd.CombinedOutput()
+}
+
+// Halt stops the server at once, as a crash of its host would (immediate
+// mode: no checkpoint; what committed is in the WAL), keeping its folder
+// for Resume.
+func (s *Server) Halt() error {
+	out, err := s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "-w", "stop")
+	if err != nil {
+		return fmt.Errorf("pg_ctl stop: %v\n%s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Resume starts the server (again) on its folder and port, recovering
+// from the WAL what a Halt left.
+func (s *Server) Resume() error {
+	data := filepath.Join(s.dir, "data")
+	if out, err := s.run("pg_ctl", "-D", data, "-o", s.opts, "-l", filepath.Join(s.dir, "log"), "-w", "-t", "60", "start"); err != nil {
+		log, _ := os.ReadFile(filepath.Join(s.dir, "log"))
+		return fmt.Errorf("pg_ctl start: %v\n%s\n%s", err, out, log)
+	}
+	return nil
 }
 
 // Stop stops the server at once (no clean shutdown needed: the folder
