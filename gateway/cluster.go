@@ -90,10 +90,12 @@ func (g *Gateway) startRoles(dsn string) error {
 	return nil
 }
 
-// close stops the node's part in the cluster (its roles end with the
-// side) and frees its folder.
-func (c *clusterNode) close() {
-	if c.co != nil {
+// close stops the node's part in the cluster (its roles ended with the
+// side) and frees its folder. When the side did not stop (stopped false)
+// the roles are not given up as released: the session ends with the
+// process, and the next holder waits out the fence.
+func (c *clusterNode) close(stopped bool) {
+	if c.co != nil && stopped {
 		c.co.Close()
 	}
 	c.lock.Close()

@@ -127,7 +127,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		if err := g.openCluster(ctx, cfg); err != nil {
 			return nil, err
 		}
-		undo = append(undo, func() { g.store.Close(); g.cluster.close() })
+		undo = append(undo, func() { g.store.Close(); g.cluster.close(true) })
 	} else {
 		st, err := store.Open(store.Options{Dir: cfg.StoreDir(), Logger: opts.Logger.With("component", "store")})
 		if err != nil {
@@ -346,7 +346,8 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.wg.Wait()
 	// The mail side finishes what it is doing (an attempt, a delivery,
 	// the mail in hand) within the bound; then it is cut short.
-	if !g.side().stop(ctx) {
+	stopped := g.side().stop(ctx)
+	if !stopped {
 		g.log.Warn("the mail side did not stop within the shutdown bound; closing the store under it")
 	}
 	if g.dash != nil {
@@ -358,7 +359,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}
 	if g.cluster != nil {
 		// The roles stopped with the side; the locks go with the session.
-		g.cluster.close()
+		g.cluster.close(stopped)
 	}
 	for _, j := range []any{g.outgoing, g.incoming} {
 		if c, ok := j.(interface{ Close() error }); ok {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/embedded"
+	"github.com/hl7mail/hl7mail/internal/pgtest"
 )
 
 // faultScale is the size of the fault suite: short in make test, long in
@@ -41,7 +42,11 @@ type faultWorld struct {
 	w                  *embedded.World
 	hospital, lab      *instance
 	hRouter, labRouter *embedded.Router
-	toLab              string
+	toLab              string // the hospital's surrogate for the lab (each node's, comma-separated, in a cluster)
+	// nodes are the hospital's instances: the one hospital, or the nodes
+	// of its cluster on pg (hospital is the first).
+	nodes []*instance
+	pg    *pgtest.Server
 	killed             map[*instance][]time.Time // when each instance was dead after SIGKILL
 	routerDown         []time.Time               // when the lab's router had stopped
 }
@@ -77,13 +82,24 @@ func keysForFaults(t *testing.T) string {
 // the test, each site's name and its folder before it starts.
 func newFaultWorld(t *testing.T, prep func(t *testing.T, site, dir string)) *faultWorld {
 	t.Helper()
+	return newFaultCluster(t, prep, nil, 1)
+}
+
+// clusterLease is the lease of the hospital's nodes in the two-node fault
+// suite: short, so that the suite sees many moves.
+const clusterLease = 2 * time.Second
+
+// newFaultCluster starts the lab and the hospital, the hospital as nodes
+// nodes of a cluster on pg when pg is set.
+func newFaultCluster(t *testing.T, prep func(t *testing.T, site, dir string), pg *pgtest.Server, nodes int) *faultWorld {
+	t.Helper()
 	keys := keysForFaults(t)
 	w, err := embedded.NewWorld("edi@hospital.test", "lab@partner.test")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.Close)
-	f := &faultWorld{t: t, w: w, toLab: freePort(t), killed: map[*instance][]time.Time{}}
+	f := &faultWorld{t: t, w: w, killed: map[*instance][]time.Time{}, pg: pg}
 	if f.hRouter, err = embedded.StartRouter("127.0.0.1:0"); err != nil {
 		t.Fatal(err)
 	}
@@ -93,33 +109,50 @@ func newFaultWorld(t *testing.T, prep func(t *testing.T, site, dir string)) *fau
 	}
 	t.Cleanup(func() { f.labRouter.Close() })
 	dir := t.TempDir()
-	site := func(name, email, router, partner string, listen map[string]string) *instance {
-		d := filepath.Join(dir, name)
+	site := func(name, folder, email, router, partner, cluster string, listen map[string]string) *instance {
+		d := filepath.Join(dir, folder)
 		os.MkdirAll(d, 0o700)
 		os.WriteFile(filepath.Join(d, "imap-password"), []byte("secret\n"), 0o600)
 		if prep != nil {
 			prep(t, name, d)
 		}
 		p := filepath.Join(d, "partners.yaml")
+		dash := freePort(t)
 		os.WriteFile(p, []byte(fmt.Sprintf(`self: {name: %s, email: %s, pgp_key: %s/%s/private.asc}
 store: var
-router: {addr: %s, ack_timeout: 5s}
+%srouter: {addr: %s, ack_timeout: 5s}
 smtp: {addr: %s, tls: none, retry: 300ms}
 imap: {addr: %s, tls: none, username: %s, password_file: imap-password, poll: 1s}
 dashboard: {addr: %s}
 partners:
-%s`, name, email, keys, name, router, w.SMTPAddr, w.IMAPAddr, email, freePort(t), partner)), 0o600)
-		in := &instance{t: t, dir: d, config: p, listen: listen}
+%s`, name, email, keys, name, cluster, router, w.SMTPAddr, w.IMAPAddr, email, dash, partner)), 0o600)
+		in := &instance{t: t, dir: d, config: p, listen: listen, dash: dash}
 		t.Cleanup(in.stop)
 		return in
 	}
-	f.hospital = site("hospital", "edi@hospital.test", f.hRouter.Addr, fmt.Sprintf(
-		"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s/lab/public.asc}\n", f.toLab, keys),
-		map[string]string{"lab": f.toLab})
-	f.lab = site("lab", "lab@partner.test", f.labRouter.Addr, fmt.Sprintf(
+	var toLab []string
+	for i := range nodes {
+		folder, cluster := "hospital", ""
+		if pg != nil {
+			node := fmt.Sprintf("gw-%c", 'a'+i)
+			folder = "hospital-" + node
+			os.MkdirAll(filepath.Join(dir, folder), 0o700)
+			os.WriteFile(filepath.Join(dir, folder, "postgres-dsn"), []byte(pg.DSN+"\n"), 0o600)
+			cluster = fmt.Sprintf("cluster: {node: %s, postgres: {dsn_file: postgres-dsn, lease: %s}}\n", node, clusterLease)
+		}
+		listen := freePort(t)
+		toLab = append(toLab, listen)
+		f.nodes = append(f.nodes, site("hospital", folder, "edi@hospital.test", f.hRouter.Addr, fmt.Sprintf(
+			"  - {name: lab, listen: %s, email: lab@partner.test, security: pgp, pgp_key: %s/lab/public.asc}\n", listen, keys),
+			cluster, map[string]string{"lab": listen}))
+	}
+	f.hospital, f.toLab = f.nodes[0], strings.Join(toLab, ",")
+	f.lab = site("lab", "lab", "lab@partner.test", f.labRouter.Addr, fmt.Sprintf(
 		"  - {name: hospital, listen: %s, email: edi@hospital.test, security: pgp, pgp_key: %s/hospital/public.asc}\n",
-		freePort(t), keys), map[string]string{})
-	f.hospital.start()
+		freePort(t), keys), "", map[string]string{})
+	for _, n := range f.nodes {
+		n.start()
+	}
 	f.lab.start()
 	return f
 }
@@ -143,11 +176,20 @@ type faultRow struct {
 // its answer the hospital's.
 func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir string), during func(f *faultWorld)) faultRow {
 	t.Helper()
+	return runFaultOn(t, newFaultWorld(t, prep), name, during)
+}
+
+// runFaultOn is runFault on the world f: with a hospital of two nodes the
+// router's connections are spread over both, and one that breaks goes on
+// at the other (a router's failover list).
+func runFaultOn(t *testing.T, f *faultWorld, name string, during func(f *faultWorld)) faultRow {
+	t.Helper()
 	sc := scale()
-	f := newFaultWorld(t, prep)
 	record := filepath.Join(t.TempDir(), "acked")
-	load := exec.Command(binary, "bench", "load", "-addr", f.toLab, "-conns", "4", "-n", fmt.Sprint(sc.messages),
-		"-rate", fmt.Sprint(sc.rate), "-prefix", "F"+strings.ReplaceAll(name, " ", ""), "-record", record, "-give-up", "90s")
+	conns := 4 / len(f.nodes)
+	load := exec.Command(binary, "bench", "load", "-addr", f.toLab, "-conns", fmt.Sprint(conns), "-n", fmt.Sprint(sc.messages),
+		"-rate", fmt.Sprint(sc.rate), "-prefix", "F"+strings.ReplaceAll(name, " ", ""), "-record", record, "-give-up", "90s",
+		fmt.Sprintf("-failover=%v", len(f.nodes) > 1))
 	loadOut := &lockedBuffer{}
 	load.Stdout, load.Stderr = loadOut, loadOut
 	if err := load.Start(); err != nil {
@@ -195,8 +237,11 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 	// one, and only that one, may arrive again. The times are taken once
 	// the process is dead (or the router closed), so nothing of the old
 	// run can arrive after them.
-	explained := func(r *embedded.Router, in *instance, id string, ack bool) bool {
-		ends := f.killed[in]
+	explained := func(r *embedded.Router, ins []*instance, id string, ack bool) bool {
+		var ends []time.Time
+		for _, in := range ins {
+			ends = append(ends, f.killed[in]...)
+		}
 		if r == f.labRouter {
 			ends = append(ends, f.routerDown...)
 		}
@@ -236,8 +281,12 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Errorf("%s: %d messages that got CA are missing at the lab's router or their answers at the hospital's after %s\nhospital:\n%s\nlab:\n%s",
-				name, missing, wait, f.hospital.log, f.lab.log)
+			var logs strings.Builder
+			for _, n := range f.nodes {
+				fmt.Fprintf(&logs, "hospital (%s):\n%s\n", filepath.Base(n.dir), n.log)
+			}
+			t.Errorf("%s: %d messages that got CA are missing at the lab's router or their answers at the hospital's after %s\n%slab:\n%s",
+				name, missing, wait, logs.String(), f.lab.log)
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -245,20 +294,23 @@ func runFault(t *testing.T, name string, prep func(t *testing.T, site, dir strin
 	time.Sleep(500 * time.Millisecond) // let a late second delivery show
 	at, answers := count(f.labRouter, false), count(f.hRouter, true)
 	row := faultRow{name: name, ca: len(acked), loadTable: loadOut.String(), resubmitted: f.w.Resubmitted(),
-		kills: len(f.killed[f.hospital]) + len(f.killed[f.lab])}
+		kills: len(f.killed[f.lab])}
+	for _, n := range f.nodes {
+		row.kills += len(f.killed[n])
+	}
 	for id := range acked {
 		switch n := at[id]; {
 		case n == 0:
 			row.lost++
 		case n > 1:
 			row.twice++
-			if !explained(f.labRouter, f.lab, id, false) {
+			if !explained(f.labRouter, []*instance{f.lab}, id, false) {
 				row.unexplained = append(row.unexplained, id+" at the lab's router")
 			}
 		}
 		if answers[id] > 1 {
 			row.answersTwice++
-			if !explained(f.hRouter, f.hospital, id, true) {
+			if !explained(f.hRouter, f.nodes, id, true) {
 				row.unexplained = append(row.unexplained, "the answer to "+id+" at the hospital's router")
 			}
 		}

@@ -8,10 +8,16 @@
 // heartbeats on that session every Lease/8, each statement bounded by
 // Lease/4, and when the session breaks or a statement fails it stops every
 // role at once and acts on nothing until it has claimed again: at most
-// 3/8 of the lease after its session ended. A node that wins a lock waits
-// Lease/2 before it starts the role, by which time the node that had it
-// has stopped: never two nodes on one role, and a dead node's roles move
-// within the lease (a round to see the lock free, the wait, a round).
+// 3/8 of the lease after its session ended. A node that wins a lock whose
+// last holder did not release it (it died, or lost its session) waits
+// Lease/2 before it starts the role, by which time that node has stopped:
+// never two nodes on one role, and a dead node's roles move within the
+// lease (a round to see the lock free, the wait, a round). A role given up
+// on purpose (handed back, a clean stop) is recorded as released once it
+// has stopped, before its lock is freed: the next holder starts it at
+// once. A node whose session broke connects again at once and claims its
+// roles back before another takes them for gone: another node claims a
+// free role only while the node it prefers has no session.
 //
 // Spread. Nodes record their heartbeats in a table; each role prefers one
 // of the live nodes (by its place in the sorted list of roles and nodes).
@@ -125,13 +131,26 @@ func (c *Coordinator) run(ctx context.Context) {
 	defer close(c.done)
 	tick := time.NewTicker(c.o.Lease / 8)
 	defer tick.Stop()
+	retried := false
 	for {
+		had := c.conn != nil
 		c.round(ctx)
+		if had && c.conn == nil && !retried && ctx.Err() == nil {
+			// The session broke: connect again at once rather than a
+			// round later, so that the node is back before another node
+			// takes its roles for gone.
+			retried = true
+			continue
+		}
+		retried = false
 		select {
 		case <-ctx.Done():
 			c.dropAll("closing")
 			if c.conn != nil {
 				cctx, cancel := context.WithTimeout(context.Background(), c.o.Lease/4)
+				// Every role has stopped: the next holder need not wait
+				// out the fence.
+				c.conn.Exec(cctx, `UPDATE roles SET released = true WHERE node = $1`, c.o.Node)
 				c.conn.Close(cctx) // the locks go with the session
 				cancel()
 			}
@@ -171,7 +190,15 @@ func (c *Coordinator) round(ctx context.Context) {
 			}
 			// What each node runs, as of its last heartbeat: what the
 			// operators see (View).
-			_, err := tx.Exec(ctx, `ALTER TABLE nodes ADD COLUMN IF NOT EXISTS running TEXT[] NOT NULL DEFAULT '{}'`)
+			if _, err := tx.Exec(ctx, `ALTER TABLE nodes ADD COLUMN IF NOT EXISTS running TEXT[] NOT NULL DEFAULT '{}'`); err != nil {
+				return err
+			}
+			// Who ran each role last, and whether it gave it up after it
+			// had stopped (released): then the next holder starts at
+			// once; otherwise (a node died, or lost its session) it
+			// waits out the fence.
+			_, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS roles (role TEXT PRIMARY KEY, node TEXT NOT NULL,
+				released BOOLEAN NOT NULL)`)
 			return err
 		})
 		if err != nil {
@@ -179,8 +206,9 @@ func (c *Coordinator) round(ctx context.Context) {
 			return
 		}
 	}
+	beat := c.Held()
 	if err := c.exec(ctx, `INSERT INTO nodes (name, seen, running) VALUES ($1, now(), $2)
-		ON CONFLICT (name) DO UPDATE SET seen = now(), running = $2`, c.o.Node, c.Held()); err != nil {
+		ON CONFLICT (name) DO UPDATE SET seen = now(), running = $2`, c.o.Node, beat); err != nil {
 		c.lost(err)
 		return
 	}
@@ -213,7 +241,8 @@ func (c *Coordinator) round(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		preferred := live[i%len(live)] == c.o.Node
+		prefers := live[i%len(live)]
+		preferred := prefers == c.o.Node
 		c.mu.Lock()
 		held, at, locked := c.held[r], c.locked[r], !c.locked[r].IsZero()
 		c.mu.Unlock()
@@ -224,28 +253,51 @@ func (c *Coordinator) round(ctx context.Context) {
 		case held:
 		case locked:
 			if time.Since(at) >= c.o.Lease/2 && time.Since(c.lastOK) < c.o.Lease/2 {
-				c.mu.Lock()
-				delete(c.locked, r)
-				c.held[r] = true
-				c.mu.Unlock()
-				c.o.Logger.Info("role taken", "role", r, "node", c.o.Node)
-				c.o.Gain(r)
+				c.gain(ctx, r)
 			}
 		default:
-			c.claim(ctx, r, preferred)
+			c.claim(ctx, r, prefers)
+		}
+	}
+	if held := c.Held(); !slices.Equal(held, beat) {
+		// What runs now is told at once, not at the next heartbeat.
+		if err := c.exec(ctx, `UPDATE nodes SET running = $2 WHERE name = $1`, c.o.Node, held); err != nil {
+			c.lost(err)
 		}
 	}
 }
 
+// gain starts role r, whose lock this node holds, once it has recorded
+// that it runs it (not released: a crash from here on leaves the next
+// holder to wait out the fence).
+func (c *Coordinator) gain(ctx context.Context, r string) {
+	if err := c.exec(ctx, `INSERT INTO roles (role, node, released) VALUES ($1, $2, false)
+		ON CONFLICT (role) DO UPDATE SET node = $2, released = false`, r, c.o.Node); err != nil {
+		c.lost(err)
+		return
+	}
+	c.mu.Lock()
+	delete(c.locked, r)
+	c.held[r] = true
+	c.mu.Unlock()
+	c.o.Logger.Info("role taken", "role", r, "node", c.o.Node)
+	c.o.Gain(r)
+}
+
 // claim tries role r's lock: at once when r prefers this node, otherwise
-// when no node holds it.
-func (c *Coordinator) claim(ctx context.Context, r string, preferred bool) {
-	if !preferred {
+// when no node holds it and the node it prefers has no role session (it
+// is gone, not merely reconnecting). Won, the role starts at once when its
+// last holder released it after stopping it, and after the fence wait
+// otherwise.
+func (c *Coordinator) claim(ctx context.Context, r, prefers string) {
+	if prefers != c.o.Node {
 		var free bool
 		// A bigint advisory key shows in pg_locks as its high and low
 		// halves, with objsubid 1.
 		if err := c.queryRow(ctx, `SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-			AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1)`, []any{key(r)}, &free); err != nil {
+			AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1)
+			AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $2)`,
+			[]any{key(r), ApplicationName(prefers)}, &free); err != nil {
 			c.lost(err)
 			return
 		}
@@ -258,11 +310,21 @@ func (c *Coordinator) claim(ctx context.Context, r string, preferred bool) {
 		c.lost(err)
 		return
 	}
-	if got {
-		c.mu.Lock()
-		c.locked[r] = time.Now()
-		c.mu.Unlock()
+	if !got {
+		return
 	}
+	var released bool
+	if err := c.queryRow(ctx, `SELECT coalesce((SELECT released FROM roles WHERE role = $1), true)`, []any{r}, &released); err != nil {
+		c.lost(err)
+		return
+	}
+	if released {
+		c.gain(ctx, r)
+		return
+	}
+	c.mu.Lock()
+	c.locked[r] = time.Now()
+	c.mu.Unlock()
 }
 
 // release stops role r (if started) and frees its lock.
@@ -274,6 +336,11 @@ func (c *Coordinator) release(ctx context.Context, r, why string) {
 	c.mu.Unlock()
 	if held {
 		c.o.Lose(r)
+		// It has stopped: the next holder starts it at once.
+		if err := c.exec(ctx, `UPDATE roles SET released = true WHERE role = $1 AND node = $2`, r, c.o.Node); err != nil {
+			c.lost(err)
+			return
+		}
 	}
 	var ok bool
 	if err := c.queryRow(ctx, `SELECT pg_advisory_unlock($1)`, []any{key(r)}, &ok); err != nil {

@@ -1,0 +1,213 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/hl7mail/hl7mail/dashboard"
+	"github.com/hl7mail/hl7mail/internal/pgtest"
+)
+
+// clusterView reads a node's GET /api/cluster; nil when it does not answer.
+func (in *instance) clusterView() *dashboard.ClusterView {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get("http://" + in.dash + "/api/cluster")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	var v dashboard.ClusterView
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&v) != nil {
+		return nil
+	}
+	return &v
+}
+
+// rolesBack waits until every role of the hospital's cluster runs again
+// after a fault at from, and returns how long that took from from: a role
+// counts once a node heard from after from holds its lock and, at that
+// heartbeat, runs it. A role that moves more than once (taken over, then
+// handed back to its restarted node) counts at its first move. It gives
+// up after four leases and returns -1.
+func (f *faultWorld) rolesBack(from time.Time) time.Duration {
+	var pending map[string]bool
+	for time.Since(from) < 4*clusterLease {
+		for _, n := range f.nodes {
+			if n.cmd == nil {
+				continue
+			}
+			v := n.clusterView()
+			if v == nil {
+				continue
+			}
+			fresh := map[string]bool{}
+			for _, nd := range v.Nodes {
+				fresh[nd.Name] = nd.Live && nd.Seen.After(from)
+			}
+			if pending == nil {
+				pending = map[string]bool{}
+				for _, r := range v.Roles {
+					pending[r.Role] = true
+				}
+			}
+			for _, r := range v.Roles {
+				if r.Running && fresh[r.Node] {
+					delete(pending, r.Role)
+				}
+			}
+			if len(pending) == 0 {
+				return time.Since(from)
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return -1
+}
+
+// TestFaultsTwoNodes is the fault suite with the hospital on two nodes of
+// a cluster on a throwaway PostgreSQL (the lab as in TestFaults): the
+// router's connections spread over both nodes and fail over. Cases: the
+// nodes killed with SIGKILL in turn, every 3 s, and started again;
+// PostgreSQL stopped at once (as a crash would) and started again under
+// the load (the surrogates answer CE meanwhile); a node's role session
+// ended by the database (pg_terminate_backend). In every case: every
+// message that got CA reaches the lab's router once and its answer the
+// hospital's once, the roles run again within the lease, and no mail is
+// submitted twice when a node only lost its session. It prints its table
+// to var/artifacts/faults-cluster.txt.
+func TestFaultsTwoNodes(t *testing.T) {
+	sc := scale()
+	every := max(sc.every, 3*time.Second)
+	type clusterRow struct {
+		faultRow
+		moves []time.Duration
+	}
+	moved := func(f *faultWorld, from time.Time, moves *[]time.Duration) {
+		*moves = append(*moves, f.rolesBack(from))
+	}
+	cases := []struct {
+		name   string
+		during func(f *faultWorld, moves *[]time.Duration)
+	}{
+		{"none", func(f *faultWorld, moves *[]time.Duration) {}},
+		{"kill -9 a node", func(f *faultWorld, moves *[]time.Duration) {
+			for i := range sc.kills {
+				time.Sleep(every)
+				n := f.nodes[i%len(f.nodes)]
+				n.kill()
+				at := time.Now()
+				f.killed[n] = append(f.killed[n], at)
+				n.start()
+				moved(f, at, moves)
+			}
+		}},
+		{"PostgreSQL restart", func(f *faultWorld, moves *[]time.Duration) {
+			time.Sleep(every)
+			if err := f.pg.Halt(); err != nil {
+				f.t.Fatal(err)
+			}
+			time.Sleep(sc.outage)
+			if err := f.pg.Resume(); err != nil {
+				f.t.Fatal(err)
+			}
+			moved(f, time.Now(), moves)
+		}},
+		{"session terminated", func(f *faultWorld, moves *[]time.Duration) {
+			for i := range sc.kills {
+				time.Sleep(every)
+				node := fmt.Sprintf("gw-%c", 'a'+i%len(f.nodes))
+				at := time.Now()
+				if n := terminateRoles(f.t, f.pg, node); n != 1 {
+					f.t.Errorf("%d role sessions of %s ended, want 1", n, node)
+				}
+				moved(f, at, moves)
+			}
+		}},
+	}
+	var rows []clusterRow
+	for _, c := range cases {
+		t.Run(strings.ReplaceAll(c.name, " ", "_"), func(t *testing.T) {
+			pg, err := pgtest.Start()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { pg.Stop() })
+			f := newFaultCluster(t, nil, pg, 2)
+			for _, n := range f.nodes {
+				n.waitReady("")
+			}
+			var moves []time.Duration
+			row := clusterRow{faultRow: runFaultOn(t, f, c.name, func(f *faultWorld) { c.during(f, &moves) }), moves: moves}
+			rows = append(rows, row)
+			if row.lost != 0 || len(row.unexplained) != 0 || row.ca == 0 {
+				t.Errorf("%s: %d got CA, %d lost, %d delivered twice, %d answers twice; not explained by a kill: %v\n%s", c.name,
+					row.ca, row.lost, row.twice, row.answersTwice, row.unexplained, row.loadTable)
+			}
+			for _, d := range moves {
+				if d < 0 || d > clusterLease {
+					t.Errorf("%s: roles running again after %v (lease %s); every move: %v", c.name, d, clusterLease, moves)
+				}
+			}
+			// A node that only lost its session stopped before another
+			// took its roles (fencing): nothing twice. A kill sends again
+			// at most the group in flight on the session (32 mails).
+			strict := c.name == "none" || c.name == "session terminated"
+			if row.kills > 0 && row.resubmitted > row.kills*32 || strict && row.resubmitted != 0 {
+				t.Errorf("%s: %d mails submitted twice after %d kills", c.name, row.resubmitted, row.kills)
+			}
+		})
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "Fault suite, hospital on two nodes (PostgreSQL, lease %s): %d messages at %.0f/s from the router over 2 connections to each node (failing over), hospital → lab (PGP) → hospital, embedded SMTP/IMAP\n\n",
+		clusterLease, sc.messages, sc.rate)
+	fmt.Fprintf(&b, "%-20s %6s %10s %5s %13s %8s %13s %15s %9s %9s %12s\n", "case", "CA", "delivered", "lost", "delivered 2x",
+		"answers", "answers 2x", "router resends", "mails 2x", "drain", "roles back")
+	for _, r := range rows {
+		back := "-"
+		if len(r.moves) > 0 {
+			back = slices.Max(r.moves).Round(10 * time.Millisecond).String()
+		}
+		fmt.Fprintf(&b, "%-20s %6d %10d %5d %13d %8d %13d %15d %9d %9s %12s\n", r.name, r.ca, r.delivered, r.lost, r.twice, r.answers,
+			r.answersTwice, r.resentByRouter, r.resubmitted, r.drain.Round(100*time.Millisecond), back)
+	}
+	fmt.Fprintln(&b, "\nColumns as in faults.txt. roles back: the longest, over the faults of the case, from the fault (the kill,")
+	fmt.Fprintln(&b, "PostgreSQL back, the session ended) until every role ran again on a node heard from since. kill -9: the")
+	fmt.Fprintln(&b, "nodes in turn, each started again at once. PostgreSQL restart: stopped in immediate mode (no checkpoint,")
+	fmt.Fprintf(&b, "as a crash) for %s, the surrogates answering CE meanwhile. session terminated: pg_terminate_backend of\n", sc.outage)
+	fmt.Fprintln(&b, "a node's role session, the nodes in turn: the node stops its roles at once and the database frees their")
+	fmt.Fprintln(&b, "locks; mails 2x must be 0 there (fencing), and at most the group in flight (32) a kill.")
+	t.Log("\n" + b.String())
+	if err := os.WriteFile(filepath.Join(artifactDir(t), "faults-cluster.txt"), []byte(b.String()), 0o644); err != nil {
+		t.Error(err)
+	}
+}
+
+// terminateRoles ends node's role session from the database's side and
+// returns how many sessions it ended.
+func terminateRoles(t *testing.T, pg *pgtest.Server, node string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, pg.DSN)
+	if err != nil {
+		t.Error(err)
+		return 0
+	}
+	defer c.Close(ctx)
+	var n int
+	if err := c.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`,
+		"hl7mail roles "+node).Scan(&n); err != nil {
+		t.Error(err)
+	}
+	return n
+}
