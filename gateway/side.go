@@ -32,7 +32,7 @@ type side struct {
 	deliverer  services[*deliver.Deliverer]
 	receiver   *inbound.Receiver
 	responder  *deliver.Responder
-	localLinks map[string]*link.Link // local address (lower case) → its own IMAP account
+	localLinks map[string]*link.Link            // local address (lower case) → its own IMAP account
 	roles      map[string]func(context.Context) // what runs, by role name (cluster.go)
 
 	mu      sync.Mutex

@@ -45,10 +45,10 @@ type faultWorld struct {
 	toLab              string // the hospital's surrogate for the lab (each node's, comma-separated, in a cluster)
 	// nodes are the hospital's instances: the one hospital, or the nodes
 	// of its cluster on pg (hospital is the first).
-	nodes []*instance
-	pg    *pgtest.Server
-	killed             map[*instance][]time.Time // when each instance was dead after SIGKILL
-	routerDown         []time.Time               // when the lab's router had stopped
+	nodes      []*instance
+	pg         *pgtest.Server
+	killed     map[*instance][]time.Time // when each instance was dead after SIGKILL
+	routerDown []time.Time               // when the lab's router had stopped
 }
 
 var faultKeys struct {
