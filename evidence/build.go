@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
-	"path/filepath"
 	"time"
 
 	"github.com/hl7mail/hl7mail/hl7"
@@ -20,12 +19,11 @@ func Build(ctx context.Context, o Options, m store.Message) (*Report, error) {
 	if r.Partner == nil {
 		return nil, fmt.Errorf("message %d: partner %s is not in the configuration", m.ID, m.Partner)
 	}
-	dir := o.Config.StoreDir()
-	out, err := readJournal(filepath.Join(dir, OutgoingJournal))
+	out, err := o.entries(ctx, OutgoingJournal)
 	if err != nil {
 		return nil, err
 	}
-	in, err := readJournal(filepath.Join(dir, IncomingJournal))
+	in, err := o.entries(ctx, IncomingJournal)
 	if err != nil {
 		return nil, err
 	}

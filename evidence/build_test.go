@@ -13,6 +13,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
+	"github.com/hl7mail/hl7mail/store"
 )
 
 // receive journals, as the incoming journal holds it, the lab's signed and
@@ -51,7 +52,7 @@ func (w *world) receive(t *testing.T, mic security.MIC, ackFor string) {
 		t.Fatal(err)
 	}
 	sum := sha256.Sum256(mail)
-	if err := w.o.Store.RecordJournal(context.Background(), IncomingJournal, off, "<r1@partner.test>", sum[:]); err != nil {
+	if err := w.o.Store.(*store.Store).RecordJournal(context.Background(), IncomingJournal, off, "<r1@partner.test>", sum[:]); err != nil {
 		t.Fatal(err)
 	}
 }

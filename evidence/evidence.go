@@ -83,12 +83,48 @@ func (r *Report) Broken() []string {
 type Options struct {
 	Config *config.Config
 	Keys   *security.Keyring
-	Store  *store.Store
+	Store  Store
+	// Journals are where the journals are read from; nil: the mbox files
+	// in the store folder.
+	Journals Journals
+}
+
+// Store is what the evidence is checked against: the embedded store, or a
+// cluster's shared one.
+type Store interface {
+	Get(ctx context.Context, id int64) (store.Message, error)
+	Search(ctx context.Context, q string, limit int) ([]store.Message, error)
+	List(ctx context.Context, f store.Filter) ([]store.Message, error)
+	QuarantineList(ctx context.Context, limit int) ([]store.Quarantined, error)
+	PendingByMessageID(ctx context.Context, messageID string) (store.Pending, error)
+	Reports(ctx context.Context, f store.ReportFilter) ([]store.Report, error)
+	// JournalDigests are the SHA-256 digests recorded for the entries of
+	// journal file (OutgoingJournal, IncomingJournal), by offset.
+	JournalDigests(ctx context.Context, file string) (map[int64][]byte, error)
+}
+
+// Journals reads a journal's entries: file is OutgoingJournal or
+// IncomingJournal, each entry placed by its offset (in a cluster's
+// database, its row).
+type Journals interface {
+	JournalEntries(ctx context.Context, file string) ([]journal.Entry, error)
+}
+
+// entries reads journal file, from the store folder or o.Journals.
+func (o Options) entries(ctx context.Context, file string) ([]entry, error) {
+	if o.Journals == nil {
+		return readJournal(filepath.Join(o.Config.StoreDir(), file))
+	}
+	list, err := o.Journals.JournalEntries(ctx, file)
+	if err != nil {
+		return nil, err
+	}
+	return parseEntries(list, file), nil
 }
 
 // Find returns the stored message id names: a stored id, a Message-ID or
 // an MSH-10 control ID (the newest such message).
-func Find(ctx context.Context, st *store.Store, id string) (store.Message, error) {
+func Find(ctx context.Context, st Store, id string) (store.Message, error) {
 	if n, err := strconv.ParseInt(id, 10, 64); err == nil {
 		if m, err := st.Get(ctx, n); err == nil {
 			return m, nil
@@ -120,9 +156,15 @@ func readJournal(path string) ([]entry, error) {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
+	return parseEntries(entries, filepath.Base(path)), nil
+}
+
+// parseEntries reads what the evidence needs of the header of each entry
+// of journal file.
+func parseEntries(entries []journal.Entry, file string) []entry {
 	out := make([]entry, 0, len(entries))
 	for _, e := range entries {
-		x := entry{Entry: e, file: filepath.Base(path)}
+		x := entry{Entry: e, file: file}
 		if m, err := mail.ReadMessage(bytes.NewReader(e.Mail)); err == nil {
 			x.messageID = strings.TrimSpace(m.Header.Get("Message-Id"))
 			x.inReplyTo = strings.TrimSpace(m.Header.Get("In-Reply-To"))
@@ -132,7 +174,7 @@ func readJournal(path string) ([]entry, error) {
 		}
 		out = append(out, x)
 	}
-	return out, nil
+	return out
 }
 
 // opener opens mail of one partner, or our own.

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"net/mail"
-	"path/filepath"
 	"strings"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -36,7 +35,6 @@ func (a *Audit) problem(format string, args ...any) {
 // message the store says was mailed or received must be in a journal.
 func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 	a := &Audit{Entries: map[string]int{}}
-	dir := o.Config.StoreDir()
 	msgs, err := o.Store.List(ctx, store.Filter{Limit: 1 << 30})
 	if err != nil {
 		return nil, err
@@ -61,7 +59,7 @@ func VerifyJournals(ctx context.Context, o Options) (*Audit, error) {
 	}
 	journalled := map[string]map[string]bool{OutgoingJournal: {}, IncomingJournal: {}}
 	for _, file := range []string{OutgoingJournal, IncomingJournal} {
-		entries, err := readJournal(filepath.Join(dir, file))
+		entries, err := o.entries(ctx, file)
 		if err != nil {
 			return nil, err
 		}

@@ -154,11 +154,11 @@ func TestVerifyStranger(t *testing.T) {
 	off, _ := j.Append("who@else.test", time.Now(), mail)
 	j.Close()
 	sum := sha256.Sum256(mail)
-	w.o.Store.RecordJournal(ctx, IncomingJournal, off, "<s1@else.test>", sum[:])
+	w.o.Store.(*store.Store).RecordJournal(ctx, IncomingJournal, off, "<s1@else.test>", sum[:])
 	if a := w.audit(t); a.OK() || !strings.Contains(strings.Join(a.Problems, "\n"), "who@else.test is not a partner") {
 		t.Errorf("a stranger's mail without a record: %+v", a.Problems)
 	}
-	if _, err := w.o.Store.Quarantine(ctx, store.Quarantined{Sender: "who@else.test", MessageID: "<s1@else.test>",
+	if _, err := w.o.Store.(*store.Store).Quarantine(ctx, store.Quarantined{Sender: "who@else.test", MessageID: "<s1@else.test>",
 		Reason: "unknown-sender", Detail: "not a partner", Raw: mail}); err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/internal/pgtest"
+	"github.com/hl7mail/hl7mail/journal"
 )
 
 // clusterView reads a node's GET /api/cluster; nil when it does not answer.
@@ -149,6 +150,9 @@ func TestFaultsTwoNodes(t *testing.T) {
 			var moves []time.Duration
 			row := clusterRow{faultRow: runFaultOn(t, f, c.name, func(f *faultWorld) { c.during(f, &moves) }), moves: moves}
 			rows = append(rows, row)
+			if c.name == "none" {
+				clusterEvidence(t, f, row.ca)
+			}
 			if row.lost != 0 || len(row.unexplained) != 0 || row.ca == 0 {
 				t.Errorf("%s: %d got CA, %d lost, %d delivered twice, %d answers twice; not explained by a kill: %v\n%s", c.name,
 					row.ca, row.lost, row.twice, row.answersTwice, row.unexplained, row.loadTable)
@@ -189,6 +193,37 @@ func TestFaultsTwoNodes(t *testing.T) {
 	t.Log("\n" + b.String())
 	if err := os.WriteFile(filepath.Join(artifactDir(t), "faults-cluster.txt"), []byte(b.String()), 0o644); err != nil {
 		t.Error(err)
+	}
+}
+
+// clusterEvidence checks the evidence commands on the cluster's second
+// node, whichever node mailed or fetched: the journals verify, one
+// message's evidence re-verifies, and the export holds every mail sent.
+func clusterEvidence(t *testing.T, f *faultWorld, ca int) {
+	t.Helper()
+	b := f.nodes[1]
+	if out, code := b.run("journal", "verify", "-config", b.config); code != 0 {
+		t.Errorf("journal verify on gw-b: exit %d\n%s", code, out)
+	}
+	if out, code := b.run("evidence", "-config", b.config, "Fnone-7"); code != 0 || !strings.Contains(out, "Fnone-7") {
+		t.Errorf("evidence on gw-b: exit %d\n%s", code, out)
+	}
+	dir := t.TempDir()
+	if out, code := b.run("journal", "export", "-config", b.config, "-out", dir); code != 0 {
+		t.Fatalf("journal export: exit %d\n%s", code, out)
+	}
+	entries, err := journal.Read(filepath.Join(dir, "outgoing.mbox"))
+	hl7Mails := 0
+	for _, e := range entries {
+		if strings.Contains(string(e.Mail), "Disposition-Notification-To:") {
+			hl7Mails++ // ours that ask for a receipt: the HL7 messages, not our receipts
+		}
+	}
+	if err != nil || hl7Mails != ca {
+		t.Errorf("exported outgoing journal: %d mails asking for a receipt (of %d entries), want %d; %v", hl7Mails, len(entries), ca, err)
+	}
+	if in, err := journal.Read(filepath.Join(dir, "incoming.mbox")); err != nil || len(in) == 0 {
+		t.Errorf("exported incoming journal: %d entries, %v", len(in), err)
 	}
 }
 

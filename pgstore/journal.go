@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -186,4 +187,51 @@ func (s *Store) exportOne(ctx context.Context, j *journal.Journal, d spool.Direc
 			return err
 		}
 	}
+}
+
+// journalDirection is the direction of the journal a single node keeps in
+// file (outgoing.mbox, incoming.mbox).
+func journalDirection(file string) (spool.Direction, error) {
+	switch file {
+	case "outgoing.mbox":
+		return spool.Outbound, nil
+	case "incoming.mbox":
+		return spool.Inbound, nil
+	}
+	return "", fmt.Errorf("pgstore: no journal %q", file)
+}
+
+// JournalEntries returns the mails of the journal a single node keeps in
+// file, oldest first, each placed by its row.
+func (s *Store) JournalEntries(ctx context.Context, file string) ([]journal.Entry, error) {
+	d, err := journalDirection(file)
+	if err != nil {
+		return nil, err
+	}
+	rows, err := s.pool.Query(ctx, `SELECT id, sender, at, mail FROM journal WHERE direction = $1 ORDER BY id`, string(d))
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: journal: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (journal.Entry, error) {
+		var e journal.Entry
+		return e, r.Scan(&e.Offset, &e.From, &e.Time, &e.Mail)
+	})
+}
+
+// JournalDigests returns the SHA-256 recorded with each mail of the
+// journal a single node keeps in file, by row.
+func (s *Store) JournalDigests(ctx context.Context, file string) (map[int64][]byte, error) {
+	d, err := journalDirection(file)
+	if err != nil {
+		return nil, err
+	}
+	rows, err := s.pool.Query(ctx, `SELECT id, sha256 FROM journal WHERE direction = $1`, string(d))
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: journal digests: %w", err)
+	}
+	out := map[int64][]byte{}
+	var id int64
+	var sum []byte
+	_, err = pgx.ForEachRow(rows, []any{&id, &sum}, func() error { out[id] = slices.Clone(sum); return nil })
+	return out, err
 }

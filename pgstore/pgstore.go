@@ -41,6 +41,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/roles"
 	"github.com/hl7mail/hl7mail/spool"
+	"github.com/hl7mail/hl7mail/store"
 )
 
 // schema is applied at Open, each statement idempotent.
@@ -286,6 +287,9 @@ func (s *Store) insertAll(ctx context.Context, batch []*acceptReq, ids []int64) 
 	b := &pgx.Batch{}
 	for _, r := range batch {
 		m := r.m
+		if m.Kind == "" {
+			m.Kind = store.KindHL7 // as the embedded store records it
+		}
 		b.Queue(insert, string(m.Direction), m.Partner, m.ControlID, m.MessageType, r.hash[:], m.Payload, m.MessageID,
 			m.MIC, m.Kind, m.InReplyTo, m.Recipient, m.ReceiptNote, m.AnswerTo, s.o.Node)
 	}
