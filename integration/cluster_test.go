@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -245,4 +246,75 @@ func terminateRoles(t *testing.T, pg *pgtest.Server, node string) int {
 		t.Error(err)
 	}
 	return n
+}
+
+// TestStoreMigrate moves a running hospital into a cluster: the hospital
+// mails 20 messages, takes 20 more while the SMTP server is down, and
+// stops; "hl7mail store migrate" copies its store into a throwaway
+// PostgreSQL; started again as a node of a cluster, it mails the 20 that
+// were queued and 20 new ones, each once, and its journals verify.
+func TestStoreMigrate(t *testing.T) {
+	f := newFaultWorld(t, nil)
+	load := func(prefix string, n int) {
+		t.Helper()
+		if out, err := exec.Command(binary, "bench", "load", "-addr", f.toLab, "-conns", "2", "-n", fmt.Sprint(n),
+			"-prefix", prefix, "-give-up", "30s").CombinedOutput(); err != nil {
+			t.Fatalf("bench load: %v\n%s", err, out)
+		}
+	}
+	delivered := func(want int) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			msgs, _ := f.labRouter.Arrivals()
+			answers, _ := f.hRouter.Arrivals()
+			if len(msgs) >= want && len(answers) >= want {
+				if len(msgs) != want {
+					t.Errorf("%d messages at the lab's router, want %d", len(msgs), want)
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d messages at the lab's router and %d answers after 60s, want %d\n%s", len(msgs), len(answers), want, f.hospital.log)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	load("before", 20)
+	delivered(20)
+	if err := f.w.StopSMTP(); err != nil {
+		t.Fatal(err)
+	}
+	load("queued", 20)
+	f.hospital.stop()
+	pg, err := pgtest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Stop() })
+	os.WriteFile(filepath.Join(f.hospital.dir, "postgres-dsn"), []byte(pg.DSN+"\n"), 0o600)
+	f.hospital.edit("store: var\n", fmt.Sprintf("store: var\ncluster: {node: gw-a, postgres: {dsn_file: postgres-dsn, lease: %s}}\n", clusterLease))
+	out, code := f.hospital.run("store", "migrate", "-config", f.hospital.config)
+	if code != 0 || !strings.Contains(out, "checked the copy") {
+		t.Fatalf("store migrate: exit %d\n%s", code, out)
+	}
+	if !strings.Contains(out, "messages    ") {
+		t.Errorf("store migrate printed no message count:\n%s", out)
+	}
+	// A second move into the same database is refused.
+	if out, code := f.hospital.run("store", "migrate", "-config", f.hospital.config); code == 0 {
+		t.Errorf("second store migrate: exit 0\n%s", out)
+	}
+	if err := f.w.StartSMTP(); err != nil {
+		t.Fatal(err)
+	}
+	f.hospital.start()
+	load("after", 20)
+	delivered(60)
+	if out, code := f.hospital.run("journal", "verify", "-config", f.hospital.config); code != 0 {
+		t.Errorf("journal verify on the cluster: exit %d\n%s", code, out)
+	}
+	if n := f.w.Resubmitted(); n != 0 {
+		t.Errorf("%d mails submitted twice", n)
+	}
 }

@@ -49,7 +49,7 @@ func fresh(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close(context.Background())
-	if _, err := c.Exec(context.Background(), "DROP TABLE IF EXISTS messages, pending, alerts, journal CASCADE"); err != nil {
+	if _, err := c.Exec(context.Background(), "DROP TABLE IF EXISTS messages, pending, alerts, journal, quarantine, reports, state CASCADE"); err != nil {
 		t.Fatal(err)
 	}
 }

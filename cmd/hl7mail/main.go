@@ -34,7 +34,8 @@ func commands() []command {
 		{"reload", "make the running instance read its configuration and keys again", runReload},
 		{"release", "deliver a quarantined mail after a person checked it", runRelease},
 		{"evidence", "re-verify one transaction from the journals; export it", runEvidence},
-		{"journal", "verify: check every journal entry against its signature and the store", runJournal},
+		{"journal", "verify: check every journal entry against its signature and the store; export: write them as mbox", runJournal},
+		{"store", "migrate: move a single instance's store into a cluster's PostgreSQL", runStoreCmd},
 		{"receive", "take one mail from an MTA's pipe on standard input", func(args []string, stdout, stderr io.Writer) int {
 			return runReceive(args, os.Stdin, stdout, stderr)
 		}},
