@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -209,9 +208,6 @@ func (s *side) stopRole(r string) {
 		<-rn.done
 	}
 }
-
-// errNotCluster is returned by what only a cluster's node has.
-var errNotCluster = errors.New("not a node of a cluster")
 
 // Roles returns the roles this node runs now, sorted; nil alone.
 func (g *Gateway) Roles() []string {

@@ -4,11 +4,14 @@
 // they store; the IMAP watcher and receiver that take partner mail in; the
 // deliverer that hands it to the router; and the responder that answers
 // with the router's response and the receipt. It starts everything or
-// nothing, and stops in reverse.
+// nothing, and stops in reverse. With a cluster section the instance is a
+// node of a cluster (cluster.go): its store is the shared PostgreSQL
+// database (pgstore), and the parts of its mail side are roles (roles)
+// that run on whichever node holds them.
 //
 // It imports, of this module, only config, dashboard, deliver, hl7, inbound,
-// internal/safefile, journal, link, notify, outbound, revocation, security,
-// store, surrogate.
+// internal/safefile, journal, link, notify, outbound, pgstore, revocation,
+// roles, security, spool, store, surrogate.
 package gateway
 
 import (

@@ -1,5 +1,5 @@
 // Package pgstore is the store of a cluster of hl7mail nodes on PostgreSQL.
-// What it does so far is the CA path: Accept takes a message into the
+// First, the CA path: Accept takes a message into the
 // shared database and returns once the transaction holding it has
 // committed (synchronous_commit on), so that a surrogate on any node may
 // answer CA and a node that dies loses nothing. Accepts that come at once,
@@ -17,9 +17,11 @@
 // bounces, quarantine) are there: the three services run on it as on the
 // embedded store.
 //
-// The operator's views (listings, the dashboard's figures) and the moving
-// in of an embedded store are to come; the embedded store stays the
-// default.
+// The operators' views (ops.go: listings, the dashboard's figures,
+// alerts and their notices), the wake-up of the node that runs a queue
+// when another node took a message for it (notify.go: LISTEN/NOTIFY) and
+// the moving in of an embedded store (migrate.go) are there too. The
+// embedded store stays the default.
 //
 // It imports, of this module, journal (the mbox format of an export),
 // roles (the schema's lock), spool (the message it accepts) and store (the
