@@ -89,12 +89,15 @@ type ClusterView struct {
 }
 
 // ClusterNode is one node: its last heartbeat, whether that is within the
-// lease, and how many roles it holds.
+// lease, how many roles it holds, and what it took today.
 type ClusterNode struct {
 	Name  string    `json:"name"`
 	Seen  time.Time `json:"seen"`
 	Live  bool      `json:"live"`
 	Roles int       `json:"roles"`
+	// TakenToday are the messages the node took today (from the router
+	// and from mail), counted once however many nodes were sent one.
+	TakenToday int `json:"taken_today"`
 }
 
 // ClusterRole is a role and the node holding it ("" while none does);

@@ -229,6 +229,11 @@ func (g *Gateway) Cluster(ctx context.Context) (*dashboard.ClusterView, error) {
 	if err != nil {
 		return nil, err
 	}
+	now := time.Now()
+	taken, err := c.pg.TakenBy(ctx, time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, now.Location()))
+	if err != nil {
+		return nil, err
+	}
 	v := &dashboard.ClusterView{Node: c.name, Lease: c.lease.String(), Roles: []dashboard.ClusterRole{}}
 	held := map[string]int{}
 	for _, h := range holders {
@@ -236,7 +241,8 @@ func (g *Gateway) Cluster(ctx context.Context) (*dashboard.ClusterView, error) {
 		held[h.Node]++
 	}
 	for _, n := range nodes {
-		v.Nodes = append(v.Nodes, dashboard.ClusterNode{Name: n.Name, Seen: n.Seen, Live: n.Live, Roles: held[n.Name]})
+		v.Nodes = append(v.Nodes, dashboard.ClusterNode{Name: n.Name, Seen: n.Seen, Live: n.Live, Roles: held[n.Name],
+			TakenToday: taken[n.Name]})
 	}
 	return v, nil
 }

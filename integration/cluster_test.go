@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -226,6 +227,44 @@ func clusterEvidence(t *testing.T, f *faultWorld, ca int) {
 	if in, err := journal.Read(filepath.Join(dir, "incoming.mbox")); err != nil || len(in) == 0 {
 		t.Errorf("exported incoming journal: %d entries, %v", len(in), err)
 	}
+	// One picture from either node: the status, /metrics.
+	for _, n := range f.nodes {
+		out, code := n.run("status", "-config", n.config)
+		if code != 0 || !strings.Contains(out, "Cluster (this node") || !strings.Contains(out, "gw-a") ||
+			!strings.Contains(out, "gw-b") || !strings.Contains(out, "sender:lab") {
+			t.Errorf("status of %s: exit %d\n%s", n.dir, code, out)
+		}
+		resp, err := http.Get("http://" + n.dash + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, want := range []string{`hl7mail_cluster_node_live{node="gw-a"} 1`, `hl7mail_cluster_node_live{node="gw-b"} 1`,
+			`hl7mail_cluster_role_held{node="`} {
+			if !strings.Contains(string(body), want) {
+				t.Errorf("/metrics of %s has no %s", n.dir, want)
+			}
+		}
+	}
+	v := f.nodes[0].clusterView()
+	taken := 0
+	for _, n := range v.Nodes {
+		taken += n.TakenToday
+	}
+	if taken < ca {
+		t.Errorf("the nodes took %d messages today, want at least the %d CA'd: %+v", taken, ca, v.Nodes)
+	}
+	// The page of the second node, in headless Chromium, shows both nodes
+	// live and every role running.
+	br := startBrowser(t)
+	br.open("http://" + b.dash + "/")
+	br.waitFor("the cluster's tables", fmt.Sprintf(`
+		const live = (n) => document.querySelector('#cluster-nodes tbody tr[data-node="' + n + '"] td:nth-child(2)')?.textContent === 'live';
+		const roles = [...document.querySelectorAll('#cluster-roles tbody tr')];
+		return !document.querySelector('#cluster').hidden && live('gw-a') && live('gw-b') && roles.length === %d &&
+			roles.every((r) => r.children[2].textContent === 'yes');`, len(v.Roles)), 10*time.Second)
+	br.screenshot(filepath.Join(artifactDir(t), "dashboard-cluster.png"))
 }
 
 // terminateRoles ends node's role session from the database's side and

@@ -385,3 +385,16 @@ func (s *Store) StateOf(ctx context.Context, id int64) (store.State, error) {
 func (s *Store) Cluster(ctx context.Context, names []string, lease time.Duration) ([]roles.Node, []roles.Holder, error) {
 	return roles.View(ctx, s.pool, names, lease)
 }
+
+// TakenBy returns the number of messages each node took since since.
+func (s *Store) TakenBy(ctx context.Context, since time.Time) (map[string]int, error) {
+	rows, err := s.pool.Query(ctx, `SELECT node, count(*) FROM messages WHERE received >= $1 GROUP BY node`, since)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: by node: %w", err)
+	}
+	out := map[string]int{}
+	var node string
+	var n int
+	_, err = pgx.ForEachRow(rows, []any{&node, &n}, func() error { out[node] = n; return nil })
+	return out, err
+}

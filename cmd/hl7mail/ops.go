@@ -249,9 +249,9 @@ the running instance's dashboard, or from the store when it is stopped.`, stderr
 	if c := o.Cluster; c != nil {
 		fmt.Fprintf(stdout, "\nCluster (this node %s, lease %s)\n", c.Node, c.Lease)
 		tw = tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "NODE\tLIVE\tLAST-HEARTBEAT\tROLES")
+		fmt.Fprintln(tw, "NODE\tLIVE\tLAST-HEARTBEAT\tROLES\tTAKEN-TODAY")
 		for _, n := range c.Nodes {
-			fmt.Fprintf(tw, "%s\t%v\t%s\t%d\n", n.Name, n.Live, n.Seen.Format(time.DateTime+".000"), n.Roles)
+			fmt.Fprintf(tw, "%s\t%v\t%s\t%d\t%d\n", n.Name, n.Live, n.Seen.Format(time.DateTime+".000"), n.Roles, n.TakenToday)
 		}
 		fmt.Fprintln(tw, "\nROLE\tHELD BY\tRUNNING")
 		for _, r := range c.Roles {

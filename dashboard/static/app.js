@@ -47,8 +47,42 @@ function post(path, body) {
   return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 }
 
+// loadCluster fills the cluster's tables from the overview: the nodes
+// with their last heartbeat, and who runs which role. Hidden alone.
+function loadCluster(c) {
+  $("cluster").hidden = !c;
+  if (!c) return;
+  $("cluster-node").textContent = "this node " + c.node + ", lease " + c.lease;
+  const nodes = $("cluster-nodes").tBodies[0];
+  nodes.replaceChildren();
+  for (const n of c.nodes || []) {
+    const tr = document.createElement("tr");
+    tr.dataset.node = n.name;
+    cell(tr, n.name);
+    const state = document.createElement("span");
+    state.textContent = n.live ? "live" : "gone";
+    state.className = "pill " + (n.live ? "up" : "down");
+    cell(tr, "").appendChild(state);
+    cell(tr, fmtTime(n.seen));
+    num(tr, n.roles);
+    num(tr, n.taken_today);
+    nodes.appendChild(tr);
+  }
+  const roles = $("cluster-roles").tBodies[0];
+  roles.replaceChildren();
+  for (const r of c.roles || []) {
+    const tr = document.createElement("tr");
+    tr.dataset.role = r.role;
+    cell(tr, r.role);
+    cell(tr, r.node || "none", r.node ? "" : "hot");
+    cell(tr, r.running ? "yes" : "not yet", r.running ? "" : "hot");
+    roles.appendChild(tr);
+  }
+}
+
 async function loadOverview() {
   const o = await api("api/overview");
+  loadCluster(o.cluster);
   $("self").textContent = o.self + " <" + o.email + ">";
   link($("smtp"), o.smtp);
   link($("imap"), o.imap);
