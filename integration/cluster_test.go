@@ -15,10 +15,13 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/ProtonMail/go-crypto/openpgp"
 
 	"github.com/hl7mail/hl7mail/dashboard"
+	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/pgtest"
 	"github.com/hl7mail/hl7mail/journal"
+	"github.com/hl7mail/hl7mail/security"
 )
 
 // clusterView reads a node's GET /api/cluster; nil when it does not answer.
@@ -94,6 +97,7 @@ func TestFaultsTwoNodes(t *testing.T) {
 	type clusterRow struct {
 		faultRow
 		moves []time.Duration
+		twice int // control IDs mailed to the lab more than once, counted at the SMTP server
 	}
 	moved := func(f *faultWorld, from time.Time, moves *[]time.Duration) {
 		*moves = append(*moves, f.rolesBack(from))
@@ -151,6 +155,7 @@ func TestFaultsTwoNodes(t *testing.T) {
 			}
 			var moves []time.Duration
 			row := clusterRow{faultRow: runFaultOn(t, f, c.name, func(f *faultWorld) { c.during(f, &moves) }), moves: moves}
+			row.twice = mailedTwice(t, f, row.ca)
 			rows = append(rows, row)
 			if c.name == "none" {
 				clusterEvidence(t, f, row.ca)
@@ -171,22 +176,29 @@ func TestFaultsTwoNodes(t *testing.T) {
 			if row.kills > 0 && row.resubmitted > row.kills*32 || strict && row.resubmitted != 0 {
 				t.Errorf("%s: %d mails submitted twice after %d kills", c.name, row.resubmitted, row.kills)
 			}
+			if row.kills > 0 && row.twice > row.kills*32 || strict && row.twice != 0 {
+				t.Errorf("%s: %d control IDs mailed twice after %d kills", c.name, row.twice, row.kills)
+			}
+			if c.name == "PostgreSQL restart" && row.resentByRouter == 0 {
+				t.Errorf("%s: the router sent nothing again: no CE while the database was down?", c.name)
+			}
 		})
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "Fault suite, hospital on two nodes (PostgreSQL, lease %s): %d messages at %.0f/s from the router over 2 connections to each node (failing over), hospital → lab (PGP) → hospital, embedded SMTP/IMAP\n\n",
 		clusterLease, sc.messages, sc.rate)
-	fmt.Fprintf(&b, "%-20s %6s %10s %5s %13s %8s %13s %15s %9s %9s %12s\n", "case", "CA", "delivered", "lost", "delivered 2x",
-		"answers", "answers 2x", "router resends", "mails 2x", "drain", "roles back")
+	fmt.Fprintf(&b, "%-20s %6s %10s %5s %13s %8s %13s %15s %9s %12s %9s %12s\n", "case", "CA", "delivered", "lost", "delivered 2x",
+		"answers", "answers 2x", "router resends", "mails 2x", "control 2x", "drain", "roles back")
 	for _, r := range rows {
 		back := "-"
 		if len(r.moves) > 0 {
 			back = slices.Max(r.moves).Round(10 * time.Millisecond).String()
 		}
-		fmt.Fprintf(&b, "%-20s %6d %10d %5d %13d %8d %13d %15d %9d %9s %12s\n", r.name, r.ca, r.delivered, r.lost, r.twice, r.answers,
-			r.answersTwice, r.resentByRouter, r.resubmitted, r.drain.Round(100*time.Millisecond), back)
+		fmt.Fprintf(&b, "%-20s %6d %10d %5d %13d %8d %13d %15d %9d %12d %9s %12s\n", r.name, r.ca, r.delivered, r.lost, r.faultRow.twice,
+			r.answers, r.answersTwice, r.resentByRouter, r.resubmitted, r.twice, r.drain.Round(100*time.Millisecond), back)
 	}
-	fmt.Fprintln(&b, "\nColumns as in faults.txt. roles back: the longest, over the faults of the case, from the fault (the kill,")
+	fmt.Fprintln(&b, "\nColumns as in faults.txt. control 2x: control IDs the SMTP server took more than one mail for, the lab's")
+	fmt.Fprintln(&b, "mails opened with its key (a router's resend to the other node is one message, one mail). roles back: the longest, over the faults of the case, from the fault (the kill,")
 	fmt.Fprintln(&b, "PostgreSQL back, the session ended) until every role ran again on a node heard from since. kill -9: the")
 	fmt.Fprintln(&b, "nodes in turn, each started again at once. PostgreSQL restart: stopped in immediate mode (no checkpoint,")
 	fmt.Fprintf(&b, "as a crash) for %s, the surrogates answering CE meanwhile. session terminated: pg_terminate_backend of\n", sc.outage)
@@ -265,6 +277,50 @@ func clusterEvidence(t *testing.T, f *faultWorld, ca int) {
 		return !document.querySelector('#cluster').hidden && live('gw-a') && live('gw-b') && roles.length === %d &&
 			roles.every((r) => r.children[2].textContent === 'yes');`, len(v.Roles)), 10*time.Second)
 	br.screenshot(filepath.Join(artifactDir(t), "dashboard-cluster.png"))
+}
+
+// mailedTwice opens every mail the SMTP server took for the lab, with the
+// lab's key, and returns how many control IDs it took more than one mail
+// for (the same message mailed again, under its Message-ID or another).
+func mailedTwice(t *testing.T, f *faultWorld, ca int) int {
+	t.Helper()
+	keys := keysForFaults(t)
+	lab, _, err := security.LoadPGPKeyFile(filepath.Join(keys, "lab", "private.asc"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hospital, _, err := security.LoadPGPKeyFile(filepath.Join(keys, "hospital", "public.asc"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring := security.PGPKeys{Self: openpgp.EntityList{lab}, Partners: openpgp.EntityList{hospital}}
+	seen := map[string]int{}
+	for _, m := range f.w.Taken() {
+		if m.To != "lab@partner.test" {
+			continue
+		}
+		o, err := security.PGPOpen(m.Data, ring, hospital, time.Now())
+		if err != nil {
+			continue // our receipts to the lab are not encrypted to it as HL7 is; they carry no control ID
+		}
+		payload, _, err := security.DecodeEDI(o.Entity, security.Accept{})
+		if err != nil {
+			continue
+		}
+		if h, err := hl7.ParseHeader(payload); err == nil {
+			seen[h.ControlID]++
+		}
+	}
+	twice := 0
+	for _, n := range seen {
+		if n > 1 {
+			twice++
+		}
+	}
+	if len(seen) != ca {
+		t.Errorf("the SMTP server took mails for %d control IDs, %d got CA", len(seen), ca)
+	}
+	return twice
 }
 
 // terminateRoles ends node's role session from the database's side and

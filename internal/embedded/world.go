@@ -32,9 +32,12 @@ type World struct {
 	taken []Taken
 }
 
-// Taken is one mail the SMTP server took: its first recipient and its
-// Message-ID.
-type Taken struct{ To, MessageID string }
+// Taken is one mail the SMTP server took: its first recipient, its
+// Message-ID and its bytes.
+type Taken struct {
+	To, MessageID string
+	Data          []byte
+}
 
 // NewWorld starts both servers on loopback with an account (password
 // "secret") for each address.
@@ -160,7 +163,7 @@ func (s *worldSession) Data(r io.Reader) error {
 	s.w.mu.Lock()
 	s.w.count++
 	if len(s.to) > 0 {
-		s.w.taken = append(s.w.taken, Taken{To: s.to[0], MessageID: id})
+		s.w.taken = append(s.w.taken, Taken{To: s.to[0], MessageID: id, Data: data})
 	}
 	if id != "" {
 		if s.w.ids == nil {
