@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/hl7"
