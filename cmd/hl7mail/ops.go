@@ -22,6 +22,8 @@ import (
 	"github.com/hl7mail/hl7mail/config"
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
+	"github.com/hl7mail/hl7mail/inbound"
+	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/link"
 	"github.com/hl7mail/hl7mail/store"
 )
@@ -424,14 +426,37 @@ func releaseStopped(cfg *config.Config, id int64, by, note string) (int64, error
 	if err != nil {
 		return 0, err
 	}
-	st, err := openStore(cfg, true)
+	st, _, closeStore, err := openInbound(cfg)
 	if err != nil {
 		return 0, err
 	}
-	defer st.Close()
+	defer closeStore()
 	r := gateway.NewReceiver(cfg, keys, st, nil, nil, nil)
 	res, err := r.Release(context.Background(), id, by, note)
 	return res.ID, err
+}
+
+// openInbound opens, for a command that takes mail in with the instance
+// stopped, where it goes: the embedded store and its incoming journal, or
+// a cluster's database (which any running node then serves from).
+func openInbound(cfg *config.Config) (inbound.Store, journal.Appender, func(), error) {
+	if cfg.Cluster != nil {
+		pg, err := openClusterStore(cfg)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return pg, pg.IncomingJournal(), func() { pg.Close() }, nil
+	}
+	st, err := openWritable(cfg)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	j, err := journal.Open(filepath.Join(cfg.StoreDir(), gateway.IncomingJournal))
+	if err != nil {
+		st.Close()
+		return nil, nil, nil, err
+	}
+	return st, j, func() { j.Close(); st.Close() }, nil
 }
 
 // dashboardURL is the address of cfg's dashboard page.

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -22,7 +21,6 @@ import (
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/gateway"
 	"github.com/hl7mail/hl7mail/inbound"
-	"github.com/hl7mail/hl7mail/journal"
 )
 
 // Exit codes of "hl7mail receive" (sysexits.h): an MTA retries on
@@ -183,7 +181,8 @@ func (a *instanceAPI) receive(raw []byte, size int64, to string) (dashboard.Rece
 
 // receiveStopped takes the mail in with the instance stopped: journalled
 // and stored (or quarantined) in its store; it goes to the router, and the
-// receipt to the partner, when "hl7mail serve" starts.
+// receipt to the partner, when "hl7mail serve" starts (on a node of a
+// cluster: in the cluster's database, served by the running nodes).
 func receiveStopped(cfg *config.Config, raw []byte, size int64, to string) (dashboard.ReceiveAnswer, error) {
 	var a dashboard.ReceiveAnswer
 	if err := cfg.CheckFiles(); err != nil {
@@ -193,16 +192,11 @@ func receiveStopped(cfg *config.Config, raw []byte, size int64, to string) (dash
 	if err != nil {
 		return a, err
 	}
-	st, err := openWritable(cfg)
+	st, j, closeStore, err := openInbound(cfg)
 	if err != nil {
 		return a, err
 	}
-	defer st.Close()
-	j, err := journal.Open(filepath.Join(cfg.StoreDir(), gateway.IncomingJournal))
-	if err != nil {
-		return a, err
-	}
-	defer j.Close()
+	defer closeStore()
 	r := gateway.NewReceiver(cfg, keys, st, j, nil, nil)
 	var res inbound.Result
 	if size > int64(cfg.IMAP.MaxMailSize) {
