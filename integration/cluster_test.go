@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/hl7"
+	"github.com/hl7mail/hl7mail/internal/embedded"
 	"github.com/hl7mail/hl7mail/internal/pgtest"
 	"github.com/hl7mail/hl7mail/journal"
 	"github.com/hl7mail/hl7mail/security"
@@ -239,6 +241,13 @@ func clusterEvidence(t *testing.T, f *faultWorld, ca int) {
 	if in, err := journal.Read(filepath.Join(dir, "incoming.mbox")); err != nil || len(in) == 0 {
 		t.Errorf("exported incoming journal: %d entries, %v", len(in), err)
 	}
+	// The listings read the cluster's database.
+	if out, code := b.run("messages", "-config", b.config, "-limit", "1000"); code != 0 || strings.Count(out, "Fnone-") < ca {
+		t.Errorf("messages on gw-b: exit %d, %d of the load's messages listed, want %d", code, strings.Count(out, "Fnone-"), ca)
+	}
+	if out, code := b.run("reports", "-config", b.config); code != 0 || !strings.Contains(out, "processed") {
+		t.Errorf("reports on gw-b: exit %d\n%s", code, out)
+	}
 	// One picture from either node: the status, /metrics.
 	for _, n := range f.nodes {
 		out, code := n.run("status", "-config", n.config)
@@ -277,6 +286,23 @@ func clusterEvidence(t *testing.T, f *faultWorld, ca int) {
 		return !document.querySelector('#cluster').hidden && live('gw-a') && live('gw-b') && roles.length === %d &&
 			roles.every((r) => r.children[2].textContent === 'yes');`, len(v.Roles)), 10*time.Second)
 	br.screenshot(filepath.Join(artifactDir(t), "dashboard-cluster.png"))
+
+	// Pipe mode with the node stopped: a mail the cluster took already is
+	// recognised from its database as a replay.
+	var again embedded.Taken
+	for _, m := range f.w.Taken() {
+		if m.To == "edi@hospital.test" && strings.Contains(string(m.Data), "application/pgp-encrypted") {
+			again = m
+			break
+		}
+	}
+	b.stop()
+	cmd := exec.Command(binary, "receive", "-config", b.config)
+	cmd.Stdin = bytes.NewReader(again.Data)
+	piped, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(piped), "quarantined: replay") {
+		t.Errorf("receive of a mail the cluster took, on stopped gw-b: %v, want it quarantined as a replay\n%s", err, piped)
+	}
 }
 
 // mailedTwice opens every mail the SMTP server took for the lab, with the

@@ -233,13 +233,16 @@ func (c *Coordinator) round(ctx context.Context) {
 	}
 	c.mu.Unlock()
 	for _, r := range gone {
+		if c.conn == nil {
+			return
+		}
 		// A role no more (a partner removed at a reload): stopped, and
 		// its lock freed.
 		c.release(ctx, r, "no such role any more")
 	}
 	for i, r := range roles {
-		if ctx.Err() != nil {
-			return
+		if ctx.Err() != nil || c.conn == nil {
+			return // closing, or the session was lost in this round
 		}
 		prefers := live[i%len(live)]
 		preferred := prefers == c.o.Node
@@ -259,7 +262,7 @@ func (c *Coordinator) round(ctx context.Context) {
 			c.claim(ctx, r, prefers)
 		}
 	}
-	if held := c.Held(); !slices.Equal(held, beat) {
+	if held := c.Held(); c.conn != nil && !slices.Equal(held, beat) {
 		// What runs now is told at once, not at the next heartbeat.
 		if err := c.exec(ctx, `UPDATE nodes SET running = $2 WHERE name = $1`, c.o.Node, held); err != nil {
 			c.lost(err)

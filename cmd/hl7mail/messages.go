@@ -67,12 +67,27 @@ whether or not hl7mail serve is running.`, stderr)
 	return 0
 }
 
+// listings is what messages and reports read of a store.
+type listings interface {
+	List(ctx context.Context, f store.Filter) ([]store.Message, error)
+	Reports(ctx context.Context, f store.ReportFilter) ([]store.Report, error)
+	Close() error
+}
+
 // readStore opens the store of the configuration at cfgPath read-only,
-// for command cmd: it works whether or not hl7mail serve is running.
-func readStore(cfgPath, cmd string) (*store.Store, error) {
+// for command cmd: it works whether or not hl7mail serve is running. On a
+// node of a cluster it is the cluster's database, whichever node wrote.
+func readStore(cfgPath, cmd string) (listings, error) {
 	cfg, err := config.Load(cfgPath)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Cluster != nil {
+		pg, err := openClusterStore(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("hl7mail %s: %w", cmd, err)
+		}
+		return pg, nil
 	}
 	if _, err := os.Stat(filepath.Join(cfg.StoreDir(), store.FileName)); err != nil {
 		return nil, fmt.Errorf("hl7mail %s: no store in %s (has hl7mail serve run?)", cmd, cfg.StoreDir())
