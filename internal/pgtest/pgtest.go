@@ -29,8 +29,9 @@ type Server struct {
 	Port int
 	dir  string
 	bin  string
-	opts string // the server's options, to start it again
-	cred *syscall.Credential
+	opts  string // the server's options, to start it again
+	cred  *syscall.Credential
+	watch *exec.Cmd // stops the server if the process that started it dies
 }
 
 // Bin returns the folder of Debian's PostgreSQL programs (the newest
@@ -91,6 +92,7 @@ func Start() (*Server, error) {
 		s.remove()
 		return nil, err
 	}
+	s.startWatch()
 	if out, err := s.run("createdb", "-h", "127.0.0.1", "-p", strconv.Itoa(port), "-U", "hl7mail", "hl7mail"); err != nil {
 		s.Stop()
 		return nil, fmt.Errorf("createdb: %v\n%s", err, out)
@@ -107,6 +109,25 @@ func (s *Server) run(prog string, args ...string) ([]byte, error) {
 	}
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	return cmd.CombinedOutput()
+}
+
+// watchScript waits for process $1 to end, then stops the server of
+// folder $2 at once (SIGQUIT: immediate shutdown) and removes the folder.
+const watchScript = `while kill -0 "$1" 2>/dev/null; do sleep 1; done
+pid=$(head -n 1 "$2/data/postmaster.pid" 2>/dev/null) && kill -QUIT "$pid" 2>/dev/null
+sleep 2
+rm -rf "$2"`
+
+// startWatch starts the watchdog: a test process that dies (a panic, a
+// timeout, kill -9) runs none of its cleanups, and would leave the server
+// running; the watchdog, in a session of its own, stops it once the
+// process is gone.
+func (s *Server) startWatch() {
+	w := exec.Command("/bin/sh", "-c", watchScript, "watch", strconv.Itoa(os.Getpid()), s.dir)
+	w.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if w.Start() == nil {
+		s.watch = w
+	}
 }
 
 // Halt stops the server at once, as a crash of its host would (immediate
@@ -134,6 +155,10 @@ func (s *Server) Resume() error {
 // Stop stops the server at once (no clean shutdown needed: the folder
 // goes) and removes its folder.
 func (s *Server) Stop() error {
+	if s.watch != nil {
+		s.watch.Process.Kill()
+		s.watch.Wait()
+	}
 	out, err := s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "-w", "stop")
 	s.remove()
 	if err != nil {
