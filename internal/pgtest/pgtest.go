@@ -25,10 +25,10 @@ import (
 
 // Server is a running throwaway PostgreSQL.
 type Server struct {
-	DSN  string // postgres://hl7mail@127.0.0.1:PORT/hl7mail?sslmode=disable
-	Port int
-	dir  string
-	bin  string
+	DSN   string // postgres://hl7mail@127.0.0.1:PORT/hl7mail?sslmode=disable
+	Port  int
+	dir   string
+	bin   string
 	opts  string // the server's options, to start it again
 	cred  *syscall.Credential
 	watch *exec.Cmd // stops the server if the process that started it dies
