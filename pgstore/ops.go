@@ -31,27 +31,8 @@ func micros(col string) string {
 
 // List returns the messages matching f, newest first, without payloads.
 func (s *Store) List(ctx context.Context, f store.Filter) ([]store.Message, error) {
-	var where []string
-	var args []any
-	for _, c := range []struct {
-		col string
-		val string
-	}{{"partner", f.Partner}, {"direction", string(f.Direction)}, {"state", string(f.State)}, {"control_id", f.ControlID}} {
-		if c.val != "" {
-			args = append(args, c.val)
-			where = append(where, fmt.Sprintf("%s = $%d", c.col, len(args)))
-		}
-	}
-	q := "SELECT " + messageColumns + " FROM messages"
-	if len(where) > 0 {
-		q += " WHERE " + strings.Join(where, " AND ")
-	}
-	limit := f.Limit
-	if limit <= 0 {
-		limit = 1000
-	}
-	args = append(args, limit)
-	return s.queryMessages(ctx, "list", q+fmt.Sprintf(" ORDER BY id DESC LIMIT $%d", len(args)), args...)
+	where, args := f.SQL(func(n int) string { return fmt.Sprintf("$%d", n) })
+	return s.queryMessages(ctx, "list", "SELECT "+messageColumns+" FROM messages"+where, args...)
 }
 
 // Search returns the newest messages whose control ID or Message-ID

@@ -22,12 +22,10 @@ type Filter struct {
 const messageColumns = `id, direction, partner, control_id, message_type, message_id, state,
 	duplicate_of, size, sha256, received, updated, mic, kind, in_reply_to, retried, recipient, receipt_note, answer_to`
 
-// List returns the messages matching f, newest first, without payloads.
-// It sees every message accepted before the call.
-func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
-	if err := s.waitIngested(ctx); err != nil {
-		return nil, err
-	}
+// SQL is f as the end of a query on messages (its conditions, newest
+// first, its limit) with their arguments; mark(n) is the placeholder of
+// the nth argument, from 1 ("?" for SQLite, "$n" for PostgreSQL).
+func (f Filter) SQL(mark func(n int) string) (string, []any) {
 	var where []string
 	var args []any
 	for _, c := range []struct {
@@ -35,21 +33,30 @@ func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
 		val string
 	}{{"partner", f.Partner}, {"direction", string(f.Direction)}, {"state", string(f.State)}, {"control_id", f.ControlID}} {
 		if c.val != "" {
-			where = append(where, c.col+" = ?")
 			args = append(args, c.val)
+			where = append(where, c.col+" = "+mark(len(args)))
 		}
 	}
-	q := "SELECT " + messageColumns + " FROM messages"
+	q := ""
 	if len(where) > 0 {
-		q += " WHERE " + strings.Join(where, " AND ")
+		q = " WHERE " + strings.Join(where, " AND ")
 	}
 	limit := f.Limit
 	if limit <= 0 {
 		limit = 1000
 	}
-	q += " ORDER BY id DESC LIMIT ?"
 	args = append(args, limit)
-	return s.queryMessages(ctx, "list", q, args...)
+	return q + " ORDER BY id DESC LIMIT " + mark(len(args)), args
+}
+
+// List returns the messages matching f, newest first, without payloads.
+// It sees every message accepted before the call.
+func (s *Store) List(ctx context.Context, f Filter) ([]Message, error) {
+	if err := s.waitIngested(ctx); err != nil {
+		return nil, err
+	}
+	where, args := f.SQL(func(int) string { return "?" })
+	return s.queryMessages(ctx, "list", "SELECT "+messageColumns+" FROM messages"+where, args...)
 }
 
 // queryMessages runs a query selecting messageColumns and scans the rows.
