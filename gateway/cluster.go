@@ -25,6 +25,7 @@ import (
 // clusterNode is what a node of a cluster adds to an instance.
 type clusterNode struct {
 	name  string
+	dsn   string // read once, at openCluster
 	lease time.Duration
 	co    *roles.Coordinator
 	lock  *os.File   // the node's own folder, one process at a time
@@ -60,7 +61,7 @@ func (g *Gateway) openCluster(ctx context.Context, cfg *config.Config) error {
 	if lease == 0 {
 		lease = DefaultLease
 	}
-	g.cluster = &clusterNode{name: cfg.Cluster.Node, lease: lease, lock: lock, pg: pg, log: g.log.With("component", "roles")}
+	g.cluster = &clusterNode{name: cfg.Cluster.Node, dsn: dsn, lease: lease, lock: lock, pg: pg, log: g.log.With("component", "roles")}
 	g.store = pg
 	g.outgoing, g.incoming = pg.OutgoingJournal(), pg.IncomingJournal()
 	return nil
@@ -68,9 +69,9 @@ func (g *Gateway) openCluster(ctx context.Context, cfg *config.Config) error {
 
 // startRoles starts claiming roles for the node: from here on the node
 // runs those it holds.
-func (g *Gateway) startRoles(dsn string) error {
+func (g *Gateway) startRoles() error {
 	c := g.cluster
-	co, err := roles.Start(roles.Options{DSN: dsn, Node: c.name, Lease: c.lease, Roles: g.side().roleNames(),
+	co, err := roles.Start(roles.Options{DSN: c.dsn, Node: c.name, Lease: c.lease, Roles: g.side().roleNames(),
 		Logger: c.log,
 		Gain: func(r string) {
 			c.mu.Lock()

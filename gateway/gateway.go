@@ -187,8 +187,7 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 		}
 		sd.start(nil)
 	} else {
-		dsn, _ := cfg.DSN() // read at openCluster
-		if err := g.startRoles(dsn); err != nil {
+		if err := g.startRoles(); err != nil {
 			return failed(err)
 		}
 	}
