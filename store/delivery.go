@@ -223,7 +223,7 @@ func expectOne(id int64) func(sql.Result, error) error {
 func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now time.Time) (Message, error) {
 	var id, next int64
 	err := s.q.QueryRowContext(ctx, `SELECT id, next_attempt FROM messages WHERE partner = ? AND state = 'queued'
-		AND direction = ? ORDER BY id LIMIT 1`, partner, d).Scan(&id, &next)
+		AND `+directionIs(d)+` ORDER BY id LIMIT 1`, partner).Scan(&id, &next)
 	if errors.Is(err, sql.ErrNoRows) || err == nil && next > now.UnixMicro() {
 		return Message{}, ErrNotFound
 	}
@@ -241,7 +241,7 @@ func (s *Store) NextQueued(ctx context.Context, partner string, d Direction, now
 func (s *Store) QueuedAfter(ctx context.Context, partner string, d Direction, now time.Time, after int64,
 	limit int) ([]Message, error) {
 	rows, err := s.q.QueryContext(ctx, "SELECT "+messageColumns+`, payload, next_attempt FROM messages
-		WHERE partner = ? AND state = 'queued' AND direction = ? AND id > ? ORDER BY id LIMIT ?`, partner, d, after, limit)
+		WHERE partner = ? AND state = 'queued' AND `+directionIs(d)+` AND id > ? ORDER BY id LIMIT ?`, partner, after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: queued: %w", err)
 	}
@@ -583,6 +583,6 @@ func (s *Store) Stuck(ctx context.Context, partner string, d Direction, cutoff t
 	if err := s.waitIngested(ctx); err != nil {
 		return nil, err
 	}
-	return s.queryMessages(ctx, "stuck", "SELECT "+messageColumns+` FROM messages WHERE partner = ? AND direction = ?
-		AND state = 'queued' AND received < ? ORDER BY id LIMIT 100`, partner, d, cutoff.UnixMicro())
+	return s.queryMessages(ctx, "stuck", "SELECT "+messageColumns+` FROM messages WHERE partner = ? AND `+directionIs(d)+`
+		AND state = 'queued' AND received < ? ORDER BY id LIMIT 100`, partner, cutoff.UnixMicro())
 }

@@ -229,7 +229,8 @@ func (s *Store) waitIngestedUpTo(ctx context.Context, target int64) error {
 }
 
 const (
-	findOriginal = `SELECT id FROM messages WHERE partner = ? AND direction = ? AND control_id = ?
+	// findOriginal takes the direction's condition (directionIs).
+	findOriginal = `SELECT id FROM messages WHERE partner = ? AND %s AND control_id = ?
 		AND sha256 = ? AND duplicate_of IS NULL ORDER BY id LIMIT 1`
 	insertMessage = `INSERT INTO messages (id, direction, partner, control_id, message_type, state, duplicate_of,
 		size, sha256, payload, received, updated, message_id, mic, kind, in_reply_to, recipient, receipt_note, answer_to)
@@ -258,7 +259,11 @@ func (s *Store) insert(recs []spool.Record) (err error) {
 	for _, r := range recs {
 		var orig int64
 		m := &r.Msg
-		err := st.find.QueryRowContext(ctx, m.Partner, m.Direction, m.ControlID, r.Hash[:]).Scan(&orig)
+		find := st.findOut
+		if m.Direction == Inbound {
+			find = st.findIn
+		}
+		err := find.QueryRowContext(ctx, m.Partner, m.ControlID, r.Hash[:]).Scan(&orig)
 		if err != nil && !errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("store: look up duplicate: %w", err)
 		}

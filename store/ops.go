@@ -180,8 +180,8 @@ func (s *Store) RetryAll(ctx context.Context, partner string) (map[string]int, e
 // What held them was mended (a mail server back, a new configuration).
 func (s *Store) Reschedule(ctx context.Context, d Direction, partner string) error {
 	return s.update(ctx, 0, func(tx *sql.Tx, now int64) error {
-		_, err := tx.ExecContext(ctx, `UPDATE messages SET next_attempt = 0 WHERE state = 'queued' AND direction = ?
-			AND next_attempt > 0 AND (? = '' OR partner = ?)`, d, partner, partner)
+		_, err := tx.ExecContext(ctx, `UPDATE messages SET next_attempt = 0 WHERE state = 'queued' AND `+directionIs(d)+`
+			AND next_attempt > 0 AND (? = '' OR partner = ?)`, partner, partner)
 		if err != nil {
 			return fmt.Errorf("store: reschedule: %w", err)
 		}
@@ -417,7 +417,7 @@ type QueuedMessage struct {
 // NextQueued, it reads the database as it is.
 func (s *Store) QueuedHeads(ctx context.Context, partner string, d Direction, limit int) ([]QueuedMessage, error) {
 	rows, err := s.q.QueryContext(ctx, "SELECT "+messageColumns+`, next_attempt FROM messages
-		WHERE partner = ? AND direction = ? AND state = 'queued' ORDER BY id LIMIT ?`, partner, d, limit)
+		WHERE partner = ? AND `+directionIs(d)+` AND state = 'queued' ORDER BY id LIMIT ?`, partner, limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: queued list: %w", err)
 	}

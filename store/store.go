@@ -78,14 +78,16 @@ type Store struct {
 // statements rather than database/sql's Tx, which would prepare every
 // statement again.
 type writerStmts struct {
-	begin, find, insert, commit, rollback *sql.Stmt
+	begin, insert, commit, rollback *sql.Stmt
+	findIn, findOut                 *sql.Stmt // findOriginal for each direction
 }
 
 func (w *writerStmts) prepare(ctx context.Context, c *sql.Conn) error {
 	for _, p := range []struct {
 		dst   **sql.Stmt
 		query string
-	}{{&w.begin, "BEGIN IMMEDIATE"}, {&w.find, findOriginal}, {&w.insert, insertMessage},
+	}{{&w.begin, "BEGIN IMMEDIATE"}, {&w.findIn, fmt.Sprintf(findOriginal, directionIs(Inbound))},
+		{&w.findOut, fmt.Sprintf(findOriginal, directionIs(Outbound))}, {&w.insert, insertMessage},
 		{&w.commit, "COMMIT"}, {&w.rollback, "ROLLBACK"}} {
 		st, err := c.PrepareContext(ctx, p.query)
 		if err != nil {
@@ -97,7 +99,7 @@ func (w *writerStmts) prepare(ctx context.Context, c *sql.Conn) error {
 }
 
 func (w *writerStmts) close() {
-	for _, st := range []*sql.Stmt{w.begin, w.find, w.insert, w.commit, w.rollback} {
+	for _, st := range []*sql.Stmt{w.begin, w.findIn, w.findOut, w.insert, w.commit, w.rollback} {
 		if st != nil {
 			st.Close()
 		}

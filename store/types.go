@@ -127,3 +127,19 @@ type Options struct {
 
 	segmentSize int64 // spool log segment size (tests)
 }
+
+// directionIs is the SQL condition that a message goes in direction d,
+// with d written in, not bound. Bound, it would make SQLite plan the
+// statement again at every run: a plan that may use a partial index (those
+// on direction) depends on the value, so SQLite marks the statement to be
+// prepared again whenever that parameter is bound. An unknown direction
+// matches nothing.
+func directionIs(d Direction) string {
+	switch d {
+	case Inbound:
+		return "direction = 'in'"
+	case Outbound:
+		return "direction = 'out'"
+	}
+	return "0"
+}
