@@ -23,11 +23,7 @@ func (s *SMTPSubmitter) Probe(ctx context.Context, timeout time.Duration) (Offer
 		return Offer{}, fmt.Errorf("smtp %s: %s: %w", s.Addr, stage, err)
 	}
 	defer release()
-	defer c.Close()
-	_, encrypted := c.TLSConnectionState()
-	o := Offer{TLS: encrypted}
-	o.Auth, _ = c.Extension("AUTH")
-	o.RequireTLS, _ = c.Extension("REQUIRETLS")
-	c.Quit()
+	o := Offer{TLS: c.tls, Auth: c.offers("AUTH"), RequireTLS: c.offers("REQUIRETLS")}
+	c.quit(timeout)
 	return o, nil
 }

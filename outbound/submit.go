@@ -98,15 +98,14 @@ func (s *SMTPSubmitter) Open(ctx context.Context) (Session, error) {
 	session := func(stage string, err error) error {
 		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: stage, Err: err})
 	}
-	timeout := s.timeout()
-	c, conn, stage, release, err := s.open(ctx, timeout)
+	c, conn, stage, release, err := s.open(ctx, s.timeout())
 	if err != nil {
 		return nil, session(stage, err)
 	}
 	defer release()
 	if s.Username != "" {
-		if err := c.Auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
-			c.Close()
+		if err := c.auth(sasl.NewPlainClient("", s.Username, s.Password)); err != nil {
+			conn.Close()
 			return nil, session("auth", err)
 		}
 	}
@@ -123,8 +122,8 @@ func (s *SMTPSubmitter) timeout() time.Duration {
 // smtpSession is an SMTPSubmitter's open session.
 type smtpSession struct {
 	s    *SMTPSubmitter
-	c    *smtp.Client
-	conn net.Conn
+	c    *client
+	conn net.Conn // the TCP connection under c
 }
 
 // Submit sends one mail. When ctx ends the connection is closed, whatever
@@ -132,98 +131,84 @@ type smtpSession struct {
 // (the mail is sent again at start, and the partner's replay check absorbs
 // a copy that arrived).
 func (x *smtpSession) Submit(ctx context.Context, from string, to []string, m []byte, opts SubmitOptions) error {
-	s, c := x.s, x.c
+	s := x.s
 	if opts.RequireTLS && s.TLS == config.NoTLS {
 		return fmt.Errorf("smtp %s: %w: the server is reached without TLS (smtp.tls: none)", s.Addr, ErrTLSRequired)
 	}
+	if opts.RequireTLS && !x.c.offers("REQUIRETLS") {
+		return fmt.Errorf("smtp %s: %w: the server does not offer REQUIRETLS", s.Addr, ErrTLSRequired)
+	}
 	defer context.AfterFunc(ctx, func() { x.conn.Close() })()
-	mailOpts := &smtp.MailOptions{RequireTLS: opts.RequireTLS}
-	var rcptOpts *smtp.RcptOptions
-	if opts.EnvelopeID != "" {
-		// go-smtp sends these only to a server that offers DSN.
-		mailOpts.EnvelopeID, mailOpts.Return = opts.EnvelopeID, smtp.DSNReturnHeaders
-		rcptOpts = &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed}}
+	err := x.c.send(from, to, m, opts)
+	var te *transactionError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &te) && te.Command == "MAIL FROM":
+		// Refused before the message was named: about the server or our
+		// account, not the message.
+		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: "mail", Err: te.Err})
+	case errors.As(err, &te):
+		return fmt.Errorf("smtp %s: %s: %w", s.Addr, te.Command, te.Err)
 	}
-	if err := c.Mail(from, mailOpts); err != nil {
-		if opts.RequireTLS && !isSMTPError(err) {
-			// go-smtp refuses before sending when REQUIRETLS is not offered.
-			return fmt.Errorf("smtp %s: %w: %v", s.Addr, ErrTLSRequired, err)
-		}
-		return fmt.Errorf("smtp %s: %w", s.Addr, &SessionError{Stage: "mail", Err: err})
-	}
-	for _, rcpt := range to {
-		if err := c.Rcpt(rcpt, rcptOpts); err != nil {
-			return fmt.Errorf("smtp %s: RCPT TO: %w", s.Addr, err)
-		}
-	}
-	w, err := c.Data()
-	if err != nil {
-		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
-	}
-	if _, err := w.Write(m); err != nil {
-		w.Close()
-		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
-	}
-	if err := w.Close(); err != nil {
-		return fmt.Errorf("smtp %s: DATA: %w", s.Addr, err)
-	}
-	return nil
+	return fmt.Errorf("smtp %s: %w", s.Addr, err)
 }
 
 // Close says QUIT, waiting at most 10 seconds for the answer, and closes
 // the connection.
-func (x *smtpSession) Close() error {
-	x.c.CommandTimeout = min(x.c.CommandTimeout, 10*time.Second)
-	if err := x.c.Quit(); err != nil {
-		x.c.Close()
-		return err
-	}
-	return nil
-}
+func (x *smtpSession) Close() error { return x.c.quit(10 * time.Second) }
 
 // Abandon closes the connection without a word.
-func (x *smtpSession) Abandon() { x.c.Close() }
+func (x *smtpSession) Abandon() { x.conn.Close() }
 
-// open connects to the server and says EHLO, over TLS as s.TLS says; each
-// step is bounded by timeout. It returns the client, the connection under
-// it, and on error the stage that failed (connect, starttls, hello). When
-// ctx ends before release is called, the connection is closed.
-func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smtp.Client, conn net.Conn, stage string,
+// open connects to the server, reads its greeting and says EHLO, over TLS
+// as s.TLS says; each step is bounded by timeout. It returns the client,
+// the TCP connection under it, and on error the stage that failed
+// (connect, starttls, hello). When ctx ends before release is called, the
+// connection is closed.
+func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *client, conn net.Conn, stage string,
 	release func(), err error) {
 	d := net.Dialer{Timeout: min(timeout, 30*time.Second)}
-	conn, err = d.DialContext(ctx, "tcp", s.Addr)
+	raw, err := d.DialContext(ctx, "tcp", s.Addr)
 	if err != nil {
 		return nil, nil, "connect", nil, err
 	}
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	release = func() { stop() }
 	defer func() {
 		if err != nil {
 			stop()
+			raw.Close()
 		}
 	}()
+	conn = raw
 	tlsConfig := s.TLSConfig
 	if tlsConfig == nil {
 		host, _, _ := net.SplitHostPort(s.Addr)
 		tlsConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	}
-	// The greeting, EHLO and STARTTLS are bounded by the whole timeout;
-	// go-smtp then sets a deadline of its own for each command.
-	conn.SetDeadline(time.Now().Add(timeout))
 	switch s.TLS {
-	case config.ImplicitTLS:
-		c = smtp.NewClient(tls.Client(conn, tlsConfig))
-	case config.NoTLS:
-		c = smtp.NewClient(conn)
+	case config.ImplicitTLS, config.NoTLS:
+		if s.TLS == config.ImplicitTLS {
+			c = newClient(tls.Client(conn, tlsConfig), true, timeout)
+		} else {
+			c = newClient(conn, false, timeout)
+		}
+		if err = c.greet(); err != nil {
+			return nil, nil, "hello", nil, err
+		}
 	default:
-		if c, err = smtp.NewClientStartTLS(conn, tlsConfig); err != nil {
-			conn.Close()
+		c = newClient(conn, false, timeout)
+		if err = c.greet(); err == nil {
+			if err = c.hello(); err == nil {
+				err = c.startTLS(tlsConfig)
+			}
+		}
+		if err != nil {
 			return nil, nil, "starttls", nil, err
 		}
 	}
-	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
-	if err = c.Hello("localhost"); err != nil {
-		c.Close()
+	if err = c.hello(); err != nil {
 		return nil, nil, "hello", nil, err
 	}
 	return c, conn, "", release, nil
@@ -233,8 +218,7 @@ func (s *SMTPSubmitter) open(ctx context.Context, timeout time.Duration) (c *smt
 // at most mails mails on one session, none on a session idle for longer
 // than idle (servers close idle sessions: Postfix after 300 s). A failed
 // transaction ends its session, and the next mail starts on a new one in a
-// clean state. (RSET would do, but go-smtp's Reset greets again with EHLO,
-// which some servers take as the end of the login.)
+// clean state.
 type sessionHolder struct {
 	mu    sync.Mutex
 	sess  Session

@@ -26,7 +26,7 @@ func TestSubmitStartTLSAuth(t *testing.T) {
 	}
 	defer srv.Close()
 	ctx := context.Background()
-	mail := []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubject: x\r\n\r\nbody\r\n")
+	mail := []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubject: x\r\n\r\n.a line with a dot\r\nbody\r\n")
 	good := &SMTPSubmitter{Addr: addr, TLS: "starttls", TLSConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
 		Username: "edi@hospital.test", Password: "s3cret"}
 	if err := good.Submit(ctx, "edi@hospital.test", []string{"lab@partner.test"}, mail, SubmitOptions{}); err != nil {
