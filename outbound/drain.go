@@ -26,13 +26,14 @@ import (
 //     group composed, journalled with one sync, prepared (Message-ID,
 //     awaited receipt, journal index) in one commit, submitted one after
 //     another on the partner's SMTP session, and marked sent in one commit.
+//     While a group is on the session, the next one is prepared.
 //
 // Nothing sealed ahead is kept: a mail not submitted when the pipeline
 // stops (a failure, a retry, a shutdown) is sealed again at its next
-// attempt, under the Message-ID its preparation recorded. A crash between
-// a group's submission and its commit sends that group's accepted mails
-// again at the next start (same Message-IDs, absorbed by the partner's
-// replay check): that is the window, at most Group mails.
+// attempt, under the Message-ID its preparation recorded. A crash after the
+// server took a mail and before its group's commit sends it again at the
+// next start (same Message-ID, absorbed by the partner's replay check):
+// that is the window, at most Group mails.
 
 // sealJob is one message sealed ahead.
 type sealJob struct {
@@ -166,7 +167,12 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 		// queue waiting out an outage costs one mail an attempt.
 		j := &sealJob{p: w.p, m: head, now: w.s.o.Now()}
 		j.sealed, j.mic, j.err = Seal(w.s.o.Keys, w.p, head.Payload, head.Kind, j.now)
-		if !w.group(rctx, ctx.Done(), []*sealJob{j}) || ctx.Err() != nil {
+		out, goOn := w.prepareGroup(rctx, []*sealJob{j})
+		if len(out) > 0 {
+			took, ok := w.submitGroup(rctx, out, func() {})
+			goOn = w.record(rctx, ctx.Done(), took) && ok && goOn
+		}
+		if !goOn || ctx.Err() != nil {
 			return false
 		}
 		after = head.ID
@@ -175,19 +181,73 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 	defer stop()
 	jobs := make(chan *sealJob, w.s.o.Window)
 	go w.readAhead(ahead, after, jobs)
-	var carry *sealJob
-	for {
-		group, more := w.ready(jobs, &carry)
-		if len(group) == 0 {
-			return true
+	// The next group is journalled and prepared while this one is on the
+	// session, so that its syncs cost no submission time. A group is
+	// recorded as sent before the next one goes: a kill sends again at
+	// most the group on the session.
+	var once sync.Once
+	flowing := make(chan struct{})
+	prepared, prepOK := w.preparer(ctx, ahead, jobs, flowing)
+	goOn := true
+	for out := range prepared {
+		if !goOn || ctx.Err() != nil {
+			stop() // the preparer stops at its next group
+			continue
 		}
-		if !w.group(rctx, ctx.Done(), group) {
-			return false
-		}
-		if !more || ctx.Err() != nil {
-			return ctx.Err() == nil
+		took, ok := w.submitGroup(rctx, out, func() { once.Do(func() { close(flowing) }) })
+		if !w.record(rctx, ctx.Done(), took) || !ok {
+			goOn = false
+			stop()
 		}
 	}
+	return goOn && prepOK() && ctx.Err() == nil
+}
+
+// preparer takes the sealed jobs in groups (ready), composes and prepares
+// each (prepareGroup) and hands it on prepared, which it closes at the end
+// of the queue, on a failure or when ahead ends. A group prepared but not
+// submitted (the session failed, a shutdown) is as a mail the server
+// refused for now: it goes at the next attempt under the Message-ID
+// recorded. After the first group it waits for flowing, closed once the
+// session took a mail: a queue waiting out an outage journals one group an
+// attempt, not two. ok, called once prepared is closed, says whether the
+// queue may go on.
+func (w *partnerSender) preparer(ctx, ahead context.Context, jobs <-chan *sealJob, flowing <-chan struct{}) (
+	prepared <-chan []outgoing, ok func() bool) {
+	rctx := context.WithoutCancel(ctx)
+	out := make(chan []outgoing)
+	var goOn bool
+	go func() {
+		defer close(out)
+		var carry *sealJob
+		for n := 0; ; n++ {
+			if n > 0 {
+				select {
+				case <-flowing:
+				case <-ahead.Done():
+					return
+				}
+			}
+			group, more := w.ready(jobs, &carry)
+			if len(group) == 0 {
+				goOn = true
+				return
+			}
+			ready, fine := w.prepareGroup(rctx, group)
+			if len(ready) > 0 {
+				select {
+				case out <- ready:
+				case <-ahead.Done():
+					return
+				}
+			}
+			if !fine || !more || ctx.Err() != nil {
+				goOn = fine && ctx.Err() == nil
+				return
+			}
+		}
+	}()
+	return out, func() bool { return goOn }
 }
 
 // readAhead hands jobs, in accepted order, the queued messages after the
@@ -259,20 +319,21 @@ collect:
 // outgoing is a sealed message composed as the mail to submit.
 type outgoing struct {
 	m     store.Message
+	from  string
 	msgID string
 	mail  []byte
 	mic   security.MIC
 	log   *slog.Logger
 }
 
-// group takes a group of sealed messages through, in order; it reports
-// whether the queue may go on.
-func (w *partnerSender) group(ctx context.Context, stop <-chan struct{}, group []*sealJob) bool {
+// prepareGroup composes a group of sealed messages, in order, and prepares
+// those it may send (prepare); goOn says whether the queue may go on after
+// them. A message expired or failed on the way is settled here.
+func (w *partnerSender) prepareGroup(ctx context.Context, group []*sealJob) (out []outgoing, goOn bool) {
 	s, p := w.s, w.p
 	from := s.o.Config.FromFor(p) // the local address this partner talks to
 	now := s.o.Now()
-	var out []outgoing
-	goOn := true
+	goOn = true
 	for _, j := range group {
 		m := j.m
 		log := s.log.With("partner", p.Name, "id", m.ID, "control_id", m.ControlID)
@@ -295,29 +356,47 @@ func (w *partnerSender) group(ctx context.Context, stop <-chan struct{}, group [
 			goOn = false
 			break
 		}
-		out = append(out, outgoing{m: m, msgID: msgID, mail: mail, mic: j.mic, log: log})
+		out = append(out, outgoing{m: m, from: from, msgID: msgID, mail: mail, mic: j.mic, log: log})
 	}
 	if len(out) == 0 {
-		return goOn
+		return nil, goOn
 	}
 	if !w.prepare(ctx, from, now, out) {
-		return false
+		return nil, false
 	}
-	var sent []int64
-	var took []outgoing
+	return out, goOn
+}
+
+// submitGroup submits a prepared group on the partner's session, in order,
+// until one fails; it returns those the server took, and whether the queue
+// may go on after the one that failed. flowing is called after each mail
+// the server took.
+func (w *partnerSender) submitGroup(ctx context.Context, out []outgoing, flowing func()) (took []outgoing, goOn bool) {
 	for _, o := range out {
-		ok, goOnAfter := w.submit(ctx, from, o)
+		ok, goOnAfter := w.submit(ctx, o)
 		if ok {
-			sent, took = append(sent, o.m.ID), append(took, o)
+			took = append(took, o)
+			flowing()
 			continue
 		}
 		if !goOnAfter {
-			goOn = false
-			break
+			return took, false
 		}
 	}
-	if len(sent) == 0 {
-		return goOn
+	return took, true
+}
+
+// record marks the mails the server took as sent, in one commit, waiting
+// out a store that cannot write (partnerq.Record); it reports whether the
+// queue may go on.
+func (w *partnerSender) record(ctx context.Context, stop <-chan struct{}, took []outgoing) bool {
+	s, p := w.s, w.p
+	if len(took) == 0 {
+		return true
+	}
+	sent := make([]int64, len(took))
+	for i, o := range took {
+		sent[i] = o.m.ID
 	}
 	if err := partnerq.Record(stop, s.log.With("partner", p.Name), "mails submitted, not yet recorded as sent",
 		func() error { return s.o.Store.MarkSentAll(ctx, sent) }); err != nil {
@@ -330,7 +409,7 @@ func (w *partnerSender) group(ctx context.Context, stop <-chan struct{}, group [
 		o.log.Info("mail submitted", "message_id", o.msgID, "mic", o.mic.String())
 	}
 	s.submitted(ctx, p)
-	return goOn
+	return true
 }
 
 // prepare journals the group's mails with one sync and records their
@@ -367,13 +446,13 @@ func (w *partnerSender) prepare(ctx context.Context, from string, now time.Time,
 // submit sends one mail on the partner's session: ok when the server took
 // it; else the failure is recorded (submitFailed) and goOn says whether
 // the mails after it may still go.
-func (w *partnerSender) submit(ctx context.Context, from string, o outgoing) (ok, goOn bool) {
+func (w *partnerSender) submit(ctx context.Context, o outgoing) (ok, goOn bool) {
 	s, p := w.s, w.p
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(s.o.Abort, cancel)()
 	opts := SubmitOptions{RequireTLS: p.RequireTLS, EnvelopeID: strings.Trim(o.msgID, "<>")}
-	err := w.sess.submit(sctx, s.o.Submitter, s.o.SessionMails, s.o.SessionIdle, from, []string{p.Email}, o.mail, opts)
+	err := w.sess.submit(sctx, s.o.Submitter, s.o.SessionMails, s.o.SessionIdle, o.from, []string{p.Email}, o.mail, opts)
 	switch {
 	case err == nil:
 		return true, true
