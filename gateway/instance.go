@@ -12,6 +12,7 @@ import (
 	"github.com/hl7mail/hl7mail/dashboard"
 	"github.com/hl7mail/hl7mail/inbound"
 	"github.com/hl7mail/hl7mail/link"
+	"github.com/hl7mail/hl7mail/security"
 	"github.com/hl7mail/hl7mail/store"
 )
 
@@ -28,6 +29,17 @@ func (g *Gateway) DashboardURL() string {
 
 // Config returns the configuration in use.
 func (g *Gateway) Config() *config.Config { return g.side().cfg }
+
+// Suite is the security suite the instance seals to and opens from
+// partner with, with the keys in use (the bench measures with it).
+func (g *Gateway) Suite(partner string) (security.Suite, error) {
+	s := g.side()
+	p := s.cfg.Partner(partner)
+	if p == nil {
+		return nil, fmt.Errorf("no partner %q", partner)
+	}
+	return s.keys.Suite(string(p.Security), p.Name, string(p.KeyTransport)), nil
+}
 
 // Connections returns the number of open router connections to partner's
 // surrogate.

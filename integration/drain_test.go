@@ -119,7 +119,7 @@ func TestKillMidDrain(t *testing.T) {
 // both.
 func TestBenchRealMail(t *testing.T) {
 	requireMailServers(t)
-	cmd := exec.Command(binary, "bench", "-what", "e2e", "-real", "-burst", "40", "-latency", "6")
+	cmd := exec.Command(binary, "bench", "-what", "e2e", "-real", "-burst", "40", "-latency", "6", "-crypto-for", "300ms")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("bench -real: %v\n%s", err, out)
@@ -132,5 +132,8 @@ func TestBenchRealMail(t *testing.T) {
 	}
 	if strings.Count(text, "target: median under 1s: met") != 2 {
 		t.Errorf("a median leg over 1s:\n%s", text)
+	}
+	if n := len(regexp.MustCompile(`(?m)^  the crypto of a round trip alone \(two seals, two opens\), on all \d+ cores: \d+ round trips/s; the burst is [0-9.]+x of it$`).FindAllString(text, -1)); n != 2 {
+		t.Errorf("%d crypto bounds, want one for each mail system:\n%s", n, text)
 	}
 }

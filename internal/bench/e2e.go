@@ -7,12 +7,14 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hl7mail/hl7mail/hl7"
 	"github.com/hl7mail/hl7mail/internal/demo"
 	"github.com/hl7mail/hl7mail/mllp"
+	"github.com/hl7mail/hl7mail/security"
 )
 
 // E2EResult is the end-to-end run: latency, measured with one message in
@@ -29,6 +31,10 @@ type E2EResult struct {
 	// BurstCPU is the processor time the process (all three sites) used
 	// during the burst: with BurstElapsed, how busy the cores were.
 	BurstCPU time.Duration
+	// CryptoPerSecond is the bound the crypto sets: round trips a second
+	// when every core does nothing but a round trip's sealing and opening
+	// (cryptoBound), measured in the same run with the sites' keys.
+	CryptoPerSecond float64
 }
 
 // processCPU is the processor time this process used so far.
@@ -44,13 +50,13 @@ func processCPU() time.Duration {
 // (IMAP with IDLE), alternating between the lab (PGP) and the clinic
 // (S/MIME): first latency messages one at a time, then msgs all at once.
 func E2E(ctx context.Context, dir string, msgs [][]byte, latency int, timeout time.Duration) (E2EResult, error) {
-	return E2EOn(ctx, dir, msgs, latency, len(msgs), timeout, nil)
+	return E2EOn(ctx, dir, msgs, latency, len(msgs), timeout, 5*time.Second, nil)
 }
 
 // E2EOn is E2E with burst messages in the burst, over the mail system ms
 // when it is not nil (a real Postfix and Dovecot) instead of the embedded
 // one.
-func E2EOn(ctx context.Context, dir string, msgs [][]byte, latency, burst int, timeout time.Duration,
+func E2EOn(ctx context.Context, dir string, msgs [][]byte, latency, burst int, timeout, cryptoFor time.Duration,
 	ms *demo.MailSystem) (E2EResult, error) {
 	var env *demo.Env
 	var err error
@@ -141,7 +147,75 @@ func E2EOn(ctx context.Context, dir string, msgs [][]byte, latency, burst int, t
 	res.BurstMessages, res.BurstElapsed = len(batch), time.Since(start)
 	res.BurstCPU = processCPU() - cpu0
 	res.PerSecond = float64(len(batch)) / res.BurstElapsed.Seconds()
+	if res.CryptoPerSecond, err = cryptoBound(env, msgs, cryptoFor); err != nil {
+		return res, err
+	}
 	return res, nil
+}
+
+// cryptoBound is how many round trips a second the crypto alone allows on
+// every core: for the lab (PGP) and the clinic (S/MIME) in turn, as the
+// burst alternates, the hospital seals a message, the partner opens it and
+// seals its answer (here the same message: a bundle of response and MDN is
+// of the same order), and the hospital opens that. Each seal signs and
+// encrypts, each open decrypts and verifies, with the sites' own keys.
+func cryptoBound(env *demo.Env, msgs [][]byte, d time.Duration) (float64, error) {
+	type leg struct{ out, back security.Suite }
+	var legs []leg
+	for _, p := range []*demo.Site{env.Lab, env.Clinic} {
+		out, err := env.Hospital.Gateway.Suite(p.Name())
+		if err != nil {
+			return 0, err
+		}
+		back, err := p.Gateway.Suite("hospital")
+		if err != nil {
+			return 0, err
+		}
+		legs = append(legs, leg{out, back})
+	}
+	roundTrip := func(l leg, m []byte) error {
+		now := time.Now()
+		for _, s := range [][2]security.Suite{{l.out, l.back}, {l.back, l.out}} {
+			edi, err := security.EncodeEDI(m, security.EDIOptions{})
+			if err != nil {
+				return err
+			}
+			sealed, _, err := s[0].Seal(edi, now)
+			if err != nil {
+				return err
+			}
+			if _, err := s[1].Open(sealed, now); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	// The round trips are taken in turn from one count, so that the lab
+	// and the clinic get as many each, however long each takes.
+	var next, done atomic.Int64
+	var firstErr atomic.Pointer[error]
+	var wg sync.WaitGroup
+	start := time.Now()
+	stop := start.Add(d)
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				i := int(next.Add(1))
+				if err := roundTrip(legs[i%2], msgs[i%len(msgs)]); err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if e := firstErr.Load(); e != nil {
+		return 0, fmt.Errorf("crypto bound: %w", *e)
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
 }
 
 // legs pairs, for the messages in sent, the send time with the arrival at
@@ -190,5 +264,9 @@ func PrintE2E(w io.Writer, r E2EResult) {
 		fmt.Fprintf(w, "  processor time during the burst: %s, %.2f of the %d cores busy, %.1f ms a round trip (the three sites in one process)\n",
 			r.BurstCPU.Round(10*time.Millisecond), r.BurstCPU.Seconds()/r.BurstElapsed.Seconds(), runtime.NumCPU(),
 			r.BurstCPU.Seconds()*1000/float64(r.BurstMessages))
+	}
+	if r.CryptoPerSecond > 0 {
+		fmt.Fprintf(w, "  the crypto of a round trip alone (two seals, two opens), on all %d cores: %.0f round trips/s; the burst is %.2fx of it\n",
+			runtime.GOMAXPROCS(0), r.CryptoPerSecond, r.PerSecond/r.CryptoPerSecond)
 	}
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,25 +25,31 @@ import (
 
 // OutboundResult is how fast one partner's queue drained into an SMTP
 // sink, beside how fast this machine seals for that partner's suite on
-// all cores (the bound the sender could reach).
+// all cores (the bound the sender could reach), over rounds: each round
+// queues, drains, then seals alone. The figures are the medians of the
+// rounds; the ratio's spread is its lowest and highest.
 type OutboundResult struct {
 	Partner, Suite string
 	Messages       int
-	Drain          time.Duration // from the partner's first mail at the sink to its last
-	PerSecond      float64
-	SealPerSecond  float64 // MIME-EDI, sign and encrypt, on every core at once
+	Drain          time.Duration // median, from the partner's first mail at the sink to its last
+	PerSecond      float64       // median drain rate
+	SealPerSecond  float64       // median; MIME-EDI, sign and encrypt, on every core at once
+	// Ratio is the median of each round's drain rate over its seal rate;
+	// RatioMin and RatioMax its spread.
+	Ratio, RatioMin, RatioMax float64
+	Rounds                    int
 	// RSSQueuedMB is the process's resident memory with the partner's
-	// messages queued.
+	// messages queued (the most over the rounds).
 	RSSQueuedMB float64
-	// Sessions is how many SMTP sessions carried the drain.
+	// Sessions is how many SMTP sessions carried a drain (the median).
 	Sessions int
 }
 
 // Outbound queues n messages for a PGP partner (lab) at a hospital
 // instance whose SMTP server is down, then starts an in-process SMTP sink
-// there and times the drain; then the same for an S/MIME partner (clinic);
-// then it seals for each suite on every core for sealFor.
-func Outbound(ctx context.Context, dir string, msgs [][]byte, n int, sealFor time.Duration) ([]OutboundResult, error) {
+// there and times the drain, then seals for the lab's suite on every core
+// for sealFor; rounds times; then the same for an S/MIME partner (clinic).
+func Outbound(ctx context.Context, dir string, msgs [][]byte, n, rounds int, sealFor time.Duration) ([]OutboundResult, error) {
 	for _, s := range []struct{ name, email string }{{"hospital", "edi@hospital.test"}, {"lab", "lab@partner.test"},
 		{"clinic", "edi@clinic.test"}} {
 		if err := demo.WriteKeys(filepath.Join(dir, s.name), s.name, s.email); err != nil {
@@ -78,40 +86,58 @@ partners:
 	}
 	defer g.Shutdown(context.Background())
 	var out []OutboundResult
-	for _, p := range []struct{ partner, to string }{{"lab", "lab@partner.test"}, {"clinic", "edi@clinic.test"}} {
-		// Each partner's queue fills while the SMTP server is down, then
-		// drains alone: the figure is the partner's, not a share.
-		batch := Unique(msgs, n, fmt.Sprintf("O%s%x", p.partner[:1], time.Now().UnixNano()))
-		if _, err := Drive(ctx, listen[p.partner], 4, n, batch); err != nil {
-			return nil, err
+	for _, partner := range []string{"lab", "clinic"} {
+		r := OutboundResult{Partner: partner, Suite: string(cfg.Partner(partner).Security), Messages: n, Rounds: rounds}
+		var drains []time.Duration
+		var rates, seals, ratios []float64
+		var sessions []int
+		for round := range max(rounds, 1) {
+			// The partner's queue fills while the SMTP server is down, then
+			// drains alone: the figure is the partner's, not a share.
+			batch := Unique(msgs, n, fmt.Sprintf("O%s%d%x", partner[:1], round, time.Now().UnixNano()))
+			if _, err := Drive(ctx, listen[partner], 4, n, batch); err != nil {
+				return nil, err
+			}
+			if err := g.Store().Flush(ctx); err != nil {
+				return nil, err
+			}
+			r.RSSQueuedMB = max(r.RSSQueuedMB, rssMB())
+			sink := &embedded.SMTP{Discard: true}
+			if _, err := sink.Serve(smtpAddr); err != nil {
+				return nil, err
+			}
+			sessions0 := g.SMTPSessions(partner)
+			first, last, err := drained(sink, n, 30*time.Minute)
+			sink.Close()
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", partner, err)
+			}
+			sessions = append(sessions, g.SMTPSessions(partner)-sessions0)
+			drain := last.Sub(first)
+			rate := 0.0
+			if drain > 0 {
+				rate = float64(n-1) / drain.Seconds()
+			}
+			seal, err := sealRate(&keys.Keyring, cfg.Partner(partner), msgs, sealFor)
+			if err != nil {
+				return nil, err
+			}
+			drains, rates, seals = append(drains, drain), append(rates, rate), append(seals, seal)
+			ratios = append(ratios, rate/seal)
 		}
-		if err := g.Store().Flush(ctx); err != nil {
-			return nil, err
-		}
-		r := OutboundResult{Partner: p.partner, Suite: string(cfg.Partner(p.partner).Security), Messages: n, RSSQueuedMB: rssMB()}
-		sink := &embedded.SMTP{Discard: true}
-		if _, err := sink.Serve(smtpAddr); err != nil {
-			return nil, err
-		}
-		sessions0 := g.SMTPSessions(p.partner)
-		first, last, err := drained(sink, n, 30*time.Minute)
-		sink.Close()
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", p.partner, err)
-		}
-		r.Drain = last.Sub(first)
-		r.Sessions = g.SMTPSessions(p.partner) - sessions0
-		if r.Drain > 0 {
-			r.PerSecond = float64(n-1) / r.Drain.Seconds()
-		}
+		r.Drain, r.PerSecond, r.SealPerSecond = median(drains), median(rates), median(seals)
+		r.Ratio, r.RatioMin, r.RatioMax = median(ratios), slices.Min(ratios), slices.Max(ratios)
+		r.Sessions = median(sessions)
 		out = append(out, r)
 	}
-	for i := range out {
-		if out[i].SealPerSecond, err = sealRate(&keys.Keyring, cfg.Partner(out[i].Partner), msgs, sealFor); err != nil {
-			return nil, err
-		}
-	}
 	return out, nil
+}
+
+// median is the middle of xs (the upper one of two).
+func median[T cmp.Ordered](xs []T) T {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // drained waits until sink took n mails; it returns when the first and the
@@ -184,16 +210,16 @@ func rssMB() float64 {
 
 // PrintOutbound writes the drain table.
 func PrintOutbound(w io.Writer, rs []OutboundResult) {
-	fmt.Fprintf(w, "%-8s %-6s %8s %10s %10s %14s %8s %9s %8s\n", "partner", "suite", "messages", "drain", "msgs/s",
-		"seal msgs/s*", "ratio", "sessions", "RSS MB")
+	fmt.Fprintf(w, "%-8s %-6s %8s %10s %10s %14s %8s %13s %9s %8s\n", "partner", "suite", "messages", "drain", "msgs/s",
+		"seal msgs/s*", "ratio", "ratio spread", "sessions", "RSS MB")
+	rounds := 0
 	for _, r := range rs {
-		ratio := 0.0
-		if r.SealPerSecond > 0 {
-			ratio = r.PerSecond / r.SealPerSecond
-		}
-		fmt.Fprintf(w, "%-8s %-6s %8d %10s %10.0f %14.0f %7.2fx %9d %8.0f\n", r.Partner, r.Suite, r.Messages,
-			r.Drain.Round(time.Millisecond), r.PerSecond, r.SealPerSecond, ratio, r.Sessions, r.RSSQueuedMB)
+		fmt.Fprintf(w, "%-8s %-6s %8d %10s %10.0f %14.0f %7.2fx %13s %9d %8.0f\n", r.Partner, r.Suite, r.Messages,
+			r.Drain.Round(time.Millisecond), r.PerSecond, r.SealPerSecond, r.Ratio,
+			fmt.Sprintf("%.2f-%.2fx", r.RatioMin, r.RatioMax), r.Sessions, r.RSSQueuedMB)
+		rounds = r.Rounds
 	}
-	fmt.Fprintf(w, "* sealing alone on all %d cores, in the same run. Each partner's queue drains alone; RSS MB: the\n"+
-		"process's resident memory with that partner's messages queued.\n", runtime.GOMAXPROCS(0))
+	fmt.Fprintf(w, "* sealing alone on all %d cores, right after each drain. The medians of %d rounds; the ratio is\n"+
+		"each round's drain over its seal rate, the spread its lowest and highest. Each partner's queue drains\n"+
+		"alone; RSS MB: the process's resident memory with that partner's messages queued.\n", runtime.GOMAXPROCS(0), rounds)
 }

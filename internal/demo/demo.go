@@ -79,6 +79,9 @@ type Site struct {
 	cfg         *config.Config
 }
 
+// Name is the site's name (hospital, lab, clinic), as its partners call it.
+func (s *Site) Name() string { return s.name }
+
 // Start sets up the mail system and the three sites in dir; logs go to
 // trace (nil: dropped). Close stops everything.
 func Start(ctx context.Context, dir string, trace io.Writer) (*Env, error) {
