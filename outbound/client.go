@@ -171,7 +171,7 @@ func (e *transactionError) Unwrap() error { return e.Err }
 // *smtp.SMTPError; after any error the session is not used again (the
 // Sender opens a new one), so nothing is reset here.
 func (c *client) send(from string, to []string, mail []byte, opts SubmitOptions) error {
-	cmds, err := c.envelope(from, to, mail, opts)
+	cmds, err := c.envelope(from, to, opts)
 	if err != nil {
 		return err
 	}
@@ -188,7 +188,7 @@ func (c *client) send(from string, to []string, mail []byte, opts SubmitOptions)
 }
 
 // envelope is the transaction's commands: MAIL, the RCPTs, DATA.
-func (c *client) envelope(from string, to []string, mail []byte, opts SubmitOptions) ([]string, error) {
+func (c *client) envelope(from string, to []string, opts SubmitOptions) ([]string, error) {
 	for _, a := range append([]string{from}, to...) {
 		if strings.ContainsAny(a, "\r\n<> ") {
 			return nil, fmt.Errorf("address %q is not one SMTP takes", a)
@@ -199,9 +199,9 @@ func (c *client) envelope(from string, to []string, mail []byte, opts SubmitOpti
 	if c.offers("8BITMIME") {
 		b.WriteString(" BODY=8BITMIME")
 	}
-	if c.offers("SIZE") {
-		fmt.Fprintf(&b, " SIZE=%d", len(mail))
-	}
+	// No SIZE (RFC 1870): a server that finds the mail too big refuses it
+	// after the data, where the refusal is about the message, not at MAIL,
+	// where it would read as a session fault and hold every queue.
 	if opts.RequireTLS {
 		if !c.offers("REQUIRETLS") {
 			return nil, errors.New("the server does not offer REQUIRETLS")
@@ -263,6 +263,9 @@ func (c *client) commands(cmds []string) error {
 		got, _, err := c.reply(code)
 		var se *smtp.SMTPError
 		if err != nil && !errors.As(err, &se) {
+			if first != nil {
+				return first // the refusal, then the server hung up
+			}
 			return err // the connection broke
 		}
 		if err != nil && first == nil {

@@ -19,6 +19,7 @@ import (
 // already come with it (pipelined).
 type scripted struct {
 	pipelining bool
+	mail       string                   // MAIL's reply, then the server hangs up; "": 250
 	rcpt       func(line string) string // RCPT's reply; nil: 250
 	data       string                   // DATA's reply when RCPT was refused ("" : 554)
 
@@ -73,6 +74,10 @@ func (f *scripted) session(c net.Conn) {
 			say(ext)
 		case "MAIL":
 			refused = false
+			if f.mail != "" {
+				say(f.mail)
+				return
+			}
 			say("250 2.1.0 Ok")
 		case "RCPT":
 			reply := "250 2.1.5 Ok"
@@ -132,7 +137,7 @@ var testMail = []byte("From: edi@hospital.test\r\nTo: lab@partner.test\r\nSubjec
 
 // TestClientPipelines: where the server offers PIPELINING, MAIL, RCPT and
 // DATA go in one write; where it does not, each waits for its reply. Both
-// carry SIZE, BODY and the DSN parameters the server offers.
+// carry BODY and the DSN parameters the server offers.
 func TestClientPipelines(t *testing.T) {
 	for _, pipelining := range []bool{true, false} {
 		f := &scripted{pipelining: pipelining}
@@ -152,7 +157,7 @@ func TestClientPipelines(t *testing.T) {
 		}
 		lines, ahead := f.sent()
 		want := []string{
-			fmt.Sprintf("MAIL FROM:<edi@hospital.test> BODY=8BITMIME SIZE=%d RET=HDRS ENVID=hl7mail.1.ab@hospital.test", len(testMail)),
+			"MAIL FROM:<edi@hospital.test> BODY=8BITMIME RET=HDRS ENVID=hl7mail.1.ab@hospital.test",
 			"RCPT TO:<lab@partner.test> NOTIFY=FAILURE,DELAY",
 			"DATA",
 		}
@@ -226,5 +231,22 @@ func TestReplyError(t *testing.T) {
 	}
 	if got := xtext("a+b=c d\x01"); got != "a+2Bb+3Dc+20d+01" {
 		t.Errorf("xtext = %q", got)
+	}
+}
+
+// TestClientMailRefused: a server that refuses MAIL and hangs up (Postfix's
+// 421 when it shuts down) ends the session before the message was named:
+// a session fault, with the server's words, whatever came after MAIL in
+// the same write.
+func TestClientMailRefused(t *testing.T) {
+	for _, pipelining := range []bool{true, false} {
+		f := &scripted{pipelining: pipelining, mail: "421 4.3.2 Service shutting down"}
+		sub := &SMTPSubmitter{Addr: f.serve(t), TLS: "none", Timeout: 10 * time.Second}
+		err := sub.Submit(context.Background(), "edi@hospital.test", []string{"lab@partner.test"}, testMail, SubmitOptions{})
+		var sess *SessionError
+		if !errors.As(err, &sess) || sess.Stage != "mail" || !strings.Contains(err.Error(), "Service shutting down") ||
+			Classify(err) != FaultLink {
+			t.Errorf("pipelining %v: %v, want a session fault at MAIL with the 421", pipelining, err)
+		}
 	}
 }

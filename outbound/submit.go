@@ -324,11 +324,6 @@ func (h *sessionHolder) sessions() int {
 	return h.opened
 }
 
-func isSMTPError(err error) bool {
-	var se *smtp.SMTPError
-	return errors.As(err, &se)
-}
-
 // Fault is whom a failed submission is about; Classify decides it, in one
 // place (draft-ietf-ediint-hl7-02 §6.1.1: store and forward holds what it
 // cannot forward yet).
