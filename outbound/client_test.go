@@ -22,6 +22,7 @@ type scripted struct {
 	mail       string                   // MAIL's reply, then the server hangs up; "": 250
 	rcpt       func(line string) string // RCPT's reply; nil: 250
 	data       string                   // DATA's reply when RCPT was refused ("" : 554)
+	refuse     int                      // the first mails refused after their data
 
 	mu    sync.Mutex
 	lines []string
@@ -108,8 +109,17 @@ func (f *scripted) session(c net.Conn) {
 				continue
 			}
 			f.mu.Lock()
-			f.mails++
+			refuse := f.refuse > 0
+			if refuse {
+				f.refuse--
+			} else {
+				f.mails++
+			}
 			f.mu.Unlock()
+			if refuse {
+				say("550 5.7.1 Message content rejected")
+				continue
+			}
 			say("250 2.0.0 Ok: queued as 4XyZ1")
 		case "QUIT":
 			say("221 2.0.0 Bye")

@@ -194,11 +194,14 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 			stop() // the preparer stops at its next group
 			continue
 		}
-		took, ok := w.submitGroup(rctx, out, func() { once.Do(func() { close(flowing) }) })
+		flow := func() { once.Do(func() { close(flowing) }) }
+		took, ok := w.submitGroup(rctx, out, flow)
 		if !w.record(rctx, ctx.Done(), took) || !ok {
 			goOn = false
 			stop()
+			continue
 		}
+		flow() // the group went through, though the server may have refused some of it
 	}
 	return goOn && prepOK() && ctx.Err() == nil
 }
@@ -209,8 +212,8 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 // submitted (the session failed, a shutdown) is as a mail the server
 // refused for now: it goes at the next attempt under the Message-ID
 // recorded. After the first group it waits for flowing, closed once the
-// session took a mail: a queue waiting out an outage journals one group an
-// attempt, not two. ok, called once prepared is closed, says whether the
+// session took a mail or the first group went through: a queue waiting out
+// an outage journals one group an attempt, not two. ok, called once prepared is closed, says whether the
 // queue may go on.
 func (w *partnerSender) preparer(ctx, ahead context.Context, jobs <-chan *sealJob, flowing <-chan struct{}) (
 	prepared <-chan []outgoing, ok func() bool) {

@@ -224,3 +224,30 @@ func TestOutageTriesOneAlone(t *testing.T) {
 		t.Errorf("%d attempts journalled %d mails; want at most one group, then one an attempt", n, len(entries))
 	}
 }
+
+// TestDrainPastRefusedGroup: the server refuses for good every mail of the
+// first group (550 after the data); those fail, and the rest of the queue
+// goes on, on the same session. (The next group is prepared once the
+// first went through, not only once the server took a mail.)
+func TestDrainPastRefusedGroup(t *testing.T) {
+	f := newFixture(t, nil)
+	srv := &scripted{pipelining: true, refuse: 32}
+	addr := srv.serve(t)
+	for i := range 40 {
+		f.accept(t, "lab", fmt.Sprintf("r%02d", i))
+	}
+	_, stop := f.run(t, addr, nil)
+	defer stop()
+	ctx := context.Background()
+	mailtest.WaitFor(t, "every message sent or failed", func() bool {
+		sent, _ := f.st.List(ctx, store.Filter{State: store.Sent})
+		failed, _ := f.st.List(ctx, store.Filter{State: store.Failed})
+		return len(sent)+len(failed) == 40
+	})
+	failed, _ := f.st.List(ctx, store.Filter{State: store.Failed})
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if len(failed) != 32 || srv.mails != 8 {
+		t.Errorf("%d failed and %d taken by the server, want 32 and 8", len(failed), srv.mails)
+	}
+}
