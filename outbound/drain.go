@@ -213,8 +213,8 @@ func (w *partnerSender) step(ctx context.Context, head store.Message) bool {
 // refused for now: it goes at the next attempt under the Message-ID
 // recorded. After the first group it waits for flowing, closed once the
 // session took a mail or the first group went through: a queue waiting out
-// an outage journals one group an attempt, not two. ok, called once prepared is closed, says whether the
-// queue may go on.
+// an outage journals one group an attempt, not two. ok, called once
+// prepared is closed, says whether the queue may go on.
 func (w *partnerSender) preparer(ctx, ahead context.Context, jobs <-chan *sealJob, flowing <-chan struct{}) (
 	prepared <-chan []outgoing, ok func() bool) {
 	rctx := context.WithoutCancel(ctx)
