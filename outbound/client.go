@@ -202,10 +202,7 @@ func (c *client) envelope(from string, to []string, opts SubmitOptions) ([]strin
 	// No SIZE (RFC 1870): a server that finds the mail too big refuses it
 	// after the data, where the refusal is about the message, not at MAIL,
 	// where it would read as a session fault and hold every queue.
-	if opts.RequireTLS {
-		if !c.offers("REQUIRETLS") {
-			return nil, errors.New("the server does not offer REQUIRETLS")
-		}
+	if opts.RequireTLS { // the session has checked that the server offers it
 		b.WriteString(" REQUIRETLS")
 	}
 	dsn := c.offers("DSN") && opts.EnvelopeID != ""
@@ -242,8 +239,13 @@ func (c *client) commands(cmds []string) error {
 			if err := c.text.PrintfLine("%s", line); err != nil {
 				return err
 			}
-			if _, _, err := c.reply(code); err != nil {
+			_, _, err := c.reply(code)
+			var se *smtp.SMTPError
+			if errors.As(err, &se) {
 				return &transactionError{Command: name, Err: err}
+			}
+			if err != nil {
+				return err // the connection broke
 			}
 		}
 		return nil

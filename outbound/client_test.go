@@ -20,7 +20,7 @@ import (
 type scripted struct {
 	pipelining bool
 	mail       string                   // MAIL's reply, then the server hangs up; "": 250
-	rcpt       func(line string) string // RCPT's reply; nil: 250
+	rcpt       func(line string) string // RCPT's reply ("": hang up); nil: 250
 	data       string                   // DATA's reply when RCPT was refused ("" : 554)
 	refuse     int                      // the first mails refused after their data
 
@@ -83,7 +83,9 @@ func (f *scripted) session(c net.Conn) {
 		case "RCPT":
 			reply := "250 2.1.5 Ok"
 			if f.rcpt != nil {
-				reply = f.rcpt(line)
+				if reply = f.rcpt(line); reply == "" {
+					return
+				}
 			}
 			if !strings.HasPrefix(reply, "2") {
 				refused = true
@@ -241,6 +243,21 @@ func TestReplyError(t *testing.T) {
 	}
 	if got := xtext("a+b=c d\x01"); got != "a+2Bb+3Dc+20d+01" {
 		t.Errorf("xtext = %q", got)
+	}
+}
+
+// TestClientHangUpBeforeData: a server that goes away before the data
+// (a restart) never had the mail: a session fault, so that a kept session
+// is replaced at once, pipelined or not.
+func TestClientHangUpBeforeData(t *testing.T) {
+	for _, pipelining := range []bool{true, false} {
+		f := &scripted{pipelining: pipelining, rcpt: func(string) string { return "" }}
+		sub := &SMTPSubmitter{Addr: f.serve(t), TLS: "none", Timeout: 10 * time.Second}
+		err := sub.Submit(context.Background(), "edi@hospital.test", []string{"lab@partner.test"}, testMail, SubmitOptions{})
+		var sess *SessionError
+		if !errors.As(err, &sess) || sess.Stage != "mail" || Classify(err) != FaultLink {
+			t.Errorf("pipelining %v: %v, want a session fault before the message was named", pipelining, err)
+		}
 	}
 }
 
