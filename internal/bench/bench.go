@@ -13,6 +13,7 @@ package bench
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -21,9 +22,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hl7mail/hl7mail/hl7"
@@ -67,6 +70,42 @@ func summarize(conns int, all []time.Duration, bad int, elapsed time.Duration) R
 // percentile returns the p-th percentile of sorted, which is not empty.
 func percentile(sorted []time.Duration, p int) time.Duration {
 	return sorted[min(len(sorted)-1, len(sorted)*p/100)]
+}
+
+// median is the middle of xs (the upper one of two).
+func median[T cmp.Ordered](xs []T) T {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// onEveryCore runs f on every core at once for d, each call with the next
+// number of one count, and returns the calls a second; it stops at the
+// first error.
+func onEveryCore(d time.Duration, f func(i int) error) (float64, error) {
+	var next, done atomic.Int64
+	var firstErr atomic.Pointer[error]
+	var wg sync.WaitGroup
+	start := time.Now()
+	stop := start.Add(d)
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) && firstErr.Load() == nil {
+				if err := f(int(next.Add(1) - 1)); err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if e := firstErr.Load(); e != nil {
+		return 0, *e
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
 }
 
 // drive is Drive returning every round-trip time.
@@ -293,8 +332,7 @@ func MedianRatio(results []Result, conns int, f func(Result) float64) float64 {
 	if len(ratios) == 0 {
 		return 0
 	}
-	slices.Sort(ratios)
-	return ratios[len(ratios)/2]
+	return median(ratios)
 }
 
 // Chunks is how many slices each measured run is cut into: the baseline

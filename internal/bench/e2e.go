@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -190,32 +189,13 @@ func cryptoBound(env *demo.Env, msgs [][]byte, d time.Duration) (float64, error)
 		}
 		return nil
 	}
-	// The round trips are taken in turn from one count, so that the lab
-	// and the clinic get as many each, however long each takes.
-	var next, done atomic.Int64
-	var firstErr atomic.Pointer[error]
-	var wg sync.WaitGroup
-	start := time.Now()
-	stop := start.Add(d)
-	for range runtime.GOMAXPROCS(0) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(stop) {
-				i := int(next.Add(1))
-				if err := roundTrip(legs[i%2], msgs[i%len(msgs)]); err != nil {
-					firstErr.CompareAndSwap(nil, &err)
-					return
-				}
-				done.Add(1)
-			}
-		}()
+	// The round trips are numbered in turn, so that the lab and the clinic
+	// get as many each, however long each takes.
+	n, err := onEveryCore(d, func(i int) error { return roundTrip(legs[i%2], msgs[i%len(msgs)]) })
+	if err != nil {
+		return 0, fmt.Errorf("crypto bound: %w", err)
 	}
-	wg.Wait()
-	if e := firstErr.Load(); e != nil {
-		return 0, fmt.Errorf("crypto bound: %w", *e)
-	}
-	return float64(done.Load()) / time.Since(start).Seconds(), nil
+	return n, nil
 }
 
 // legs pairs, for the messages in sent, the send time with the arrival at

@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -12,8 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hl7mail/hl7mail/config"
@@ -133,13 +130,6 @@ partners:
 	return out, nil
 }
 
-// median is the middle of xs (the upper one of two).
-func median[T cmp.Ordered](xs []T) T {
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
-
 // drained waits until sink took n mails; it returns when the first and the
 // n-th came.
 func drained(sink *embedded.SMTP, n int, limit time.Duration) (first, last time.Time, err error) {
@@ -164,33 +154,13 @@ func drained(sink *embedded.SMTP, n int, limit time.Duration) (first, last time.
 // every core at once, for d.
 func sealRate(keys *security.Keyring, p *config.Partner, msgs [][]byte, d time.Duration) (float64, error) {
 	suite := keys.Suite(string(p.Security), p.Name, string(p.KeyTransport))
-	var done atomic.Int64
-	var wg sync.WaitGroup
-	var firstErr atomic.Pointer[error]
-	stop := time.Now().Add(d)
-	start := time.Now()
-	for w := range runtime.GOMAXPROCS(0) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; time.Now().Before(stop); i += runtime.GOMAXPROCS(0) {
-				edi, err := security.EncodeEDI(msgs[i%len(msgs)], security.EDIOptions{})
-				if err == nil {
-					_, _, err = suite.Seal(edi, time.Now())
-				}
-				if err != nil {
-					firstErr.CompareAndSwap(nil, &err)
-					return
-				}
-				done.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	if e := firstErr.Load(); e != nil {
-		return 0, *e
-	}
-	return float64(done.Load()) / time.Since(start).Seconds(), nil
+	return onEveryCore(d, func(i int) error {
+		edi, err := security.EncodeEDI(msgs[i%len(msgs)], security.EDIOptions{})
+		if err == nil {
+			_, _, err = suite.Seal(edi, time.Now())
+		}
+		return err
+	})
 }
 
 // rssMB is this process's resident memory in MB (/proc/self/status).
