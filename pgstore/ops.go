@@ -261,15 +261,22 @@ func scanQuarantined(row pgx.Row, extra ...any) (store.Quarantined, error) {
 
 // QuarantineReasons returns the number of quarantined mails by reason.
 func (s *Store) QuarantineReasons(ctx context.Context) (map[string]int, error) {
-	rows, err := s.pool.Query(ctx, `SELECT reason, count(*) FROM quarantine GROUP BY reason`)
+	return s.countBy(ctx, "quarantine reasons", `SELECT reason, count(*) FROM quarantine GROUP BY reason`)
+}
+
+// countBy runs query, which yields a key and a count a row, into a map.
+func (s *Store) countBy(ctx context.Context, what, query string, args ...any) (map[string]int, error) {
+	rows, err := s.pool.Query(ctx, query, args...)
 	if err != nil {
-		return nil, fmt.Errorf("pgstore: quarantine reasons: %w", err)
+		return nil, fmt.Errorf("pgstore: %s: %w", what, err)
 	}
 	out := map[string]int{}
-	var reason string
+	var key string
 	var n int
-	_, err = pgx.ForEachRow(rows, []any{&reason, &n}, func() error { out[reason] = n; return nil })
-	return out, err
+	if _, err := pgx.ForEachRow(rows, []any{&key, &n}, func() error { out[key] = n; return nil }); err != nil {
+		return nil, fmt.Errorf("pgstore: %s: %w", what, err)
+	}
+	return out, nil
 }
 
 // Retry puts failed, expired or bounced outbound message id back in its
@@ -369,13 +376,5 @@ func (s *Store) Cluster(ctx context.Context, names []string, lease time.Duration
 
 // TakenBy returns the number of messages each node took since since.
 func (s *Store) TakenBy(ctx context.Context, since time.Time) (map[string]int, error) {
-	rows, err := s.pool.Query(ctx, `SELECT node, count(*) FROM messages WHERE received >= $1 GROUP BY node`, since)
-	if err != nil {
-		return nil, fmt.Errorf("pgstore: by node: %w", err)
-	}
-	out := map[string]int{}
-	var node string
-	var n int
-	_, err = pgx.ForEachRow(rows, []any{&node, &n}, func() error { out[node] = n; return nil })
-	return out, err
+	return s.countBy(ctx, "by node", `SELECT node, count(*) FROM messages WHERE received >= $1 GROUP BY node`, since)
 }
