@@ -132,6 +132,13 @@ func (f *scripted) session(c net.Conn) {
 	}
 }
 
+// queued returns how many mails the server took.
+func (f *scripted) queued() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.mails
+}
+
 // sent returns the command lines from MAIL on, and for each whether the
 // next one had come with it.
 func (f *scripted) sent() (lines []string, ahead []bool) {
@@ -186,8 +193,8 @@ func TestClientPipelines(t *testing.T) {
 				t.Errorf("pipelining %v: %q had the next command with it: %v, want %v", pipelining, l, ahead[i], wantAhead)
 			}
 		}
-		if f.mails != 2 {
-			t.Errorf("pipelining %v: server queued %d mails, want 2", pipelining, f.mails)
+		if n := f.queued(); n != 2 {
+			t.Errorf("pipelining %v: server queued %d mails, want 2", pipelining, n)
 		}
 	}
 }
@@ -218,7 +225,7 @@ func TestClientRefusals(t *testing.T) {
 		if se.EnhancedCode[0] != se.Code/100 || strings.HasPrefix(se.Message, fmt.Sprint(se.Code/100)+".") {
 			t.Errorf("%s: enhanced code %v, message %q: want the code apart from the words", c.name, se.EnhancedCode, se.Message)
 		}
-		if f.mails != 0 {
+		if f.queued() != 0 {
 			t.Errorf("%s: the server queued a mail", c.name)
 		}
 	}

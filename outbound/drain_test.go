@@ -245,9 +245,7 @@ func TestDrainPastRefusedGroup(t *testing.T) {
 		return len(sent)+len(failed) == 40
 	})
 	failed, _ := f.st.List(ctx, store.Filter{State: store.Failed})
-	srv.mu.Lock()
-	defer srv.mu.Unlock()
-	if len(failed) != 32 || srv.mails != 8 {
-		t.Errorf("%d failed and %d taken by the server, want 32 and 8", len(failed), srv.mails)
+	if n := srv.queued(); len(failed) != 32 || n != 8 {
+		t.Errorf("%d failed and %d taken by the server, want 32 and 8", len(failed), n)
 	}
 }
