@@ -156,7 +156,9 @@ func TestKeyRollover(t *testing.T) {
 	pgp("lab-b.asc", "lab@p.test", now.Add(-time.Hour), 0, false)
 	pgp("lab-c.asc", "lab@p.test", now.Add(-800*day), 100*day, false)
 	d := pgp("lab-d.asc", "lab@p.test", now.Add(-2*time.Hour), 0, false)
-	if err := d.RevokeKey(packet.KeySuperseded, "", nil); err != nil {
+	// Revoked as of now, not of the clock a moment later: a revocation
+	// signed after now is not in force at now.
+	if err := d.RevokeKey(packet.KeySuperseded, "", &packet.Config{Time: func() time.Time { return now }}); err != nil {
 		t.Fatal(err)
 	}
 	var rev bytes.Buffer
