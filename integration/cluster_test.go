@@ -126,6 +126,7 @@ func TestFaultsTwoNodes(t *testing.T) {
 				f.t.Fatal(err)
 			}
 			time.Sleep(sc.outage)
+			f.dbDown = append(f.dbDown, time.Now())
 			if err := f.pg.Resume(); err != nil {
 				f.t.Fatal(err)
 			}

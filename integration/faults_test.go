@@ -49,6 +49,11 @@ type faultWorld struct {
 	pg         *pgtest.Server
 	killed     map[*instance][]time.Time // when each instance was dead after SIGKILL
 	routerDown []time.Time               // when the lab's router had stopped
+	// dbDown: the ends of the hospital's database outages (a cluster's
+	// PostgreSQL stopped), taken before it starts again. A node delivering
+	// at the outage cannot record the router's answer nor pick another
+	// message until then: as at a kill, that one may arrive again.
+	dbDown []time.Time
 }
 
 var faultKeys struct {
@@ -245,6 +250,8 @@ func runFaultOn(t *testing.T, f *faultWorld, name string, during func(f *faultWo
 		}
 		if r == f.labRouter {
 			ends = append(ends, f.routerDown...)
+		} else {
+			ends = append(ends, f.dbDown...)
 		}
 		msgs, times := r.Arrivals()
 		for _, k := range ends {
